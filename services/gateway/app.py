@@ -1,0 +1,89 @@
+"""The gateway: FastAPI app factory and its start-up/shut-down."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from arq import create_pool
+from arq.connections import RedisSettings as ArqRedisSettings
+from fastapi import FastAPI
+
+from services.gateway.deps import GatewayState
+from services.gateway.events.consumer import EventConsumer
+from services.gateway.files.routes import router as files_router
+from services.gateway.generations.routes import router as generations_router
+from services.gateway.health.routes import router as health_router
+from services.gateway.jobs.routes import router as jobs_router
+from services.gateway.problems import install_problem_handlers
+from shared.db.session import make_engine, make_sessionmaker, migrate
+from shared.events import JobEvents
+from shared.logs import configure_logging
+from shared.models import ModelRegistry
+from shared.settings import Settings, get_settings
+from shared.storage import S3Store, build_store
+
+logger = logging.getLogger(__name__)
+
+DESCRIPTION = """
+Loomis generates images on GPU workers behind a job queue.
+
+* Authenticate with `Authorization: Bearer <api key>` (`loomis keys create --tenant NAME`).
+* Submitting returns **202** with a job; follow it by polling `GET /v1/jobs/{id}`, by
+  Server-Sent Events on `GET /v1/jobs/{id}/events` (resumable with `Last-Event-ID`).
+* Errors are RFC 9457 `application/problem+json` with a stable `code` and the offending
+  `errors[].field`.
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    configure_logging(settings.log_level, json_lines=settings.log_json)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = make_engine(settings.database_url, echo=settings.db.echo)
+        if settings.db.auto_migrate:
+            await migrate(engine)
+        redis = await create_pool(ArqRedisSettings.from_dsn(settings.redis.url))
+        store = build_store(settings)
+        if isinstance(store, S3Store):
+            await store.ensure_bucket()
+        sessionmaker = make_sessionmaker(engine)
+        events = JobEvents(redis, stream=settings.redis.events_stream,
+                           maxlen=settings.redis.events_maxlen, ttl_s=settings.redis.job_ttl_s)
+        app.state.loomis = GatewayState(
+            settings=settings, registry=ModelRegistry.load(settings.generator.models_file),
+            sessionmaker=sessionmaker, redis=redis, events=events, store=store,
+        )
+        consumer = EventConsumer(
+            redis=redis, sessionmaker=sessionmaker, stream=settings.redis.events_stream,
+            group=settings.gateway.consumer_group,
+            claim_idle_ms=settings.gateway.consumer_claim_idle_ms,
+            batch=settings.gateway.consumer_batch,
+        )
+        stop = asyncio.Event()
+        task = asyncio.create_task(consumer.run(stop), name="event-consumer")
+        logger.info("gateway ready (consumer %s)", consumer.name)
+        try:
+            yield
+        finally:
+            stop.set()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await redis.aclose()
+            await engine.dispose()
+
+    app = FastAPI(
+        title="Loomis",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    install_problem_handlers(app)
+    for router in (generations_router, jobs_router, health_router, files_router):
+        app.include_router(router)
+    return app

@@ -1,0 +1,54 @@
+"""FastAPI dependencies as Annotated aliases, so routes read as plain signatures."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import Depends, Header, Request
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from services.gateway.auth.service import authenticate
+from shared.db.models import Tenant
+from shared.events import JobEvents
+from shared.models import ModelRegistry
+from shared.settings import Settings
+from shared.storage import ObjectStore
+
+
+@dataclass
+class GatewayState:
+    """Clients built once at start-up and shared by every request."""
+
+    settings: Settings
+    registry: ModelRegistry
+    sessionmaker: async_sessionmaker[AsyncSession]
+    redis: Any  # arq.ArqRedis: a redis.asyncio.Redis that can also enqueue jobs
+    events: JobEvents
+    store: ObjectStore
+
+
+def get_state(request: Request) -> GatewayState:
+    return request.app.state.loomis  # type: ignore[no-any-return]
+
+
+StateDep = Annotated[GatewayState, Depends(get_state)]
+
+
+async def get_session(state: StateDep) -> AsyncIterator[AsyncSession]:
+    async with state.sessionmaker() as session:
+        yield session
+
+
+SessionDep = Annotated[AsyncSession, Depends(get_session)]
+
+
+async def get_tenant(
+    session: SessionDep,
+    authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
+) -> Tenant:
+    return await authenticate(session=session, authorization=authorization)
+
+
+TenantDep = Annotated[Tenant, Depends(get_tenant)]

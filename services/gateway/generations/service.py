@@ -1,0 +1,95 @@
+"""Text-to-image submissions: validate, record, enqueue — in that order."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from services.gateway.deps import GatewayState
+from services.gateway.jobs.service import apply_event
+from shared.db.models import Job, Tenant, utcnow
+from shared.errors import Conflict, ServiceUnavailable
+from shared.queue import GENERATE_TASK, GENERATOR_QUEUE, enqueue
+from shared.specs import GenerationTask, JobKind, JobStatus, TextToImageSpec, resolve_generation
+
+logger = logging.getLogger(__name__)
+
+
+def request_hash(spec: TextToImageSpec) -> str:
+    """Hash of what the client sent (not of server-filled fields such as a drawn seed)."""
+    sent = spec.model_dump(mode="json", exclude_unset=True)
+    return hashlib.sha256(json.dumps(sent, sort_keys=True).encode()).hexdigest()
+
+
+async def _replay(
+    *, session: AsyncSession, tenant: Tenant, key: str, digest: str
+) -> Job | None:
+    job = await session.scalar(
+        select(Job).where(Job.tenant_id == tenant.id, Job.idempotency_key == key)
+    )
+    if job is not None and job.request_hash != digest:
+        raise Conflict(
+            "this Idempotency-Key was used with a different request body",
+            code="idempotency_key_reused",
+        )
+    return job
+
+
+async def submit_generation(
+    *, session: AsyncSession, state: GatewayState, tenant: Tenant, spec: TextToImageSpec,
+    idempotency_key: str | None,
+) -> tuple[Job, bool]:
+    """Returns the job and whether it was created now (False: an idempotent replay)."""
+    digest = request_hash(spec)
+    if idempotency_key and (
+        existing := await _replay(session=session, tenant=tenant, key=idempotency_key,
+                                  digest=digest)
+    ):
+        return existing, False
+    resolved = resolve_generation(
+        spec, registry=state.registry, default_model=state.settings.generator.default_model
+    )
+    job = Job(
+        tenant_id=tenant.id, kind=JobKind.GENERATION.value, status=JobStatus.QUEUED.value,
+        spec=resolved.model_dump(mode="json"), idempotency_key=idempotency_key,
+        request_hash=digest, result={}, progress=0.0, last_seq=0, attempts=0,
+        cancel_requested=False, created_at=utcnow(),
+    )
+    session.add(job)
+    try:
+        await session.commit()
+    except IntegrityError:
+        # A concurrent request with the same key won the race: answer as its replay.
+        await session.rollback()
+        if idempotency_key and (
+            existing := await _replay(session=session, tenant=tenant, key=idempotency_key,
+                                      digest=digest)
+        ):
+            return existing, False
+        raise
+    task = GenerationTask(job_id=job.id, tenant_id=tenant.id, spec=resolved)
+    try:
+        await state.events.create(job.id, tenant_id=tenant.id)
+        queued = await state.events.emit(job.id, "queued", allowed_from=(JobStatus.QUEUED,),
+                                         data={"queue": GENERATOR_QUEUE})
+        await enqueue(state.redis, queue=GENERATOR_QUEUE, task=GENERATE_TASK, job_id=job.id,
+                      payload=task.model_dump(mode="json"))
+    except Exception as exc:
+        logger.exception("enqueue failed", extra={"job_id": job.id})
+        job.status = JobStatus.FAILED.value
+        job.error_code = "queue_unavailable"
+        job.error_message = "the job could not be queued; submit it again"
+        job.finished_at = utcnow()
+        await session.commit()
+        raise ServiceUnavailable("the job queue is unavailable; try again",
+                                 code="queue_unavailable") from exc
+    if queued.event is not None:
+        await apply_event(session=session, event=queued.event)
+        await session.commit()
+        await session.refresh(job)
+    return job, True

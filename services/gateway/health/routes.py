@@ -1,0 +1,48 @@
+"""Liveness and readiness for load balancers and Kubernetes probes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+
+from services.gateway.deps import StateDep
+
+router = APIRouter(tags=["health"])
+
+CHECK_TIMEOUT_S = 2.0
+
+
+@router.get("/healthz", summary="Liveness: the process answers")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+async def _check(probe: Callable[[], Awaitable[Any]]) -> str:
+    try:
+        await asyncio.wait_for(probe(), CHECK_TIMEOUT_S)
+    except Exception as exc:  # any failure means "not ready"; the message says which
+        return f"error: {type(exc).__name__}: {exc}"[:300]
+    return "ok"
+
+
+@router.get("/readyz", summary="Readiness: Redis, storage and the database all answer")
+async def readyz(state: StateDep) -> JSONResponse:
+    async def db() -> None:
+        async with state.sessionmaker() as session:
+            await session.execute(text("SELECT 1"))
+
+    names = ("redis", "storage", "database")
+    results = await asyncio.gather(
+        _check(state.redis.ping), _check(state.store.check), _check(db)
+    )
+    checks = dict(zip(names, results, strict=True))
+    ready = all(result == "ok" for result in results)
+    return JSONResponse(
+        {"status": "ready" if ready else "not_ready", "checks": checks},
+        status_code=200 if ready else 503,
+    )

@@ -1,0 +1,116 @@
+"""HTTP for jobs of every kind: read, list, follow, cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query
+from sqlalchemy import select
+from sse_starlette.sse import EventSourceResponse, ServerSentEvent
+
+from services.gateway.deps import SessionDep, StateDep, TenantDep
+from services.gateway.jobs import service
+from services.gateway.jobs.schemas import JobOut, JobPage
+from services.gateway.problems import PROBLEM_RESPONSES
+from shared.db.models import JobEventRow
+from shared.events import JobEvent, is_terminal
+from shared.specs import JobKind, JobStatus
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=PROBLEM_RESPONSES)
+
+
+@router.get("/{job_id}", response_model=JobOut, summary="Get a job")
+async def get_job(job_id: str, session: SessionDep, tenant: TenantDep, state: StateDep) -> JobOut:
+    job = await service.get_job(session=session, tenant=tenant, job_id=job_id)
+    return service.job_out(job, store=state.store)
+
+
+@router.get("", response_model=JobPage, summary="List jobs, newest first")
+async def list_jobs(
+    session: SessionDep,
+    tenant: TenantDep,
+    state: StateDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: str | None = None,
+    kind: JobKind | None = None,
+    status: JobStatus | None = None,
+) -> JobPage:
+    return await service.list_jobs(
+        session=session, tenant=tenant, store=state.store, limit=limit, cursor=cursor,
+        kind=kind, status=status,
+    )
+
+
+@router.post("/{job_id}/cancel", response_model=JobOut, status_code=202, summary="Cancel a job")
+async def cancel_job(
+    job_id: str, session: SessionDep, tenant: TenantDep, state: StateDep
+) -> JobOut:
+    """Queued jobs end in `canceled` at once; running ones at the worker's next step."""
+    job = await service.cancel_job(session=session, events=state.events, tenant=tenant,
+                                   job_id=job_id)
+    return service.job_out(job, store=state.store)
+
+
+def _sse(event: JobEvent) -> ServerSentEvent:
+    return ServerSentEvent(
+        id=str(event.seq), event=event.type, data=json.dumps(event.model_dump(mode="json"))
+    )
+
+
+@router.get(
+    "/{job_id}/events",
+    summary="Follow a job (Server-Sent Events)",
+    response_class=EventSourceResponse,
+    responses={200: {"content": {"text/event-stream": {}},
+                     "description": "One SSE message per event; `id` is the job's seq."}},
+)
+async def job_events(
+    job_id: str,
+    session: SessionDep,
+    tenant: TenantDep,
+    state: StateDep,
+    last_event_id: Annotated[int | None, Header(alias="Last-Event-ID")] = None,
+) -> EventSourceResponse:
+    """Replays what was persisted after `Last-Event-ID`, then follows live events until the
+    job ends. Reconnect with the last `id` you saw to resume without gaps or repeats."""
+    job = await service.get_job(session=session, tenant=tenant, job_id=job_id)
+    after = last_event_id or 0
+    stored = list(await session.scalars(
+        select(JobEventRow).where(JobEventRow.job_id == job.id, JobEventRow.seq > after)
+        .order_by(JobEventRow.seq)
+    ))
+    replay = [JobEvent(job_id=r.job_id, seq=r.seq, type=r.type, at=r.at,
+                       status=JobStatus(r.status), data=r.data) for r in stored]
+    finished = is_terminal(job.status)
+
+    async def stream() -> AsyncIterator[ServerSentEvent]:
+        sent = after
+        for event in replay:
+            sent = event.seq
+            yield _sse(event)
+            if is_terminal(event.status):
+                return
+        if finished:
+            return
+        cursor = "0"
+        while True:
+            try:
+                entries = await state.events.read_job_stream(
+                    job.id, after_stream_id=cursor, block_ms=15_000
+                )
+            except asyncio.CancelledError:
+                raise
+            for cursor, event in entries:
+                if event.seq <= sent:
+                    continue
+                sent = event.seq
+                yield _sse(event)
+                if is_terminal(event.status):
+                    return
+            if not entries and await state.events.state(job.id) is None:
+                return  # live state expired: nothing more will come
+
+    return EventSourceResponse(stream(), ping=10)

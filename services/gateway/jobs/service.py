@@ -1,0 +1,177 @@
+"""Jobs: reading them tenant-scoped, applying worker events to them, cancelling them."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from services.gateway.jobs.schemas import ArtifactOut, JobError, JobOut, JobPage
+from shared.db.models import Artifact, Job, JobEventRow, Tenant, utcnow
+from shared.errors import BadRequest, Conflict, NotFound
+from shared.events import JobEvent, JobEvents
+from shared.specs import TERMINAL_STATUSES, ArtifactRef, JobKind, JobStatus
+from shared.storage import ObjectStore
+
+_TERMINAL = [s.value for s in TERMINAL_STATUSES]
+
+
+async def get_job(*, session: AsyncSession, tenant: Tenant, job_id: str) -> Job:
+    """Another tenant's job is reported as missing, not forbidden: its existence is private."""
+    job = await session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant.id))
+    if job is None:
+        raise NotFound(f"job {job_id} not found", code="job_not_found")
+    return job
+
+
+def job_out(job: Job, *, store: ObjectStore) -> JobOut:
+    error = JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None
+    return JobOut(
+        id=job.id,
+        kind=JobKind(job.kind),
+        status=JobStatus(job.status),
+        progress=job.progress,
+        cancel_requested=job.cancel_requested,
+        spec=job.spec,
+        error=error,
+        artifacts=[
+            ArtifactOut(
+                kind=a.kind, index=a.index, url=store.presign_get(a.key),
+                content_type=a.content_type, size=a.size, sha256=a.sha256,
+                width=a.width, height=a.height, seed=a.seed,
+            )
+            for a in job.artifacts
+        ],
+        result=job.result,
+        attempts=job.attempts,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        links={
+            "self": f"/v1/jobs/{job.id}",
+            "events": f"/v1/jobs/{job.id}/events",
+            "cancel": f"/v1/jobs/{job.id}/cancel",
+        },
+    )
+
+
+def _encode_cursor(job: Job) -> str:
+    raw = json.dumps([job.created_at.isoformat(), job.id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        created, job_id = json.loads(base64.urlsafe_b64decode(padded))
+        return datetime.fromisoformat(created), str(job_id)
+    except (ValueError, TypeError, binascii.Error) as exc:
+        raise BadRequest("cursor is not one this API returned", code="invalid_cursor") from exc
+
+
+async def list_jobs(
+    *, session: AsyncSession, tenant: Tenant, store: ObjectStore, limit: int,
+    cursor: str | None, kind: JobKind | None, status: JobStatus | None,
+) -> JobPage:
+    """Newest first; the cursor is the last row's (created_at, id) so pages never shift."""
+    query = select(Job).where(Job.tenant_id == tenant.id)
+    if kind is not None:
+        query = query.where(Job.kind == kind.value)
+    if status is not None:
+        query = query.where(Job.status == status.value)
+    if cursor:
+        created, job_id = _decode_cursor(cursor)
+        query = query.where(or_(Job.created_at < created,
+                                and_(Job.created_at == created, Job.id < job_id)))
+    rows = list(await session.scalars(
+        query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
+    ))
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return JobPage(
+        items=[job_out(job, store=store) for job in rows],
+        next_cursor=_encode_cursor(rows[-1]) if more and rows else None,
+    )
+
+
+def _insert_ignoring_duplicates(session: AsyncSession, model: Any) -> Any:
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    return insert(model).on_conflict_do_nothing()
+
+
+async def apply_event(*, session: AsyncSession, event: JobEvent) -> bool:
+    """Persist one worker event exactly once; returns whether it changed the job.
+
+    Re-delivered events hit the unique (job, seq) and are dropped; events older than the
+    job's ``last_seq`` (possible when replicas share the stream) are recorded but do not move
+    the job backwards; terminal states are never left.
+    """
+    inserted = await session.execute(
+        _insert_ignoring_duplicates(session, JobEventRow).values(
+            job_id=event.job_id, seq=event.seq, type=event.type, status=event.status.value,
+            at=event.at, data=event.data,
+        )
+    )
+    if inserted.rowcount == 0:  # type: ignore[attr-defined]
+        return False
+    values: dict[str, Any] = {"last_seq": event.seq, "status": event.status.value,
+                              "updated_at": utcnow()}
+    data = event.data
+    if event.type == "progress" and "progress" in data:
+        values["progress"] = float(data["progress"])
+    if event.type == "running":
+        values["started_at"] = event.at
+        values["attempts"] = int(data.get("attempt", 1))
+    if event.status in TERMINAL_STATUSES:
+        values["finished_at"] = event.at
+        if event.status is JobStatus.SUCCEEDED:
+            values["progress"] = 1.0
+        if "error" in data:
+            values["error_code"] = str(data["error"].get("code", "job_failed"))
+            values["error_message"] = str(data["error"].get("message", ""))
+        if "result" in data:
+            values["result"] = data["result"]
+    changed = await session.execute(
+        update(Job)
+        .where(Job.id == event.job_id, Job.last_seq < event.seq, Job.status.not_in(_TERMINAL))
+        .values(**values)
+    )
+    if changed.rowcount == 0:  # type: ignore[attr-defined]
+        return False
+    if event.status is JobStatus.SUCCEEDED:
+        tenant_id = await session.scalar(select(Job.tenant_id).where(Job.id == event.job_id))
+        for raw in data.get("artifacts", []):
+            ref = ArtifactRef.model_validate(raw)
+            await session.execute(
+                _insert_ignoring_duplicates(session, Artifact).values(
+                    job_id=event.job_id, tenant_id=tenant_id, **ref.model_dump()
+                )
+            )
+    return True
+
+
+async def cancel_job(
+    *, session: AsyncSession, events: JobEvents, tenant: Tenant, job_id: str
+) -> Job:
+    """A queued job is canceled at once; a running one at the worker's next step."""
+    job = await get_job(session=session, tenant=tenant, job_id=job_id)
+    if JobStatus(job.status) in TERMINAL_STATUSES:
+        raise Conflict(f"job {job_id} already {job.status}", code="job_finished")
+    await events.request_cancel(job_id)
+    job.cancel_requested = True
+    transition = await events.emit(
+        job_id, "canceled", allowed_from=(JobStatus.QUEUED,), to=JobStatus.CANCELED,
+        data={"reason": "canceled by client before it started"},
+    )
+    if transition.event is not None:
+        await apply_event(session=session, event=transition.event)
+    await session.commit()
+    await session.refresh(job)
+    return job

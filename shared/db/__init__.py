@@ -1,0 +1,1 @@
+"""Durable records (SQL). Only the gateway and the operator CLI open the database."""
