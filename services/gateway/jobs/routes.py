@@ -107,9 +107,15 @@ async def job_events(
                 if event.seq <= sent:
                     continue
                 sent = event.seq
-                yield _sse(event)
                 if is_terminal(event.status):
+                    # Persist before telling the client, so a GET right after the stream
+                    # ends agrees with it; the consumer will see a duplicate and skip it.
+                    async with state.sessionmaker() as db:
+                        await service.apply_event(session=db, event=event)
+                        await db.commit()
+                    yield _sse(event)
                     return
+                yield _sse(event)
             if not entries and await state.events.state(job.id) is None:
                 return  # live state expired: nothing more will come
 

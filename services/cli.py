@@ -1,0 +1,306 @@
+"""The ``loomis`` command: run the stack, submit work to it, manage keys."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from services.client import ApiError, LoomisClient
+from services.devstack import Stack, StackError, free_port
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def _data_dir() -> Path:
+    return Path(os.environ.get("LOOMIS_DATA_DIR", ".loomis"))
+
+
+def _key_file() -> Path:
+    return _data_dir() / "dev-api-key"
+
+
+async def _create_key(tenant: str, name: str = "") -> str:
+    from services.gateway.auth.service import create_api_key
+    from shared.db.session import make_engine, make_sessionmaker, migrate
+    from shared.settings import Settings
+
+    settings = Settings()
+    engine = make_engine(settings.database_url)
+    try:
+        await migrate(engine)
+        async with make_sessionmaker(engine)() as session:
+            return await create_api_key(session=session, tenant_name=tenant, name=name)
+    finally:
+        await engine.dispose()
+
+
+async def _dev_key() -> str:
+    """Reuse the key in .loomis/dev-api-key while the database still knows it."""
+    from services.gateway.auth.service import key_is_valid
+    from shared.db.session import make_engine, make_sessionmaker, migrate
+    from shared.settings import Settings
+
+    path = _key_file()
+    if path.exists():
+        raw = path.read_text().strip()
+        engine = make_engine(Settings().database_url)
+        try:
+            await migrate(engine)
+            async with make_sessionmaker(engine)() as session:
+                if await key_is_valid(session=session, raw=raw):
+                    return raw
+        finally:
+            await engine.dispose()
+    raw = await _create_key("dev", "development key")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(raw + "\n")
+    path.chmod(0o600)
+    return raw
+
+
+def _stack(args: argparse.Namespace) -> Stack:
+    redis_url = os.environ.get("LOOMIS_REDIS__URL") if not getattr(args, "own_redis", True) else None
+    return Stack(data_dir=_data_dir(), host=args.host, port=args.port, redis_url=redis_url)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    stack = _stack(args)
+    print(f"starting Loomis in {stack.data_dir.resolve()} ...", flush=True)
+    try:
+        stack.start(own_redis=args.own_redis)
+        key = asyncio.run(_dev_key())
+    except StackError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"\nLoomis is up: {stack.url}   (API docs: {stack.url}/docs)")
+    print(f"development API key: {key}   (also in {_key_file()})")
+    print("logs: " + ", ".join(str(c.log) for c in stack.children))
+    print("press Ctrl-C to stop", flush=True)
+    stopping = False
+
+    def _stop(_sig: int, _frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        while not stopping:
+            for child in stack.children:
+                if not child.alive():
+                    print(f"{child.name} exited unexpectedly:\n{child.tail()}", file=sys.stderr)
+                    stopping = True
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    print("\nstopping ...", flush=True)
+    stack.stop()
+    print("stopped")
+    return 0
+
+
+def _progress_printer(total_hint: int) -> tuple[Any, Any]:
+    from tqdm import tqdm
+
+    bar = tqdm(total=total_hint, unit="step", desc="queued", leave=True)
+
+    def on_event(event: dict[str, Any]) -> None:
+        data = event.get("data", {})
+        if event["type"] == "progress":
+            bar.total = data.get("total_steps", bar.total)
+            bar.n = data.get("step", bar.n)
+            bar.set_description("generating")
+            bar.refresh()
+        else:
+            bar.set_description(event["type"])
+            bar.refresh()
+
+    return bar, on_event
+
+
+def generate(
+    client: LoomisClient, spec: dict[str, Any], output: Path
+) -> tuple[dict[str, Any], list[Path], float]:
+    """Submit, follow with a progress bar, download every image; returns (job, files, seconds)."""
+    started = time.perf_counter()
+    job = client.submit_generation(spec)
+    print(f"job {job['id']} queued ({job['spec']['model']}, {job['spec']['width']}x"
+          f"{job['spec']['height']}, {job['spec']['steps']} steps, seed {job['spec']['seed']})")
+    bar, on_event = _progress_printer(job["spec"]["steps"])
+    try:
+        job = client.wait(job["id"], on_event=on_event)
+    finally:
+        bar.close()
+    elapsed = time.perf_counter() - started
+    files: list[Path] = []
+    if job["status"] != "succeeded":
+        return job, files, elapsed
+    images = [a for a in job["artifacts"] if a["kind"] == "image"]
+    for artifact in images:
+        target = output if len(images) == 1 else output.with_name(
+            f"{output.stem}-{artifact['index']}{output.suffix}")
+        files.append(client.download(artifact["url"], target))
+    return job, files, elapsed
+
+
+def _print_outcome(job: dict[str, Any], files: list[Path], elapsed: float) -> int:
+    if job["status"] != "succeeded":
+        error = job.get("error") or {}
+        print(f"job {job['status']}: {error.get('code', '')} {error.get('message', '')}",
+              file=sys.stderr)
+        return 1
+    for path in files:
+        print(f"saved {path.resolve()}")
+    timings = job.get("result", {}).get("timings", {})
+    parts = [f"end-to-end {elapsed:.2f}s"] + [f"{k.removesuffix('_s')} {v:.3f}s"
+                                              for k, v in timings.items()]
+    print("timings: " + ", ".join(parts))
+    return 0
+
+
+def _client(args: argparse.Namespace) -> LoomisClient:
+    key = args.api_key or os.environ.get("LOOMIS_API_KEY")
+    if not key and _key_file().exists():
+        key = _key_file().read_text().strip()
+    if not key:
+        raise SystemExit("no API key: pass --api-key, set LOOMIS_API_KEY, or run `loomis up`")
+    return LoomisClient(args.url, key)
+
+
+def _spec(args: argparse.Namespace) -> dict[str, Any]:
+    spec: dict[str, Any] = {"prompt": args.prompt}
+    for name in ("negative_prompt", "model", "width", "height", "steps", "guidance_scale",
+                 "seed", "scheduler", "num_images"):
+        if (value := getattr(args, name)) is not None:
+            spec[name] = value
+    return spec
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    client = _client(args)
+    try:
+        job, files, elapsed = generate(client, _spec(args), Path(args.output))
+    except ApiError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"error: cannot reach {args.url}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+    return _print_outcome(job, files, elapsed)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Start everything on embedded defaults, make one image over HTTP, stop everything."""
+    stack = Stack(data_dir=_data_dir(), port=free_port())
+    print(f"starting the stack (gateway, generator worker, redis) in {stack.data_dir} ...",
+          flush=True)
+    started = time.perf_counter()
+    try:
+        stack.start()
+        key = asyncio.run(_dev_key())
+        print(f"stack ready in {time.perf_counter() - started:.1f}s at {stack.url}", flush=True)
+        client = LoomisClient(stack.url, key)
+        try:
+            job, files, elapsed = generate(
+                client, {"prompt": args.prompt, "model": "tiny-sd15", "seed": 42},
+                Path(args.output),
+            )
+        finally:
+            client.close()
+        return _print_outcome(job, files, elapsed)
+    except (StackError, ApiError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        stack.stop()
+        print("stack stopped")
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    print(asyncio.run(_create_key(args.tenant, args.name)))
+    return 0
+
+
+def cmd_db_upgrade(_args: argparse.Namespace) -> int:
+    from shared.db.session import make_engine, migrate
+    from shared.settings import Settings
+
+    async def run() -> None:
+        engine = make_engine(Settings().database_url)
+        try:
+            await migrate(engine)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(run())
+    print("database is at the newest revision")
+    return 0
+
+
+def cmd_worker(_args: argparse.Namespace) -> int:
+    from services.generator.worker import main as worker_main
+
+    worker_main()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loomis", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start the stack until Ctrl-C")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=8000)
+    up.add_argument("--no-redis", dest="own_redis", action="store_false",
+                    help="use LOOMIS_REDIS__URL instead of starting a private redis-server")
+    up.set_defaults(func=cmd_up)
+
+    gen = sub.add_parser("generate", help="submit a text-to-image job and wait for it")
+    gen.add_argument("prompt")
+    gen.add_argument("-o", "--output", default="out/image.png")
+    gen.add_argument("--url", default=os.environ.get("LOOMIS_URL", DEFAULT_URL))
+    gen.add_argument("--api-key")
+    gen.add_argument("--negative-prompt", dest="negative_prompt")
+    gen.add_argument("--model")
+    gen.add_argument("--width", type=int)
+    gen.add_argument("--height", type=int)
+    gen.add_argument("--steps", type=int)
+    gen.add_argument("--guidance-scale", dest="guidance_scale", type=float)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--scheduler")
+    gen.add_argument("-n", "--num-images", dest="num_images", type=int)
+    gen.set_defaults(func=cmd_generate)
+
+    demo = sub.add_parser("demo", help="one job end to end on a throw-away stack")
+    demo.add_argument("--prompt", default="a red fox in snow")
+    demo.add_argument("-o", "--output", default="out/demo.png")
+    demo.set_defaults(func=cmd_demo)
+
+    keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys_cmd", required=True)
+    create = keys.add_parser("create", help="print a new API key for a tenant")
+    create.add_argument("--tenant", required=True)
+    create.add_argument("--name", default="")
+    create.set_defaults(func=cmd_keys_create)
+
+    db = sub.add_parser("db", help="database").add_subparsers(dest="db_cmd", required=True)
+    db.add_parser("upgrade", help="apply migrations").set_defaults(func=cmd_db_upgrade)
+
+    sub.add_parser("worker", help="run a generator worker in the foreground").set_defaults(
+        func=cmd_worker)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""Starting and stopping a whole Loomis stack as child processes.
+
+One implementation serves ``loomis up``, ``loomis demo``, the tests and the benchmarks, so
+what the tests exercise is what users run: a redis-server of our own (unless a Redis URL is
+given), the gateway under uvicorn, and one generator worker, each logging to a file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class StackError(RuntimeError):
+    pass
+
+
+@dataclass
+class Child:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def stop_child(child: Child, *, timeout: float = 15.0) -> None:
+    """SIGTERM (arq finishes or abandons its job cleanly), then SIGKILL if it lingers."""
+    if not child.alive():
+        return
+    child.popen.send_signal(signal.SIGTERM)
+    try:
+        child.popen.wait(timeout)
+    except subprocess.TimeoutExpired:
+        child.popen.kill()
+        child.popen.wait(5)
+
+
+def start_redis(data_dir: Path, port: int | None = None) -> tuple[Child, str]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise StackError(
+            "redis-server not found: install it (apt-get install -y redis-server) "
+            "or point LOOMIS_REDIS__URL at a running Redis"
+        )
+    port = port or free_port()
+    redis_dir = data_dir / "redis"
+    redis_dir.mkdir(parents=True, exist_ok=True)
+    log = data_dir / "logs" / "redis.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    popen = subprocess.Popen(
+        [binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(redis_dir),
+         "--appendonly", "yes", "--save", ""],
+        stdout=log.open("ab"), stderr=subprocess.STDOUT,
+    )
+    child = Child("redis", popen, log)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return child, f"redis://127.0.0.1:{port}/0"
+        if not child.alive():
+            break
+        time.sleep(0.05)
+    stop_child(child)
+    raise StackError(f"redis-server did not start:\n{child.tail()}")
+
+
+@dataclass
+class Stack:
+    """A gateway, a generator worker and (by default) a private redis-server."""
+
+    data_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 8000
+    redis_url: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    children: list[Child] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def child_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        env.update({
+            "LOOMIS_DATA_DIR": str(self.data_dir.resolve()),
+            "LOOMIS_GATEWAY__HOST": self.host,
+            "LOOMIS_GATEWAY__PORT": str(self.port),
+        })
+        if self.redis_url:
+            env["LOOMIS_REDIS__URL"] = self.redis_url
+        env.update(self.env)
+        return env
+
+    def _spawn(self, name: str, argv: list[str]) -> Child:
+        log = self.data_dir / "logs" / f"{name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        popen = subprocess.Popen(argv, env=self.child_env(), stdout=log.open("ab"),
+                                 stderr=subprocess.STDOUT)
+        child = Child(name, popen, log)
+        self.children.append(child)
+        return child
+
+    def start_redis(self) -> None:
+        child, self.redis_url = start_redis(self.data_dir)
+        self.children.append(child)
+
+    def start_gateway(self) -> Child:
+        return self._spawn("gateway", [
+            sys.executable, "-m", "uvicorn", "services.gateway.app:create_app", "--factory",
+            "--host", self.host, "--port", str(self.port), "--log-level", "warning",
+        ])
+
+    def start_worker(self, name: str = "generator") -> Child:
+        return self._spawn(name, [sys.executable, "-m", "services.generator"])
+
+    def wait_ready(self, timeout: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            for child in self.children:
+                if not child.alive():
+                    raise StackError(f"{child.name} exited:\n{child.tail()}")
+            try:
+                response = httpx.get(f"{self.url}/readyz", timeout=2)
+                if response.status_code == 200:
+                    return
+                last = response.text
+            except httpx.HTTPError as exc:
+                last = str(exc)
+            time.sleep(0.1)
+        raise StackError(f"gateway not ready after {timeout:.0f}s: {last}")
+
+    def wait_worker(self, queue: str = "loomis:queue:generator", timeout: float = 120.0) -> None:
+        """Wait for a worker's first health record: it has loaded its model and is polling."""
+        import redis
+
+        assert self.redis_url, "no redis"
+        client = redis.Redis.from_url(self.redis_url)
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                if client.exists(f"{queue}:health-check"):
+                    return
+                for child in self.children:
+                    if not child.alive():
+                        raise StackError(f"{child.name} exited:\n{child.tail()}")
+                time.sleep(0.1)
+        finally:
+            client.close()
+        raise StackError(f"no worker polling {queue} after {timeout:.0f}s")
+
+    def start(self, *, own_redis: bool = True, worker: bool = True) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            if own_redis and not self.redis_url:
+                self.start_redis()
+            self.start_gateway()
+            if worker:
+                self.start_worker()
+            self.wait_ready()
+            if worker:
+                self.wait_worker()
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        for child in reversed(self.children):
+            stop_child(child)
+        self.children.clear()

@@ -1,0 +1,3 @@
+from services.generator.worker import main
+
+main()

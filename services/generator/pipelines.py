@@ -1,0 +1,195 @@
+"""Loading diffusers pipelines once per process and keeping them warm.
+
+Every source ends up as ``from_pretrained(<directory>)``: built-in tiny models are built into
+the model cache first, hub ids are resolved to a snapshot directory (downloaded only when
+settings allow), and local directories are used as they are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from services.generator.tiny import ensure_tiny_model
+from shared.errors import ModelUnavailable
+from shared.models import SCHEDULERS, ModelPreset, ModelRegistry
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".gguf")
+
+
+def pick_device(wanted: str) -> str:
+    if wanted != "auto":
+        return wanted
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def pick_dtype(preset_dtype: str, device: str) -> torch.dtype:
+    """Half precision only where the device does it well; CPUs get float32."""
+    if device == "cpu":
+        return torch.float32
+    if preset_dtype == "auto":
+        return torch.float16
+    return {"float32": torch.float32, "float16": torch.float16,
+            "bfloat16": torch.bfloat16}[preset_dtype]
+
+
+def weights_hash(folder: Path, sidecar_dir: Path) -> str:
+    """SHA-256 over the weight files, cached by (name, size, mtime): real models are GBs."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    fingerprint = [[p.relative_to(folder).as_posix(), p.stat().st_size, p.stat().st_mtime_ns]
+                   for p in files]
+    sidecar = sidecar_dir / (hashlib.sha1(str(folder.resolve()).encode()).hexdigest() + ".json")
+    if sidecar.exists():
+        cached = json.loads(sidecar.read_text())
+        if cached.get("fingerprint") == fingerprint:
+            return str(cached["sha256"])
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.relative_to(folder).as_posix().encode())
+        with path.open("rb") as fh:
+            while chunk := fh.read(1 << 20):
+                digest.update(chunk)
+    sidecar_dir.mkdir(parents=True, exist_ok=True)
+    sidecar.write_text(json.dumps({"fingerprint": fingerprint, "sha256": digest.hexdigest()}))
+    return digest.hexdigest()
+
+
+@dataclass
+class LoadedModel:
+    preset: ModelPreset
+    pipe: Any
+    path: Path
+    revision: str | None
+    sha256: str
+    device: str
+    dtype: str
+    load_s: float
+    default_scheduler: Any
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.preset.name, "family": self.preset.family.value,
+            "source": self.preset.source, "revision": self.revision, "sha256": self.sha256,
+            "short_hash": self.sha256[:10], "pipeline": type(self.pipe).__name__,
+            "dtype": self.dtype,
+            "options": {"attention_slicing": self.preset.attention_slicing,
+                        "vae_tiling": self.preset.vae_tiling,
+                        "cpu_offload": self.preset.cpu_offload},
+        }
+
+    def use_scheduler(self, name: str | None) -> str:
+        """Swap the scheduler in place (cheap); ``None`` restores the model's own."""
+        if name is None:
+            self.pipe.scheduler = self.default_scheduler
+            own = type(self.default_scheduler).__name__
+            return next((known for known, (cls, extra) in SCHEDULERS.items()
+                         if cls == own and not extra), own)
+        import diffusers
+
+        class_name, extra = SCHEDULERS[name]
+        scheduler_cls = getattr(diffusers, class_name)
+        self.pipe.scheduler = scheduler_cls.from_config(self.default_scheduler.config, **extra)
+        return name
+
+
+class PipelineCache:
+    """Least-recently-used set of loaded pipelines, at most ``max_loaded`` at once."""
+
+    def __init__(
+        self, *, registry: ModelRegistry, cache_dir: Path, device: str = "auto",
+        allow_downloads: bool = False, max_loaded: int = 1,
+    ) -> None:
+        self.registry = registry
+        self.cache_dir = cache_dir
+        self.device = pick_device(device)
+        self.allow_downloads = allow_downloads
+        self.max_loaded = max(1, max_loaded)
+        self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, name: str) -> LoadedModel:
+        with self._lock:
+            if name in self._loaded:
+                self.hits += 1
+                self._loaded.move_to_end(name)
+                return self._loaded[name]
+            self.misses += 1
+            preset = self.registry.get(name)
+            if preset is None:
+                raise ModelUnavailable(f"model {name!r} is not in this worker's registry")
+            while len(self._loaded) >= self.max_loaded:
+                evicted, _ = self._loaded.popitem(last=False)
+                logger.info("evicting model %s", evicted)
+                if self.device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+            loaded = self._load(preset)
+            self._loaded[name] = loaded
+            return loaded
+
+    def _resolve(self, preset: ModelPreset) -> tuple[Path, str | None]:
+        source = preset.source
+        if source.startswith("builtin:"):
+            return ensure_tiny_model(source.removeprefix("builtin:"), self.cache_dir), None
+        if Path(source).is_dir():
+            return Path(source), None
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+        try:
+            path = Path(snapshot_download(
+                source, revision=preset.revision, cache_dir=self.cache_dir / "hub",
+                local_files_only=not self.allow_downloads,
+            ))
+        except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as exc:
+            hint = "" if self.allow_downloads else (
+                " (downloads are off: put the weights in the model cache or set "
+                "LOOMIS_GENERATOR__ALLOW_DOWNLOADS=true)")
+            raise ModelUnavailable(f"weights for {preset.name!r} ({source}) are not available"
+                                   f"{hint}") from exc
+        return path, path.name
+
+    def _load(self, preset: ModelPreset) -> LoadedModel:
+        from diffusers import DiffusionPipeline
+
+        started = time.perf_counter()
+        path, revision = self._resolve(preset)
+        dtype = pick_dtype(preset.dtype, self.device)
+        try:
+            pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=dtype)
+        except (OSError, ValueError) as exc:
+            raise ModelUnavailable(f"cannot load {preset.name!r} from {path}: {exc}") from exc
+        if preset.cpu_offload and self.device.startswith("cuda"):
+            pipe.enable_model_cpu_offload()
+        else:
+            pipe.to(self.device)
+        if preset.attention_slicing:
+            pipe.enable_attention_slicing()
+        if preset.vae_tiling and hasattr(pipe, "vae"):
+            pipe.vae.enable_tiling()
+        pipe.set_progress_bar_config(disable=True)
+        sha = weights_hash(path, self.cache_dir / ".hashes")
+        elapsed = time.perf_counter() - started
+        logger.info("loaded model %s in %.2fs", preset.name, elapsed, extra={"model": preset.name})
+        return LoadedModel(
+            preset=preset, pipe=pipe, path=path, revision=revision, sha256=sha,
+            device=self.device, dtype=str(dtype).removeprefix("torch."), load_s=elapsed,
+            default_scheduler=pipe.scheduler,
+        )
