@@ -12,6 +12,7 @@ import hashlib
 import logging
 import platform
 import socket
+import threading
 import time
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
@@ -95,10 +96,17 @@ async def _run(ctx: dict[str, Any], task: GenerationTask, *, queued_s: float) ->
                           data={"step": step, "total_steps": total,
                                 "progress": round(step / total, 4)})
 
+    abandoned = threading.Event()
+
     def on_step(step: int, total: int) -> None:
+        if abandoned.is_set():  # the job timed out: stop burning the GPU on it
+            raise JobCanceled()
         asyncio.run_coroutine_threadsafe(step_hook(step, total), loop).result()
 
-    result = await asyncio.to_thread(render, loaded, spec, on_step=on_step)
+    try:
+        result = await asyncio.to_thread(render, loaded, spec, on_step=on_step)
+    finally:
+        abandoned.set()
     timings["pipeline_s"] = round(result.seconds, 4)
 
     t1 = time.perf_counter()
@@ -159,7 +167,14 @@ async def generate(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, An
     try:
         if await events.cancel_requested(job_id):
             raise JobCanceled()
-        outcome = await _run(ctx, task, queued_s=queued_s)
+        async with asyncio.timeout(settings.generator.job_timeout_s):
+            outcome = await _run(ctx, task, queued_s=queued_s)
+    except TimeoutError:
+        await store.delete_prefix(job_prefix(task.tenant_id, job_id))
+        await events.emit(job_id, "failed", allowed_from=RUNNING, to=JobStatus.FAILED,
+                          data={"error": {"code": "timeout", "message": "the job took longer "
+                                          f"than {settings.generator.job_timeout_s}s"}})
+        return {"status": "failed"}
     except JobCanceled:
         await store.delete_prefix(job_prefix(task.tenant_id, job_id))
         await events.emit(job_id, "canceled", allowed_from=RUNNING, to=JobStatus.CANCELED,
@@ -202,7 +217,11 @@ def build_worker(settings: Settings | None = None) -> Worker:
         on_startup=startup,
         ctx={"settings": settings},
         max_jobs=1,  # one pipeline per GPU: jobs run one after another
-        job_timeout=cfg.job_timeout_s,
+        # Our own timeout (cfg.job_timeout_s) fails the job cleanly; arq's is a backstop, and
+        # sets the lease after which a dead worker's job is re-delivered (timeout + 10 s).
+        job_timeout=cfg.job_timeout_s + 5,
+        # On SIGTERM (deploys, scale-down) finish the running job before exiting.
+        job_completion_wait=cfg.job_timeout_s,
         # Our own limit (cfg.max_tries) ends the job in `failed`; arq's must be higher so
         # that the last try still reaches our code instead of being dropped silently.
         max_tries=cfg.max_tries + 1,

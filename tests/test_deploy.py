@@ -1,0 +1,513 @@
+"""Static checks of the deployment files: docker-compose.yml, the Dockerfile and deploy/k8s.
+
+Nothing here starts a container or talks to a cluster. The files are parsed, every
+``LOOMIS_*`` name they use is checked against ``shared.settings.Settings`` (a typo there is
+a setting silently left at its default), the values are loaded into ``Settings`` the way a
+service would, and the built-in Kubernetes kinds are validated against the official schemas
+(strict: unknown fields fail).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import typing
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import kubernetes_validate  # type: ignore[import-untyped]
+import pytest
+import yaml
+from kubernetes_validate.utils import SchemaNotFoundError  # type: ignore[import-untyped]
+from pydantic import BaseModel
+
+from shared.queue import GENERATOR_QUEUE
+from shared.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "Dockerfile"
+K8S_DIR = ROOT / "deploy" / "k8s"
+KUSTOMIZATION = K8S_DIR / "kustomization.yaml"
+
+# The schemas ship with kubernetes-validate (1.25 to 1.37 in 1.37.0). validate() falls back to
+# the newest schema not newer than this, so the tests also check which one was used.
+K8S_VERSION = "1.30.0"
+NAMESPACE = "loomis"
+CRD_API_GROUPS = {"keda.sh"}  # custom resources: no upstream schema, checked by hand below
+
+APP_SERVICES = {"gateway", "generator"}
+EXPECTED_SERVICES = APP_SERVICES | {"redis", "minio", "postgres"}
+LOOMIS_NAME = re.compile(r"LOOMIS_[A-Z0-9_]+")
+# ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?message}, ${VAR?message}
+COMPOSE_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def _model_class(annotation: Any) -> type[BaseModel] | None:
+    candidates = [annotation, *typing.get_args(annotation)]
+    for candidate in candidates:
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def settings_env_names(model: type[BaseModel] = Settings, prefix: str = "LOOMIS_") -> set[str]:
+    """Every leaf setting as its environment variable, e.g. LOOMIS_REDIS__URL."""
+    names: set[str] = set()
+    for field_name, field in model.model_fields.items():
+        name = prefix + field_name.upper()
+        nested = _model_class(field.annotation)
+        if nested is None:
+            names.add(name)
+        else:
+            names |= settings_env_names(nested, name + "__")
+    return names
+
+
+VALID_ENV_NAMES = settings_env_names()
+
+
+def walk_strings(node: Any) -> Iterator[str]:
+    """Every string in a parsed YAML tree, mapping keys included."""
+    if isinstance(node, str):
+        yield node
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            yield from walk_strings(key)
+            yield from walk_strings(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from walk_strings(item)
+
+
+def loomis_names_in(node: Any) -> set[str]:
+    return {match for text in walk_strings(node) for match in LOOMIS_NAME.findall(text)}
+
+
+def resolve_compose_value(value: Any) -> str:
+    """Compose interpolation as `docker compose` would do it with an empty shell: defaults
+    are used, required variables get a stand-in."""
+
+    def substitute(match: re.Match[str]) -> str:
+        _, operator, argument = match.groups()
+        if operator in (":-", "-"):
+            return str(argument)
+        return f"test-value-for-{match.group(1).lower()}"
+
+    return COMPOSE_VAR.sub(substitute, str(value))
+
+
+def load_settings(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """Settings exactly as a service with this environment would read them."""
+    for name in list(os.environ):
+        if name.upper().startswith("LOOMIS_"):
+            monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return Settings(_env_file=None)  # type: ignore[call-arg]
+
+
+def load_compose() -> dict[str, Any]:
+    data = yaml.safe_load(COMPOSE_FILE.read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def compose_env(service: dict[str, Any]) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {str(key): resolve_compose_value(value) for key, value in env.items()}
+
+
+def as_list(command: Any) -> list[str]:
+    return command.split() if isinstance(command, str) else [str(part) for part in command]
+
+
+def k8s_files() -> list[Path]:
+    return sorted(path for path in K8S_DIR.glob("*.y*ml") if path != KUSTOMIZATION)
+
+
+def k8s_docs() -> list[tuple[Path, dict[str, Any]]]:
+    docs = []
+    for path in k8s_files():
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc is not None:
+                docs.append((path, doc))
+    return docs
+
+
+def k8s_find(kind: str, name: str) -> dict[str, Any]:
+    found = [doc for _, doc in k8s_docs()
+             if doc["kind"] == kind and doc["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected exactly one {kind}/{name}, found {len(found)}"
+    return found[0]
+
+
+def is_crd(doc: dict[str, Any]) -> bool:
+    return doc["apiVersion"].split("/")[0] in CRD_API_GROUPS
+
+
+def pod_spec(deployment: dict[str, Any]) -> dict[str, Any]:
+    spec = deployment["spec"]["template"]["spec"]
+    assert isinstance(spec, dict)
+    return spec
+
+
+def only_container(deployment: dict[str, Any]) -> dict[str, Any]:
+    containers = pod_spec(deployment)["containers"]
+    assert len(containers) == 1
+    container = containers[0]
+    assert isinstance(container, dict)
+    return container
+
+
+def k8s_config_env() -> dict[str, str]:
+    """What envFrom of loomis-config + loomis-secrets puts into a container."""
+    config = k8s_find("ConfigMap", "loomis-config")["data"]
+    secret = k8s_find("Secret", "loomis-secrets")["stringData"]
+    return {**config, **secret}
+
+
+def container_env(deployment: dict[str, Any]) -> dict[str, str]:
+    """The effective environment of a Deployment's container (explicit env wins)."""
+    container = only_container(deployment)
+    sources = {
+        ("configMapRef", "loomis-config"): k8s_find("ConfigMap", "loomis-config")["data"],
+        ("secretRef", "loomis-secrets"): k8s_find("Secret", "loomis-secrets")["stringData"],
+    }
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        ((ref_kind, ref),) = source.items()
+        env.update(sources[(ref_kind, ref["name"])])
+    for item in container.get("env", []):
+        env[item["name"]] = item["value"]
+    return env
+
+
+# --- settings names -----------------------------------------------------------------------
+
+
+def test_settings_env_names_walk_nested_models() -> None:
+    assert {"LOOMIS_ENV", "LOOMIS_REDIS__URL", "LOOMIS_DB__URL", "LOOMIS_STORAGE__BACKEND",
+            "LOOMIS_GATEWAY__SIGNING_SECRET", "LOOMIS_GENERATOR__MODEL_CACHE"} <= VALID_ENV_NAMES
+    # Only leaves, and only with the double-underscore delimiter.
+    assert "LOOMIS_REDIS" not in VALID_ENV_NAMES
+    assert "LOOMIS_REDIS_URL" not in VALID_ENV_NAMES
+    assert loomis_names_in({"LOOMIS_REDIS_URL": "${X}", "k": ["LOOMIS_DB__URL=x"]}) == {
+        "LOOMIS_REDIS_URL", "LOOMIS_DB__URL"}
+
+
+# --- Dockerfile ---------------------------------------------------------------------------
+
+
+def _dockerfile_stages() -> dict[str, str]:
+    """Instructions per build stage, comments left out."""
+    stages: dict[str, str] = {}
+    current = None
+    for line in DOCKERFILE.read_text().splitlines():
+        if line.lstrip().startswith("#"):
+            continue
+        match = re.match(r"FROM\s+(\S+)\s+AS\s+(\S+)", line.strip(), re.IGNORECASE)
+        if match:
+            current = match.group(2)
+            stages[current] = line + "\n"
+        elif current is not None:
+            stages[current] += line + "\n"
+    return stages
+
+
+def test_dockerfile_has_gateway_and_worker_targets() -> None:
+    stages = _dockerfile_stages()
+    assert set(stages) == {"gateway", "worker"}
+    gateway, worker = stages["gateway"], stages["worker"]
+    assert gateway.startswith("FROM python:3.11-slim")
+    assert "pip install ." in gateway
+    assert "torch" not in gateway and "[worker]" not in gateway
+    assert "services.gateway.app:create_app" in gateway and "--factory" in gateway
+    assert re.search(r"FROM\s+(nvidia/cuda|pytorch/pytorch)\S*", worker)
+    assert "--index-url" in worker and "download.pytorch.org/whl/cu124" in worker
+    assert '.[worker]' in worker
+    assert worker.index("download.pytorch.org") < worker.index(".[worker]")
+    assert '"services.generator"' in worker
+
+
+def test_compose_builds_existing_dockerfile_targets() -> None:
+    stages = set(_dockerfile_stages())
+    services = load_compose()["services"]
+    targets = {name: services[name]["build"]["target"] for name in APP_SERVICES}
+    assert targets == {"gateway": "gateway", "generator": "worker"}
+    assert set(targets.values()) <= stages
+
+
+# --- docker compose -----------------------------------------------------------------------
+
+
+def test_compose_has_expected_services() -> None:
+    services = load_compose()["services"]
+    assert set(services) == EXPECTED_SERVICES  # no trainer/tagger until they exist
+
+
+def test_compose_gateway_command_port_and_dependencies() -> None:
+    gateway = load_compose()["services"]["gateway"]
+    command = as_list(gateway["command"])
+    assert command[:3] == ["uvicorn", "services.gateway.app:create_app", "--factory"]
+    assert command[command.index("--port") + 1] == "8000"
+    assert command[command.index("--host") + 1] == "0.0.0.0"
+    assert any(str(port).endswith(":8000") for port in gateway["ports"])
+    assert gateway["depends_on"] == {
+        name: {"condition": "service_healthy"} for name in ("redis", "postgres", "minio")}
+    assert any("/readyz" in part or "/healthz" in part
+               for part in as_list(gateway["healthcheck"]["test"]))
+
+
+def test_compose_generator_reserves_a_gpu_and_mounts_the_model_cache() -> None:
+    compose = load_compose()
+    generator = compose["services"]["generator"]
+    assert as_list(generator["command"]) == ["python", "-m", "services.generator"]
+    devices = generator["deploy"]["resources"]["reservations"]["devices"]
+    assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
+    cache = compose_env(generator)["LOOMIS_GENERATOR__MODEL_CACHE"]
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in generator["volumes"]}
+    assert cache in mounts, f"model cache {cache} is not on a volume"
+    assert mounts[cache] in compose["volumes"], "model cache should be a named volume"
+
+
+def test_compose_redis_uses_append_only_file() -> None:
+    redis = load_compose()["services"]["redis"]
+    assert redis["image"].startswith("redis:7")
+    command = as_list(redis["command"])
+    assert command[command.index("--appendonly") + 1] == "yes"
+
+
+def test_compose_infrastructure_has_healthchecks() -> None:
+    services = load_compose()["services"]
+    for name in ("redis", "minio", "postgres", "gateway"):
+        assert services[name]["healthcheck"]["test"], name
+    assert services["postgres"]["image"] == "postgres:16"
+    minio = as_list(services["minio"]["command"])
+    assert minio[:2] == ["server", "/data"] and "--console-address" in minio
+
+
+def test_compose_named_volumes_are_declared() -> None:
+    compose = load_compose()
+    used = {
+        volume.split(":")[0]
+        for service in compose["services"].values()
+        for volume in service.get("volumes", [])
+        if not volume.startswith((".", "/"))
+    }
+    assert used, "expected named volumes"
+    assert used <= set(compose["volumes"])
+    assert {"model-cache", "redis-data", "postgres-data", "minio-data"} <= used
+
+
+def test_compose_app_services_share_the_env_anchor() -> None:
+    compose = load_compose()
+    shared = {key: resolve_compose_value(value) for key, value in compose["x-loomis-env"].items()}
+    for name in APP_SERVICES:
+        env = compose_env(compose["services"][name])
+        assert {key: env[key] for key in shared} == shared, name
+
+
+def test_compose_uses_only_real_setting_names() -> None:
+    names = loomis_names_in(load_compose())
+    assert "LOOMIS_REDIS__URL" in names  # the scan found something
+    assert names - VALID_ENV_NAMES == set()
+
+
+@pytest.mark.parametrize("service", sorted(APP_SERVICES))
+def test_compose_env_loads_into_settings(service: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    env = compose_env(load_compose()["services"][service])
+    settings = load_settings(env, monkeypatch)
+    assert settings.env == "production"
+    assert settings.db.url == "postgresql+asyncpg://loomis:loomis@postgres:5432/loomis"
+    assert settings.redis.url == "redis://redis:6379/0"
+    assert settings.storage.backend == "s3"
+    assert settings.storage.endpoint_url == "http://minio:9000"
+    assert settings.storage.access_key_id is not None
+    assert settings.db.auto_migrate is True
+
+
+def test_compose_storage_keys_match_minio_credentials() -> None:
+    compose = load_compose()
+    minio = compose_env(compose["services"]["minio"])
+    gateway = compose_env(compose["services"]["gateway"])
+    assert gateway["LOOMIS_STORAGE__ACCESS_KEY_ID"] == minio["MINIO_ROOT_USER"]
+    assert gateway["LOOMIS_STORAGE__SECRET_ACCESS_KEY"] == minio["MINIO_ROOT_PASSWORD"]
+    postgres = compose["services"]["postgres"]["environment"]
+    db = urlsplit(gateway["LOOMIS_DB__URL"])
+    assert (db.username, db.password, db.path.lstrip("/")) == (
+        postgres["POSTGRES_USER"], postgres["POSTGRES_PASSWORD"], postgres["POSTGRES_DB"])
+
+
+# --- Kubernetes ---------------------------------------------------------------------------
+
+
+def test_k8s_schema_version_is_shipped() -> None:
+    shipped = set(kubernetes_validate.utils.all_versions())
+    assert K8S_VERSION in shipped, f"kubernetes-validate ships {sorted(shipped)}"
+
+
+def test_k8s_strict_validation_rejects_unknown_fields() -> None:
+    bogus = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x"},
+             "data": {"A": "b"}, "dta": {}}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bogus, K8S_VERSION, strict=True)
+
+
+def test_k8s_has_the_expected_resources() -> None:
+    kinds = {(doc["kind"], doc["metadata"]["name"]) for _, doc in k8s_docs()}
+    assert kinds == {
+        ("Namespace", NAMESPACE),
+        ("ConfigMap", "loomis-config"),
+        ("Secret", "loomis-secrets"),
+        ("Deployment", "loomis-gateway"),
+        ("Service", "loomis-gateway"),
+        ("PodDisruptionBudget", "loomis-gateway"),
+        ("Deployment", "loomis-generator"),
+        ("PodDisruptionBudget", "loomis-generator"),
+        ("PersistentVolumeClaim", "loomis-model-cache"),
+        ("ScaledObject", "loomis-generator"),
+    }
+
+
+@pytest.mark.parametrize(
+    "path, doc",
+    k8s_docs(),
+    ids=[f"{p.name}:{d['kind']}/{d['metadata']['name']}" for p, d in k8s_docs()],
+)
+def test_k8s_manifest_is_valid(path: Path, doc: dict[str, Any]) -> None:
+    if is_crd(doc):
+        # No upstream schema; make sure it is one we know and check it in its own test.
+        assert (doc["apiVersion"], doc["kind"]) == ("keda.sh/v1alpha1", "ScaledObject")
+        with pytest.raises(SchemaNotFoundError):
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        return
+    used = kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    assert used == "1.30", f"validated against {used}, not {K8S_VERSION}"
+    if doc["kind"] != "Namespace":
+        assert doc["metadata"].get("namespace") == NAMESPACE
+
+
+def test_k8s_uses_only_real_setting_names() -> None:
+    docs = [doc for _, doc in k8s_docs()]
+    names = loomis_names_in(docs)
+    assert {"LOOMIS_REDIS__URL", "LOOMIS_GATEWAY__SIGNING_SECRET", "LOOMIS_ENV"} <= names
+    assert names - VALID_ENV_NAMES == set()
+    # ConfigMap and Secret must not both set a name: which one wins depends on envFrom order.
+    config = set(k8s_find("ConfigMap", "loomis-config")["data"])
+    secret = set(k8s_find("Secret", "loomis-secrets")["stringData"])
+    assert config & secret == set()
+    assert {"LOOMIS_DB__URL", "LOOMIS_STORAGE__ACCESS_KEY_ID", "LOOMIS_STORAGE__SECRET_ACCESS_KEY",
+            "LOOMIS_GATEWAY__SIGNING_SECRET"} <= secret
+
+
+@pytest.mark.parametrize("deployment", ["loomis-gateway", "loomis-generator"])
+def test_k8s_env_loads_into_settings(deployment: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    env = container_env(k8s_find("Deployment", deployment))
+    settings = load_settings(env, monkeypatch)
+    assert settings.env == "production"
+    assert settings.db.url.startswith("postgresql+asyncpg://")
+    assert settings.storage.backend == "s3"
+    assert settings.redis.url.startswith("redis://")
+    assert str(settings.generator.model_cache) == "/models"
+
+
+def test_k8s_gateway_deployment() -> None:
+    deployment = k8s_find("Deployment", "loomis-gateway")
+    assert deployment["spec"]["replicas"] == 2
+    container = only_container(deployment)
+    assert as_list(container["command"])[:3] == [
+        "uvicorn", "services.gateway.app:create_app", "--factory"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": 8000}
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["port"] in ("http", 8000)
+    assert container["resources"]["requests"] and container["resources"]["limits"]
+    assert {next(iter(ref.values()))["name"] for ref in container["envFrom"]} == {
+        "loomis-config", "loomis-secrets"}
+    assert container_env(deployment)["LOOMIS_ENV"] == "production"
+
+
+def test_k8s_gateway_service_and_pdb_select_gateway_pods() -> None:
+    deployment = k8s_find("Deployment", "loomis-gateway")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    service = k8s_find("Service", "loomis-gateway")
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    assert service["spec"]["ports"][0]["targetPort"] in ("http", 8000)
+    pdb = k8s_find("PodDisruptionBudget", "loomis-gateway")
+    assert pdb["spec"]["minAvailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert deployment["spec"]["replicas"] > pdb["spec"]["minAvailable"]
+
+
+def test_k8s_generator_deployment_gets_a_gpu() -> None:
+    deployment = k8s_find("Deployment", "loomis-generator")
+    spec = pod_spec(deployment)
+    container = only_container(deployment)
+    assert as_list(container["command"]) == ["python", "-m", "services.generator"]
+    assert int(container["resources"]["limits"]["nvidia.com/gpu"]) == 1
+    assert spec["nodeSelector"], "GPU pods need a node selector"
+    assert any(t["key"] == "nvidia.com/gpu" for t in spec["tolerations"])
+    assert spec["terminationGracePeriodSeconds"] >= 600
+    assert "ports" not in container and "readinessProbe" not in container
+
+
+def test_k8s_generator_mounts_the_model_cache_claim() -> None:
+    deployment = k8s_find("Deployment", "loomis-generator")
+    claim = k8s_find("PersistentVolumeClaim", "loomis-model-cache")
+    volumes = {v["name"]: v for v in pod_spec(deployment)["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in only_container(deployment)["volumeMounts"]}
+    cache = container_env(deployment)["LOOMIS_GENERATOR__MODEL_CACHE"]
+    assert cache in mounts
+    volume = volumes[mounts[cache]]
+    assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+
+
+def test_k8s_generator_pdb() -> None:
+    deployment = k8s_find("Deployment", "loomis-generator")
+    pdb = k8s_find("PodDisruptionBudget", "loomis-generator")
+    assert pdb["spec"]["maxUnavailable"] == 1
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+
+
+def test_k8s_scaledobject_scales_the_generator_on_its_queue() -> None:
+    scaled = k8s_find("ScaledObject", "loomis-generator")
+    assert scaled["apiVersion"] == "keda.sh/v1alpha1"
+    target = scaled["spec"]["scaleTargetRef"]
+    assert target["name"] == k8s_find("Deployment", "loomis-generator")["metadata"]["name"]
+    assert target.get("kind", "Deployment") == "Deployment"
+    assert 1 <= scaled["spec"]["minReplicaCount"] < scaled["spec"]["maxReplicaCount"]
+    (trigger,) = scaled["spec"]["triggers"]
+    assert trigger["type"] == "redis"
+    metadata = trigger["metadata"]
+    assert metadata["listName"] == GENERATOR_QUEUE == "loomis:queue:generator"
+    assert int(metadata["listLength"]) >= 1
+    # The scaler must watch the Redis the workers use.
+    redis_url = urlsplit(k8s_config_env()["LOOMIS_REDIS__URL"])
+    host, port = metadata["address"].rsplit(":", 1)
+    assert host.split(".")[0] == redis_url.hostname
+    assert int(port) == (redis_url.port or 6379)
+    assert metadata.get("databaseIndex", "0") == (redis_url.path.lstrip("/") or "0")
+
+
+def test_kustomization_lists_every_manifest() -> None:
+    kustomization = yaml.safe_load(KUSTOMIZATION.read_text())
+    assert kustomization["kind"] == "Kustomization"
+    assert kustomization["namespace"] == NAMESPACE
+    resources = kustomization["resources"]
+    assert len(resources) == len(set(resources))
+    assert set(resources) == {path.name for path in k8s_files()}
+    images = {image["name"] for image in kustomization.get("images", [])}
+    used = {only_container(doc)["image"].split(":")[0]
+            for _, doc in k8s_docs() if doc["kind"] == "Deployment"}
+    assert images == used
