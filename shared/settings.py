@@ -68,7 +68,6 @@ class GatewaySettings(BaseModel):
         "after this idle time.",
     )
     consumer_batch: int = 100
-    max_page_size: int = 100
 
 
 class GeneratorSettings(BaseModel):
