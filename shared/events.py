@@ -101,7 +101,7 @@ class JobEvents:
         key = state_key(job_id)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hsetnx(key, "state", JobStatus.QUEUED.value)
-            pipe.hsetnx(key, "seq", 0)
+            pipe.hsetnx(key, "seq", "0")
             pipe.hsetnx(key, "tenant", tenant_id)
             pipe.expire(key, self.ttl_s)
             await pipe.execute()
@@ -131,11 +131,11 @@ class JobEvents:
         prev = previous.decode() if isinstance(previous, bytes) else (previous or None)
         if int(seq) <= 0:
             return Transition(event=None, previous=prev)
-        body["status"] = (to or JobStatus(prev)).value
+        body["status"] = (to or JobStatus(prev or JobStatus.QUEUED)).value
         return Transition(event=JobEvent(seq=int(seq), **body), previous=prev)
 
     async def state(self, job_id: str) -> JobStatus | None:
-        raw = await self.redis.hget(state_key(job_id), "state")
+        raw: Any = await self.redis.hget(state_key(job_id), "state")  # type: ignore[misc]
         return JobStatus(raw.decode() if isinstance(raw, bytes) else raw) if raw else None
 
     async def request_cancel(self, job_id: str) -> None:

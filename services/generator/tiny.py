@@ -86,7 +86,7 @@ def _save_tiny_sd15(target: Path) -> None:
         unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
-    pipe.save_pretrained(target, safe_serialization=True)
+    pipe.save_pretrained(target, safe_serialization=True)  # type: ignore[attr-defined]
 
 
 BUILDERS: dict[str, Callable[[Path], None]] = {"tiny-sd15": _save_tiny_sd15}

@@ -9,7 +9,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query
 from sqlalchemy import select
-from sse_starlette.sse import EventSourceResponse, ServerSentEvent
+from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from services.gateway.deps import SessionDep, StateDep, TenantDep
 from services.gateway.jobs import service
@@ -103,7 +103,8 @@ async def job_events(
                 )
             except asyncio.CancelledError:
                 raise
-            for cursor, event in entries:
+            for entry_id, event in entries:
+                cursor = entry_id  # the next read starts after the last entry seen
                 if event.seq <= sent:
                     continue
                 sent = event.seq
