@@ -49,19 +49,10 @@ def pct(values: list[float], q: float) -> float:
 def key_for(stack: Stack) -> str:
     import asyncio
 
-    from services.gateway.auth.service import create_api_key
-    from shared.db.session import make_engine, make_sessionmaker, migrate
+    from services.gateway.auth.service import provision_api_key
 
-    async def run() -> str:
-        engine = make_engine(f"sqlite+aiosqlite:///{(stack.data_dir / 'loomis.db').resolve()}")
-        try:
-            await migrate(engine)
-            async with make_sessionmaker(engine)() as session:
-                return await create_api_key(session=session, tenant_name="bench")
-        finally:
-            await engine.dispose()
-
-    return asyncio.run(run())
+    url = f"sqlite+aiosqlite:///{(stack.data_dir / 'loomis.db').resolve()}"
+    return asyncio.run(provision_api_key(database_url=url, tenant_name="bench"))
 
 
 def one_job(client: LoomisClient, seed: int) -> tuple[float, float]:

@@ -26,18 +26,11 @@ def _key_file() -> Path:
 
 
 async def _create_key(tenant: str, name: str = "") -> str:
-    from services.gateway.auth.service import create_api_key
-    from shared.db.session import make_engine, make_sessionmaker, migrate
+    from services.gateway.auth.service import provision_api_key
     from shared.settings import Settings
 
-    settings = Settings()
-    engine = make_engine(settings.database_url)
-    try:
-        await migrate(engine)
-        async with make_sessionmaker(engine)() as session:
-            return await create_api_key(session=session, tenant_name=tenant, name=name)
-    finally:
-        await engine.dispose()
+    return await provision_api_key(database_url=Settings().database_url, tenant_name=tenant,
+                                   name=name)
 
 
 async def _dev_key() -> str:

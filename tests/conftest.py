@@ -128,19 +128,9 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def create_key(database_url: str, tenant: str) -> str:
-    from services.gateway.auth.service import create_api_key
-    from shared.db.session import make_engine, make_sessionmaker, migrate
+    from services.gateway.auth.service import provision_api_key
 
-    async def run() -> str:
-        engine = make_engine(database_url)
-        try:
-            await migrate(engine)
-            async with make_sessionmaker(engine)() as session:
-                return await create_api_key(session=session, tenant_name=tenant)
-        finally:
-            await engine.dispose()
-
-    return asyncio.run(run())
+    return asyncio.run(provision_api_key(database_url=database_url, tenant_name=tenant))
 
 
 @dataclass

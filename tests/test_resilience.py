@@ -163,6 +163,7 @@ async def test_consumer_restart_loses_nothing_and_applies_nothing_twice(
     async with sessionmaker() as session:  # type: ignore[operator]
         stored = (await session.execute(
             select(JobEventRow.job_id, JobEventRow.seq, func.count())
+            .where(JobEventRow.job_id.in_(job_ids))
             .group_by(JobEventRow.job_id, JobEventRow.seq)
         )).all()
         jobs = list(await session.scalars(select(Job).where(Job.id.in_(job_ids))))

@@ -51,3 +51,16 @@ async def authenticate(*, session: AsyncSession, authorization: str | None) -> T
     if key is None or key.revoked_at is not None:
         raise Unauthorized("unknown or revoked API key", code="invalid_api_key")
     return key.tenant
+
+
+async def provision_api_key(*, database_url: str, tenant_name: str, name: str = "") -> str:
+    """Operator path (CLI, scripts): migrate the database if needed, then create a key."""
+    from shared.db.session import make_engine, make_sessionmaker, migrate
+
+    engine = make_engine(database_url)
+    try:
+        await migrate(engine)
+        async with make_sessionmaker(engine)() as session:
+            return await create_api_key(session=session, tenant_name=tenant_name, name=name)
+    finally:
+        await engine.dispose()
