@@ -68,6 +68,13 @@ def canonical_scheduler(name: str) -> str | None:
     return next((known for known in SCHEDULERS if known.casefold() == wanted), None)
 
 
+class ControlType(StrEnum):
+    CANNY = "canny"
+    DEPTH = "depth"
+    OPENPOSE = "openpose"
+    SCRIBBLE = "scribble"
+
+
 class ModelPreset(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -79,9 +86,24 @@ class ModelPreset(BaseModel):
     revision: str | None = None
     dtype: str = Field(default="auto", description="auto, float32, float16, bfloat16")
     attention_slicing: bool = False
+    vae_slicing: bool = False
     vae_tiling: bool = False
     cpu_offload: bool = False
+    inpaint_source: str | None = Field(
+        default=None,
+        description="A dedicated inpainting model of the same family (same source forms). "
+        "Without one, inpainting runs through the base model (the standard fallback).",
+    )
+    controlnets: dict[ControlType, str] = Field(
+        default_factory=dict, description="ControlNet weights per control type (same source forms)."
+    )
+    lora_dim: int | None = Field(
+        default=None,
+        description="Input width of the attention projections LoRAs attach to (SD: the "
+        "cross-attention dim, Flux: the transformer width); uploads are checked against it.",
+    )
     # Overrides of the family defaults, for presets such as FLUX.1-schnell.
+    min_size: int | None = None
     default_size: int | None = None
     max_size: int | None = None
     default_steps: int | None = None
@@ -95,35 +117,76 @@ class ModelPreset(BaseModel):
         base = FAMILIES[self.family]
         updates = {
             key: value
-            for key in ("default_size", "max_size", "default_steps", "max_steps", "default_guidance")
+            for key in ("min_size", "default_size", "max_size", "default_steps", "max_steps",
+                        "default_guidance")
             if (value := getattr(self, key)) is not None
         }
         return base.model_copy(update=updates)
 
 
+def _tiny_controlnets(base: str) -> dict[ControlType, str]:
+    return {kind: f"builtin:{base}-controlnet-{kind.value}" for kind in ControlType}
+
+
+_TINY_NOTE = ("with random weights, built locally for tests, the offline demo and CPU benchmarks. "
+              "Its images are noise.")
+
 BUILTIN_PRESETS: tuple[ModelPreset, ...] = (
     ModelPreset(
         name="tiny-sd15", family=ModelFamily.SD15, source="builtin:tiny-sd15",
-        default_size=64, default_steps=4, dtype="float32",
-        description="A few-MB SD1.5-shaped model with random weights, built locally for tests, "
-        "the offline demo and CPU benchmarks. Its images are noise.",
+        inpaint_source="builtin:tiny-sd15-inpaint", controlnets=_tiny_controlnets("tiny-sd15"),
+        default_size=64, default_steps=4, dtype="float32", lora_dim=32,
+        description=f"A few-MB SD1.5-shaped model {_TINY_NOTE}",
+    ),
+    ModelPreset(
+        name="tiny-sdxl", family=ModelFamily.SDXL, source="builtin:tiny-sdxl",
+        controlnets=_tiny_controlnets("tiny-sdxl"), min_size=64, default_size=64,
+        default_steps=4, dtype="float32", lora_dim=64,
+        description=f"An SDXL-shaped model (two text encoders, micro-conditioning) {_TINY_NOTE} "
+        "It has no inpainting companion, so inpainting takes the base-model fallback.",
+    ),
+    ModelPreset(
+        name="tiny-flux", family=ModelFamily.FLUX, source="builtin:tiny-flux",
+        controlnets=_tiny_controlnets("tiny-flux"), min_size=64, default_size=64,
+        default_steps=4, max_steps=50, default_guidance=3.5, dtype="float32", lora_dim=32,
+        description=f"A Flux-shaped model (MMDiT, CLIP + T5) {_TINY_NOTE}",
     ),
     ModelPreset(
         name="sd15", family=ModelFamily.SD15, source="stable-diffusion-v1-5/stable-diffusion-v1-5",
-        dtype="float16", description="Stable Diffusion 1.5.",
+        inpaint_source="stable-diffusion-v1-5/stable-diffusion-inpainting",
+        controlnets={
+            ControlType.CANNY: "lllyasviel/control_v11p_sd15_canny",
+            ControlType.DEPTH: "lllyasviel/control_v11f1p_sd15_depth",
+            ControlType.OPENPOSE: "lllyasviel/control_v11p_sd15_openpose",
+            ControlType.SCRIBBLE: "lllyasviel/control_v11p_sd15_scribble",
+        },
+        dtype="float16", lora_dim=768, description="Stable Diffusion 1.5.",
     ),
     ModelPreset(
         name="sdxl", family=ModelFamily.SDXL, source="stabilityai/stable-diffusion-xl-base-1.0",
-        dtype="float16", vae_tiling=True, description="SDXL base 1.0.",
+        inpaint_source="diffusers/stable-diffusion-xl-1.0-inpainting-0.1",
+        controlnets={
+            ControlType.CANNY: "diffusers/controlnet-canny-sdxl-1.0",
+            ControlType.DEPTH: "diffusers/controlnet-depth-sdxl-1.0",
+            ControlType.OPENPOSE: "thibaud/controlnet-openpose-sdxl-1.0",
+            ControlType.SCRIBBLE: "xinsir/controlnet-scribble-sdxl-1.0",
+        },
+        dtype="float16", vae_slicing=True, vae_tiling=True, lora_dim=2048,
+        description="SDXL base 1.0 at 1024x1024.",
     ),
     ModelPreset(
         name="flux-schnell", family=ModelFamily.FLUX, source="black-forest-labs/FLUX.1-schnell",
         dtype="bfloat16", default_steps=4, max_steps=8, default_guidance=0.0, cpu_offload=True,
-        description="FLUX.1 [schnell]: 4 steps, no guidance.",
+        lora_dim=3072, description="FLUX.1 [schnell]: 4 steps, no guidance.",
     ),
     ModelPreset(
         name="flux-dev", family=ModelFamily.FLUX, source="black-forest-labs/FLUX.1-dev",
-        dtype="bfloat16", default_guidance=3.5, cpu_offload=True, description="FLUX.1 [dev].",
+        controlnets={
+            ControlType.CANNY: "InstantX/FLUX.1-dev-Controlnet-Canny",
+            ControlType.DEPTH: "Shakker-Labs/FLUX.1-dev-ControlNet-Depth",
+        },
+        dtype="bfloat16", default_guidance=3.5, cpu_offload=True, lora_dim=3072,
+        description="FLUX.1 [dev]: guidance 3.5.",
     ),
 )
 
