@@ -90,6 +90,22 @@ class GeneratorSettings(BaseModel):
     job_timeout_s: int = 1800
     max_tries: int = 3
     max_loaded_models: int = 1
+    max_loaded_loras: int = Field(default=8, ge=1, description="LoRA adapters kept loaded "
+                                  "per model; the least recently used is unloaded beyond this.")
+    batch_size: int = Field(
+        default=1, ge=1, le=32,
+        description="Compatible queued jobs (same model, mode, size, steps, guidance, "
+        "scheduler, LoRAs) run as one pipeline call of up to this many jobs. 1 turns it off.",
+    )
+    batch_window_s: float = Field(
+        default=0.05, ge=0, le=5,
+        description="How long the first job of a batch waits for compatible company.",
+    )
+    depth_model: str = Field(
+        default="builtin:tiny-dpt",
+        description="Depth estimator for ControlNet depth preprocessing: a hub id such as "
+        "Intel/dpt-hybrid-midas (from the model cache), a directory, or builtin:tiny-dpt.",
+    )
 
 
 class Settings(BaseSettings):

@@ -12,10 +12,10 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from shared.errors import ValidationFailed
-from shared.models import ModelRegistry, canonical_scheduler
+from shared.models import ControlType, ModelRegistry, canonical_scheduler
 
 MAX_PROMPT_CHARS = 2000
 MAX_SEED = 2**32 - 1
@@ -56,8 +56,147 @@ Prompt = Annotated[
 Size = Annotated[int, Field(ge=64, le=4096, multiple_of=8, description="Pixels, multiple of 8.")]
 
 
-class TextToImageSpec(BaseModel):
-    """A text-to-image request. Fields left out are filled from the model's family defaults."""
+class GenerationMode(StrEnum):
+    TXT2IMG = "txt2img"
+    IMG2IMG = "img2img"
+    INPAINT = "inpaint"
+    OUTPAINT = "outpaint"
+
+
+ImageRef = Annotated[
+    str,
+    Field(
+        min_length=3,
+        max_length=48 * 1024 * 1024,
+        description="An image: `upload:<id>` (from `POST /v1/uploads`), `job:<job_id>/<index>` "
+        "(an earlier job's output), or a `data:image/png;base64,...` URL.",
+        examples=["upload:3f2a9c0d1e7b4a56", "job:6d1f0c3e-8a4b-4d2e-9f0a-1b2c3d4e5f60/0"],
+    ),
+]
+
+
+class _Shape(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    value: float = Field(default=1.0, ge=0, le=1,
+                         description="1 repaints fully; greys repaint partially.")
+
+
+class RectShape(_Shape):
+    type: Literal["rect"]
+    x: float
+    y: float
+    width: float = Field(gt=0)
+    height: float = Field(gt=0)
+
+
+class CircleShape(_Shape):
+    type: Literal["circle"]
+    cx: float
+    cy: float
+    r: float = Field(gt=0)
+
+
+class EllipseShape(_Shape):
+    type: Literal["ellipse"]
+    cx: float
+    cy: float
+    rx: float = Field(gt=0)
+    ry: float = Field(gt=0)
+
+
+class PolygonShape(_Shape):
+    type: Literal["polygon"]
+    points: list[tuple[float, float]] = Field(min_length=3, max_length=256)
+
+
+MaskShape = Annotated[RectShape | CircleShape | EllipseShape | PolygonShape,
+                      Field(discriminator="type")]
+
+
+class MaskSpec(BaseModel):
+    """White repaints, black keeps. Pixel coordinates are those of the init image."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: ImageRef | None = None
+    shapes: list[MaskShape] | None = Field(default=None, min_length=1, max_length=64)
+    feather: float = Field(default=0, ge=0, le=256, description="Blur radius of the edges, px.")
+    invert: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> MaskSpec:
+        if (self.image is None) == (self.shapes is None):
+            raise ValueError("give the mask as exactly one of `image` or `shapes`")
+        return self
+
+
+PadPixels = Annotated[int, Field(default=0, ge=0, le=2048, multiple_of=8)]
+
+
+class OutpaintSpec(BaseModel):
+    """Pixels to add on each side; the new area is generated to continue the image."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    left: PadPixels = 0
+    right: PadPixels = 0
+    top: PadPixels = 0
+    bottom: PadPixels = 0
+    feather: float = Field(default=8, ge=0, le=128)
+
+    @model_validator(mode="after")
+    def _extends(self) -> OutpaintSpec:
+        if not (self.left or self.right or self.top or self.bottom):
+            raise ValueError("extend at least one side by a positive number of pixels")
+        return self
+
+
+class ControlSpec(BaseModel):
+    """One ControlNet: its conditioning image, strength and the part of the schedule it acts on."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: ControlType
+    image: ImageRef | None = Field(
+        default=None, description="A photo to preprocess, or a ready control image with "
+        "`preprocess: false`.")
+    keypoints: dict[str, Any] | None = Field(
+        default=None, description="openpose only: OpenPose JSON (`people[].pose_keypoints_2d`, "
+        "COCO 18 points), drawn into the control image.")
+    preprocess: bool = Field(default=True, description="Run the type's preprocessor on `image`.")
+    scale: float = Field(default=1.0, ge=0, le=2, description="controlnet_conditioning_scale")
+    start: float = Field(default=0.0, ge=0, le=1, description="Fraction of steps where it starts.")
+    end: float = Field(default=1.0, ge=0, le=1, description="Fraction of steps where it stops.")
+    low_threshold: int = Field(default=100, ge=0, le=255, description="canny only")
+    high_threshold: int = Field(default=200, ge=0, le=255, description="canny only")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ControlSpec:
+        if self.start > self.end:
+            raise ValueError(f"start ({self.start}) must not be after end ({self.end})")
+        if self.keypoints is not None and self.type != ControlType.OPENPOSE:
+            raise ValueError("keypoints are only for type 'openpose'")
+        if (self.image is None) == (self.keypoints is None):
+            raise ValueError("give exactly one of `image` or `keypoints` (openpose)")
+        if self.type == ControlType.CANNY and self.low_threshold > self.high_threshold:
+            raise ValueError("low_threshold must not exceed high_threshold")
+        return self
+
+
+class LoraUse(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1, max_length=64, description="A LoRA id from `POST /v1/loras`.")
+    weight: float = Field(default=1.0, ge=-4, le=4)
+
+
+class GenerationSpec(BaseModel):
+    """A generation request. Fields left out are filled from the model's family defaults.
+
+    ``mode`` picks what the inputs mean: txt2img needs only a prompt; img2img an
+    ``init_image`` and ``strength``; inpaint an ``init_image`` and a ``mask``; outpaint an
+    ``init_image`` and the pixels to add. ``controls`` and ``loras`` combine with any mode.
+    """
 
     model_config = ConfigDict(
         extra="forbid",
@@ -65,19 +204,34 @@ class TextToImageSpec(BaseModel):
             "examples": [
                 {"prompt": "a red fox in snow, golden hour", "model": "tiny-sd15", "steps": 4,
                  "seed": 42},
-                {"prompt": "a lighthouse at dusk, oil painting", "negative_prompt": "blurry",
+                {"prompt": "a lighthouse at dusk, (oil painting:1.3)", "negative_prompt": "blurry",
                  "model": "sd15", "width": 512, "height": 768, "steps": 30,
                  "guidance_scale": 7.0, "scheduler": "DPM++ 2M Karras", "num_images": 2},
+                {"mode": "img2img", "prompt": "the same scene in winter",
+                 "init_image": "upload:3f2a9c0d1e7b4a56", "strength": 0.6},
+                {"mode": "inpaint", "prompt": "a wooden door", "init_image": "upload:3f2a9c0d1e7b4a56",
+                 "mask": {"shapes": [{"type": "rect", "x": 16, "y": 8, "width": 32, "height": 48}],
+                          "feather": 4}},
+                {"mode": "outpaint", "prompt": "a wide beach", "init_image": "upload:3f2a9c0d1e7b4a56",
+                 "outpaint": {"left": 64, "right": 64}},
+                {"prompt": "a dancer on a stage", "controls": [
+                    {"type": "canny", "image": "upload:3f2a9c0d1e7b4a56", "scale": 0.8,
+                     "low_threshold": 80, "high_threshold": 180},
+                    {"type": "openpose", "keypoints": {"people": [{"pose_keypoints_2d": [0.5, 0.2, 1]}]},
+                     "scale": 1.0, "start": 0.0, "end": 0.6}],
+                 "loras": [{"id": "8c1d2e3f4a5b6c7d", "weight": 0.8}]},
             ]
         },
     )
 
+    mode: GenerationMode = GenerationMode.TXT2IMG
     prompt: Prompt
     negative_prompt: str = Field(default="", max_length=MAX_PROMPT_CHARS)
     model: str | None = Field(
         default=None, max_length=100, description="Preset name; default from settings."
     )
-    width: Size | None = None
+    width: Size | None = Field(default=None, description="Default: the preset's size, or the "
+                               "init image's for img2img/inpaint.")
     height: Size | None = None
     steps: int | None = Field(default=None, ge=1, le=500, description="Denoising steps.")
     guidance_scale: float | None = Field(default=None, ge=0, le=50)
@@ -89,16 +243,64 @@ class TextToImageSpec(BaseModel):
     scheduler: str | None = Field(
         default=None, description="e.g. 'Euler a', 'DPM++ 2M Karras', 'DDIM'. Default: model's."
     )
+    init_image: ImageRef | None = None
+    strength: float | None = Field(
+        default=None, ge=0, le=1,
+        description="How much of the init image is redrawn: 0 keeps it, 1 ignores it. "
+        "Default 0.75 for img2img, 1.0 for inpaint/outpaint.",
+    )
+    mask: MaskSpec | None = None
+    outpaint: OutpaintSpec | None = None
+    composite: bool = Field(
+        default=True, description="inpaint/outpaint: paste the original pixels back where the "
+        "mask is black, so unmasked areas are exactly the input.")
+    controls: list[ControlSpec] = Field(default_factory=list, max_length=4)
+    loras: list[LoraUse] = Field(default_factory=list, max_length=5)
+
+    @model_validator(mode="after")
+    def _mode_inputs(self) -> GenerationSpec:
+        needs = {
+            GenerationMode.TXT2IMG: set(),
+            GenerationMode.IMG2IMG: {"init_image"},
+            GenerationMode.INPAINT: {"init_image", "mask"},
+            GenerationMode.OUTPAINT: {"init_image", "outpaint"},
+        }[self.mode]
+        for name in ("init_image", "mask", "outpaint"):
+            given = getattr(self, name) is not None
+            if name in needs and not given:
+                raise ValueError(f"mode {self.mode.value!r} needs `{name}`")
+            if name not in needs and given:
+                raise ValueError(f"`{name}` is not used by mode {self.mode.value!r}")
+        if self.strength is not None and self.mode == GenerationMode.TXT2IMG:
+            raise ValueError("`strength` applies to img2img, inpaint and outpaint")
+        if len({lora.id for lora in self.loras}) != len(self.loras):
+            raise ValueError("each LoRA may appear once in `loras`")
+        return self
 
     def is_resolved(self) -> bool:
         return None not in (self.model, self.width, self.height, self.steps, self.guidance_scale,
                             self.seed)
 
 
+
+
+def _fit_size(size: tuple[int, int], *, max_size: int, min_size: int) -> tuple[int, int]:
+    """An input image's size as a generation size: within the preset's limit, multiples of 8."""
+    w, h = size
+    scale = min(1.0, max_size / max(w, h))
+    w, h = round(w * scale), round(h * scale)
+    return max(min_size, w - w % 8), max(min_size, h - h % 8)
+
+
 def resolve_generation(
-    spec: TextToImageSpec, *, registry: ModelRegistry, default_model: str
-) -> TextToImageSpec:
-    """Check the spec against its model preset and fill every field the server chooses."""
+    spec: GenerationSpec, *, registry: ModelRegistry, default_model: str,
+    input_size: tuple[int, int] | None = None,
+) -> GenerationSpec:
+    """Check the spec against its model preset and fill every field the server chooses.
+
+    ``input_size`` is the init image's size: img2img and inpaint default to it (scaled into
+    the preset's limits), and outpainting's canvas is it plus the added borders.
+    """
     errors: list[dict[str, Any]] = []
     model_name = spec.model or default_model
     preset = registry.get(model_name)
@@ -108,8 +310,21 @@ def resolve_generation(
             "message": f"unknown model {model_name!r}; known: {', '.join(registry.names())}",
         }])
     limits = preset.limits
-    width = spec.width or limits.default_size
-    height = spec.height or limits.default_size
+    default_w = default_h = limits.default_size
+    if input_size is not None:
+        default_w, default_h = _fit_size(input_size, max_size=limits.max_size,
+                                         min_size=limits.min_size)
+    if spec.mode == GenerationMode.OUTPAINT and spec.outpaint is not None:
+        pad = spec.outpaint
+        default_w += pad.left + pad.right
+        default_h += pad.top + pad.bottom
+        for field, given, derived in (("width", spec.width, default_w),
+                                      ("height", spec.height, default_h)):
+            if given is not None and given != derived:
+                errors.append({"field": field, "message": f"outpainting makes the canvas {derived}"
+                               " px (image + borders); leave it out or send that value"})
+    width = spec.width or default_w
+    height = spec.height or default_h
     for field, value in (("width", width), ("height", height)):
         if not limits.min_size <= value <= limits.max_size:
             errors.append({
@@ -127,9 +342,22 @@ def resolve_generation(
             errors.append({"field": "scheduler", "message": f"{scheduler!r} is not available "
                            f"for {preset.family}; choose one of: {', '.join(limits.schedulers)}"})
         scheduler = canonical
+    for index, control in enumerate(spec.controls):
+        if control.type not in preset.controlnets:
+            have = ", ".join(sorted(preset.controlnets)) or "none"
+            errors.append({"field": f"controls.{index}.type", "message": f"{model_name} has no "
+                           f"{control.type.value} ControlNet (available: {have})"})
+    strength = spec.strength
+    if strength is None and spec.mode != GenerationMode.TXT2IMG:
+        strength = 0.75 if spec.mode == GenerationMode.IMG2IMG else 1.0
+    if strength is not None and int(steps * strength) < 1:
+        # diffusers denoises int(steps * strength) steps; zero would fail in the worker.
+        errors.append({"field": "strength", "message": f"strength {strength} x {steps} steps "
+                       "leaves no denoising step; raise strength or steps"})
     if errors:
         raise ValidationFailed(errors)
     return spec.model_copy(update={
+        "strength": strength,
         "model": model_name,
         "width": width,
         "height": height,
@@ -141,12 +369,35 @@ def resolve_generation(
     })
 
 
+class LoraRef(BaseModel):
+    """A LoRA as the worker needs it: where its file is and what to check it against."""
+
+    id: str
+    name: str
+    key: str
+    sha256: str
+    weight: float
+
+
+class SafetyPolicy(BaseModel):
+    action: Literal["blur", "withhold"]
+    threshold: float = Field(ge=0, le=1)
+
+
 class GenerationTask(BaseModel):
-    """What the gateway queues for the generator: a resolved spec and where it belongs."""
+    """What the gateway queues for the generator: a resolved spec and where it belongs.
+
+    ``inputs`` maps a spec field path (``init_image``, ``mask``, ``controls.0.image``) to the
+    storage key of the checked PNG the gateway stored for it, so the worker reads bytes
+    that were already validated and never resolves client references itself.
+    """
 
     job_id: str
     tenant_id: str
-    spec: TextToImageSpec
+    spec: GenerationSpec
+    inputs: dict[str, str] = Field(default_factory=dict)
+    loras: list[LoraRef] = Field(default_factory=list)
+    safety: SafetyPolicy | None = None
 
 
 class ArtifactRef(BaseModel):
@@ -168,7 +419,7 @@ class GenerationManifest(BaseModel):
 
     job_id: str
     tenant_id: str
-    spec: TextToImageSpec
+    spec: GenerationSpec
     model: dict[str, Any]
     scheduler: str
     seeds: list[int]
@@ -177,3 +428,8 @@ class GenerationManifest(BaseModel):
     device: str
     timings: dict[str, float]
     created_at: datetime
+    pipeline: str = ""
+    inputs: dict[str, str] = Field(default_factory=dict)
+    loras: list[dict[str, Any]] = Field(default_factory=list)
+    safety: list[dict[str, Any]] = Field(default_factory=list)
+    prompt_encoding: str = "plain"

@@ -269,6 +269,6 @@ def test_openapi_documents_the_api(stack: RunningStack) -> None:
     schema = httpx.get(f"{stack.url}/openapi.json").json()
     post = schema["paths"]["/v1/generations"]["post"]
     assert "202" in post["responses"] and "422" in post["responses"]
-    spec_schema = schema["components"]["schemas"]["TextToImageSpec"]
+    spec_schema = schema["components"]["schemas"]["GenerationSpec"]
     assert spec_schema["examples"][0]["prompt"]
     assert httpx.get(f"{stack.url}/docs").status_code == 200

@@ -8,13 +8,13 @@ from pydantic import ValidationError
 from shared.errors import ValidationFailed
 from shared.models import ModelRegistry, canonical_scheduler
 from shared.settings import Settings
-from shared.specs import TextToImageSpec, resolve_generation
+from shared.specs import GenerationSpec, resolve_generation
 
 REGISTRY = ModelRegistry.load()
 
 
-def resolve(**fields: object) -> TextToImageSpec:
-    return resolve_generation(TextToImageSpec(prompt="p", **fields),  # type: ignore[arg-type]
+def resolve(**fields: object) -> GenerationSpec:
+    return resolve_generation(GenerationSpec(prompt="p", **fields),  # type: ignore[arg-type]
                               registry=REGISTRY, default_model="tiny-sd15")
 
 
@@ -40,7 +40,7 @@ def test_model_limits_are_checked_before_queueing() -> None:
         resolve(model="flux-schnell", steps=20, width=128)
     assert {e["field"] for e in info.value.errors} == {"steps", "width"}
     with pytest.raises(ValidationError):
-        TextToImageSpec(prompt="p", height=100)  # not a multiple of 8
+        GenerationSpec(prompt="p", height=100)  # not a multiple of 8
 
 
 def test_models_file_adds_presets(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -17,7 +17,9 @@ from services.gateway.files.routes import router as files_router
 from services.gateway.generations.routes import router as generations_router
 from services.gateway.health.routes import router as health_router
 from services.gateway.jobs.routes import router as jobs_router
+from services.gateway.loras.routes import router as loras_router
 from services.gateway.problems import install_problem_handlers
+from services.gateway.uploads.routes import router as uploads_router
 from shared.db.session import make_engine, make_sessionmaker, migrate
 from shared.events import JobEvents
 from shared.logs import configure_logging
@@ -84,6 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_problem_handlers(app)
-    for router in (generations_router, jobs_router, health_router, files_router):
+    for router in (generations_router, uploads_router, loras_router, jobs_router, health_router,
+                   files_router):
         app.include_router(router)
     return app

@@ -71,6 +71,14 @@ def weights_hash(folder: Path, sidecar_dir: Path) -> str:
 
 @dataclass
 class LoadedModel:
+    """A base pipeline plus everything derived from it without loading the base again.
+
+    img2img, inpainting and ControlNet pipelines are made with ``from_pipe`` and share the
+    base's modules (UNet/transformer, VAE, text encoders), so switching mode costs a few
+    milliseconds and no memory; only companion weights (ControlNets, an inpainting UNet) are
+    loaded, once each.
+    """
+
     preset: ModelPreset
     pipe: Any
     path: Path
@@ -80,7 +88,11 @@ class LoadedModel:
     dtype: str
     load_s: float
     default_scheduler: Any
+    resolver: Any = None  # Callable[[str], Path]: a companion source to a local directory
     lock: threading.Lock = field(default_factory=threading.Lock)
+    derived: dict[tuple[str, tuple[str, ...]], Any] = field(default_factory=dict)
+    companions: dict[str, Any] = field(default_factory=dict)
+    derived_loads: int = 0
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -89,14 +101,19 @@ class LoadedModel:
             "short_hash": self.sha256[:10], "pipeline": type(self.pipe).__name__,
             "dtype": self.dtype,
             "options": {"attention_slicing": self.preset.attention_slicing,
+                        "vae_slicing": self.preset.vae_slicing,
                         "vae_tiling": self.preset.vae_tiling,
-                        "cpu_offload": self.preset.cpu_offload},
+                        "cpu_offload": self.preset.cpu_offload,
+                        "dtype": self.dtype},
         }
 
-    def use_scheduler(self, name: str | None) -> str:
-        """Swap the scheduler in place (cheap); ``None`` restores the model's own."""
+    def use_scheduler(self, name: str | None, pipe: Any | None = None) -> str:
+        """Swap the scheduler of ``pipe`` (default: the base) in place; ``None`` restores the
+        model's own. Schedulers hold per-run state, so each call gets a fresh one."""
+        target = self.pipe if pipe is None else pipe
         if name is None:
-            self.pipe.scheduler = self.default_scheduler
+            target.scheduler = type(self.default_scheduler).from_config(
+                self.default_scheduler.config)
             own = type(self.default_scheduler).__name__
             return next((known for known, (cls, extra) in SCHEDULERS.items()
                          if cls == own and not extra), own)
@@ -104,8 +121,82 @@ class LoadedModel:
 
         class_name, extra = SCHEDULERS[name]
         scheduler_cls = getattr(diffusers, class_name)
-        self.pipe.scheduler = scheduler_cls.from_config(self.default_scheduler.config, **extra)
+        target.scheduler = scheduler_cls.from_config(self.default_scheduler.config, **extra)
         return name
+
+    def _companion(self, key: str, source: str, loader: Any) -> Any:
+        if key not in self.companions:
+            path = self.resolver(source)
+            dtype = getattr(torch, self.dtype)
+            try:
+                model = loader(path, dtype)
+            except (OSError, ValueError) as exc:
+                raise ModelUnavailable(f"cannot load {key} for {self.preset.name!r} from "
+                                       f"{path}: {exc}") from exc
+            self.companions[key] = model.to(self.device)
+            self.derived_loads += 1
+        return self.companions[key]
+
+    def controlnet(self, kind: str) -> Any:
+        source = self.preset.controlnets.get(kind)  # type: ignore[call-overload]
+        if source is None:
+            raise ModelUnavailable(f"{self.preset.name} has no {kind} ControlNet")
+        import diffusers
+
+        class_name = "FluxControlNetModel" if self.preset.family == "flux" else "ControlNetModel"
+        ControlNetClass = getattr(diffusers, class_name)  # noqa: N806
+        return self._companion(f"controlnet-{kind}", source,
+                               lambda path, dtype: ControlNetClass.from_pretrained(
+                                   path, torch_dtype=dtype))
+
+    def inpaint_unet(self) -> Any | None:
+        """The dedicated inpainting UNet when the preset has one; the pipeline (text encoders,
+        VAE) stays the base's, which is what inpainting checkpoints are fine-tuned from."""
+        source = self.preset.inpaint_source
+        if source is None or self.preset.family == "flux":
+            return None
+        from diffusers import UNet2DConditionModel
+
+        return self._companion("inpaint-unet", source,
+                               lambda path, dtype: UNet2DConditionModel.from_pretrained(
+                                   path, subfolder="unet", torch_dtype=dtype))
+
+    def pipeline_for(self, mode: str, controls: tuple[str, ...] = (), *,
+                     dedicated_inpaint: bool = True) -> Any:
+        """The pipeline for a mode and a list of control types, derived once and reused."""
+        dedicated = dedicated_inpaint and mode == "inpaint" and self.preset.inpaint_source is not None
+        key = (mode + ("+unet" if dedicated else ""), controls)
+        if key in self.derived:
+            return self.derived[key]
+        from diffusers import (
+            AutoPipelineForImage2Image,
+            AutoPipelineForInpainting,
+            AutoPipelineForText2Image,
+        )
+
+        extra: dict[str, Any] = {}
+        if controls:
+            nets = [self.controlnet(kind) for kind in controls]
+            if self.preset.family == "flux":
+                from diffusers import FluxMultiControlNetModel
+
+                extra["controlnet"] = FluxMultiControlNetModel(nets) if len(nets) > 1 else nets[0]
+            else:
+                extra["controlnet"] = nets if len(nets) > 1 else nets[0]
+        if mode == "txt2img":
+            pipe = (AutoPipelineForText2Image.from_pipe(self.pipe, **extra) if controls
+                    else self.pipe)
+        elif mode == "img2img":
+            pipe = AutoPipelineForImage2Image.from_pipe(self.pipe, **extra)
+        else:
+            unet = self.inpaint_unet() if dedicated else None
+            if unet is not None:
+                extra["unet"] = unet
+            pipe = AutoPipelineForInpainting.from_pipe(self.pipe, **extra)
+        if pipe is not self.pipe:
+            pipe.set_progress_bar_config(disable=True)
+        self.derived[key] = pipe
+        return pipe
 
 
 class PipelineCache:
@@ -144,8 +235,15 @@ class PipelineCache:
             self._loaded[name] = loaded
             return loaded
 
+    def resolve_source(self, source: str) -> Path:
+        """A companion's source (ControlNet, inpainting UNet) to a local directory."""
+        return self._resolve_source(source, name=source, revision=None)[0]
+
     def _resolve(self, preset: ModelPreset) -> tuple[Path, str | None]:
-        source = preset.source
+        return self._resolve_source(preset.source, name=preset.name, revision=preset.revision)
+
+    def _resolve_source(self, source: str, *, name: str,
+                        revision: str | None) -> tuple[Path, str | None]:
         if source.startswith("builtin:"):
             return ensure_tiny_model(source.removeprefix("builtin:"), self.cache_dir), None
         if Path(source).is_dir():
@@ -155,14 +253,14 @@ class PipelineCache:
 
         try:
             path = Path(snapshot_download(
-                source, revision=preset.revision, cache_dir=self.cache_dir / "hub",
+                source, revision=revision, cache_dir=self.cache_dir / "hub",
                 local_files_only=not self.allow_downloads,
             ))
         except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as exc:
             hint = "" if self.allow_downloads else (
                 " (downloads are off: put the weights in the model cache or set "
                 "LOOMIS_GENERATOR__ALLOW_DOWNLOADS=true)")
-            raise ModelUnavailable(f"weights for {preset.name!r} ({source}) are not available"
+            raise ModelUnavailable(f"weights for {name!r} ({source}) are not available"
                                    f"{hint}") from exc
         return path, path.name
 
@@ -182,6 +280,8 @@ class PipelineCache:
             pipe.to(self.device)
         if preset.attention_slicing:
             pipe.enable_attention_slicing()
+        if preset.vae_slicing and hasattr(pipe, "vae"):
+            pipe.vae.enable_slicing()
         if preset.vae_tiling and hasattr(pipe, "vae"):
             pipe.vae.enable_tiling()
         pipe.set_progress_bar_config(disable=True)
@@ -191,5 +291,5 @@ class PipelineCache:
         return LoadedModel(
             preset=preset, pipe=pipe, path=path, revision=revision, sha256=sha,
             device=self.device, dtype=str(dtype).removeprefix("torch."), load_s=elapsed,
-            default_scheduler=pipe.scheduler,
+            default_scheduler=pipe.scheduler, resolver=self.resolve_source,
         )

@@ -1,22 +1,42 @@
-"""Turning a resolved spec into images on a loaded pipeline, and images into PNG files."""
+"""Turning resolved specs into images on a loaded pipeline, and images into PNG files.
+
+One call renders one or more specs that share everything a pipeline call shares (model,
+mode, size, steps, guidance, scheduler, LoRA set, control types): prompts, seeds and input
+images may differ, so the worker can batch compatible jobs. Each image gets its own CPU
+generator seeded ``seed + i``, so an image's pixels depend on its seed, not on its batch.
+"""
 
 from __future__ import annotations
 
+import inspect
 import io
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from services.generator.loras import LoraAdapterCache
 from services.generator.pipelines import LoadedModel
-from shared.specs import TextToImageSpec
+from shared.images import outpaint_canvas
+from shared.specs import GenerationMode, GenerationSpec, LoraRef
 
 StepHook = Callable[[int, int], None]
+
+
+@dataclass
+class PreparedInputs:
+    """A spec's images at the generation size, ready for the pipeline."""
+
+    init: Image.Image | None = None
+    mask: Image.Image | None = None
+    original: Image.Image | None = None  # what compositing restores outside the mask
+    controls: list[Image.Image] = field(default_factory=list)
 
 
 @dataclass
@@ -25,48 +45,190 @@ class RenderResult:
     seeds: list[int]
     scheduler: str
     seconds: float
+    pipeline: str
+    loras: list[dict[str, Any]]
+    prompt_encoding: str
 
 
-def render(loaded: LoadedModel, spec: TextToImageSpec, *, on_step: StepHook) -> RenderResult:
-    """Run the pipeline; image i uses seed + i on a CPU generator so seeds travel across devices.
+def prepare_inputs(
+    spec: GenerationSpec, raw: dict[str, Image.Image], *, model_cache: Path,
+    depth_model: str | None = None,
+) -> PreparedInputs:
+    """Resize inputs to the generation size, build outpainting canvases, run preprocessors."""
+    from services.generator import control
+
+    assert spec.width is not None and spec.height is not None
+    size = (spec.width, spec.height)
+    prepared = PreparedInputs()
+    init = raw.get("init_image")
+    if spec.mode == GenerationMode.OUTPAINT and init is not None and spec.outpaint is not None:
+        pad = spec.outpaint
+        inner = (spec.width - pad.left - pad.right, spec.height - pad.top - pad.bottom)
+        canvas, mask = outpaint_canvas(
+            init.convert("RGB").resize(inner, Image.Resampling.LANCZOS), left=pad.left,
+            right=pad.right, top=pad.top, bottom=pad.bottom, feather=pad.feather)
+        prepared.init, prepared.mask, prepared.original = canvas, mask, canvas
+    elif init is not None:
+        prepared.init = init.convert("RGB").resize(size, Image.Resampling.LANCZOS)
+        prepared.original = prepared.init
+        if "mask" in raw:
+            prepared.mask = raw["mask"].convert("L").resize(size, Image.Resampling.BILINEAR)
+    for index, spec_control in enumerate(spec.controls):
+        source = raw.get(f"controls.{index}.image")
+        if spec_control.keypoints is not None:
+            people, _w, _h = control.parse_openpose_json(spec_control.keypoints)
+            image = control.render_openpose(people, width=spec.width, height=spec.height)
+        elif source is not None and spec_control.preprocess:
+            image = control.preprocess(
+                spec_control.type.value, source.convert("RGB").resize(size),
+                params={"low": spec_control.low_threshold, "high": spec_control.high_threshold},
+                model_cache=model_cache,
+            )
+        else:
+            assert source is not None
+            image = source
+        prepared.controls.append(image.convert("RGB").resize(size, Image.Resampling.BILINEAR))
+    return prepared
+
+
+def batch_key(spec: GenerationSpec, loras: list[LoraRef]) -> tuple[Any, ...]:
+    """Specs with equal keys can share one pipeline call (the worker's batching)."""
+    return (spec.model, spec.mode, spec.width, spec.height, spec.steps, spec.guidance_scale,
+            spec.scheduler, spec.strength,
+            tuple((c.type, c.scale, c.start, c.end) for c in spec.controls),
+            tuple((lora.sha256, lora.weight) for lora in loras))
+
+
+def _call_parameters(pipe: Any) -> set[str]:
+    return set(inspect.signature(pipe.__call__).parameters)
+
+
+def _prompt_kwargs(pipe: Any, loaded: LoadedModel, specs: list[GenerationSpec],
+                   params: set[str]) -> tuple[dict[str, Any], str]:
+    """Plain strings where diffusers' own encoding is exact; weighted/chunked embeddings where
+    the prompt uses ``(word:1.3)`` syntax or is longer than the text encoder's 77 tokens."""
+    prompts = [s.prompt for s in specs for _ in range(s.num_images)]
+    negatives = [s.negative_prompt for s in specs for _ in range(s.num_images)]
+    family = loaded.preset.family.value
+    if family in ("sd15", "sdxl"):
+        from services.generator import prompts as weighting
+
+        tokenizer = pipe.tokenizer
+        if any(weighting.needs_custom_encoding(s.prompt, s.negative_prompt, tokenizer)
+               for s in specs):
+            if len(specs) != 1:
+                raise ValueError("weighted prompts are rendered one job at a time")
+            spec = specs[0]
+            embeds = weighting.encode_prompts(pipe, prompt=spec.prompt,
+                                              negative_prompt=spec.negative_prompt,
+                                              num_images=spec.num_images)
+            return embeds, "weighted"
+        return {"prompt": prompts, "negative_prompt": negatives}, "plain"
+    kwargs: dict[str, Any] = {"prompt": prompts}
+    if any(negatives) and "negative_prompt" in params:
+        kwargs["negative_prompt"] = negatives
+    if "max_sequence_length" in params and getattr(pipe, "tokenizer_2", None) is not None:
+        kwargs["max_sequence_length"] = min(512, int(pipe.tokenizer_2.model_max_length))
+    return kwargs, "plain"
+
+
+def render(
+    loaded: LoadedModel, specs: list[GenerationSpec], prepared: list[PreparedInputs], *,
+    loras: list[LoraRef], lora_cache: LoraAdapterCache, on_step: StepHook,
+) -> RenderResult:
+    """Run one pipeline call for ``specs`` (compatible by :func:`batch_key`).
 
     ``on_step`` runs after every denoising step and may raise to stop the run (cancel).
     """
-    assert spec.seed is not None and spec.steps is not None
-    seeds = [spec.seed + i for i in range(spec.num_images)]
-    total = spec.steps
+    first = specs[0]
+    assert first.seed is not None and first.steps is not None
+    seeds = [s.seed + i for s in specs for i in range(s.num_images)]  # type: ignore[operator]
+    images_per = [s.num_images for s in specs]
 
-    def step_end(_pipe: Any, step: int, _timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-        on_step(step + 1, total)
-        return kwargs
+    def repeat(values: list[Any]) -> list[Any]:
+        return [v for v, n in zip(values, images_per, strict=True) for _ in range(n)]
 
+    mode = first.mode.value
+    pipeline_mode = "inpaint" if mode == "outpaint" else mode
+    control_types = tuple(c.type.value for c in first.controls)
     with loaded.lock:  # one pipeline call at a time: schedulers and LoRA state are shared
-        scheduler = loaded.use_scheduler(spec.scheduler)
+        # LoRAs are trained on the base denoiser, so inpainting with LoRAs takes the base
+        # model's inpainting path rather than a dedicated inpainting UNet.
+        pipe = loaded.pipeline_for(pipeline_mode, control_types, dedicated_inpaint=not loras)
+        used_loras = lora_cache.activate(loaded.pipe, loras)
+        scheduler = loaded.use_scheduler(first.scheduler, pipe)
+        params = _call_parameters(pipe)
+        kwargs, encoding = _prompt_kwargs(pipe, loaded, specs, params)
+        kwargs.update(num_inference_steps=first.steps, guidance_scale=first.guidance_scale,
+                      generator=[torch.Generator("cpu").manual_seed(s) for s in seeds])
+        if "width" in params:
+            kwargs.update(width=first.width, height=first.height)
+        if mode != "txt2img":
+            kwargs["image"] = repeat([p.init for p in prepared])
+            kwargs["strength"] = first.strength
+        if pipeline_mode == "inpaint":
+            kwargs["mask_image"] = repeat([p.mask for p in prepared])
+        if control_types:
+            per_image = repeat([p.controls for p in prepared])
+            if len(control_types) == 1:
+                control_images: Any = [c[0] for c in per_image]
+            else:
+                control_images = [[c[i] for c in per_image] for i in range(len(control_types))]
+            kwargs["control_image" if "control_image" in params else "image"] = control_images
+            scales = [c.scale for c in first.controls]
+            starts = [c.start for c in first.controls]
+            ends = [c.end for c in first.controls]
+            single = len(control_types) == 1
+            kwargs["controlnet_conditioning_scale"] = scales[0] if single else scales
+            kwargs["control_guidance_start"] = starts[0] if single else starts
+            kwargs["control_guidance_end"] = ends[0] if single else ends
+        total = first.steps
+        if mode != "txt2img" and first.strength is not None:
+            total = max(1, int(first.steps * first.strength))
+
+        def step_end(_pipe: Any, step: int, _timestep: Any,
+                     cb_kwargs: dict[str, Any]) -> dict[str, Any]:
+            on_step(min(step + 1, total), total)
+            return cb_kwargs
+
+        kwargs["callback_on_step_end"] = step_end
         started = time.perf_counter()
         with torch.inference_mode():
-            output = loaded.pipe(
-                prompt=[spec.prompt] * spec.num_images,
-                negative_prompt=[spec.negative_prompt] * spec.num_images,
-                width=spec.width, height=spec.height, num_inference_steps=spec.steps,
-                guidance_scale=spec.guidance_scale,
-                generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
-                callback_on_step_end=step_end,
-            )
+            output = pipe(**kwargs)
         seconds = time.perf_counter() - started
-    return RenderResult(images=list(output.images), seeds=seeds, scheduler=scheduler,
-                        seconds=seconds)
+    images = list(output.images)
+    if pipeline_mode == "inpaint":
+        originals = repeat([p.original for p in prepared])
+        masks = repeat([p.mask for p in prepared])
+        composite = repeat([s.composite for s in specs])
+        images = [
+            Image.composite(image.convert("RGB"), original, mask) if keep and original else image
+            for image, original, mask, keep in zip(images, originals, masks, composite, strict=True)
+        ]
+    return RenderResult(images=images, seeds=seeds, scheduler=scheduler, seconds=seconds,
+                        pipeline=type(pipe).__name__, loras=used_loras, prompt_encoding=encoding)
 
 
-def a1111_parameters(spec: TextToImageSpec, *, seed: int, scheduler: str, model: LoadedModel) -> str:
+def a1111_parameters(spec: GenerationSpec, *, seed: int, scheduler: str, model: LoadedModel,
+                     loras: list[dict[str, Any]] | None = None) -> str:
     """The ``parameters`` text that AUTOMATIC1111 writes and that image browsers parse."""
-    lines = [spec.prompt]
+    prompt = spec.prompt + "".join(f" <lora:{lora['name']}:{lora['weight']}>" for lora in loras or [])
+    lines = [prompt]
     if spec.negative_prompt:
         lines.append(f"Negative prompt: {spec.negative_prompt}")
-    lines.append(
-        f"Steps: {spec.steps}, Sampler: {scheduler}, CFG scale: {spec.guidance_scale}, "
-        f"Seed: {seed}, Size: {spec.width}x{spec.height}, Model hash: {model.sha256[:10]}, "
-        f"Model: {model.preset.name}"
-    )
+    fields = [
+        f"Steps: {spec.steps}", f"Sampler: {scheduler}", f"CFG scale: {spec.guidance_scale}",
+        f"Seed: {seed}", f"Size: {spec.width}x{spec.height}",
+        f"Model hash: {model.sha256[:10]}", f"Model: {model.preset.name}",
+    ]
+    if spec.strength is not None:
+        fields.append(f"Denoising strength: {spec.strength}")
+    if spec.mode != GenerationMode.TXT2IMG:
+        fields.append(f"Mode: {spec.mode.value}")
+    for index, control in enumerate(spec.controls):
+        fields.append(f'ControlNet {index}: "Module: {control.type.value}, Weight: {control.scale}, '
+                      f'Guidance Start: {control.start}, Guidance End: {control.end}"')
+    lines.append(", ".join(fields))
     return "\n".join(lines)
 
 

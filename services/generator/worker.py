@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import logging
 import platform
 import socket
 import threading
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -21,21 +23,47 @@ from typing import Any
 from arq import Retry
 from arq.connections import RedisSettings as ArqRedisSettings
 from arq.worker import Worker, func
+from PIL import Image
 
+from services.generator.batching import Batcher, BatchItem
+from services.generator.control import PreprocessError
+from services.generator.loras import LoraAdapterCache, LoraFiles
 from services.generator.pipelines import LoadedModel, PipelineCache
-from services.generator.render import a1111_parameters, encode_png, render
-from shared.errors import JobCanceled, LoomisError, StorageUnavailable
+from services.generator.render import (
+    PreparedInputs,
+    RenderResult,
+    a1111_parameters,
+    batch_key,
+    encode_png,
+    prepare_inputs,
+    render,
+)
+from shared.errors import JobCanceled, JobFailure, LoomisError, NotFound, StorageUnavailable
 from shared.events import JobEvents
 from shared.logs import configure_logging
 from shared.models import ModelRegistry
 from shared.queue import GENERATE_TASK, GENERATOR_QUEUE
 from shared.settings import Settings, get_settings
-from shared.specs import ArtifactRef, GenerationManifest, GenerationTask, JobStatus
+from shared.specs import ArtifactRef, GenerationManifest, GenerationTask, JobStatus, LoraRef
 from shared.storage import ObjectStore, build_store, job_prefix, manifest_key, output_key
 
 logger = logging.getLogger(__name__)
 
 RUNNING = (JobStatus.RUNNING,)
+
+
+class LazySafetyFilter:
+    """The classifier loads on the first job of a tenant that has the filter on."""
+
+    def __init__(self) -> None:
+        self._filter: Any = None
+
+    def apply(self, images: list[Image.Image], *, threshold: float, action: str) -> list[Any]:
+        if self._filter is None:
+            from services.generator.safety import SafetyFilter
+
+            self._filter = SafetyFilter()
+        return self._filter.apply(images, threshold=threshold, action=action)  # type: ignore[no-any-return]
 
 
 def library_versions() -> dict[str, str]:
@@ -63,6 +91,13 @@ async def startup(ctx: dict[str, Any]) -> None:
         allow_downloads=settings.generator.allow_downloads,
         max_loaded=settings.generator.max_loaded_models,
     )
+    ctx["lora_files"] = LoraFiles(settings.model_cache / "loras")
+    ctx["lora_cache"] = LoraAdapterCache(ctx["lora_files"],
+                                         max_loaded=settings.generator.max_loaded_loras)
+    ctx["batcher"] = Batcher(lambda items, on_step: _run_batch(ctx, items, on_step),
+                             max_size=settings.generator.batch_size,
+                             window_s=settings.generator.batch_window_s)
+    ctx["safety"] = LazySafetyFilter()
     ctx["versions"] = library_versions()
     ctx["worker_name"] = socket.gethostname()
     try:
@@ -73,20 +108,99 @@ async def startup(ctx: dict[str, Any]) -> None:
 
 async def _put(store: ObjectStore, key: str, data: bytes, content_type: str) -> ArtifactRef:
     await store.put(key, data, content_type=content_type)
-    return ArtifactRef(key=key, kind="image" if content_type == "image/png" else "manifest",
-                       content_type=content_type, size=len(data),
-                       sha256=hashlib.sha256(data).hexdigest())
+    kind = {"image/png": "image"}.get(content_type, "manifest")
+    return ArtifactRef(key=key, kind=kind, content_type=content_type,  # type: ignore[arg-type]
+                       size=len(data), sha256=hashlib.sha256(data).hexdigest())
+
+
+async def _load_inputs(store: ObjectStore, inputs: dict[str, str]) -> dict[str, Image.Image]:
+    """The gateway stored every input as a checked PNG; a missing one fails the job clearly."""
+    raw: dict[str, Image.Image] = {}
+    for name, key in inputs.items():
+        try:
+            data = await store.get(key)
+        except NotFound as exc:
+            raise JobFailure(f"input {name} is no longer in storage ({key})",
+                             code="input_missing") from exc
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        raw[name] = image
+    return raw
+
+
+async def _fetch_loras(ctx: dict[str, Any], loras: list[LoraRef]) -> None:
+    files: LoraFiles = ctx["lora_files"]
+    store: ObjectStore = ctx["store"]
+    for lora in loras:
+        if files.has(lora.sha256):
+            continue
+        try:
+            data = await store.get(lora.key)
+        except NotFound as exc:
+            raise JobFailure(f"LoRA {lora.name!r} was deleted", code="lora_missing") from exc
+        if hashlib.sha256(data).hexdigest() != lora.sha256:
+            raise JobFailure(f"LoRA {lora.name!r} does not match its recorded hash",
+                             code="lora_invalid")
+        await asyncio.to_thread(files.save, lora.sha256, data)
+
+
+def _run_batch(ctx: dict[str, Any], items: list[BatchItem], on_step: Any) -> list[RenderResult]:
+    """One pipeline call for a group of compatible jobs; the result is split back per job."""
+    jobs: list[_Job] = [item.payload for item in items]
+    loaded = jobs[0].loaded
+    combined = render(loaded, [j.task.spec for j in jobs], [j.prepared for j in jobs],
+                      loras=jobs[0].task.loras, lora_cache=ctx["lora_cache"], on_step=on_step)
+    results: list[RenderResult] = []
+    offset = 0
+    for job in jobs:
+        n = job.task.spec.num_images
+        results.append(RenderResult(
+            images=combined.images[offset:offset + n], seeds=combined.seeds[offset:offset + n],
+            scheduler=combined.scheduler, seconds=combined.seconds, pipeline=combined.pipeline,
+            loras=combined.loras, prompt_encoding=combined.prompt_encoding,
+        ))
+        offset += n
+    if len(jobs) > 1:
+        logger.info("rendered a batch of %d jobs in %.2fs", len(jobs), combined.seconds)
+    return results
+
+
+@dataclass
+class _Job:
+    task: GenerationTask
+    loaded: LoadedModel
+    prepared: PreparedInputs
+
+
+def _batch_key(loaded: LoadedModel, task: GenerationTask) -> tuple[Any, ...]:
+    spec = task.spec
+    key = batch_key(spec, task.loras)
+    if loaded.preset.family.value in ("sd15", "sdxl"):
+        from services.generator.prompts import needs_custom_encoding
+
+        if needs_custom_encoding(spec.prompt, spec.negative_prompt, loaded.pipe.tokenizer):
+            return (*key, task.job_id)  # weighted prompts are encoded one job at a time
+    return key
 
 
 async def _run(ctx: dict[str, Any], task: GenerationTask, *, queued_s: float) -> dict[str, Any]:
     events: JobEvents = ctx["events"]
     store: ObjectStore = ctx["store"]
+    settings: Settings = ctx["settings"]
     spec = task.spec
     loop = asyncio.get_running_loop()
     timings: dict[str, float] = {"queue_wait_s": round(queued_s, 4)}
 
     t0 = time.perf_counter()
     loaded: LoadedModel = await asyncio.to_thread(ctx["cache"].get, spec.model)
+    raw = await _load_inputs(store, task.inputs)
+    await _fetch_loras(ctx, task.loras)
+    try:
+        prepared = await asyncio.to_thread(
+            prepare_inputs, spec, raw, model_cache=settings.model_cache,
+            depth_model=settings.generator.depth_model)
+    except PreprocessError as exc:
+        raise JobFailure(str(exc), code="preprocess_failed") from exc
     timings["model_ready_s"] = round(time.perf_counter() - t0, 4)
 
     async def step_hook(step: int, total: int) -> None:
@@ -103,18 +217,35 @@ async def _run(ctx: dict[str, Any], task: GenerationTask, *, queued_s: float) ->
             raise JobCanceled()
         asyncio.run_coroutine_threadsafe(step_hook(step, total), loop).result()
 
+    batcher: Batcher = ctx["batcher"]
+    item = BatchItem(key=_batch_key(loaded, task), payload=_Job(task, loaded, prepared),
+                     on_step=on_step)
     try:
-        result = await asyncio.to_thread(render, loaded, spec, on_step=on_step)
+        result: RenderResult = await batcher.submit(item)
     finally:
         abandoned.set()
     timings["pipeline_s"] = round(result.seconds, 4)
 
+    images: list[Image.Image | None] = list(result.images)
+    safety: list[dict[str, Any]] = []
+    if task.safety is not None:
+        verdicts = await asyncio.to_thread(
+            ctx["safety"].apply, result.images, threshold=task.safety.threshold,
+            action=task.safety.action)
+        images = [v.image for v in verdicts]
+        safety = [{"index": i, "score": round(v.score, 4), "flagged": v.flagged,
+                   "action": task.safety.action if v.flagged else None}
+                  for i, v in enumerate(verdicts)]
+
     t1 = time.perf_counter()
     refs: list[ArtifactRef] = []
-    for index, (image, seed) in enumerate(zip(result.images, result.seeds, strict=True)):
+    for index, (image, seed) in enumerate(zip(images, result.seeds, strict=True)):
+        if image is None:
+            continue  # withheld by the safety filter: never stored
         png = encode_png(
             image,
-            parameters=a1111_parameters(spec, seed=seed, scheduler=result.scheduler, model=loaded),
+            parameters=a1111_parameters(spec, seed=seed, scheduler=result.scheduler, model=loaded,
+                                        loras=result.loras),
             loomis={"job_id": task.job_id, "index": index, "seed": seed,
                     "spec": spec.model_dump(mode="json")},
         )
@@ -126,16 +257,22 @@ async def _run(ctx: dict[str, Any], task: GenerationTask, *, queued_s: float) ->
         job_id=task.job_id, tenant_id=task.tenant_id, spec=spec, model=loaded.describe(),
         scheduler=result.scheduler, seeds=result.seeds, images=refs, versions=ctx["versions"],
         device=loaded.device, timings=timings, created_at=datetime.now(UTC),
+        pipeline=result.pipeline, inputs=task.inputs, loras=result.loras, safety=safety,
+        prompt_encoding=result.prompt_encoding,
     )
     # The manifest goes last: its presence means every image it lists is in place.
     manifest_ref = await _put(store, manifest_key(task.tenant_id, task.job_id),
                               manifest.model_dump_json(indent=2).encode(), "application/json")
-    return {
-        "artifacts": [r.model_dump() for r in [*refs, manifest_ref]],
-        "result": {"timings": timings, "seeds": result.seeds, "scheduler": result.scheduler,
-                   "model": {"name": loaded.preset.name, "sha256": loaded.sha256},
-                   "device": loaded.device},
+    summary: dict[str, Any] = {
+        "timings": timings, "seeds": result.seeds, "scheduler": result.scheduler,
+        "model": {"name": loaded.preset.name, "sha256": loaded.sha256},
+        "device": loaded.device, "pipeline": result.pipeline,
+        "loras": result.loras,
     }
+    if safety:
+        summary["safety"] = safety
+        summary["withheld"] = [s["index"] for s in safety if s["action"] == "withhold"]
+    return {"artifacts": [r.model_dump() for r in [*refs, manifest_ref]], "result": summary}
 
 
 async def generate(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:
@@ -216,7 +353,9 @@ def build_worker(settings: Settings | None = None) -> Worker:
         redis_settings=ArqRedisSettings.from_dsn(settings.redis.url),
         on_startup=startup,
         ctx={"settings": settings},
-        max_jobs=1,  # one pipeline per GPU: jobs run one after another
+        # One pipeline per GPU: jobs beyond one only wait in the batcher for compatible
+        # company, and run together as one pipeline call.
+        max_jobs=cfg.batch_size,
         # Our own timeout (cfg.job_timeout_s) fails the job cleanly; arq's is a backstop, and
         # sets the lease after which a dead worker's job is re-delivered (timeout + 10 s).
         job_timeout=cfg.job_timeout_s + 5,

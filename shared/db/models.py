@@ -39,6 +39,9 @@ class Tenant(Base):
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     name: Mapped[str] = mapped_column(String(100), unique=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Output safety filter: None (off), "blur" or "withhold" above ``safety_threshold``.
+    safety_action: Mapped[str | None] = mapped_column(String(20), default=None)
+    safety_threshold: Mapped[float] = mapped_column(Float, default=0.8)
 
 
 class ApiKey(Base):
@@ -119,3 +122,24 @@ class Artifact(Base):
     width: Mapped[int | None] = mapped_column(Integer, default=None)
     height: Mapped[int | None] = mapped_column(Integer, default=None)
     seed: Mapped[int | None] = mapped_column(BigInteger, default=None)
+
+
+class Lora(Base):
+    """An uploaded (or, later, trained) LoRA adapter. The file lives in object storage."""
+
+    __tablename__ = "loras"
+    __table_args__ = (Index("ix_loras_tenant_created", "tenant_id", "created_at", "id"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(100))
+    family: Mapped[str] = mapped_column(String(20))
+    base_model: Mapped[str] = mapped_column(String(100))
+    key: Mapped[str] = mapped_column(String(500))
+    sha256: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(BigInteger)
+    format: Mapped[str] = mapped_column(String(20))
+    rank: Mapped[int] = mapped_column(Integer)
+    info: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    source: Mapped[str] = mapped_column(String(20), default="upload")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -11,14 +11,14 @@ from services.gateway.generations.service import submit_generation
 from services.gateway.jobs.schemas import JobOut
 from services.gateway.jobs.service import job_out
 from services.gateway.problems import PROBLEM_RESPONSES
-from shared.specs import TextToImageSpec
+from shared.specs import GenerationSpec
 
 router = APIRouter(prefix="/v1/generations", tags=["generations"], responses=PROBLEM_RESPONSES)
 
 
 @router.post("", response_model=JobOut, status_code=202, summary="Generate images from text")
 async def create_generation(
-    spec: TextToImageSpec,
+    spec: GenerationSpec,
     response: Response,
     session: SessionDep,
     tenant: TenantDep,

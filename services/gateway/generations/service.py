@@ -12,18 +12,34 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.gateway.deps import GatewayState
 from services.gateway.jobs.service import apply_event
+from services.gateway.loras.service import resolve_loras
+from services.gateway.uploads.service import resolve_inputs
 from shared.db.models import Job, Tenant, utcnow
 from shared.errors import Conflict, ServiceUnavailable
 from shared.queue import GENERATE_TASK, GENERATOR_QUEUE, enqueue
-from shared.specs import GenerationTask, JobKind, JobStatus, TextToImageSpec, resolve_generation
+from shared.specs import (
+    GenerationSpec,
+    GenerationTask,
+    JobKind,
+    JobStatus,
+    SafetyPolicy,
+    resolve_generation,
+)
 
 logger = logging.getLogger(__name__)
 
 
-def request_hash(spec: TextToImageSpec) -> str:
+def request_hash(spec: GenerationSpec) -> str:
     """Hash of what the client sent (not of server-filled fields such as a drawn seed)."""
     sent = spec.model_dump(mode="json", exclude_unset=True)
     return hashlib.sha256(json.dumps(sent, sort_keys=True).encode()).hexdigest()
+
+
+def safety_policy(tenant: Tenant) -> SafetyPolicy | None:
+    if tenant.safety_action in ("blur", "withhold"):
+        return SafetyPolicy(action=tenant.safety_action,  # type: ignore[arg-type]
+                            threshold=tenant.safety_threshold)
+    return None
 
 
 async def _replay(
@@ -41,7 +57,7 @@ async def _replay(
 
 
 async def submit_generation(
-    *, session: AsyncSession, state: GatewayState, tenant: Tenant, spec: TextToImageSpec,
+    *, session: AsyncSession, state: GatewayState, tenant: Tenant, spec: GenerationSpec,
     idempotency_key: str | None,
 ) -> tuple[Job, bool]:
     """Returns the job and whether it was created now (False: an idempotent replay)."""
@@ -51,9 +67,16 @@ async def submit_generation(
                                   digest=digest)
     ):
         return existing, False
+    spec, inputs, input_size = await resolve_inputs(
+        session=session, store=state.store, tenant_id=tenant.id, spec=spec)
     resolved = resolve_generation(
-        spec, registry=state.registry, default_model=state.settings.generator.default_model
+        spec, registry=state.registry, default_model=state.settings.generator.default_model,
+        input_size=input_size,
     )
+    preset = state.registry.get(resolved.model or "")
+    assert preset is not None  # resolve_generation checked it
+    loras = await resolve_loras(session=session, tenant=tenant, uses=resolved.loras,
+                                family=preset.family.value, model=preset.name)
     job = Job(
         tenant_id=tenant.id, kind=JobKind.GENERATION.value, status=JobStatus.QUEUED.value,
         spec=resolved.model_dump(mode="json"), idempotency_key=idempotency_key,
@@ -72,7 +95,8 @@ async def submit_generation(
         ):
             return existing, False
         raise
-    task = GenerationTask(job_id=job.id, tenant_id=tenant.id, spec=resolved)
+    task = GenerationTask(job_id=job.id, tenant_id=tenant.id, spec=resolved, inputs=inputs,
+                          loras=loras, safety=safety_policy(tenant))
     try:
         await state.events.create(job.id, tenant_id=tenant.id)
         queued = await state.events.emit(job.id, "queued", allowed_from=(JobStatus.QUEUED,),

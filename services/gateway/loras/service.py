@@ -1,0 +1,116 @@
+"""LoRA adapters: checked without torch at upload, stored once, resolved for generations."""
+
+from __future__ import annotations
+
+import hashlib
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from services.gateway.loras.schemas import LoraOut
+from shared.db.models import Lora, Tenant, new_id, utcnow
+from shared.errors import NotFound, ValidationFailed
+from shared.loras import LoraRejected, check_lora_for_model, inspect_lora
+from shared.models import ModelRegistry
+from shared.specs import LoraRef, LoraUse
+from shared.storage import ObjectStore
+
+MAX_LORA_BYTES = 2 * 1024**3
+
+
+def lora_key(tenant_id: str, lora_id: str, version: int = 1) -> str:
+    return f"loras/{tenant_id}/{lora_id}/{version}.safetensors"
+
+
+def lora_out(lora: Lora) -> LoraOut:
+    return LoraOut(
+        id=lora.id, name=lora.name, family=lora.family, base_model=lora.base_model,
+        format=lora.format, rank=lora.rank, size=lora.size, sha256=lora.sha256,
+        source=lora.source, info=lora.info, created_at=lora.created_at,
+    )
+
+
+def _invalid(field: str, message: str, *, code: str = "validation_error") -> ValidationFailed:
+    error = ValidationFailed([{"field": field, "message": message}])
+    error.code = code
+    return error
+
+
+async def create_lora(
+    *, session: AsyncSession, store: ObjectStore, registry: ModelRegistry, tenant: Tenant,
+    name: str, base_model: str, data: bytes, source: str = "upload",
+) -> Lora:
+    """Refuse anything but a safetensors LoRA that fits the base model, then store and record it."""
+    preset = registry.get(base_model)
+    if preset is None:
+        raise _invalid("base_model", f"unknown model {base_model!r}; known: "
+                       f"{', '.join(registry.names())}")
+    try:
+        info = inspect_lora(data)
+        check_lora_for_model(info, preset)
+    except LoraRejected as exc:
+        raise _invalid("file", str(exc), code=exc.code) from exc
+    lora_id = new_id()
+    key = lora_key(tenant.id, lora_id)
+    await store.put(key, data, content_type="application/octet-stream")
+    lora = Lora(
+        id=lora_id, tenant_id=tenant.id, name=name, family=preset.family.value,
+        base_model=preset.name, key=key, sha256=hashlib.sha256(data).hexdigest(), size=len(data),
+        format=info.format, rank=info.rank,
+        info={"targets": info.targets, "has_text_encoder": info.has_text_encoder,
+              "metadata": dict(list(info.metadata.items())[:20])},
+        source=source, created_at=utcnow(),
+    )
+    session.add(lora)
+    try:
+        await session.commit()
+    except Exception:
+        await store.delete_prefix(f"loras/{tenant.id}/{lora_id}/")  # nothing half-registered
+        raise
+    return lora
+
+
+async def get_lora(*, session: AsyncSession, tenant: Tenant, lora_id: str) -> Lora:
+    lora = await session.scalar(select(Lora).where(Lora.id == lora_id, Lora.tenant_id == tenant.id))
+    if lora is None:
+        raise NotFound(f"LoRA {lora_id} not found", code="lora_not_found")
+    return lora
+
+
+async def list_loras(*, session: AsyncSession, tenant: Tenant, family: str | None) -> list[Lora]:
+    query = select(Lora).where(Lora.tenant_id == tenant.id)
+    if family:
+        query = query.where(Lora.family == family)
+    return list(await session.scalars(query.order_by(Lora.created_at.desc(), Lora.id)))
+
+
+async def delete_lora(*, session: AsyncSession, store: ObjectStore, tenant: Tenant,
+                      lora_id: str) -> None:
+    """The row goes first so no new job can pick the LoRA up; jobs already queued fail cleanly."""
+    lora = await get_lora(session=session, tenant=tenant, lora_id=lora_id)
+    await session.delete(lora)
+    await session.commit()
+    await store.delete_prefix(f"loras/{tenant.id}/{lora_id}/")
+
+
+async def resolve_loras(
+    *, session: AsyncSession, tenant: Tenant, uses: list[LoraUse], family: str, model: str,
+) -> list[LoraRef]:
+    """Each requested LoRA must be the tenant's and of the generation model's family."""
+    refs: list[LoraRef] = []
+    errors = []
+    for index, use in enumerate(uses):
+        lora = await session.scalar(
+            select(Lora).where(Lora.id == use.id, Lora.tenant_id == tenant.id))
+        if lora is None:
+            errors.append({"field": f"loras.{index}.id", "message": f"no LoRA {use.id!r}"})
+            continue
+        if lora.family != family:
+            errors.append({"field": f"loras.{index}.id", "message": f"LoRA {lora.name!r} is for "
+                           f"{lora.family} models; {model} is {family}"})
+            continue
+        refs.append(LoraRef(id=lora.id, name=lora.name, key=lora.key, sha256=lora.sha256,
+                            weight=use.weight))
+    if errors:
+        raise ValidationFailed(errors)
+    return refs

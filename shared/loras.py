@@ -1,0 +1,466 @@
+"""Checking uploaded LoRA adapters at the gateway, before anything is stored or queued.
+
+The safetensors container is simple enough (an 8-byte little-endian header length, a JSON
+header, one flat byte buffer) to read by hand, which keeps torch out of the gateway and means
+a hostile upload is only ever read as JSON and byte offsets. Pickled checkpoints are refused
+outright: unpickling runs arbitrary code. Everything here looks at tensor names and shapes
+only; no tensor data is decoded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from shared.models import BUILTIN_PRESETS, ModelFamily, ModelPreset
+
+LoraFormat = Literal["peft", "kohya"]
+# Which network the LoRA's weights attach to; None when it only adapts text encoders.
+Denoiser = Literal["unet", "flux"]
+
+# The reference implementation refuses larger headers; so do we, before decoding any JSON.
+MAX_HEADER_BYTES = 100_000_000
+
+# Bytes per element of the dtypes the spec defines and the worker's loader (safetensors.torch)
+# can turn into tensors; a file in any other dtype would only fail later, in a job.
+DTYPE_SIZES: dict[str, int] = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E5M2FNUZ": 1, "F8_E4M3FNUZ": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8,
+    "F64": 8, "C64": 8,
+}
+
+_ZIP_MAGIC = b"PK\x03\x04"
+
+# Input widths of the real models' attention projections, to say which model a file is for.
+_REAL_WIDTHS: dict[Denoiser, dict[int, tuple[str, ModelFamily | None]]] = {
+    "unet": {768: ("SD1.5", ModelFamily.SD15), 1024: ("SD2", None), 2048: ("SDXL", ModelFamily.SDXL)},
+    "flux": {3072: ("Flux", ModelFamily.FLUX)},
+}
+_FAMILY_NAMES = {ModelFamily.SD15: "SD1.5", ModelFamily.SDXL: "SDXL", ModelFamily.FLUX: "Flux"}
+_DENOISER_FAMILIES: dict[Denoiser, tuple[ModelFamily, ...]] = {
+    "unet": (ModelFamily.SD15, ModelFamily.SDXL),
+    "flux": (ModelFamily.FLUX,),
+}
+
+
+class LoraRejected(ValueError):
+    """An upload we will not store; ``code`` is stable for clients, the message is for people."""
+
+    def __init__(self, message: str, *, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+@dataclass(frozen=True)
+class LoraInfo:
+    format: LoraFormat
+    family_hint: ModelFamily | None
+    rank: int
+    targets: int
+    has_text_encoder: bool
+    metadata: dict[str, str]
+    dims: frozenset[int]
+    sha256: str
+    size: int
+    denoiser: Denoiser | None = None
+    # One tensor name per kind of evidence, quoted back to the user when a check fails.
+    denoiser_key: str | None = None
+    sdxl_marker: str | None = field(default=None, repr=False)
+    sdxl_marker_reason: str | None = field(default=None, repr=False)
+
+
+# --------------------------------------------------------------------------- safetensors
+
+
+class _Malformed(ValueError):
+    pass
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # json keeps the last of duplicate keys silently; two readers could then disagree.
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _Malformed(f"the header names {key!r} twice")
+        result[key] = value
+    return result
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def read_safetensors_header(data: bytes) -> tuple[dict[str, TensorEntry], dict[str, str]]:
+    """Validate the container the way the reference loader would, so that what passes here
+    also loads in the worker: header inside the file, known dtypes, sizes that match shapes,
+    and tensors that tile the data buffer exactly (no gaps, no overlaps, nothing past the end).
+
+    Raises ``LoraRejected(code="not_safetensors")``.
+    """
+    try:
+        return _read_header(data)
+    except _Malformed as exc:
+        raise LoraRejected(f"This is not a valid .safetensors file: {exc}.",
+                           code="not_safetensors") from None
+
+
+def _read_header(data: bytes) -> tuple[dict[str, TensorEntry], dict[str, str]]:
+    if len(data) < 8:
+        raise _Malformed(f"it is only {len(data)} bytes long")
+    header_len = int.from_bytes(data[:8], "little")
+    if header_len < 2 or header_len > len(data) - 8:
+        raise _Malformed(f"its header length ({header_len} bytes) does not fit in the "
+                         f"{len(data)}-byte file")
+    if header_len > MAX_HEADER_BYTES:
+        raise _Malformed(f"its header is {header_len} bytes, over the {MAX_HEADER_BYTES}-byte limit")
+    raw = data[8:8 + header_len]
+    if raw[:1] != b"{":
+        raise _Malformed("its header does not start with a JSON object")
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise _Malformed("its header is not valid JSON") from exc
+    if not isinstance(header, dict):
+        raise _Malformed("its header is not a JSON object")
+
+    metadata_raw = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata_raw, dict) or not all(
+        isinstance(value, str) for value in metadata_raw.values()
+    ):
+        raise _Malformed("its __metadata__ is not a map of strings to strings")
+    metadata: dict[str, str] = dict(metadata_raw)
+
+    buffer_len = len(data) - 8 - header_len
+    tensors = {name: _tensor_entry(name, info, buffer_len) for name, info in header.items()}
+    position = 0
+    for name, entry in sorted(tensors.items(), key=lambda item: (item[1].begin, item[1].end)):
+        if entry.begin != position:
+            problem = "overlaps another tensor" if entry.begin < position else "leaves a gap before it"
+            raise _Malformed(f"tensor {name!r} {problem} (starts at byte {entry.begin}, "
+                             f"expected {position})")
+        position = entry.end
+    if position != buffer_len:
+        raise _Malformed(f"its tensors cover {position} of the {buffer_len} data bytes")
+    return tensors, metadata
+
+
+def _tensor_entry(name: str, info: object, buffer_len: int) -> TensorEntry:
+    if not isinstance(info, dict):
+        raise _Malformed(f"the entry for {name!r} is not a tensor description")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+        raise _Malformed(f"tensor {name!r} has unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(_is_count(dim) for dim in shape):
+        raise _Malformed(f"tensor {name!r} has an invalid shape {shape!r}")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(_is_count(offset) for offset in offsets)):
+        raise _Malformed(f"tensor {name!r} has invalid data_offsets {offsets!r}")
+    begin, end = offsets
+    if begin > end or end > buffer_len:
+        raise _Malformed(f"tensor {name!r} lies outside the data (bytes {begin}..{end} "
+                         f"of {buffer_len})")
+    elements = 1
+    for dim in shape:
+        elements *= dim
+    if elements * DTYPE_SIZES[dtype] != end - begin:
+        raise _Malformed(f"tensor {name!r} takes {end - begin} bytes but its shape {shape} "
+                         f"of {dtype} needs {elements * DTYPE_SIZES[dtype]}")
+    return TensorEntry(dtype=dtype, shape=tuple(shape), begin=begin, end=end)
+
+
+def _looks_like_pickle(data: bytes) -> bool:
+    # torch.save writes a zip (since 1.6) or, legacy, a protocol-2 pickle; other pickles
+    # open with the PROTO opcode too.
+    return data.startswith(_ZIP_MAGIC) or (data[:1] == b"\x80" and data[1:2] in (b"\x02", b"\x03",
+                                                                                 b"\x04", b"\x05"))
+
+
+# --------------------------------------------------------------------------- LoRA key names
+
+Component = Literal["unet", "flux", "text_encoder", "text_encoder_2", "text_encoder_3", "unknown"]
+Role = Literal["down", "up", "alpha", "extra"]
+
+_PEFT_PATTERNS = (
+    # peft: module.lora_A.weight, also with the adapter name left in (module.lora_A.default.weight)
+    re.compile(r"^(?P<module>.+)\.lora_(?P<role>A|B)(?:\.[A-Za-z0-9_-]+)?\.weight$"),
+    # diffusers before peft: module.lora.down.weight and module.lora_linear_layer.down.weight
+    re.compile(r"^(?P<module>.+)\.(?:lora|lora_linear_layer)\.(?P<role>down|up)\.weight$"),
+    # diffusers' attention processors: attn1.processor.to_q_lora.down.weight
+    re.compile(r"^(?P<module>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<role>down|up)"
+               r"\.weight$"),
+)
+_PEFT_EXTRAS = re.compile(r"\.(?:alpha|lora_magnitude_vector(?:\.[A-Za-z0-9_-]+)?|lora_B\.bias)$")
+_KOHYA_PATTERN = re.compile(
+    r"^lora_(?P<prefix>unet|te1|te2|te3|te|transformer)_(?P<module>[^.]+)"
+    r"\.(?P<role>lora_down\.weight|lora_up\.weight|alpha|dora_scale|lora_mid\.weight)$"
+)
+_KOHYA_COMPONENTS: dict[str, Component] = {
+    "te": "text_encoder", "te1": "text_encoder", "te2": "text_encoder_2", "te3": "text_encoder_3",
+}
+_KOHYA_FLUX_BLOCKS = ("double_blocks_", "single_blocks_", "img_in", "txt_in", "time_in", "vector_in",
+                      "guidance_in", "final_layer")
+_PEFT_COMPONENTS: dict[str, Component] = {
+    "unet": "unet", "transformer": "flux", "text_encoder": "text_encoder",
+    "text_encoder_2": "text_encoder_2", "text_encoder_3": "text_encoder_3",
+}
+_ROLES: dict[str, Role] = {
+    "A": "down", "down": "down", "lora_down.weight": "down",
+    "B": "up", "up": "up", "lora_up.weight": "up",
+    "alpha": "alpha",
+}
+# SD1.x/2.x UNets have exactly one transformer block per attention; SDXL has 2 or 10.
+_EXTRA_TRANSFORMER_BLOCK = re.compile(r"transformer_blocks[._](?:[1-9]|\d{2,})[._]")
+_SD_CROSS_KV = re.compile(r"attn2[._]to_[kv]$")
+_FLUX_ATTN_IN = re.compile(
+    r"(?:attn\.to_[qk]|(?:img|txt)_attn[._]qkv|single_blocks[._]\d+[._]linear1|attn_to_[qk])$"
+)
+
+
+@dataclass(frozen=True)
+class _Key:
+    fmt: LoraFormat
+    component: Component
+    module: str
+    role: Role
+
+
+def _parse_kohya(name: str) -> _Key | None:
+    match = _KOHYA_PATTERN.match(name)
+    if match is None:
+        return None
+    prefix, module = match["prefix"], match["module"]
+    component: Component
+    if prefix == "unet":
+        component = "flux" if module.startswith(_KOHYA_FLUX_BLOCKS) else "unet"
+    elif prefix == "transformer":
+        component = "flux"
+    else:
+        component = _KOHYA_COMPONENTS[prefix]
+    return _Key("kohya", component, f"lora_{prefix}_{module}", _ROLES.get(match["role"], "extra"))
+
+
+def _parse_peft(name: str) -> _Key | None:
+    for pattern in _PEFT_PATTERNS:
+        match = pattern.match(name)
+        if match is not None:
+            module = match["module"]
+            if "proj" in pattern.groupindex:
+                suffix = "to_out.0" if match["proj"] == "to_out" else match["proj"]
+                module = f"{module}.{suffix}"
+            role = _ROLES[match["role"]]
+            break
+    else:
+        if _PEFT_EXTRAS.search(name) is None:
+            return None
+        module, role = name.rsplit(".", 1)[0], "extra"
+    module = module.removeprefix("base_model.model.")
+    head, _, rest = module.partition(".")
+    component = _PEFT_COMPONENTS.get(head)
+    if component is not None and rest:
+        module = rest
+    else:
+        component = _infer_component(module)
+    return _Key("peft", component, module, role)
+
+
+def _infer_component(module: str) -> Component:
+    """Bare peft state dicts (no ``unet.`` prefix) still load; place them by their layout."""
+    if module.startswith("text_model."):
+        return "text_encoder"
+    if module.startswith(("down_blocks.", "up_blocks.", "mid_block.", "conv_in", "conv_out",
+                          "time_embedding.")):
+        return "unet"
+    if module.startswith(("transformer_blocks.", "single_transformer_blocks.", "double_blocks.",
+                          "single_blocks.", "diffusion_model.")):
+        return "flux"
+    return "unknown"
+
+
+@dataclass
+class _Module:
+    component: Component
+    shapes: dict[Role, tuple[int, ...]] = field(default_factory=dict)
+    names: dict[Role, str] = field(default_factory=dict)
+
+
+def _collect_modules(tensors: dict[str, TensorEntry]) -> tuple[LoraFormat, dict[str, _Module]]:
+    keys = {name: key for name in tensors if (key := _parse_kohya(name) or _parse_peft(name))}
+    formats = {key.fmt for key in keys.values() if key.role in ("down", "up")}
+    if not formats:
+        sample = ", ".join(repr(name) for name in sorted(tensors)[:3]) or "none"
+        raise LoraRejected(
+            "This safetensors file holds no LoRA weights (expected tensor names ending in "
+            "'.lora_A.weight'/'.lora_B.weight' or kohya's '.lora_down.weight'/'.lora_up.weight'; "
+            f"found {len(tensors)} tensors such as {sample}). Full checkpoints, embeddings and "
+            "LyCORIS LoHa/LoKr files are not LoRAs.",
+            code="not_a_lora",
+        )
+    if len(formats) > 1:
+        raise LoraRejected("This file mixes kohya (lora_unet_…) and diffusers/peft tensor names, "
+                           "so no loader can apply it; export it in one naming.", code="not_a_lora")
+    fmt: LoraFormat = formats.pop()
+    modules: dict[str, _Module] = {}
+    for name, key in keys.items():
+        if key.fmt != fmt:
+            continue
+        module = modules.setdefault(key.module, _Module(key.component))
+        module.shapes[key.role] = tensors[name].shape
+        module.names[key.role] = name
+    return fmt, {name: module for name, module in modules.items()
+                 if "down" in module.shapes or "up" in module.shapes}
+
+
+def _module_rank(name: str, module: _Module) -> int:
+    down, up = module.shapes.get("down"), module.shapes.get("up")
+    if down is None or up is None:
+        have, lack = ("down (A)", "up (B)") if up is None else ("up (B)", "down (A)")
+        raise LoraRejected(f"LoRA module {name!r} has its {have} weight but no "
+                           f"{lack} weight, so it cannot be applied.", code="not_a_lora")
+    if len(down) < 2 or len(up) < 2 or down[0] == 0 or up[1] != down[0]:
+        raise LoraRejected(f"LoRA module {name!r} has mismatched down/up shapes "
+                           f"{list(down)} and {list(up)} (the rank must agree).", code="not_a_lora")
+    return down[0]
+
+
+def _quoted_name(module: _Module) -> str:
+    return module.names.get("down") or module.names.get("up") or next(iter(module.names.values()))
+
+
+def _sdxl_marker(modules: dict[str, _Module], denoiser: Denoiser | None) -> tuple[str, str] | None:
+    if denoiser == "flux":  # Flux's text_encoder_2 is T5, not SDXL's second CLIP
+        return None
+    for module in modules.values():
+        name = _quoted_name(module)
+        if module.component == "text_encoder_2":
+            return name, "it adapts SDXL's second text encoder"
+        if module.component == "unet" and _EXTRA_TRANSFORMER_BLOCK.search(name):
+            return name, "it has several transformer blocks per attention layer, which SD1.5 lacks"
+    return None
+
+
+def _families_with_width(width: int, denoiser: Denoiser) -> set[ModelFamily]:
+    _, real = _REAL_WIDTHS[denoiser].get(width, ("", None))
+    families = {real} if real is not None else set()
+    families |= {preset.family for preset in BUILTIN_PRESETS
+                 if preset.lora_dim == width and preset.family in _DENOISER_FAMILIES[denoiser]}
+    return families
+
+
+def _family_hint(denoiser: Denoiser | None, sdxl: bool, dims: Iterable[int]) -> ModelFamily | None:
+    if denoiser == "flux":
+        return ModelFamily.FLUX
+    if sdxl:
+        return ModelFamily.SDXL
+    if denoiser is None:
+        return None
+    candidates: set[ModelFamily] | None = None
+    for width in dims:
+        found = _families_with_width(width, denoiser)
+        candidates = found if candidates is None else candidates & found
+    if candidates is not None and len(candidates) == 1:
+        return candidates.pop()
+    return None
+
+
+def inspect_lora(data: bytes) -> LoraInfo:
+    """Everything the gateway needs to accept or refuse an upload, from names and shapes alone.
+
+    Raises ``LoraRejected`` with code ``pickle_refused``, ``not_safetensors`` or ``not_a_lora``.
+    """
+    if data.startswith(_ZIP_MAGIC):
+        raise _pickle_refused()
+    try:
+        tensors, metadata = _read_header(data)
+    except _Malformed as exc:
+        if _looks_like_pickle(data):
+            raise _pickle_refused() from None
+        raise LoraRejected(f"This is not a valid .safetensors file: {exc}. "
+                           "Upload the LoRA as .safetensors.", code="not_safetensors") from None
+
+    fmt, modules = _collect_modules(tensors)
+    rank = max(_module_rank(name, module) for name, module in modules.items())
+    denoisers = {module.component for module in modules.values()} & {"unet", "flux"}
+    if len(denoisers) > 1:
+        raise LoraRejected("This file has both Stable Diffusion UNet and Flux transformer LoRA "
+                           "weights; a LoRA is for one model family.", code="not_a_lora")
+    denoiser: Denoiser | None = "unet" if "unet" in denoisers else "flux" if denoisers else None
+    denoiser_key = next((_quoted_name(module) for module in modules.values()
+                         if module.component == denoiser), None)
+    width_pattern = _FLUX_ATTN_IN if denoiser == "flux" else _SD_CROSS_KV
+    dims = frozenset(module.shapes["down"][1] for name, module in modules.items()
+                     if module.component == denoiser and width_pattern.search(name))
+    marker = _sdxl_marker(modules, denoiser)
+    return LoraInfo(
+        format=fmt,
+        family_hint=_family_hint(denoiser, marker is not None, dims),
+        rank=rank,
+        targets=len(modules),
+        has_text_encoder=any(module.component.startswith("text_encoder")
+                             for module in modules.values()),
+        metadata=metadata,
+        dims=dims,
+        sha256=hashlib.sha256(data).hexdigest(),
+        size=len(data),
+        denoiser=denoiser,
+        denoiser_key=denoiser_key,
+        sdxl_marker=marker[0] if marker else None,
+        sdxl_marker_reason=marker[1] if marker else None,
+    )
+
+
+def _pickle_refused() -> LoraRejected:
+    return LoraRejected(
+        "This file is a pickled PyTorch checkpoint (.ckpt/.pt/.bin). Loading a pickle can run "
+        "arbitrary code, so only .safetensors LoRA files are accepted; convert it to safetensors "
+        "first.",
+        code="pickle_refused",
+    )
+
+
+def _describe_width(width: int, denoiser: Denoiser) -> str:
+    if width in _REAL_WIDTHS[denoiser]:
+        return _REAL_WIDTHS[denoiser][width][0]
+    presets = [preset.name for preset in BUILTIN_PRESETS
+               if preset.lora_dim == width and preset.family in _DENOISER_FAMILIES[denoiser]]
+    return f"as in {', '.join(presets)}" if presets else "no model we know"
+
+
+def check_lora_for_model(info: LoraInfo, preset: ModelPreset) -> None:
+    """Refuse a LoRA that cannot apply to ``preset``, at upload rather than as a failed job.
+
+    Raises ``LoraRejected(code="wrong_family")`` with a message naming what was found and
+    what the model expects.
+    """
+    family = _FAMILY_NAMES[preset.family]
+    if info.denoiser == "flux" and preset.family is not ModelFamily.FLUX:
+        raise LoraRejected(f"This LoRA is for Flux (it adapts '{info.denoiser_key}'); "
+                           f"{preset.name} is an {family} model.", code="wrong_family")
+    if info.denoiser == "unet" and preset.family is ModelFamily.FLUX:
+        raise LoraRejected(f"This LoRA is for a Stable Diffusion UNet (it adapts "
+                           f"'{info.denoiser_key}'); {preset.name} is a Flux model.",
+                           code="wrong_family")
+    if info.sdxl_marker is not None and preset.family is ModelFamily.SD15:
+        raise LoraRejected(f"This LoRA is for SDXL ({info.sdxl_marker_reason}: "
+                           f"'{info.sdxl_marker}'); {preset.name} is an SD1.5 model.",
+                           code="wrong_family")
+    if preset.lora_dim is None or info.denoiser is None:
+        return
+    wrong = sorted(width for width in info.dims if width != preset.lora_dim)
+    if wrong:
+        what = "attention" if info.denoiser == "flux" else "cross-attention"
+        found = _describe_width(wrong[0], info.denoiser)
+        raise LoraRejected(f"This LoRA's {what} width is {wrong[0]} ({found}); {preset.name} "
+                           f"expects {preset.lora_dim}.", code="wrong_family")
