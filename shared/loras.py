@@ -66,6 +66,13 @@ class TensorEntry:
 
 @dataclass(frozen=True)
 class LoraInfo:
+    """What an upload is, worked out once so neither the gateway nor a job re-reads the file.
+
+    ``dims`` holds the input widths of the layers that pin a LoRA to one model: SD's
+    cross-attention ``attn2.to_k``/``to_v`` (the text encoder width) and Flux's attention
+    q/k (the transformer width). ``family_hint`` is None when names and widths do not say.
+    """
+
     format: LoraFormat
     family_hint: ModelFamily | None
     rank: int
@@ -78,8 +85,8 @@ class LoraInfo:
     denoiser: Denoiser | None = None
     # One tensor name per kind of evidence, quoted back to the user when a check fails.
     denoiser_key: str | None = None
-    sdxl_marker: str | None = field(default=None, repr=False)
-    sdxl_marker_reason: str | None = field(default=None, repr=False)
+    sdxl_marker: str | None = None
+    sdxl_marker_reason: str | None = None
 
 
 # --------------------------------------------------------------------------- safetensors
@@ -131,7 +138,9 @@ def _read_header(data: bytes) -> tuple[dict[str, TensorEntry], dict[str, str]]:
         raise _Malformed("its header does not start with a JSON object")
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except _Malformed:
+        raise
+    except (ValueError, RecursionError) as exc:  # also bad UTF-8 and over-long integers
         raise _Malformed("its header is not valid JSON") from exc
     if not isinstance(header, dict):
         raise _Malformed("its header is not a JSON object")
@@ -207,6 +216,8 @@ _KOHYA_PATTERN = re.compile(
     r"^lora_(?P<prefix>unet|te1|te2|te3|te|transformer)_(?P<module>[^.]+)"
     r"\.(?P<role>lora_down\.weight|lora_up\.weight|alpha|dora_scale|lora_mid\.weight)$"
 )
+# kohya's suffixes on dotted module names: ComfyUI/BFL exports (diffusion_model.double_blocks.0…)
+_KOHYA_DOTTED = re.compile(r"^(?P<module>.+)\.(?P<role>lora_down\.weight|lora_up\.weight)$")
 _KOHYA_COMPONENTS: dict[str, Component] = {
     "te": "text_encoder", "te1": "text_encoder", "te2": "text_encoder_2", "te3": "text_encoder_3",
 }
@@ -252,6 +263,13 @@ def _parse_kohya(name: str) -> _Key | None:
     return _Key("kohya", component, f"lora_{prefix}_{module}", _ROLES.get(match["role"], "extra"))
 
 
+def _parse_dotted_kohya(name: str) -> _Key | None:
+    match = _KOHYA_DOTTED.match(name)
+    if match is None:
+        return None
+    return _Key("kohya", _infer_component(match["module"]), match["module"], _ROLES[match["role"]])
+
+
 def _parse_peft(name: str) -> _Key | None:
     for pattern in _PEFT_PATTERNS:
         match = pattern.match(name)
@@ -266,25 +284,24 @@ def _parse_peft(name: str) -> _Key | None:
         if _PEFT_EXTRAS.search(name) is None:
             return None
         module, role = name.rsplit(".", 1)[0], "extra"
+    # The module keeps its prefix: text_encoder and text_encoder_2 share layer names.
     module = module.removeprefix("base_model.model.")
     head, _, rest = module.partition(".")
-    component = _PEFT_COMPONENTS.get(head)
-    if component is not None and rest:
-        module = rest
-    else:
-        component = _infer_component(module)
-    return _Key("peft", component, module, role)
+    component = _PEFT_COMPONENTS.get(head) if rest else None
+    return _Key("peft", component or _infer_component(module), module, role)
 
 
 def _infer_component(module: str) -> Component:
-    """Bare peft state dicts (no ``unet.`` prefix) still load; place them by their layout."""
-    if module.startswith("text_model."):
+    """Files without diffusers' component prefix (bare peft state dicts, ComfyUI/BFL exports)
+    still load; place their modules by the layout their names reveal."""
+    path = module.removeprefix("model.").removeprefix("diffusion_model.")
+    if path.startswith(("text_model.", "encoder.layers.", "text_encoders.clip_l.")):
         return "text_encoder"
-    if module.startswith(("down_blocks.", "up_blocks.", "mid_block.", "conv_in", "conv_out",
-                          "time_embedding.")):
+    if path.startswith(("down_blocks.", "up_blocks.", "mid_block.", "input_blocks.", "middle_block.",
+                        "output_blocks.", "conv_in", "conv_out", "time_embedding.")):
         return "unet"
-    if module.startswith(("transformer_blocks.", "single_transformer_blocks.", "double_blocks.",
-                          "single_blocks.", "diffusion_model.")):
+    if path.startswith(("transformer_blocks.", "single_transformer_blocks.", "double_blocks.",
+                        "single_blocks.")):
         return "flux"
     return "unknown"
 
@@ -297,7 +314,8 @@ class _Module:
 
 
 def _collect_modules(tensors: dict[str, TensorEntry]) -> tuple[LoraFormat, dict[str, _Module]]:
-    keys = {name: key for name in tensors if (key := _parse_kohya(name) or _parse_peft(name))}
+    keys = {name: key for name in tensors
+            if (key := _parse_kohya(name) or _parse_peft(name) or _parse_dotted_kohya(name))}
     formats = {key.fmt for key in keys.values() if key.role in ("down", "up")}
     if not formats:
         sample = ", ".join(repr(name) for name in sorted(tensors)[:3]) or "none"

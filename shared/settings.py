@@ -101,6 +101,13 @@ class GeneratorSettings(BaseModel):
         default=0.05, ge=0, le=5,
         description="How long the first job of a batch waits for compatible company.",
     )
+    openpose_detector: bool = Field(
+        default=False,
+        description="Workers have controlnet-aux and its detector weights (GPU images), so "
+        "openpose controls may be photos. Off: poses are keypoints or ready pose images.",
+    )
+    preprocess_timeout_s: float = Field(
+        default=60, description="How long POST /v1/control/preprocess waits for a worker.")
     depth_model: str = Field(
         default="builtin:tiny-dpt",
         description="Depth estimator for ControlNet depth preprocessing: a hub id such as "

@@ -183,6 +183,51 @@ class ControlSpec(BaseModel):
         return self
 
 
+class PreprocessSpec(BaseModel):
+    """Ask for a control image without generating, to look at what a ControlNet will see."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [
+            {"type": "canny", "image": "upload:3f2a9c0d1e7b4a56", "low_threshold": 50,
+             "high_threshold": 150},
+            {"type": "openpose", "width": 512, "height": 512, "keypoints": {"people": [
+                {"pose_keypoints_2d": [256, 100, 1, 256, 160, 1, 210, 160, 1, 190, 240, 1,
+                                       180, 310, 1, 302, 160, 1, 322, 240, 1, 332, 310, 1,
+                                       226, 300, 1, 220, 400, 1, 216, 490, 1, 286, 300, 1,
+                                       292, 400, 1, 296, 490, 1, 246, 90, 1, 266, 90, 1,
+                                       236, 96, 1, 276, 96, 1]}]}},
+        ]},
+    )
+
+    type: ControlType
+    image: ImageRef | None = None
+    keypoints: dict[str, Any] | None = None
+    low_threshold: int = Field(default=100, ge=0, le=255)
+    high_threshold: int = Field(default=200, ge=0, le=255)
+    width: Size | None = Field(default=None, description="Default: the image's (or keypoint "
+                               "canvas') size.")
+    height: Size | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PreprocessSpec:
+        if self.keypoints is not None and self.type != ControlType.OPENPOSE:
+            raise ValueError("keypoints are only for type 'openpose'")
+        if (self.image is None) == (self.keypoints is None):
+            raise ValueError("give exactly one of `image` or `keypoints` (openpose)")
+        if self.low_threshold > self.high_threshold:
+            raise ValueError("low_threshold must not exceed high_threshold")
+        return self
+
+
+class PreprocessTask(BaseModel):
+    tenant_id: str
+    spec: PreprocessSpec
+    input_key: str | None = None
+    width: int
+    height: int
+
+
 class LoraUse(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

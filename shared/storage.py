@@ -31,6 +31,11 @@ def manifest_key(tenant_id: str, job_id: str) -> str:
     return f"outputs/{tenant_id}/{job_id}/manifest.json"
 
 
+def upload_key(tenant_id: str, upload_id: str) -> str:
+    """Input images are content-addressed per tenant: the same image is stored once."""
+    return f"inputs/{tenant_id}/uploads/{upload_id}.png"
+
+
 def job_prefix(tenant_id: str, job_id: str) -> str:
     return f"outputs/{tenant_id}/{job_id}/"
 

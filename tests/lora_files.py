@@ -21,6 +21,8 @@ from typing import Literal
 import torch
 
 TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+# An adapter's tensors (peft names, no component prefix) and its LoraConfig as a dict.
+Adapter = tuple[dict[str, torch.Tensor], dict[str, object]]
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
@@ -70,7 +72,7 @@ def _randomise(state: dict[str, torch.Tensor], generator: torch.Generator) -> di
 
 
 def _adapter_state(module: torch.nn.Module, targets: list[str], rank: int,
-                   generator: torch.Generator) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
+                   generator: torch.Generator) -> Adapter:
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
@@ -78,11 +80,10 @@ def _adapter_state(module: torch.nn.Module, targets: list[str], rank: int,
     module.add_adapter(config, adapter_name="factory")  # type: ignore[operator]
     state = _randomise(get_peft_model_state_dict(module, adapter_name="factory",
                                                  save_embedding_layers=False), generator)
-    return state, config.to_dict()
+    return state, config.to_dict()  # type: ignore[no-untyped-call]
 
 
-def _peft_bytes(family: _Family, components: dict[str, tuple[dict[str, torch.Tensor], dict[str, object]]],
-                ) -> bytes:
+def _peft_bytes(family: _Family, components: dict[str, Adapter]) -> bytes:
     import diffusers
 
     pipeline_class = getattr(diffusers, family.pipeline_class)
@@ -130,14 +131,14 @@ def _kohya_flux_transformer(state: dict[str, torch.Tensor], out: dict[str, torch
     for index in blocks:
         base = f"transformer_blocks.{index}.attn"
         qkv = [pairs[f"{base}.{proj}"] for proj in ("to_q", "to_k", "to_v")]
+        fused_up = torch.block_diag(*[up for _, up in qkv])  # type: ignore[no-untyped-call]
         _kohya_entry(out, f"lora_unet_double_blocks_{index}_img_attn_qkv",
-                     torch.cat([down for down, _ in qkv]), torch.block_diag(*[up for _, up in qkv]))
+                     torch.cat([down for down, _ in qkv]), fused_up)
         down, up = pairs[f"{base}.to_out.0"]
         _kohya_entry(out, f"lora_unet_double_blocks_{index}_img_attn_proj", down, up)
 
 
-def _kohya_bytes(family: _Family, components: dict[str, tuple[dict[str, torch.Tensor], dict[str, object]]],
-                 ) -> bytes:
+def _kohya_bytes(family: _Family, components: dict[str, Adapter]) -> bytes:
     from safetensors.torch import save
 
     out: dict[str, torch.Tensor] = {}
@@ -149,34 +150,32 @@ def _kohya_bytes(family: _Family, components: dict[str, tuple[dict[str, torch.Te
         prefix = "lora_unet" if component == "unet" else prefixes[component]
         for module, (down, up) in _kohya_pairs(state).items():
             _kohya_entry(out, _kohya_module(prefix, module), down, up)
-    return save(out, metadata={"ss_network_module": "networks.lora",
-                               "ss_network_dim": str(max(t.shape[0] for k, t in out.items()
-                                                         if k.endswith("lora_down.weight")))})
+    rank = max(tensor.shape[0] for name, tensor in out.items() if name.endswith("lora_down.weight"))
+    return save(out, metadata={"ss_network_module": "networks.lora", "ss_network_dim": str(rank)})
 
 
 def make_lora(family: str, *, cache_dir: Path, rank: int = 4, seed: int = 0,
-              fmt: Literal["peft", "kohya"] = "peft", text_encoder: bool = False) -> bytes:
+              fmt: str = "peft", text_encoder: bool = False) -> bytes:
     """A safetensors LoRA for tiny-``family`` (``sd15``, ``sdxl``, ``flux``) that diffusers loads."""
     import diffusers
     import transformers
 
     from services.generator.tiny import ensure_tiny_model
 
+    if fmt not in ("peft", "kohya"):
+        raise ValueError(f"unknown LoRA format {fmt!r}; use 'peft' or 'kohya'")
     key, spec = _family(family)
     model_dir = ensure_tiny_model(f"tiny-{key}", cache_dir)
     generator = torch.Generator().manual_seed(seed)
     denoiser = getattr(diffusers, spec.denoiser_class).from_pretrained(model_dir, subfolder=spec.denoiser)
-    components = {spec.denoiser: _adapter_state(denoiser, TARGET_MODULES, rank, generator)}
+    components: dict[str, Adapter] = {
+        spec.denoiser: _adapter_state(denoiser, TARGET_MODULES, rank, generator)}
     if text_encoder:
         for encoder in spec.text_encoders:
             model = getattr(transformers, encoder.model_class).from_pretrained(
                 model_dir, subfolder=encoder.subfolder)
             components[encoder.subfolder] = _adapter_state(model, TEXT_ENCODER_TARGETS, rank, generator)
-    if fmt == "peft":
-        return _peft_bytes(spec, components)
-    if fmt == "kohya":
-        return _kohya_bytes(spec, components)
-    raise ValueError(f"unknown LoRA format {fmt!r}; use 'peft' or 'kohya'")
+    return _peft_bytes(spec, components) if fmt == "peft" else _kohya_bytes(spec, components)
 
 
 def make_pickle_lora() -> bytes:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import base64
 import io
-import zlib
 import struct
+import zlib
 
 import httpx
 import numpy as np

@@ -11,6 +11,7 @@ from arq import create_pool
 from arq.connections import RedisSettings as ArqRedisSettings
 from fastapi import FastAPI
 
+from services.gateway.control.routes import router as control_router
 from services.gateway.deps import GatewayState
 from services.gateway.events.consumer import EventConsumer
 from services.gateway.files.routes import router as files_router
@@ -86,7 +87,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_problem_handlers(app)
-    for router in (generations_router, uploads_router, loras_router, jobs_router, health_router,
-                   files_router):
+    for router in (generations_router, uploads_router, control_router, loras_router, jobs_router,
+                   health_router, files_router):
         app.include_router(router)
     return app

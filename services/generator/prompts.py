@@ -21,7 +21,8 @@ import torch
 ROUND_FACTOR: Final = 1.1
 SQUARE_FACTOR: Final = 1 / 1.1
 BREAK_KEYWORD: Final = "BREAK"
-# Webui's own marker; no real fragment can equal it because the keyword is split out of text.
+# Webui's marker in the public fragment list. Encoding does not rely on it: weighted text can
+# spell it ("(BRE:-1)(AK:-1)"), so the parser flags real breaks separately.
 BREAK: Final[tuple[str, float]] = (BREAK_KEYWORD, -1.0)
 
 _TOKEN = re.compile(
@@ -228,7 +229,7 @@ def _text_encoders(pipe: Any) -> list[tuple[Any, Any]]:
     return [(tok, enc) for tok, enc in pairs if tok is not None and enc is not None]
 
 
-def is_sdxl(pipe: Any) -> bool:
+def _is_sdxl(pipe: Any) -> bool:
     return getattr(pipe, "text_encoder_2", None) is not None
 
 
@@ -255,7 +256,7 @@ def encode_prompts(
     """
     if not supports_prompt_weighting(pipe):
         raise TypeError(f"prompt weighting supports SD1.5 and SDXL pipelines, not {type(pipe).__name__}")
-    sdxl = is_sdxl(pipe)
+    sdxl = _is_sdxl(pipe)
     texts = (_parse(prompt), _parse(negative_prompt))
     encoders = _text_encoders(pipe)
     per_encoder = []

@@ -50,13 +50,36 @@ class RenderResult:
     prompt_encoding: str
 
 
-def prepare_inputs(
-    spec: GenerationSpec, raw: dict[str, Image.Image], *, model_cache: Path,
-    depth_model: str | None = None,
-) -> PreparedInputs:
-    """Resize inputs to the generation size, build outpainting canvases, run preprocessors."""
+def control_image(
+    kind: str, image: Image.Image | None, *, size: tuple[int, int], low: int = 100,
+    high: int = 200, keypoints: dict[str, Any] | None = None, preprocess: bool = True,
+    model_cache: Path, resolve: Callable[[str], Path], depth_model: str,
+) -> Image.Image:
+    """The conditioning image for one control, at the generation size."""
     from services.generator import control
 
+    if keypoints is not None:
+        people, width, height = control.parse_openpose_json(keypoints, default_size=size)
+        result = control.render_openpose(people, width=width, height=height)
+    elif image is None:
+        raise control.PreprocessError(f"{kind} needs an image")
+    elif not preprocess:
+        result = image
+    elif kind == "depth":
+        result = control.depth(image.convert("RGB").resize(size), model_dir=resolve(depth_model))
+    elif kind == "canny":
+        result = control.canny(image.convert("RGB").resize(size), low=low, high=high)
+    else:
+        result = control.preprocess(kind, image.convert("RGB").resize(size), params={},
+                                    model_cache=model_cache)
+    return result.convert("RGB").resize(size, Image.Resampling.BILINEAR)
+
+
+def prepare_inputs(
+    spec: GenerationSpec, raw: dict[str, Image.Image], *, model_cache: Path,
+    resolve: Callable[[str], Path], depth_model: str,
+) -> PreparedInputs:
+    """Resize inputs to the generation size, build outpainting canvases, run preprocessors."""
     assert spec.width is not None and spec.height is not None
     size = (spec.width, spec.height)
     prepared = PreparedInputs()
@@ -74,29 +97,19 @@ def prepare_inputs(
         if "mask" in raw:
             prepared.mask = raw["mask"].convert("L").resize(size, Image.Resampling.BILINEAR)
     for index, spec_control in enumerate(spec.controls):
-        source = raw.get(f"controls.{index}.image")
-        if spec_control.keypoints is not None:
-            people, _w, _h = control.parse_openpose_json(spec_control.keypoints)
-            image = control.render_openpose(people, width=spec.width, height=spec.height)
-        elif source is not None and spec_control.preprocess:
-            image = control.preprocess(
-                spec_control.type.value, source.convert("RGB").resize(size),
-                params={"low": spec_control.low_threshold, "high": spec_control.high_threshold},
-                model_cache=model_cache,
-            )
-        else:
-            assert source is not None
-            image = source
-        prepared.controls.append(image.convert("RGB").resize(size, Image.Resampling.BILINEAR))
+        prepared.controls.append(control_image(
+            spec_control.type.value, raw.get(f"controls.{index}.image"), size=size,
+            low=spec_control.low_threshold, high=spec_control.high_threshold,
+            keypoints=spec_control.keypoints, preprocess=spec_control.preprocess,
+            model_cache=model_cache, resolve=resolve, depth_model=depth_model,
+        ))
     return prepared
 
 
 def batch_key(spec: GenerationSpec, loras: list[LoraRef]) -> tuple[Any, ...]:
     """Specs with equal keys can share one pipeline call (the worker's batching)."""
     return (spec.model, spec.mode, spec.width, spec.height, spec.steps, spec.guidance_scale,
-            spec.scheduler, spec.strength,
-            tuple((c.type, c.scale, c.start, c.end) for c in spec.controls),
-            tuple((lora.sha256, lora.weight) for lora in loras))
+            spec.scheduler, spec.strength, tuple((lora.sha256, lora.weight) for lora in loras))
 
 
 def _call_parameters(pipe: Any) -> set[str]:
@@ -169,11 +182,10 @@ def render(
         if pipeline_mode == "inpaint":
             kwargs["mask_image"] = repeat([p.mask for p in prepared])
         if control_types:
-            per_image = repeat([p.controls for p in prepared])
-            if len(control_types) == 1:
-                control_images: Any = [c[0] for c in per_image]
-            else:
-                control_images = [[c[i] for c in per_image] for i in range(len(control_types))]
+            # One conditioning image per ControlNet, shared by every image of the call (the
+            # pipelines repeat it over the batch): jobs with controls are never grouped.
+            controls_of = prepared[0].controls
+            control_images: Any = controls_of[0] if len(control_types) == 1 else list(controls_of)
             kwargs["control_image" if "control_image" in params else "image"] = control_images
             scales = [c.scale for c in first.controls]
             starts = [c.start for c in first.controls]

@@ -251,21 +251,29 @@ def _save_tiny_flux(target: Path) -> None:
     pipe.save_pretrained(target, safe_serialization=True)
 
 
-def _randomise(modules: Iterable[torch.nn.Module], *, seed: int, scale: float) -> None:
-    """Give a ControlNet's zero-initialised output layers small random weights.
-
-    ControlNets start with those layers at zero so training begins from the base model; an
-    untrained one would change nothing and tests of "the control image matters" would pass
-    without checking anything.
-    """
-    generator = torch.Generator().manual_seed(seed)
+def _reinit(modules: Iterable[torch.nn.Module], generator: torch.Generator, *,
+            std: float | None = None) -> None:
+    """Draw fresh weights; ``std=None`` is He initialisation, which keeps activations' scale
+    through a stack of convolutions so the input image still shows at the end of it."""
     with torch.no_grad():
         for module in modules:
             for param in module.parameters():
+                if std is None:
+                    scale = (2.0 / param[0].numel()) ** 0.5 if param.ndim > 1 else 0.0
+                else:
+                    scale = std
                 param.copy_(torch.randn(param.shape, generator=generator) * scale)
 
 
 def _save_unet_controlnet(target: Path, *, unet_factory: Callable[[], Any], kind: ControlType) -> None:
+    """A ControlNet as training would leave it: the UNet's encoder copied, the rest learnt.
+
+    ControlNets start with zero output convolutions so training begins from the base model;
+    untrained, one would change nothing and tests of "the control image matters" would pass
+    without checking anything. So the zero convolutions get small random weights, and the
+    hint encoder weights big enough that the control image, not only the ControlNet's
+    presence, moves the output.
+    """
     from diffusers import ControlNetModel
 
     unet = unet_factory()
@@ -273,15 +281,17 @@ def _save_unet_controlnet(target: Path, *, unet_factory: Callable[[], Any], kind
     torch.manual_seed(seed)
     # Four stride-2 stages in the hint encoder: control images are 8x the latents, as in SD.
     controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32, 32, 32))
-    _randomise(
-        [controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
-         controlnet.controlnet_cond_embedding.conv_out],
-        seed=seed, scale=0.05,
-    )
+    generator = torch.Generator().manual_seed(seed)
+    hint = controlnet.controlnet_cond_embedding
+    _reinit([hint.conv_in, hint.blocks], generator)
+    _reinit([hint.conv_out], generator, std=0.5)
+    _reinit([controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block], generator, std=0.05)
     controlnet.save_pretrained(target, safe_serialization=True)
 
 
 def _save_flux_controlnet(target: Path, *, kind: ControlType) -> None:
+    """A Flux ControlNet over the tiny transformer's first blocks; see the UNet one for why
+    its zero-initialised layers are randomised."""
     from diffusers import FluxControlNetModel
 
     transformer = tiny_flux_transformer()
@@ -292,11 +302,9 @@ def _save_flux_controlnet(target: Path, *, kind: ControlType) -> None:
         attention_head_dim=transformer.config.attention_head_dim,
         num_attention_heads=transformer.config.num_attention_heads,
     )
-    _randomise(
-        [controlnet.controlnet_blocks, controlnet.controlnet_single_blocks,
-         controlnet.controlnet_x_embedder],
-        seed=seed, scale=0.05,
-    )
+    generator = torch.Generator().manual_seed(seed)
+    _reinit([controlnet.controlnet_x_embedder], generator, std=0.15)
+    _reinit([controlnet.controlnet_blocks, controlnet.controlnet_single_blocks], generator, std=0.05)
     controlnet.save_pretrained(target, safe_serialization=True)
 
 

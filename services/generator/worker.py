@@ -34,6 +34,7 @@ from services.generator.render import (
     RenderResult,
     a1111_parameters,
     batch_key,
+    control_image,
     encode_png,
     prepare_inputs,
     render,
@@ -42,10 +43,24 @@ from shared.errors import JobCanceled, JobFailure, LoomisError, NotFound, Storag
 from shared.events import JobEvents
 from shared.logs import configure_logging
 from shared.models import ModelRegistry
-from shared.queue import GENERATE_TASK, GENERATOR_QUEUE
+from shared.queue import GENERATE_TASK, GENERATOR_QUEUE, PREPROCESS_TASK
 from shared.settings import Settings, get_settings
-from shared.specs import ArtifactRef, GenerationManifest, GenerationTask, JobStatus, LoraRef
-from shared.storage import ObjectStore, build_store, job_prefix, manifest_key, output_key
+from shared.specs import (
+    ArtifactRef,
+    GenerationManifest,
+    GenerationTask,
+    JobStatus,
+    LoraRef,
+    PreprocessTask,
+)
+from shared.storage import (
+    ObjectStore,
+    build_store,
+    job_prefix,
+    manifest_key,
+    output_key,
+    upload_key,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -175,6 +190,8 @@ class _Job:
 def _batch_key(loaded: LoadedModel, task: GenerationTask) -> tuple[Any, ...]:
     spec = task.spec
     key = batch_key(spec, task.loras)
+    if spec.controls:
+        return (*key, task.job_id)  # control images are per job; they are not batched
     if loaded.preset.family.value in ("sd15", "sdxl"):
         from services.generator.prompts import needs_custom_encoding
 
@@ -198,7 +215,7 @@ async def _run(ctx: dict[str, Any], task: GenerationTask, *, queued_s: float) ->
     try:
         prepared = await asyncio.to_thread(
             prepare_inputs, spec, raw, model_cache=settings.model_cache,
-            depth_model=settings.generator.depth_model)
+            resolve=ctx["cache"].resolve_source, depth_model=settings.generator.depth_model)
     except PreprocessError as exc:
         raise JobFailure(str(exc), code="preprocess_failed") from exc
     timings["model_ready_s"] = round(time.perf_counter() - t0, 4)
@@ -275,6 +292,35 @@ async def _run(ctx: dict[str, Any], task: GenerationTask, *, queued_s: float) ->
     return {"artifacts": [r.model_dump() for r in [*refs, manifest_ref]], "result": summary}
 
 
+async def preprocess_control(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:
+    """A control image for the gateway's preview endpoint, stored as the tenant's upload."""
+    from services.generator.control import PreprocessError
+
+    task = PreprocessTask.model_validate(payload)
+    store: ObjectStore = ctx["store"]
+    settings: Settings = ctx["settings"]
+    image = None
+    if task.input_key is not None:
+        raw = await _load_inputs(store, {"image": task.input_key})
+        image = raw["image"]
+    spec = task.spec
+    try:
+        result = await asyncio.to_thread(
+            control_image, spec.type.value, image, size=(task.width, task.height),
+            low=spec.low_threshold, high=spec.high_threshold, keypoints=spec.keypoints,
+            model_cache=settings.model_cache, resolve=ctx["cache"].resolve_source,
+            depth_model=settings.generator.depth_model)
+    except PreprocessError as exc:
+        return {"error": str(exc), "field": "keypoints" if spec.keypoints else "image"}
+    buffer = io.BytesIO()
+    result.save(buffer, format="PNG")
+    data = buffer.getvalue()
+    upload_id = hashlib.sha256(data).hexdigest()[:32]
+    key = upload_key(task.tenant_id, upload_id)
+    await store.put(key, data, content_type="image/png")
+    return {"key": key, "ref": f"upload:{upload_id}"}
+
+
 async def generate(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:
     """The arq task. Returns a small summary; the real outcome is the job's terminal event."""
     settings: Settings = ctx["settings"]
@@ -348,7 +394,8 @@ def build_worker(settings: Settings | None = None) -> Worker:
     settings = settings or get_settings()
     cfg = settings.generator
     return Worker(
-        functions=[func(generate, name=GENERATE_TASK)],
+        functions=[func(generate, name=GENERATE_TASK),
+                   func(preprocess_control, name=PREPROCESS_TASK, max_tries=1)],
         queue_name=GENERATOR_QUEUE,
         redis_settings=ArqRedisSettings.from_dsn(settings.redis.url),
         on_startup=startup,

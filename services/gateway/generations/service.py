@@ -10,12 +10,14 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from services.gateway.control.service import check_openpose_photo
 from services.gateway.deps import GatewayState
 from services.gateway.jobs.service import apply_event
 from services.gateway.loras.service import resolve_loras
 from services.gateway.uploads.service import resolve_inputs
 from shared.db.models import Job, Tenant, utcnow
 from shared.errors import Conflict, ServiceUnavailable
+from shared.models import ControlType
 from shared.queue import GENERATE_TASK, GENERATOR_QUEUE, enqueue
 from shared.specs import (
     GenerationSpec,
@@ -67,6 +69,10 @@ async def submit_generation(
                                   digest=digest)
     ):
         return existing, False
+    for index, control in enumerate(spec.controls):
+        if control.type == ControlType.OPENPOSE and control.image is not None and control.preprocess:
+            check_openpose_photo(state.settings.generator.openpose_detector,
+                                 f"controls.{index}.preprocess")
     spec, inputs, input_size = await resolve_inputs(
         session=session, store=state.store, tenant_id=tenant.id, spec=spec)
     resolved = resolve_generation(

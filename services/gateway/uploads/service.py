@@ -28,14 +28,10 @@ from shared.images import (
     render_mask,
 )
 from shared.specs import GenerationMode, GenerationSpec
-from shared.storage import ObjectStore
+from shared.storage import ObjectStore, upload_key
 
 UPLOAD_PREFIX = "upload:"
 JOB_PREFIX = "job:"
-
-
-def upload_key(tenant_id: str, upload_id: str) -> str:
-    return f"inputs/{tenant_id}/uploads/{upload_id}.png"
 
 
 @dataclass(frozen=True)
