@@ -126,9 +126,10 @@ def _prompt_kwargs(pipe: Any, loaded: LoadedModel, specs: list[GenerationSpec],
     if family in ("sd15", "sdxl"):
         from services.generator import prompts as weighting
 
-        tokenizer = pipe.tokenizer
-        if any(weighting.needs_custom_encoding(s.prompt, s.negative_prompt, tokenizer)
-               for s in specs):
+        tokenizer = pipe.tokenizer or getattr(pipe, "tokenizer_2", None)
+        if weighting.supports_prompt_weighting(pipe) and any(
+                weighting.needs_custom_encoding(s.prompt, s.negative_prompt, tokenizer)
+                for s in specs):
             if len(specs) != 1:
                 raise ValueError("weighted prompts are rendered one job at a time")
             spec = specs[0]

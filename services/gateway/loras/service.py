@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
+import asyncio
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -46,7 +46,8 @@ async def create_lora(
         raise _invalid("base_model", f"unknown model {base_model!r}; known: "
                        f"{', '.join(registry.names())}")
     try:
-        info = inspect_lora(data)
+        # Parsing a multi-GB header and hashing it is seconds of CPU: keep the loop free.
+        info = await asyncio.to_thread(inspect_lora, data)
         check_lora_for_model(info, preset)
     except LoraRejected as exc:
         raise _invalid("file", str(exc), code=exc.code) from exc
@@ -55,7 +56,7 @@ async def create_lora(
     await store.put(key, data, content_type="application/octet-stream")
     lora = Lora(
         id=lora_id, tenant_id=tenant.id, name=name, family=preset.family.value,
-        base_model=preset.name, key=key, sha256=hashlib.sha256(data).hexdigest(), size=len(data),
+        base_model=preset.name, key=key, sha256=info.sha256, size=len(data),
         format=info.format, rank=info.rank,
         info={"targets": info.targets, "has_text_encoder": info.has_text_encoder,
               "metadata": dict(list(info.metadata.items())[:20])},
