@@ -41,7 +41,7 @@ SCHEDULERS: dict[str, tuple[str, dict[str, object]]] = {
     "UniPC": ("UniPCMultistepScheduler", {}),
     "Heun": ("HeunDiscreteScheduler", {}),
     "LMS": ("LMSDiscreteScheduler", {}),
-    "PNDM": ("PNDMScheduler", {}),
+    "PNDM": ("PNDMScheduler", {"skip_prk_steps": True}),  # as SD ships it; PRK needs many steps
     "FlowMatch Euler": ("FlowMatchEulerDiscreteScheduler", {}),
 }
 _UNET_SCHEDULERS = tuple(name for name in SCHEDULERS if name != "FlowMatch Euler")

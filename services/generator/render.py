@@ -195,6 +195,9 @@ def render(
             kwargs["controlnet_conditioning_scale"] = scales[0] if single else scales
             kwargs["control_guidance_start"] = starts[0] if single else starts
             kwargs["control_guidance_end"] = ends[0] if single else ends
+            if not single and "control_mode" in params:
+                # diffusers 0.42's Flux multi-ControlNet img2img/inpaint needs it spelled out.
+                kwargs["control_mode"] = [None] * len(control_types)
         total = first.steps
         if mode != "txt2img" and first.strength is not None:
             total = max(1, int(first.steps * first.strength))

@@ -63,6 +63,10 @@ def write_char_tokenizer(folder: Path) -> int:
     return len(vocab)
 
 
+def _save(model: Any, target: Path) -> None:
+    model.save_pretrained(target, safe_serialization=True)
+
+
 def _clip_text(folder: Path, *, with_projection: bool = False) -> tuple[Any, Any]:
     """A char-level CLIP tokenizer written to ``folder`` and a 32-wide text encoder for it.
 
@@ -85,17 +89,18 @@ def _clip_text(folder: Path, *, with_projection: bool = False) -> tuple[Any, Any
 def _t5_text() -> tuple[Any, Any]:
     """A T5 tokenizer and encoder with no sentencepiece model file (none ships offline).
 
-    The unigram vocabulary follows T5's layout (pad, eos, unk first) so the special-token ids
-    the encoder config names are the real ones.
+    transformers 5's T5Tokenizer is the ``tokenizers``-backed one (T5TokenizerFast is an alias
+    of it) and takes its unigram vocabulary as a list. The list follows T5's layout (pad, eos,
+    unk first) so the special-token ids the encoder config names are the real ones.
     """
-    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
     pieces += [(chr(code), -3.0) for code in range(ord("!"), ord("~") + 1)]
-    tokenizer = T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=512)
+    tokenizer = T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
     encoder = T5EncoderModel(T5Config(
         vocab_size=len(pieces), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
     ))
     return tokenizer, encoder
 
@@ -184,7 +189,7 @@ def _save_tiny_sd15(target: Path) -> None:
         **_sd15_components(target), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.save_pretrained(target, safe_serialization=True)
+    _save(pipe, target)
 
 
 def _with_inpaint_inputs(unet: Any) -> Any:
@@ -214,7 +219,7 @@ def _save_tiny_sd15_inpaint(target: Path) -> None:
     pipe = StableDiffusionInpaintPipeline(
         **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
-    pipe.save_pretrained(target, safe_serialization=True)
+    _save(pipe, target)
 
 
 def _save_tiny_sdxl(target: Path) -> None:
@@ -228,7 +233,7 @@ def _save_tiny_sdxl(target: Path) -> None:
         vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
         tokenizer_2=tokenizer_2, unet=unet, scheduler=_euler_scheduler(),
     )
-    pipe.save_pretrained(target, safe_serialization=True)
+    _save(pipe, target)
 
 
 def _save_tiny_flux(target: Path) -> None:
@@ -248,7 +253,7 @@ def _save_tiny_flux(target: Path) -> None:
         scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
         text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer,
     )
-    pipe.save_pretrained(target, safe_serialization=True)
+    _save(pipe, target)
 
 
 def _reinit(modules: Iterable[torch.nn.Module], generator: torch.Generator, *,
@@ -286,7 +291,7 @@ def _save_unet_controlnet(target: Path, *, unet_factory: Callable[[], Any], kind
     _reinit([hint.conv_in, hint.blocks], generator)
     _reinit([hint.conv_out], generator, std=0.5)
     _reinit([controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block], generator, std=0.05)
-    controlnet.save_pretrained(target, safe_serialization=True)
+    _save(controlnet, target)
 
 
 def _save_flux_controlnet(target: Path, *, kind: ControlType) -> None:
@@ -305,7 +310,7 @@ def _save_flux_controlnet(target: Path, *, kind: ControlType) -> None:
     generator = torch.Generator().manual_seed(seed)
     _reinit([controlnet.controlnet_x_embedder], generator, std=0.15)
     _reinit([controlnet.controlnet_blocks, controlnet.controlnet_single_blocks], generator, std=0.05)
-    controlnet.save_pretrained(target, safe_serialization=True)
+    _save(controlnet, target)
 
 
 def _save_tiny_dpt(target: Path) -> None:

@@ -284,7 +284,7 @@ async def _run(ctx: dict[str, Any], task: GenerationTask, *, queued_s: float) ->
         "timings": timings, "seeds": result.seeds, "scheduler": result.scheduler,
         "model": {"name": loaded.preset.name, "sha256": loaded.sha256},
         "device": loaded.device, "pipeline": result.pipeline,
-        "loras": result.loras,
+        "loras": result.loras, "prompt_encoding": result.prompt_encoding,
     }
     if safety:
         summary["safety"] = safety
