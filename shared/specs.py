@@ -13,6 +13,7 @@ from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import ValidationError as PydanticValidationError
 
 from shared.errors import ValidationFailed
 from shared.models import ControlType, ModelRegistry, canonical_scheduler
@@ -23,6 +24,7 @@ MAX_SEED = 2**32 - 1
 
 class JobKind(StrEnum):
     GENERATION = "generation"
+    SWEEP = "sweep"
     TRAINING = "training"
     TAGGING = "tagging"
 
@@ -449,7 +451,7 @@ class ArtifactRef(BaseModel):
     """An object a job wrote, as the worker reports it in its ``succeeded`` event."""
 
     key: str
-    kind: Literal["image", "manifest"]
+    kind: Literal["image", "manifest", "contact_sheet", "metadata"]
     index: int | None = None
     content_type: str
     size: int
@@ -478,3 +480,105 @@ class GenerationManifest(BaseModel):
     loras: list[dict[str, Any]] = Field(default_factory=list)
     safety: list[dict[str, Any]] = Field(default_factory=list)
     prompt_encoding: str = "plain"
+
+
+SWEEP_PARAMS = ("guidance_scale", "steps", "seed", "scheduler", "strength", "prompt",
+                "negative_prompt")
+MAX_SWEEP_CELLS = 64
+
+
+class SweepAxis(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    param: Literal["guidance_scale", "steps", "seed", "scheduler", "strength", "prompt",
+                   "negative_prompt"]
+    values: list[float | int | str] = Field(min_length=1, max_length=32)
+
+
+class SweepSpec(BaseModel):
+    """Every combination of one or two parameter axes over a base spec, plus a contact sheet."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{
+            "base": {"prompt": "a lighthouse at dusk", "model": "tiny-sd15", "steps": 4},
+            "axes": [{"param": "guidance_scale", "values": [2, 5, 7.5, 10, 15]},
+                     {"param": "seed", "values": [42, 123]}],
+        }]},
+    )
+
+    base: GenerationSpec
+    axes: list[SweepAxis] = Field(min_length=1, max_length=2, description="The first axis runs "
+                                  "along the sheet's columns, the second down its rows.")
+    title: str = Field(default="", max_length=200)
+
+    @model_validator(mode="after")
+    def _grid(self) -> SweepSpec:
+        if len(self.axes) == 2 and self.axes[0].param == self.axes[1].param:
+            raise ValueError("the two axes must vary different parameters")
+        cells = 1
+        for axis in self.axes:
+            cells *= len(axis.values)
+        if cells > MAX_SWEEP_CELLS:
+            raise ValueError(f"{cells} cells; a sweep makes at most {MAX_SWEEP_CELLS}")
+        if self.base.num_images != 1:
+            raise ValueError("a sweep renders one image per cell: leave base.num_images at 1")
+        return self
+
+
+class SweepCell(BaseModel):
+    index: int
+    row: int
+    col: int
+    labels: dict[str, Any]
+    spec: GenerationSpec
+
+
+class SweepTask(BaseModel):
+    job_id: str
+    tenant_id: str
+    sweep: SweepSpec
+    cells: list[SweepCell]
+    inputs: dict[str, str] = Field(default_factory=dict)
+    loras: list[LoraRef] = Field(default_factory=list)
+    safety: SafetyPolicy | None = None
+
+
+def sweep_cells(sweep: SweepSpec, *, resolve: Any) -> list[SweepCell]:
+    """Expand the grid; ``resolve`` turns each cell's spec into a resolved one (raising
+    :class:`ValidationFailed`), and errors are re-addressed to ``axes.N.values.M``."""
+    cols = sweep.axes[0]
+    rows = sweep.axes[1] if len(sweep.axes) > 1 else None
+    base = sweep.base.model_dump(mode="json", exclude_unset=True)
+    cells: list[SweepCell] = []
+    errors: list[dict[str, Any]] = []
+    for r, row_value in enumerate(rows.values if rows else [None]):
+        for c, col_value in enumerate(cols.values):
+            fields = dict(base)
+            labels: dict[str, Any] = {cols.param: col_value}
+            fields[cols.param] = col_value
+            if rows is not None:
+                fields[rows.param] = row_value
+                labels[rows.param] = row_value
+            try:
+                spec = resolve(GenerationSpec.model_validate(fields))
+            except ValidationFailed as exc:
+                for error in exc.errors:
+                    axis = 0 if error["field"] == cols.param else 1
+                    index = c if axis == 0 else r
+                    errors.append({"field": f"axes.{axis}.values.{index}",
+                                   "message": error["message"]})
+                continue
+            except PydanticValidationError as exc:
+                for detail in exc.errors():
+                    loc = detail.get("loc") or ()
+                    axis = 1 if rows is not None and loc and loc[0] == rows.param else 0
+                    index = c if axis == 0 else r
+                    errors.append({"field": f"axes.{axis}.values.{index}",
+                                   "message": str(detail.get("msg"))})
+                continue
+            cells.append(SweepCell(index=len(cells), row=r, col=c, labels=labels, spec=spec))
+    if errors:
+        unique = {(e["field"], e["message"]): e for e in errors}
+        raise ValidationFailed(list(unique.values()))
+    return cells

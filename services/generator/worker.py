@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import json
 import logging
 import platform
 import socket
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
@@ -43,7 +45,7 @@ from shared.errors import JobCanceled, JobFailure, LoomisError, NotFound, Storag
 from shared.events import JobEvents
 from shared.logs import configure_logging
 from shared.models import ModelRegistry
-from shared.queue import GENERATE_TASK, GENERATOR_QUEUE, PREPROCESS_TASK
+from shared.queue import GENERATE_TASK, GENERATOR_QUEUE, PREPROCESS_TASK, SWEEP_TASK
 from shared.settings import Settings, get_settings
 from shared.specs import (
     ArtifactRef,
@@ -52,6 +54,7 @@ from shared.specs import (
     JobStatus,
     LoraRef,
     PreprocessTask,
+    SweepTask,
 )
 from shared.storage import (
     ObjectStore,
@@ -200,13 +203,25 @@ def _batch_key(loaded: LoadedModel, task: GenerationTask) -> tuple[Any, ...]:
     return key
 
 
-async def _run(ctx: dict[str, Any], task: GenerationTask, *, queued_s: float) -> dict[str, Any]:
+@dataclass
+class Rendered:
+    result: RenderResult
+    loaded: LoadedModel
+    images: list[Image.Image | None]  # after the safety filter: None where withheld
+    safety: list[dict[str, Any]]
+    model_ready_s: float
+
+
+async def _render_task(
+    ctx: dict[str, Any], task: GenerationTask, *,
+    progress: Callable[[int, int], Awaitable[None]],
+) -> Rendered:
+    """Load, prepare inputs, render (through the batcher) and filter one spec's images."""
     events: JobEvents = ctx["events"]
     store: ObjectStore = ctx["store"]
     settings: Settings = ctx["settings"]
     spec = task.spec
     loop = asyncio.get_running_loop()
-    timings: dict[str, float] = {"queue_wait_s": round(queued_s, 4)}
 
     t0 = time.perf_counter()
     loaded: LoadedModel = await asyncio.to_thread(ctx["cache"].get, spec.model)
@@ -218,14 +233,12 @@ async def _run(ctx: dict[str, Any], task: GenerationTask, *, queued_s: float) ->
             resolve=ctx["cache"].resolve_source, depth_model=settings.generator.depth_model)
     except PreprocessError as exc:
         raise JobFailure(str(exc), code="preprocess_failed") from exc
-    timings["model_ready_s"] = round(time.perf_counter() - t0, 4)
+    model_ready_s = time.perf_counter() - t0
 
     async def step_hook(step: int, total: int) -> None:
         if await events.cancel_requested(task.job_id):
             raise JobCanceled()
-        await events.emit(task.job_id, "progress", allowed_from=RUNNING,
-                          data={"step": step, "total_steps": total,
-                                "progress": round(step / total, 4)})
+        await progress(step, total)
 
     abandoned = threading.Event()
 
@@ -241,7 +254,6 @@ async def _run(ctx: dict[str, Any], task: GenerationTask, *, queued_s: float) ->
         result: RenderResult = await batcher.submit(item)
     finally:
         abandoned.set()
-    timings["pipeline_s"] = round(result.seconds, 4)
 
     images: list[Image.Image | None] = list(result.images)
     safety: list[dict[str, Any]] = []
@@ -253,6 +265,26 @@ async def _run(ctx: dict[str, Any], task: GenerationTask, *, queued_s: float) ->
         safety = [{"index": i, "score": round(v.score, 4), "flagged": v.flagged,
                    "action": task.safety.action if v.flagged else None}
                   for i, v in enumerate(verdicts)]
+    return Rendered(result=result, loaded=loaded, images=images, safety=safety,
+                    model_ready_s=model_ready_s)
+
+
+async def _run(ctx: dict[str, Any], task: GenerationTask, *, queued_s: float) -> dict[str, Any]:
+    events: JobEvents = ctx["events"]
+    store: ObjectStore = ctx["store"]
+    spec = task.spec
+    timings: dict[str, float] = {"queue_wait_s": round(queued_s, 4)}
+
+    async def progress(step: int, total: int) -> None:
+        await events.emit(task.job_id, "progress", allowed_from=RUNNING,
+                          data={"step": step, "total_steps": total,
+                                "progress": round(step / total, 4)})
+
+    rendered = await _render_task(ctx, task, progress=progress)
+    result, loaded, images, safety = (rendered.result, rendered.loaded, rendered.images,
+                                      rendered.safety)
+    timings["model_ready_s"] = round(rendered.model_ready_s, 4)
+    timings["pipeline_s"] = round(result.seconds, 4)
 
     t1 = time.perf_counter()
     refs: list[ArtifactRef] = []
@@ -321,18 +353,19 @@ async def preprocess_control(ctx: dict[str, Any], payload: dict[str, Any]) -> di
     return {"key": key, "ref": f"upload:{upload_id}"}
 
 
-async def generate(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:
-    """The arq task. Returns a small summary; the real outcome is the job's terminal event."""
+async def _lifecycle(
+    ctx: dict[str, Any], *, job_id: str, tenant_id: str, log_extra: dict[str, Any],
+    body: Callable[[float], Awaitable[dict[str, Any]]],
+) -> dict[str, Any]:
+    """Running -> succeeded | failed | canceled around ``body``, whatever it raises.
+
+    Shared by every generator task so each ends the same way: a timeout or cancel deletes
+    what the job wrote, storage errors retry, anything else fails with a code, never a
+    traceback, and a job is never left ``running``.
+    """
     settings: Settings = ctx["settings"]
     events: JobEvents = ctx["events"]
-    task = GenerationTask.model_validate(payload)
-    job_id = task.job_id
     attempt = int(ctx.get("job_try", 1))
-    log_extra = {"job_id": job_id, "tenant": task.tenant_id, "model": task.spec.model}
-    if not task.spec.is_resolved():
-        await events.emit(job_id, "failed", to=JobStatus.FAILED, data={"error": {
-            "code": "invalid_spec", "message": "the queued spec was not resolved"}})
-        return {"status": "failed"}
     if attempt > settings.generator.max_tries:
         await events.emit(job_id, "failed", to=JobStatus.FAILED, data={"error": {
             "code": "worker_lost",
@@ -351,15 +384,15 @@ async def generate(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, An
         if await events.cancel_requested(job_id):
             raise JobCanceled()
         async with asyncio.timeout(settings.generator.job_timeout_s):
-            outcome = await _run(ctx, task, queued_s=queued_s)
+            outcome = await body(queued_s)
     except TimeoutError:
-        await store.delete_prefix(job_prefix(task.tenant_id, job_id))
+        await store.delete_prefix(job_prefix(tenant_id, job_id))
         await events.emit(job_id, "failed", allowed_from=RUNNING, to=JobStatus.FAILED,
                           data={"error": {"code": "timeout", "message": "the job took longer "
                                           f"than {settings.generator.job_timeout_s}s"}})
         return {"status": "failed"}
     except JobCanceled:
-        await store.delete_prefix(job_prefix(task.tenant_id, job_id))
+        await store.delete_prefix(job_prefix(tenant_id, job_id))
         await events.emit(job_id, "canceled", allowed_from=RUNNING, to=JobStatus.CANCELED,
                           data={"reason": "canceled by client"})
         logger.info("job canceled", extra=log_extra)
@@ -373,11 +406,13 @@ async def generate(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, An
         return {"status": "failed"}
     except LoomisError as exc:
         logger.warning("job failed: %s", exc.detail, extra=log_extra)
+        await store.delete_prefix(job_prefix(tenant_id, job_id))
         await events.emit(job_id, "failed", allowed_from=RUNNING, to=JobStatus.FAILED,
                           data={"error": {"code": exc.code, "message": exc.detail}})
         return {"status": "failed"}
     except Exception:
         logger.exception("job crashed", extra=log_extra)
+        await store.delete_prefix(job_prefix(tenant_id, job_id))
         await events.emit(job_id, "failed", allowed_from=RUNNING, to=JobStatus.FAILED,
                           data={"error": {"code": "internal_error",
                                           "message": "generation failed unexpectedly; "
@@ -385,9 +420,115 @@ async def generate(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, An
         return {"status": "failed"}
     await events.emit(job_id, "succeeded", allowed_from=RUNNING, to=JobStatus.SUCCEEDED,
                       data=outcome)
-    logger.info("job succeeded in %.2fs", outcome["result"]["timings"]["pipeline_s"],
+    logger.info("job succeeded in %.2fs", outcome["result"]["timings"].get("pipeline_s", 0.0),
                 extra=log_extra)
     return {"status": "succeeded"}
+
+
+async def generate(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:
+    """The arq task. Returns a small summary; the real outcome is the job's terminal event."""
+    events: JobEvents = ctx["events"]
+    task = GenerationTask.model_validate(payload)
+    if not task.spec.is_resolved():
+        await events.emit(task.job_id, "failed", to=JobStatus.FAILED, data={"error": {
+            "code": "invalid_spec", "message": "the queued spec was not resolved"}})
+        return {"status": "failed"}
+    return await _lifecycle(
+        ctx, job_id=task.job_id, tenant_id=task.tenant_id,
+        log_extra={"job_id": task.job_id, "tenant": task.tenant_id, "model": task.spec.model},
+        body=lambda queued_s: _run(ctx, task, queued_s=queued_s),
+    )
+
+
+async def sweep(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:
+    """Render every cell of a sweep, then the contact sheet and the metadata JSON."""
+    task = SweepTask.model_validate(payload)
+    return await _lifecycle(
+        ctx, job_id=task.job_id, tenant_id=task.tenant_id,
+        log_extra={"job_id": task.job_id, "tenant": task.tenant_id,
+                   "model": task.sweep.base.model},
+        body=lambda queued_s: _run_sweep(ctx, task, queued_s=queued_s),
+    )
+
+
+async def _run_sweep(ctx: dict[str, Any], task: SweepTask, *, queued_s: float) -> dict[str, Any]:
+    from services.generator.sheet import contact_sheet
+
+    store: ObjectStore = ctx["store"]
+    events: JobEvents = ctx["events"]
+    timings: dict[str, float] = {"queue_wait_s": round(queued_s, 4), "pipeline_s": 0.0}
+    cells = task.cells
+    images: list[Image.Image | None] = []
+    refs: list[ArtifactRef] = []
+    cell_meta: list[dict[str, Any]] = []
+    safety: list[dict[str, Any]] = []
+    loaded: LoadedModel | None = None
+    for position, cell in enumerate(cells):
+        # Progress spans the whole sweep: cell k of n at step s of t is (k + s/t) / n.
+        async def scaled(step: int, total: int, *, _k: int = position) -> None:
+            await events.emit(task.job_id, "progress", allowed_from=RUNNING, data={
+                "step": step, "total_steps": total, "cell": _k, "cells": len(cells),
+                "progress": round((_k + step / total) / len(cells), 4)})
+
+        cell_task = GenerationTask(job_id=task.job_id, tenant_id=task.tenant_id, spec=cell.spec,
+                                   inputs=task.inputs, loras=task.loras, safety=task.safety)
+        rendered = await _render_task(ctx, cell_task, progress=scaled)
+        result, loaded = rendered.result, rendered.loaded
+        timings["pipeline_s"] = round(timings["pipeline_s"] + result.seconds, 4)
+        image = rendered.images[0]
+        images.append(image)
+        if rendered.safety:
+            safety.append({**rendered.safety[0], "index": cell.index})
+        entry = {"index": cell.index, "row": cell.row, "col": cell.col, "labels": cell.labels,
+                 "seed": result.seeds[0], "spec": cell.spec.model_dump(mode="json")}
+        if image is not None:
+            png = encode_png(image, parameters=a1111_parameters(
+                cell.spec, seed=result.seeds[0], scheduler=result.scheduler, model=loaded,
+                loras=result.loras), loomis={"job_id": task.job_id, "cell": entry})
+            ref = await _put(store, output_key(task.tenant_id, task.job_id, cell.index), png,
+                             "image/png")
+            refs.append(ref.model_copy(update={"index": cell.index, "width": image.width,
+                                               "height": image.height, "seed": result.seeds[0]}))
+            entry["key"] = ref.key
+        else:
+            entry["withheld"] = True
+        cell_meta.append(entry)
+    assert loaded is not None
+    cols = task.sweep.axes[0]
+    rows = task.sweep.axes[1] if len(task.sweep.axes) > 1 else None
+    n_cols = len(cols.values)
+    grid = [images[r * n_cols:(r + 1) * n_cols] for r in range(len(images) // n_cols)]
+    sheet = await asyncio.to_thread(
+        contact_sheet, grid,
+        row_labels=[f"{rows.param}={v}" for v in rows.values] if rows else [""],
+        col_labels=[f"{cols.param}={v}" for v in cols.values],
+        title=task.sweep.title or task.sweep.base.prompt[:120],
+        row_axis=rows.param if rows else "", col_axis=cols.param)
+    buffer = io.BytesIO()
+    sheet.save(buffer, format="PNG")
+    prefix = job_prefix(task.tenant_id, task.job_id)
+    sheet_ref = await _put(store, prefix + "contact_sheet.png", buffer.getvalue(), "image/png")
+    sheet_ref = sheet_ref.model_copy(update={"kind": "contact_sheet", "width": sheet.width,
+                                             "height": sheet.height})
+    metadata = {"job_id": task.job_id, "title": task.sweep.title,
+                "axes": [a.model_dump(mode="json") for a in task.sweep.axes],
+                "columns": n_cols, "rows": len(rows.values) if rows else 1,
+                "model": loaded.describe(), "cells": cell_meta, "safety": safety}
+    meta_ref = await _put(store, prefix + "sweep.json",
+                          json.dumps(metadata, indent=2).encode(), "application/json")
+    meta_ref = meta_ref.model_copy(update={"kind": "metadata"})
+    manifest = {"job_id": task.job_id, "tenant_id": task.tenant_id,
+                "sweep": task.sweep.model_dump(mode="json"), "model": loaded.describe(),
+                "versions": ctx["versions"], "device": loaded.device, "timings": timings,
+                "artifacts": [r.model_dump() for r in [*refs, sheet_ref, meta_ref]],
+                "created_at": datetime.now(UTC).isoformat()}
+    manifest_ref = await _put(store, manifest_key(task.tenant_id, task.job_id),
+                              json.dumps(manifest, indent=2).encode(), "application/json")
+    return {"artifacts": [r.model_dump() for r in [*refs, sheet_ref, meta_ref, manifest_ref]],
+            "result": {"timings": timings, "cells": len(cells), "columns": n_cols,
+                       "rows": len(rows.values) if rows else 1,
+                       "model": {"name": loaded.preset.name, "sha256": loaded.sha256},
+                       **({"safety": safety} if safety else {})}}
 
 
 def build_worker(settings: Settings | None = None) -> Worker:
@@ -395,6 +536,7 @@ def build_worker(settings: Settings | None = None) -> Worker:
     cfg = settings.generator
     return Worker(
         functions=[func(generate, name=GENERATE_TASK),
+                   func(sweep, name=SWEEP_TASK),
                    func(preprocess_control, name=PREPROCESS_TASK, max_tries=1)],
         queue_name=GENERATOR_QUEUE,
         redis_settings=ArqRedisSettings.from_dsn(settings.redis.url),

@@ -5,7 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
+from typing import Any
 
+from pydantic import BaseModel
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -24,6 +27,7 @@ from shared.specs import (
     GenerationTask,
     JobKind,
     JobStatus,
+    LoraRef,
     SafetyPolicy,
     resolve_generation,
 )
@@ -31,7 +35,7 @@ from shared.specs import (
 logger = logging.getLogger(__name__)
 
 
-def request_hash(spec: GenerationSpec) -> str:
+def request_hash(spec: BaseModel) -> str:
     """Hash of what the client sent (not of server-filled fields such as a drawn seed)."""
     sent = spec.model_dump(mode="json", exclude_unset=True)
     return hashlib.sha256(json.dumps(sent, sort_keys=True).encode()).hexdigest()
@@ -44,7 +48,7 @@ def safety_policy(tenant: Tenant) -> SafetyPolicy | None:
     return None
 
 
-async def _replay(
+async def find_replay(
     *, session: AsyncSession, tenant: Tenant, key: str, digest: str
 ) -> Job | None:
     job = await session.scalar(
@@ -58,17 +62,10 @@ async def _replay(
     return job
 
 
-async def submit_generation(
+async def prepare_generation(
     *, session: AsyncSession, state: GatewayState, tenant: Tenant, spec: GenerationSpec,
-    idempotency_key: str | None,
-) -> tuple[Job, bool]:
-    """Returns the job and whether it was created now (False: an idempotent replay)."""
-    digest = request_hash(spec)
-    if idempotency_key and (
-        existing := await _replay(session=session, tenant=tenant, key=idempotency_key,
-                                  digest=digest)
-    ):
-        return existing, False
+) -> tuple[GenerationSpec, dict[str, str], list[LoraRef], tuple[int, int] | None]:
+    """Everything checked before a job exists: inputs stored, presets applied, LoRAs found."""
     for index, control in enumerate(spec.controls):
         if control.type == ControlType.OPENPOSE and control.image is not None and control.preprocess:
             check_openpose_photo(state.settings.generator.openpose_detector,
@@ -83,9 +80,41 @@ async def submit_generation(
     assert preset is not None  # resolve_generation checked it
     loras = await resolve_loras(session=session, tenant=tenant, uses=resolved.loras,
                                 family=preset.family.value, model=preset.name)
+    return resolved, inputs, loras, input_size
+
+
+async def submit_generation(
+    *, session: AsyncSession, state: GatewayState, tenant: Tenant, spec: GenerationSpec,
+    idempotency_key: str | None,
+) -> tuple[Job, bool]:
+    """Returns the job and whether it was created now (False: an idempotent replay)."""
+    digest = request_hash(spec)
+    if idempotency_key and (
+        existing := await find_replay(session=session, tenant=tenant, key=idempotency_key,
+                                  digest=digest)
+    ):
+        return existing, False
+    resolved, inputs, loras, _ = await prepare_generation(
+        session=session, state=state, tenant=tenant, spec=spec)
+    return await create_and_enqueue(
+        session=session, state=state, tenant=tenant, kind=JobKind.GENERATION,
+        spec=resolved.model_dump(mode="json"), digest=digest, idempotency_key=idempotency_key,
+        task_name=GENERATE_TASK,
+        payload=lambda job_id: GenerationTask(
+            job_id=job_id, tenant_id=tenant.id, spec=resolved, inputs=inputs, loras=loras,
+            safety=safety_policy(tenant)).model_dump(mode="json"),
+    )
+
+
+async def create_and_enqueue(
+    *, session: AsyncSession, state: GatewayState, tenant: Tenant, kind: JobKind,
+    spec: dict[str, Any], digest: str, idempotency_key: str | None, task_name: str,
+    payload: Callable[[str], dict[str, Any]],
+) -> tuple[Job, bool]:
+    """Commit the job row, then enqueue it; a queue failure ends the job in ``failed``."""
     job = Job(
-        tenant_id=tenant.id, kind=JobKind.GENERATION.value, status=JobStatus.QUEUED.value,
-        spec=resolved.model_dump(mode="json"), idempotency_key=idempotency_key,
+        tenant_id=tenant.id, kind=kind.value, status=JobStatus.QUEUED.value,
+        spec=spec, idempotency_key=idempotency_key,
         request_hash=digest, result={}, progress=0.0, last_seq=0, attempts=0,
         cancel_requested=False, created_at=utcnow(),
     )
@@ -96,19 +125,17 @@ async def submit_generation(
         # A concurrent request with the same key won the race: answer as its replay.
         await session.rollback()
         if idempotency_key and (
-            existing := await _replay(session=session, tenant=tenant, key=idempotency_key,
+            existing := await find_replay(session=session, tenant=tenant, key=idempotency_key,
                                       digest=digest)
         ):
             return existing, False
         raise
-    task = GenerationTask(job_id=job.id, tenant_id=tenant.id, spec=resolved, inputs=inputs,
-                          loras=loras, safety=safety_policy(tenant))
     try:
         await state.events.create(job.id, tenant_id=tenant.id)
         queued = await state.events.emit(job.id, "queued", allowed_from=(JobStatus.QUEUED,),
                                          data={"queue": GENERATOR_QUEUE})
-        await enqueue(state.redis, queue=GENERATOR_QUEUE, task=GENERATE_TASK, job_id=job.id,
-                      payload=task.model_dump(mode="json"))
+        await enqueue(state.redis, queue=GENERATOR_QUEUE, task=task_name, job_id=job.id,
+                      payload=payload(job.id))
     except Exception as exc:
         logger.exception("enqueue failed", extra={"job_id": job.id})
         job.status = JobStatus.FAILED.value
