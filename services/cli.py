@@ -221,6 +221,17 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tenants_safety(args: argparse.Namespace) -> int:
+    from services.gateway.auth.service import set_safety_policy
+    from shared.settings import Settings
+
+    action = None if args.action == "off" else args.action
+    asyncio.run(set_safety_policy(database_url=Settings().database_url, tenant_name=args.tenant,
+                                  action=action, threshold=args.threshold))
+    print(f"safety filter for {args.tenant}: {args.action} (threshold {args.threshold})")
+    return 0
+
+
 def cmd_db_upgrade(_args: argparse.Namespace) -> int:
     from shared.db.session import make_engine, migrate
     from shared.settings import Settings
@@ -281,6 +292,15 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--tenant", required=True)
     create.add_argument("--name", default="")
     create.set_defaults(func=cmd_keys_create)
+
+    tenants = sub.add_parser("tenants", help="tenant settings").add_subparsers(
+        dest="tenants_cmd", required=True)
+    safety = tenants.add_parser("safety", help="set a tenant's output safety filter")
+    safety.add_argument("--tenant", required=True)
+    safety.add_argument("--action", choices=["off", "blur", "withhold"], required=True)
+    safety.add_argument("--threshold", type=float, default=0.8,
+                        help="NSFW score (0-1) at or above which an image is blurred/withheld")
+    safety.set_defaults(func=cmd_tenants_safety)
 
     db = sub.add_parser("db", help="database").add_subparsers(dest="db_cmd", required=True)
     db.add_parser("upgrade", help="apply migrations").set_defaults(func=cmd_db_upgrade)

@@ -64,3 +64,27 @@ async def provision_api_key(*, database_url: str, tenant_name: str, name: str = 
             return await create_api_key(session=session, tenant_name=tenant_name, name=name)
     finally:
         await engine.dispose()
+
+
+async def set_safety_policy(
+    *, database_url: str, tenant_name: str, action: str | None, threshold: float = 0.8,
+) -> None:
+    """Operator path: turn a tenant's output safety filter on (blur/withhold) or off (None)."""
+    from shared.db.session import make_engine, make_sessionmaker, migrate
+
+    if action not in (None, "blur", "withhold"):
+        raise ValueError("action must be blur, withhold or None")
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError("threshold must be within [0, 1]")
+    engine = make_engine(database_url)
+    try:
+        await migrate(engine)
+        async with make_sessionmaker(engine)() as session:
+            tenant = await session.scalar(select(Tenant).where(Tenant.name == tenant_name))
+            if tenant is None:
+                raise ValueError(f"no tenant {tenant_name!r}")
+            tenant.safety_action = action
+            tenant.safety_threshold = threshold
+            await session.commit()
+    finally:
+        await engine.dispose()
