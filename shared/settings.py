@@ -97,6 +97,12 @@ class GeneratorSettings(BaseModel):
         description="Compatible queued jobs (same model, mode, size, steps, guidance, "
         "scheduler, LoRAs) run as one pipeline call of up to this many jobs. 1 turns it off.",
     )
+    batch_exact: bool = Field(
+        default=True,
+        description="Grouped jobs keep exactly the pixels they get alone: each model call is "
+        "split per job inside the grouped pipeline call. Off: one model call for the group "
+        "(more throughput on GPUs; pixels may differ by one level).",
+    )
     batch_window_s: float = Field(
         default=0.05, ge=0, le=5,
         description="How long the first job of a batch waits for compatible company.",

@@ -8,6 +8,7 @@ generator seeded ``seed + i``, so an image's pixels depend on its seed, not on i
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import io
 import json
@@ -21,6 +22,7 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from services.generator.invariance import per_job_calls
 from services.generator.loras import LoraAdapterCache
 from services.generator.pipelines import LoadedModel
 from shared.images import outpaint_canvas
@@ -48,6 +50,7 @@ class RenderResult:
     pipeline: str
     loras: list[dict[str, Any]]
     prompt_encoding: str
+    batch_jobs: int = 1  # how many jobs shared the pipeline call
 
 
 def control_image(
@@ -130,12 +133,13 @@ def _prompt_kwargs(pipe: Any, loaded: LoadedModel, specs: list[GenerationSpec],
         if weighting.supports_prompt_weighting(pipe) and any(
                 weighting.needs_custom_encoding(s.prompt, s.negative_prompt, tokenizer)
                 for s in specs):
-            if len(specs) != 1:
-                raise ValueError("weighted prompts are rendered one job at a time")
             spec = specs[0]
+            if any((s.prompt, s.negative_prompt) != (spec.prompt, spec.negative_prompt)
+                   for s in specs):
+                raise ValueError("weighted prompts are rendered one job at a time")
             embeds = weighting.encode_prompts(pipe, prompt=spec.prompt,
                                               negative_prompt=spec.negative_prompt,
-                                              num_images=spec.num_images)
+                                              num_images=len(prompts))
             return embeds, "weighted"
         return {"prompt": prompts, "negative_prompt": negatives}, "plain"
     kwargs: dict[str, Any] = {"prompt": prompts}
@@ -148,7 +152,7 @@ def _prompt_kwargs(pipe: Any, loaded: LoadedModel, specs: list[GenerationSpec],
 
 def render(
     loaded: LoadedModel, specs: list[GenerationSpec], prepared: list[PreparedInputs], *,
-    loras: list[LoraRef], lora_cache: LoraAdapterCache, on_step: StepHook,
+    loras: list[LoraRef], lora_cache: LoraAdapterCache, on_step: StepHook, exact: bool = True,
 ) -> RenderResult:
     """Run one pipeline call for ``specs`` (compatible by :func:`batch_key`).
 
@@ -209,7 +213,8 @@ def render(
 
         kwargs["callback_on_step_end"] = step_end
         started = time.perf_counter()
-        with torch.inference_mode():
+        split = per_job_calls(pipe, images_per) if exact else contextlib.nullcontext()
+        with torch.inference_mode(), split:
             output = pipe(**kwargs)
         seconds = time.perf_counter() - started
     images = list(output.images)

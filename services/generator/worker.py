@@ -166,8 +166,11 @@ def _run_batch(ctx: dict[str, Any], items: list[BatchItem], on_step: Any) -> lis
     """One pipeline call for a group of compatible jobs; the result is split back per job."""
     jobs: list[_Job] = [item.payload for item in items]
     loaded = jobs[0].loaded
-    combined = render(loaded, [j.task.spec for j in jobs], [j.prepared for j in jobs],
-                      loras=jobs[0].task.loras, lora_cache=ctx["lora_cache"], on_step=on_step)
+    specs = [j.task.spec for j in jobs]
+    prepared = [j.prepared for j in jobs]
+    combined = render(loaded, specs, prepared, loras=jobs[0].task.loras,
+                      lora_cache=ctx["lora_cache"], on_step=on_step,
+                      exact=ctx["settings"].generator.batch_exact)
     results: list[RenderResult] = []
     offset = 0
     for job in jobs:
@@ -176,6 +179,7 @@ def _run_batch(ctx: dict[str, Any], items: list[BatchItem], on_step: Any) -> lis
             images=combined.images[offset:offset + n], seeds=combined.seeds[offset:offset + n],
             scheduler=combined.scheduler, seconds=combined.seconds, pipeline=combined.pipeline,
             loras=combined.loras, prompt_encoding=combined.prompt_encoding,
+            batch_jobs=len(jobs),
         ))
         offset += n
     if len(jobs) > 1:
@@ -317,6 +321,7 @@ async def _run(ctx: dict[str, Any], task: GenerationTask, *, queued_s: float) ->
         "model": {"name": loaded.preset.name, "sha256": loaded.sha256},
         "device": loaded.device, "pipeline": result.pipeline,
         "loras": result.loras, "prompt_encoding": result.prompt_encoding,
+        "batch_jobs": result.batch_jobs,
     }
     if safety:
         summary["safety"] = safety
