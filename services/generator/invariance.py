@@ -73,7 +73,7 @@ def _split_call(fn: Any, sizes: list[int]) -> Any:
     def call(*args: Any, **kwargs: Any) -> Any:
         batch = _batch_of(args, kwargs)
         slices = _slices(batch, sizes) if batch is not None else None
-        if slices is None or len(slices) == 1:
+        if batch is None or slices is None or len(slices) == 1:
             return fn(*args, **kwargs)
         parts = [fn(*(_take(a, rows, batch) for a in args),
                     **{k: v if k.endswith("_ids") else _take(v, rows, batch)
