@@ -38,7 +38,8 @@ def test_grouped_jobs_keep_their_pixels(batching_stack: RunningStack) -> None:
         jobs = [wait_terminal(client, job_id) for job_id in ids]
         assert max(job["result"]["batch_jobs"] for job in jobs) > 1, [j["result"] for j in jobs]
         grouped = [images_of(job)[0] for job in jobs]
-        diffs = [int(np.abs(g.astype(int) - a.astype(int)).max()) for g, a in zip(grouped[:2], alone, strict=True)]
+        diffs = [int(np.abs(g.astype(int) - a.astype(int)).max())
+                 for g, a in zip(grouped[:2], alone, strict=True)]
         assert diffs == [0, 0], (diffs, [j["result"]["batch_jobs"] for j in jobs])
         assert [job["result"]["seeds"] for job in jobs] == [[500], [501], [502], [503]]
         # An incompatible job (other steps) is never grouped with them.
