@@ -38,6 +38,9 @@ lint: install
 
 bench: install redis-server
 	$(PY) bench/overhead.py
+	$(PY) bench/lora_swap.py
+	$(PY) bench/batching.py
+	$(PY) bench/pipeline_cache.py
 
 clean:
 	rm -rf .loomis out
