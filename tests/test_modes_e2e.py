@@ -69,6 +69,12 @@ def test_img2img_from_upload_and_from_earlier_job(stack: RunningStack) -> None:
         stronger = images_of(run(client, {**BASE, "mode": "img2img", "init_image": ref,
                                           "strength": 1.0}))[0]
         assert not np.array_equal(stronger, first)  # strength reaches the pipeline
+        manifest_url = next(a["url"] for a in job["artifacts"] if a["kind"] == "manifest")
+        manifest = httpx.get(manifest_url).json()
+        assert manifest["pipeline"] == "StableDiffusionImg2ImgPipeline"
+        assert set(manifest["inputs"]) == {"init_image"}
+        assert set(manifest["model"]["options"]) >= {"attention_slicing", "vae_slicing",
+                                                     "vae_tiling", "cpu_offload", "dtype"}
         chained = run(client, {**BASE, "mode": "img2img", "init_image": f"job:{job['id']}/0"})
         assert images_of(chained)[0].shape == (64, 80, 3)
         inline = "data:image/png;base64," + base64.b64encode(png_bytes(gradient(64, 64))).decode()

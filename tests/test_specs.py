@@ -57,3 +57,54 @@ def test_production_refuses_the_development_secret(monkeypatch: pytest.MonkeyPat
         Settings()
     monkeypatch.setenv("LOOMIS_GATEWAY__SIGNING_SECRET", "a-real-secret")
     assert Settings().env == "production"
+
+
+def test_modes_require_their_inputs_and_nothing_else() -> None:
+    with pytest.raises(ValidationError, match="needs `init_image`"):
+        GenerationSpec(prompt="p", mode="img2img")  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="needs `mask`"):
+        GenerationSpec(prompt="p", mode="inpaint", init_image="upload:a")  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="not used by mode 'txt2img'"):
+        GenerationSpec(prompt="p", init_image="upload:a")
+    with pytest.raises(ValidationError, match="exactly one of"):
+        GenerationSpec(prompt="p", mode="inpaint", init_image="upload:a",  # type: ignore[arg-type]
+                       mask={"image": "upload:b", "shapes": [{"type": "circle", "cx": 1,
+                                                             "cy": 1, "r": 1}]})
+    with pytest.raises(ValidationError, match="start"):
+        GenerationSpec(prompt="p", controls=[{"type": "depth", "image": "upload:a",  # type: ignore[list-item]
+                                              "start": 0.9, "end": 0.1}])
+    with pytest.raises(ValidationError, match="only for type 'openpose'"):
+        GenerationSpec(prompt="p", controls=[{"type": "canny", "keypoints": {}}])  # type: ignore[list-item]
+
+
+def test_image_modes_default_to_the_input_size_and_strength() -> None:
+    spec = GenerationSpec(prompt="p", mode="img2img", init_image="upload:a")  # type: ignore[arg-type]
+    img2img = resolve_generation(spec, registry=REGISTRY, default_model="tiny-sd15",
+                                 input_size=(3000, 1500))
+    assert (img2img.width, img2img.height, img2img.strength) == (1024, 512, 0.75)
+    out = GenerationSpec(prompt="p", mode="outpaint", init_image="upload:a",  # type: ignore[arg-type]
+                         outpaint={"left": 16, "bottom": 8})
+    resolved = resolve_generation(out, registry=REGISTRY, default_model="tiny-sd15",
+                                  input_size=(75, 64))
+    assert (resolved.width, resolved.height, resolved.strength) == (72 + 16, 64 + 8, 1.0)
+    with pytest.raises(ValidationFailed) as few_steps:
+        resolve(mode="img2img", init_image="upload:a", strength=0.1, steps=4)
+    assert few_steps.value.errors[0]["field"] == "strength"
+    with pytest.raises(ValidationFailed) as no_net:
+        resolve(model="flux-schnell", controls=[{"type": "openpose", "keypoints": {"people": []}}])
+    assert no_net.value.errors[0]["field"] == "controls.0.type"
+
+
+def test_masks_from_shapes_feather_and_partial_values() -> None:
+    from shared.images import mask_is_empty, render_mask
+
+    mask = render_mask([{"type": "rect", "x": 2, "y": 2, "width": 4, "height": 4},
+                        {"type": "polygon", "points": [(10, 10), (15, 10), (15, 15)],
+                         "value": 0.5}], size=(16, 16))
+    assert mask.getpixel((3, 3)) == 255 and mask.getpixel((0, 0)) == 0
+    assert mask.getpixel((14, 11)) == 128  # grey: partial repaint
+    soft = render_mask([{"type": "rect", "x": 4, "y": 4, "width": 8, "height": 8}],
+                       size=(16, 16), feather=2)
+    assert 0 < soft.getpixel((3, 8)) < 255  # the edge is blended
+    assert mask_is_empty(render_mask([{"type": "circle", "cx": 5, "cy": 5, "r": 3, "value": 0}],
+                                     size=(16, 16)))
