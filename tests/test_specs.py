@@ -108,3 +108,14 @@ def test_masks_from_shapes_feather_and_partial_values() -> None:
     assert 0 < soft.getpixel((3, 8)) < 255  # the edge is blended
     assert mask_is_empty(render_mask([{"type": "circle", "cx": 5, "cy": 5, "r": 3, "value": 0}],
                                      size=(16, 16)))
+
+
+@pytest.mark.parametrize("model", ["GenerationSpec", "SweepSpec", "PreprocessSpec"])
+def test_openapi_examples_are_valid_requests(model: str) -> None:
+    import shared.specs as specs
+
+    cls = getattr(specs, model)
+    examples = cls.model_config["json_schema_extra"]["examples"]
+    assert examples
+    for example in examples:
+        cls.model_validate(example)
