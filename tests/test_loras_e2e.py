@@ -81,3 +81,9 @@ def test_bad_lora_uploads_are_refused(stack: RunningStack, model_cache: Path) ->
         assert ok.status_code == 201, ok.text
         mixed = client.post("/v1/generations", json={**BASE, "loras": [{"id": ok.json()["id"]}]})
         assert mixed.status_code == 422 and "sdxl" in mixed.json()["errors"][0]["message"]
+        # On its own family it applies: weight 1 changes the output, weight 0 does not.
+        xl = {**BASE, "model": "tiny-sdxl", "steps": 2}
+        base = images_of(run(client, xl))[0]
+        styled = images_of(run(client, {**xl, "loras": [{"id": ok.json()["id"]}]}))[0]
+        off = images_of(run(client, {**xl, "loras": [{"id": ok.json()["id"], "weight": 0}]}))[0]
+        assert not np.array_equal(styled, base) and np.array_equal(off, base)
