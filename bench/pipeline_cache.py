@@ -15,10 +15,11 @@ their memory is measured alone:
 
 Per mode it reports time to first image (getting the pipeline + its first generation, the
 median over ``--repeats`` subprocess pairs). For memory, the bytes of the distinct parameter
-and buffer tensors (by data pointer) held by all pipelines at the end, which is exact, and
-the growth of the process's resident set (VmRSS from /proc/self/status, after imports),
-which is what the OS sees but includes allocator noise. Both approaches run the same calls
-with the same seeds, so their images are also compared.
+and buffer tensors (by data pointer) held by all pipelines at the end, which is exact and is
+what a GPU would hold, and what the process's resident set grew by (VmRSS and its parts from
+/proc/self/status, Pss from /proc/self/smaps_rollup), which is what the OS sees but includes
+allocator noise and, on CPU, counts mmapped weight files once per mapping. Both approaches
+run the same calls with the same seeds, so their images are also compared.
 
     HF_HUB_OFFLINE=1 python bench/pipeline_cache.py [--size 64|256] [--steps 3] [--repeats 3]
         [--threads 1] [--model-cache DIR]
@@ -69,12 +70,22 @@ def quiet() -> None:
 
 
 def proc_status() -> dict[str, int]:
-    """Memory lines of /proc/self/status in bytes (VmRSS, RssAnon, RssFile, VmHWM)."""
-    values = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, rest = line.partition(":")
-        if key in ("VmRSS", "RssAnon", "RssFile", "VmHWM"):
-            values[key] = int(rest.split()[0]) * 1024
+    """Memory figures of this process in bytes: VmRSS, RssAnon, RssFile, VmHWM from
+    /proc/self/status, and Pss from /proc/self/smaps_rollup.
+
+    Weights loaded from safetensors on CPU stay mmapped from the file (RssFile): a file
+    mapped twice counts twice in RSS but is in RAM once, which Pss (pages divided by their
+    mapping count) shows.
+    """
+    values = {"Pss": 0}
+    for source in ("status", "smaps_rollup"):
+        path = Path("/proc/self") / source
+        if not path.exists():
+            continue
+        for line in path.read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "RssAnon", "RssFile", "VmHWM", "Pss"):
+                values[key] = int(rest.split()[0]) * 1024
     return values
 
 
@@ -207,7 +218,8 @@ def run_child(approach: str, model_cache: Path, size: int, steps: int) -> dict[s
         "modes": modes,
         "memory": {**held_bytes(pipes), "added": held_bytes(pipes)["distinct"] - first_held,
                    "VmRSS_growth": after["VmRSS"] - before["VmRSS"],
-                   **{f"{key}_added": after[key] - first[key] for key in ("VmRSS", "RssAnon", "RssFile")},
+                   **{f"{key}_added": after[key] - first[key]
+                      for key in ("VmRSS", "RssAnon", "RssFile", "Pss")},
                    "peak_growth": after["VmHWM"] - before["VmRSS"]},
         "companion_loads": loaded.derived_loads if approach == "derived" else None,
     }
@@ -299,13 +311,15 @@ def main() -> None:
     out("memory, MiB: parameters+buffers held by all five pipelines (distinct tensors, and counted")
     out("per pipeline), and what the four modes after txt2img added (RSS: median over runs)")
     out(f"{'approach':10} {'held':>7} {'per pipeline':>13} {'modules':>8} {'added':>7} "
-        f"{'VmRSS added':>12} {'RssAnon':>8} {'RssFile':>8} {'VmRSS since imports':>20} {'peak':>7}")
+        f"{'VmRSS added':>12} {'RssAnon':>8} {'RssFile':>8} {'Pss added':>10} {'VmRSS since imports':>20} "
+        f"{'peak':>7}")
     for approach in ("derived", "separate"):
         modules = runs[approach][0]["memory"]["modules"]
         out(f"{approach:10} {mem(approach, 'distinct'):7.2f} {mem(approach, 'per_pipeline'):13.2f} "
             f"{modules:8d} {mem(approach, 'added'):7.2f} {mem(approach, 'VmRSS_added'):12.1f} "
             f"{mem(approach, 'RssAnon_added'):8.1f} {mem(approach, 'RssFile_added'):8.1f} "
-            f"{mem(approach, 'VmRSS_growth'):20.1f} {mem(approach, 'peak_growth'):7.1f}")
+            f"{mem(approach, 'Pss_added'):10.1f} {mem(approach, 'VmRSS_growth'):20.1f} "
+            f"{mem(approach, 'peak_growth'):7.1f}")
     param_ratio = mem("separate", "distinct") / mem("derived", "distinct")
     added_ratio = mem("separate", "added") / mem("derived", "added")
     rss_ratio = mem("separate", "VmRSS_added") / mem("derived", "VmRSS_added")
@@ -326,7 +340,8 @@ def main() -> None:
     out(f"  weights held for all five pipelines: {mem('derived', 'distinct'):.1f} MiB derived vs "
         f"{mem('separate', 'distinct'):.1f} MiB separate ({param_ratio:.1f}x; {added_ratio:.1f}x for "
         f"what the four modes add); VmRSS added {mem('derived', 'VmRSS_added'):.0f} vs "
-        f"{mem('separate', 'VmRSS_added'):.0f} MiB")
+        f"{mem('separate', 'VmRSS_added'):.0f} MiB, Pss added {mem('derived', 'Pss_added'):.0f} vs "
+        f"{mem('separate', 'Pss_added'):.0f} MiB (CPU weights are mmapped files: RAM holds each file once)")
     identical = all(run["modes"][m]["image"] == runs["derived"][0]["modes"][m]["image"]
                     for m in MODES for run in runs["derived"] + runs["separate"])
     out(f"  same pixels from both approaches in every mode and run: {'yes' if identical else 'NO'}")

@@ -60,6 +60,7 @@ class LoraAdapterCache:
         self.files = files
         self.max_loaded = max(1, max_loaded)
         self._loaded: dict[int, OrderedDict[str, str]] = {}
+        self._active: dict[int, tuple[tuple[str, float], ...]] = {}
         self.loads = 0
 
     def loaded_names(self, pipe: Any) -> list[str]:
@@ -72,8 +73,9 @@ class LoraAdapterCache:
         """
         held = self._loaded.setdefault(id(pipe), OrderedDict())
         if not loras:
-            if held:
+            if held and self._active.get(id(pipe)):
                 pipe.disable_lora()
+            self._active[id(pipe)] = ()
             return []
         names: list[str] = []
         for lora in loras:
@@ -86,9 +88,13 @@ class LoraAdapterCache:
         while len(held) > max(self.max_loaded, len(names)):
             evicted, _ = held.popitem(last=False)
             pipe.delete_adapters(evicted)
+            self._active.pop(id(pipe), None)
             logger.info("unloaded LoRA adapter %s", evicted)
-        pipe.enable_lora()
-        pipe.set_adapters(names, adapter_weights=[lora.weight for lora in loras])
+        wanted = tuple(zip(names, (lora.weight for lora in loras), strict=True))
+        if self._active.get(id(pipe)) != wanted:  # unchanged: skip the ~5 ms re-application
+            pipe.enable_lora()
+            pipe.set_adapters(names, adapter_weights=[lora.weight for lora in loras])
+            self._active[id(pipe)] = wanted
         return [{"id": lora.id, "name": lora.name, "sha256": lora.sha256, "weight": lora.weight,
                  "adapter": name} for lora, name in zip(loras, names, strict=True)]
 
