@@ -8,12 +8,13 @@ storage, the embedded defaults) three times in one run:
     (c) batch_size=8, batch_exact=false: grouped calls, one model call for the group
 
 Each submits N compatible tiny-sd15 jobs at once over HTTP (distinct prompts, seeds
-1000+i), waits for all, and reports wall time, jobs/s, end-to-end latency, how many jobs
-shared each pipeline call (result.batch_jobs) and the speedup over (a). Then every job's
-image is downloaded and compared with (a)'s image for the same seed: (b) must match exactly.
+1000+i), a few bursts in a row, waits for all, and reports wall time, jobs/s, end-to-end
+latency, how many jobs shared each pipeline call (result.batch_jobs) and the speedup over
+(a), medians over the bursts. Then every job's image is downloaded and compared with (a)'s
+image for the same seed: (b) must match exactly (the exit status is 1 if it does not).
 
-    python bench/batching.py [--jobs 32] [--size 64] [--steps 4] [--batch-size 8]
-                             [--window 0.05]
+    python bench/batching.py [--jobs 32] [--repeats 3] [--size 64] [--steps 4]
+                             [--batch-size 8] [--window 0.05] [--poll 0.05]
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ def submit_all(client: LoomisClient, specs: list[dict[str, Any]],
     started = time.perf_counter()
     with ThreadPoolExecutor(len(specs)) as pool:
         ids = list(pool.map(lambda s: client.submit_generation(s)["id"], specs))
+    wanted = set(ids)
     done: dict[str, tuple[float, dict[str, Any]]] = {}
     while len(done) < len(ids):
         time.sleep(poll_s)
@@ -82,7 +84,7 @@ def submit_all(client: LoomisClient, specs: list[dict[str, Any]],
             page.raise_for_status()
             now = time.perf_counter()
             for job in page.json()["items"]:
-                if job["id"] in ids and job["id"] not in done and job["status"] in TERMINAL:
+                if job["id"] in wanted and job["id"] not in done and job["status"] in TERMINAL:
                     assert job["status"] == "succeeded", job
                     done[job["id"]] = (now - started, job)
             cursor = page.json()["next_cursor"]

@@ -59,6 +59,8 @@ class LoomisClient:
                 source.response.read()
                 raise ApiError(source.response)
             for sse in source.iter_sse():
+                if not sse.data:  # keep-alive comments carry no event
+                    continue
                 event = json.loads(sse.data)
                 yield event
                 if event["status"] in TERMINAL:

@@ -88,6 +88,20 @@ def test_readyz_reports_a_stopped_redis(
             jobs = client.get("/v1/jobs").json()["items"]
         assert [j["status"] for j in jobs] == ["failed"]
         assert jobs[0]["error"]["code"] == "queue_unavailable"
+
+        # Many clients following a job (SSE) must not hold database connections: with no
+        # worker the job stays queued and every stream stays open.
+        with running.client() as client:
+            job_id = client.post("/v1/generations", json={"prompt": "x", "steps": 1}).json()["id"]
+            streams = [client.stream("GET", f"/v1/jobs/{job_id}/events") for _ in range(20)]
+            opened = [stream.__enter__() for stream in streams]
+            try:
+                assert all(response.status_code == 200 for response in opened)
+                for _ in range(5):
+                    assert client.get(f"/v1/jobs/{job_id}").status_code == 200
+            finally:
+                for stream in streams:
+                    stream.__exit__(None, None, None)
     finally:
         running.stack.stop()
         running.redis.stop()

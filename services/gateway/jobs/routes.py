@@ -85,6 +85,11 @@ async def job_events(
     replay = [JobEvent(job_id=r.job_id, seq=r.seq, type=r.type, at=r.at,
                        status=JobStatus(r.status), data=r.data) for r in stored]
     finished = is_terminal(job.status)
+    job_id = job.id
+    # A stream can last as long as the job; holding the request's pooled connection that long
+    # would let a few dozen followers starve every other request. The terminal write below
+    # opens its own short session.
+    await session.close()
 
     async def stream() -> AsyncIterator[ServerSentEvent]:
         sent = after
@@ -99,7 +104,7 @@ async def job_events(
         while True:
             try:
                 entries = await state.events.read_job_stream(
-                    job.id, after_stream_id=cursor, block_ms=15_000
+                    job_id, after_stream_id=cursor, block_ms=15_000
                 )
             except asyncio.CancelledError:
                 raise
@@ -117,7 +122,7 @@ async def job_events(
                     yield _sse(event)
                     return
                 yield _sse(event)
-            if not entries and await state.events.state(job.id) is None:
+            if not entries and await state.events.state(job_id) is None:
                 return  # live state expired: nothing more will come
 
     return EventSourceResponse(stream(), ping=10)
