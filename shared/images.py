@@ -66,13 +66,13 @@ def decode_image(data: bytes, *, field: str, mode: str = "RGB") -> CheckedImage:
             if probe.format not in ALLOWED_FORMATS:
                 raise _fail(field, f"{probe.format} images are not accepted; send PNG, JPEG or WebP")
             probe.load()
+            image = ImageOps.exif_transpose(probe) or probe
+            image = image.convert(mode)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise _fail(field, "the image is too large to decode (decompression bomb guard)",
                     status=413) from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise _fail(field, "not a readable image (PNG, JPEG or WebP expected)") from exc
-    image = ImageOps.exif_transpose(probe) or probe
-    image = image.convert(mode)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return CheckedImage(image=image, png=buffer.getvalue(), source_format=str(probe.format))
@@ -80,7 +80,12 @@ def decode_image(data: bytes, *, field: str, mode: str = "RGB") -> CheckedImage:
 
 def decode_data_url(value: str, *, field: str) -> bytes:
     """``data:image/png;base64,...`` (or bare base64) to bytes, with the field named on error."""
-    payload = value.split(",", 1)[1] if value.startswith("data:") else value
+    if value.startswith("data:"):
+        head, sep, payload = value.partition(",")
+        if not sep or ";base64" not in head:
+            raise _fail(field, "a data: URL must look like data:image/png;base64,<data>")
+    else:
+        payload = value
     try:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as exc:
@@ -161,11 +166,13 @@ def outpaint_canvas(
 
     mask = Image.new("L", canvas_size, 255)
     keep = inset(overlap)
-    ImageDraw.Draw(mask).rectangle((keep[0], keep[1], keep[2] - 1, keep[3] - 1), fill=0)
+    if keep[2] > keep[0] and keep[3] > keep[1]:  # a small image may be all seam
+        ImageDraw.Draw(mask).rectangle((keep[0], keep[1], keep[2] - 1, keep[3] - 1), fill=0)
     if feather > 0:
         mask = mask.filter(ImageFilter.GaussianBlur(radius=feather))
         # The blur must not reach deep into the original: past the seam it stays exactly as sent.
         untouched = inset(overlap + math.ceil(2 * feather))
-        ImageDraw.Draw(mask).rectangle(
-            (untouched[0], untouched[1], untouched[2] - 1, untouched[3] - 1), fill=0)
+        if untouched[2] > untouched[0] and untouched[3] > untouched[1]:
+            ImageDraw.Draw(mask).rectangle(
+                (untouched[0], untouched[1], untouched[2] - 1, untouched[3] - 1), fill=0)
     return canvas, mask

@@ -29,6 +29,7 @@ class FamilyDefaults(BaseModel):
     max_steps: int = 150
     default_guidance: float
     schedulers: tuple[str, ...]
+    size_multiple: int = 8  # the VAE's factor; Flux packs 2x2 latent patches, so 16
 
 
 # Names as webui users write them -> (diffusers class, extra config).
@@ -57,7 +58,7 @@ FAMILIES: dict[ModelFamily, FamilyDefaults] = {
     ),
     ModelFamily.FLUX: FamilyDefaults(
         default_size=1024, min_size=256, max_size=2048, default_steps=28, default_guidance=3.5,
-        schedulers=("FlowMatch Euler",),
+        schedulers=("FlowMatch Euler",), size_multiple=16,
     ),
 }
 

@@ -17,6 +17,7 @@ from pydantic import ValidationError as PydanticValidationError
 
 from shared.errors import ValidationFailed
 from shared.models import ControlType, ModelRegistry, canonical_scheduler
+from shared.poses import parse_openpose_json
 
 MAX_PROMPT_CHARS = 2000
 MAX_SEED = 2**32 - 1
@@ -56,6 +57,13 @@ Prompt = Annotated[
     AfterValidator(_not_blank),
 ]
 Size = Annotated[int, Field(ge=64, le=4096, multiple_of=8, description="Pixels, multiple of 8.")]
+
+
+# A standing figure, COCO-18 keypoints normalised to the canvas (x, y, confidence).
+EXAMPLE_POSE: list[Any] = [0.5, 0.16, 1, 0.5, 0.28, 1, 0.41, 0.28, 1, 0.38, 0.44, 1, 0.36, 0.58, 1,
+                0.59, 0.28, 1, 0.62, 0.44, 1, 0.64, 0.58, 1, 0.44, 0.58, 1, 0.43, 0.76, 1,
+                0.42, 0.94, 1, 0.56, 0.58, 1, 0.57, 0.76, 1, 0.58, 0.94, 1, 0.48, 0.14, 1,
+                0.52, 0.14, 1, 0.46, 0.15, 1, 0.54, 0.15, 1]
 
 
 class GenerationMode(StrEnum):
@@ -182,6 +190,8 @@ class ControlSpec(BaseModel):
             raise ValueError("give exactly one of `image` or `keypoints` (openpose)")
         if self.type == ControlType.CANNY and self.low_threshold > self.high_threshold:
             raise ValueError("low_threshold must not exceed high_threshold")
+        if self.keypoints is not None:
+            parse_openpose_json(self.keypoints, default_size=(512, 512))  # raises ValueError
         return self
 
 
@@ -219,6 +229,8 @@ class PreprocessSpec(BaseModel):
             raise ValueError("give exactly one of `image` or `keypoints` (openpose)")
         if self.low_threshold > self.high_threshold:
             raise ValueError("low_threshold must not exceed high_threshold")
+        if self.keypoints is not None:
+            parse_openpose_json(self.keypoints, default_size=(512, 512))  # raises ValueError
         return self
 
 
@@ -264,7 +276,7 @@ class GenerationSpec(BaseModel):
                 {"prompt": "a dancer on a stage", "controls": [
                     {"type": "canny", "image": "upload:3f2a9c0d1e7b4a56", "scale": 0.8,
                      "low_threshold": 80, "high_threshold": 180},
-                    {"type": "openpose", "keypoints": {"people": [{"pose_keypoints_2d": [0.5, 0.2, 1]}]},
+                    {"type": "openpose", "keypoints": {"people": [{"pose_keypoints_2d": EXAMPLE_POSE}]},
                      "scale": 1.0, "start": 0.0, "end": 0.6}],
                  "loras": [{"id": "8c1d2e3f4a5b6c7d", "weight": 0.8}]},
             ]
@@ -331,12 +343,14 @@ class GenerationSpec(BaseModel):
 
 
 
-def _fit_size(size: tuple[int, int], *, max_size: int, min_size: int) -> tuple[int, int]:
-    """An input image's size as a generation size: within the preset's limit, multiples of 8."""
+def _fit_size(size: tuple[int, int], *, max_size: int, min_size: int,
+              multiple: int = 8) -> tuple[int, int]:
+    """An input image's size as a generation size: within the preset's limits, and a multiple
+    of what the family's latents need."""
     w, h = size
     scale = min(1.0, max_size / max(w, h))
     w, h = round(w * scale), round(h * scale)
-    return max(min_size, w - w % 8), max(min_size, h - h % 8)
+    return max(min_size, w - w % multiple), max(min_size, h - h % multiple)
 
 
 def resolve_generation(
@@ -360,7 +374,7 @@ def resolve_generation(
     default_w = default_h = limits.default_size
     if input_size is not None:
         default_w, default_h = _fit_size(input_size, max_size=limits.max_size,
-                                         min_size=limits.min_size)
+                                         min_size=limits.min_size, multiple=limits.size_multiple)
     if spec.mode == GenerationMode.OUTPAINT and spec.outpaint is not None:
         pad = spec.outpaint
         default_w += pad.left + pad.right
@@ -378,6 +392,9 @@ def resolve_generation(
                 "field": field,
                 "message": f"{model_name} supports {limits.min_size}-{limits.max_size} px",
             })
+        elif value % limits.size_multiple:
+            errors.append({"field": field, "message": f"{preset.family.value} models need a "
+                           f"multiple of {limits.size_multiple} px (got {value})"})
     steps = spec.steps or limits.default_steps
     if steps > limits.max_steps:
         errors.append({"field": "steps", "message": f"{model_name} allows at most "

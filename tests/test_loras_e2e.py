@@ -53,6 +53,10 @@ def test_lora_weights_switching_and_unloading(stack: RunningStack, model_cache: 
             assert bob.get(f"/v1/loras/{style}").status_code == 404
             other = bob.post("/v1/generations", json={**BASE, "loras": [{"id": style}]})
             assert other.status_code == 422 and other.json()["errors"][0]["field"] == "loras.0.id"
+        # Same family, other layer widths (a tiny-sd15 LoRA on real SD1.5): refused up front.
+        wide = client.post("/v1/generations", json={**BASE, "model": "sd15",
+                                                    "loras": [{"id": style}]})
+        assert wide.status_code == 422 and "layer width" in wide.json()["errors"][0]["message"]
         assert client.delete(f"/v1/loras/{subject}").status_code == 204
         assert client.get(f"/v1/loras/{subject}").status_code == 404
         gone = client.post("/v1/generations", json={**BASE, "loras": [{"id": subject}]})

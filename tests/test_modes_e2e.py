@@ -118,6 +118,10 @@ def test_outpaint_extends_the_canvas(stack: RunningStack) -> None:
         out = images_of(job)[0]
         assert out.shape == (72, 112, 3)
         assert job["spec"]["width"] == 112 and job["spec"]["height"] == 72
+        # A feather wider than the image is all seam, not an error.
+        wide = run(client, {**BASE, "mode": "outpaint", "init_image": ref,
+                            "outpaint": {"left": 64, "feather": 64}})
+        assert images_of(wide)[0].shape == (64, 128, 3)
         # The original, past the repainted seam (8 px overlap + 2 x feather), is kept as sent.
         inner = out[8 + 20:8 + 44, 16 + 20:16 + 44]
         assert np.array_equal(inner, np.asarray(source)[20:44, 20:44])
@@ -153,6 +157,14 @@ def test_bad_inputs_are_problems_and_create_no_job(stack: RunningStack) -> None:
               + base64.b64encode(b"not an image at all").decode()}, "init_image"),
             ({**BASE, "mode": "img2img", "init_image": "data:image/png;base64,"
               + base64.b64encode(_bomb_png()).decode()}, "init_image"),
+            ({**BASE, "mode": "img2img", "init_image": "data:nocomma"}, "init_image"),
+            ({**BASE, "mode": "img2img", "init_image": "upload:" + "a" * 300}, "init_image"),
+            ({**BASE, "mode": "img2img",
+              "init_image": "job:6d1f0c3e-8a4b-4d2e-9f0a-1b2c3d4e5f60/\u00b2"}, "init_image"),
+            ({**BASE, "model": "tiny-flux", "width": 72}, "width"),
+            ({**BASE, "controls": [{"type": "openpose",
+                                    "keypoints": {"people": [{"pose_keypoints_2d": [1]}]}}]},
+             "controls.0"),
         ]
         for spec, field in cases:
             response = client.post("/v1/generations", json=spec)

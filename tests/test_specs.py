@@ -8,9 +8,10 @@ from pydantic import ValidationError
 from shared.errors import ValidationFailed
 from shared.models import ModelRegistry, canonical_scheduler
 from shared.settings import Settings
-from shared.specs import GenerationSpec, resolve_generation
+from shared.specs import EXAMPLE_POSE, GenerationSpec, resolve_generation
 
 REGISTRY = ModelRegistry.load()
+POSE = {"people": [{"pose_keypoints_2d": EXAMPLE_POSE}]}
 
 
 def resolve(**fields: object) -> GenerationSpec:
@@ -73,6 +74,9 @@ def test_modes_require_their_inputs_and_nothing_else() -> None:
     with pytest.raises(ValidationError, match="start"):
         GenerationSpec(prompt="p", controls=[{"type": "depth", "image": "upload:a",  # type: ignore[list-item]
                                               "start": 0.9, "end": 0.1}])
+    with pytest.raises(ValidationError, match="keypoints"):  # checked at the gateway, not later
+        GenerationSpec(prompt="p", controls=[{"type": "openpose",  # type: ignore[list-item]
+                                              "keypoints": {"people": [{"pose_keypoints_2d": [1, 2]}]}}])
     with pytest.raises(ValidationError, match="only for type 'openpose'"):
         GenerationSpec(prompt="p", controls=[{"type": "canny", "keypoints": {}}])  # type: ignore[list-item]
 
@@ -91,7 +95,7 @@ def test_image_modes_default_to_the_input_size_and_strength() -> None:
         resolve(mode="img2img", init_image="upload:a", strength=0.1, steps=4)
     assert few_steps.value.errors[0]["field"] == "strength"
     with pytest.raises(ValidationFailed) as no_net:
-        resolve(model="flux-schnell", controls=[{"type": "openpose", "keypoints": {"people": []}}])
+        resolve(model="flux-schnell", controls=[{"type": "openpose", "keypoints": POSE}])
     assert no_net.value.errors[0]["field"] == "controls.0.type"
 
 

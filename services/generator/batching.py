@@ -43,8 +43,10 @@ RunBatch = Callable[[list[BatchItem], StepHook], list[Any]]
 class Batcher:
     """``run(items, on_step)`` renders a group in a thread and returns one result per item."""
 
-    def __init__(self, run: RunBatch, *, max_size: int, window_s: float) -> None:
+    def __init__(self, run: RunBatch, *, max_size: int, window_s: float,
+                 slot: asyncio.Lock | None = None) -> None:
         self._run = run
+        self._slot = slot or asyncio.Lock()
         self.max_size = max(1, max_size)
         self.window_s = window_s
         self._open: dict[tuple[Any, ...], _Group] = {}
@@ -96,7 +98,10 @@ class Batcher:
                 raise JobCanceled()
 
         try:
-            results = await asyncio.to_thread(self._run, items, on_step)
+            async with self._slot:
+                results = await asyncio.to_thread(self._run, items, on_step)
+            if len(results) != len(items):
+                raise RuntimeError(f"{len(results)} results for {len(items)} jobs")
         except BaseException as exc:  # noqa: BLE001 - every waiting job must hear about it
             for future in group.futures:
                 if not future.done():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,9 +48,13 @@ class LoraFiles:
         self.root.mkdir(parents=True, exist_ok=True)
         target = self.path(sha256)
         fd, tmp = tempfile.mkstemp(dir=self.root, suffix=".part")
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, target)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
         return target
 
 
@@ -59,28 +64,33 @@ class LoraAdapterCache:
     def __init__(self, files: LoraFiles, *, max_loaded: int = 8) -> None:
         self.files = files
         self.max_loaded = max(1, max_loaded)
-        self._loaded: dict[int, OrderedDict[str, str]] = {}
-        self._active: dict[int, tuple[tuple[str, float], ...]] = {}
+        # Keyed by the pipeline object itself (weakly): an evicted pipeline's state goes with
+        # it, and a new pipeline can never inherit it through a recycled id().
+        self._loaded: weakref.WeakKeyDictionary[Any, OrderedDict[str, str]] = (
+            weakref.WeakKeyDictionary())
+        self._active: weakref.WeakKeyDictionary[Any, tuple[tuple[str, float], ...]] = (
+            weakref.WeakKeyDictionary())
         self.loads = 0
 
     def loaded_names(self, pipe: Any) -> list[str]:
-        return list(self._loaded.get(id(pipe), {}))
+        return list(self._loaded.get(pipe, {}))
 
     def activate(self, pipe: Any, loras: list[LoraRef]) -> list[dict[str, Any]]:
         """Make exactly ``loras`` active on ``pipe`` with their weights; returns what was used.
 
         Called with the model's lock held: adapters are state on shared modules.
         """
-        held = self._loaded.setdefault(id(pipe), OrderedDict())
+        held = self._loaded.setdefault(pipe, OrderedDict())
         if not loras:
-            if held and self._active.get(id(pipe)):
+            if held and self._active.get(pipe):
                 pipe.disable_lora()
-            self._active[id(pipe)] = ()
+            self._active[pipe] = ()
             return []
         names: list[str] = []
         for lora in loras:
             name = adapter_name(lora.sha256)
             if name not in held:
+                self._active.pop(pipe, None)  # peft changes the active set when it loads
                 self._load(pipe, lora, name)
                 held[name] = lora.sha256
             held.move_to_end(name)
@@ -88,13 +98,13 @@ class LoraAdapterCache:
         while len(held) > max(self.max_loaded, len(names)):
             evicted, _ = held.popitem(last=False)
             pipe.delete_adapters(evicted)
-            self._active.pop(id(pipe), None)
+            self._active.pop(pipe, None)
             logger.info("unloaded LoRA adapter %s", evicted)
         wanted = tuple(zip(names, (lora.weight for lora in loras), strict=True))
-        if self._active.get(id(pipe)) != wanted:  # unchanged: skip the ~5 ms re-application
+        if self._active.get(pipe) != wanted:  # unchanged: skip the ~5 ms re-application
             pipe.enable_lora()
             pipe.set_adapters(names, adapter_weights=[lora.weight for lora in loras])
-            self._active[id(pipe)] = wanted
+            self._active[pipe] = wanted
         return [{"id": lora.id, "name": lora.name, "sha256": lora.sha256, "weight": lora.weight,
                  "adapter": name} for lora, name in zip(loras, names, strict=True)]
 

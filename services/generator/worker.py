@@ -112,9 +112,14 @@ async def startup(ctx: dict[str, Any]) -> None:
     ctx["lora_files"] = LoraFiles(settings.model_cache / "loras")
     ctx["lora_cache"] = LoraAdapterCache(ctx["lora_files"],
                                          max_loaded=settings.generator.max_loaded_loras)
+    # One pipeline call at a time per worker (one GPU): arq may hand us batch_size jobs at
+    # once, but only to group them; loading another model also waits for the slot, so a
+    # model is never evicted while it renders.
+    ctx["render_slot"] = asyncio.Lock()
     ctx["batcher"] = Batcher(lambda items, on_step: _run_batch(ctx, items, on_step),
                              max_size=settings.generator.batch_size,
-                             window_s=settings.generator.batch_window_s)
+                             window_s=settings.generator.batch_window_s,
+                             slot=ctx["render_slot"])
     ctx["safety"] = LazySafetyFilter()
     ctx["versions"] = library_versions()
     ctx["worker_name"] = socket.gethostname()
@@ -178,7 +183,10 @@ def _run_batch(ctx: dict[str, Any], items: list[BatchItem], on_step: Any) -> lis
         results.append(RenderResult(
             images=combined.images[offset:offset + n], seeds=combined.seeds[offset:offset + n],
             scheduler=combined.scheduler, seconds=combined.seconds, pipeline=combined.pipeline,
-            loras=combined.loras, prompt_encoding=combined.prompt_encoding,
+            # Grouped jobs share LoRA files by hash, not ids: report each job's own LoRAs.
+            loras=[{**used, "id": ref.id, "name": ref.name}
+                   for used, ref in zip(combined.loras, job.task.loras, strict=True)],
+            prompt_encoding=combined.prompt_encoding,
             batch_jobs=len(jobs),
         ))
         offset += n
@@ -228,7 +236,8 @@ async def _render_task(
     loop = asyncio.get_running_loop()
 
     t0 = time.perf_counter()
-    loaded: LoadedModel = await asyncio.to_thread(ctx["cache"].get, spec.model)
+    async with ctx["render_slot"]:
+        loaded: LoadedModel = await asyncio.to_thread(ctx["cache"].get, spec.model)
     raw = await _load_inputs(store, task.inputs)
     await _fetch_loras(ctx, task.loras)
     try:
@@ -336,19 +345,22 @@ async def preprocess_control(ctx: dict[str, Any], payload: dict[str, Any]) -> di
     task = PreprocessTask.model_validate(payload)
     store: ObjectStore = ctx["store"]
     settings: Settings = ctx["settings"]
-    image = None
-    if task.input_key is not None:
-        raw = await _load_inputs(store, {"image": task.input_key})
-        image = raw["image"]
     spec = task.spec
     try:
+        image = None
+        if task.input_key is not None:
+            image = (await _load_inputs(store, {"image": task.input_key}))["image"]
         result = await asyncio.to_thread(
             control_image, spec.type.value, image, size=(task.width, task.height),
             low=spec.low_threshold, high=spec.high_threshold, keypoints=spec.keypoints,
             model_cache=settings.model_cache, resolve=ctx["cache"].resolve_source,
             depth_model=settings.generator.depth_model)
-    except PreprocessError as exc:
+    except (PreprocessError, JobFailure) as exc:
         return {"error": str(exc), "field": "keypoints" if spec.keypoints else "image"}
+    except Exception as exc:  # the gateway is waiting: answer instead of raising into arq
+        logger.exception("preprocessing failed")
+        return {"error": f"preprocessing failed on the worker: {type(exc).__name__}",
+                "field": "type", "code": "preprocess_error"}
     buffer = io.BytesIO()
     result.save(buffer, format="PNG")
     data = buffer.getvalue()
@@ -456,6 +468,13 @@ async def sweep(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:
     )
 
 
+def _label(param: str, value: object, limit: int = 48) -> str:
+    """Sheet labels stay short (a prompt axis would make a column thousands of px wide);
+    the full values are in sweep.json."""
+    text = f"{param}={value}"
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 async def _run_sweep(ctx: dict[str, Any], task: SweepTask, *, queued_s: float) -> dict[str, Any]:
     from services.generator.sheet import contact_sheet
 
@@ -505,8 +524,8 @@ async def _run_sweep(ctx: dict[str, Any], task: SweepTask, *, queued_s: float) -
     grid = [images[r * n_cols:(r + 1) * n_cols] for r in range(len(images) // n_cols)]
     sheet = await asyncio.to_thread(
         contact_sheet, grid,
-        row_labels=[f"{rows.param}={v}" for v in rows.values] if rows else [""],
-        col_labels=[f"{cols.param}={v}" for v in cols.values],
+        row_labels=[_label(rows.param, v) for v in rows.values] if rows else [""],
+        col_labels=[_label(cols.param, v) for v in cols.values],
         title=task.sweep.title or task.sweep.base.prompt[:120],
         row_axis=rows.param if rows else "", col_axis=cols.param)
     buffer = io.BytesIO()

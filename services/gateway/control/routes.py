@@ -13,6 +13,7 @@ from services.gateway.problems import PROBLEM_RESPONSES
 from services.gateway.uploads.service import load_image_ref
 from shared.errors import ServiceUnavailable, ValidationFailed
 from shared.models import ControlType
+from shared.poses import parse_openpose_json
 from shared.queue import GENERATOR_QUEUE, PREPROCESS_TASK
 from shared.specs import PreprocessSpec, PreprocessTask
 
@@ -41,10 +42,12 @@ async def preprocess(spec: PreprocessSpec, session: SessionDep, tenant: TenantDe
         input_key = stored.key
         width = width or stored.image.width
         height = height or stored.image.height
-    elif spec.keypoints is not None:
-        canvas = spec.keypoints
-        width = width or int(canvas.get("canvas_width") or 512)
-        height = height or int(canvas.get("canvas_height") or 512)
+    elif spec.keypoints is not None:  # the spec validated it; this reads its canvas size
+        _people, canvas_w, canvas_h = parse_openpose_json(spec.keypoints,
+                                                          default_size=(512, 512))
+        width, height = width or canvas_w, height or canvas_h
+    # Previews can wait for a busy worker: don't hold a pooled DB connection meanwhile.
+    await session.close()
     assert width is not None and height is not None
     task = PreprocessTask(tenant_id=tenant.id, spec=spec, input_key=input_key, width=width,
                           height=height)

@@ -79,7 +79,7 @@ async def prepare_generation(
     preset = state.registry.get(resolved.model or "")
     assert preset is not None  # resolve_generation checked it
     loras = await resolve_loras(session=session, tenant=tenant, uses=resolved.loras,
-                                family=preset.family.value, model=preset.name)
+                                preset=preset)
     return resolved, inputs, loras, input_size
 
 

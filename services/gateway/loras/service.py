@@ -11,7 +11,7 @@ from services.gateway.loras.schemas import LoraOut
 from shared.db.models import Lora, Tenant, new_id, utcnow
 from shared.errors import NotFound, ValidationFailed
 from shared.loras import LoraRejected, check_lora_for_model, inspect_lora
-from shared.models import ModelRegistry
+from shared.models import ModelPreset, ModelRegistry
 from shared.specs import LoraRef, LoraUse
 from shared.storage import ObjectStore
 
@@ -59,6 +59,7 @@ async def create_lora(
         base_model=preset.name, key=key, sha256=info.sha256, size=len(data),
         format=info.format, rank=info.rank,
         info={"targets": info.targets, "has_text_encoder": info.has_text_encoder,
+              "dims": sorted(info.dims),
               "metadata": dict(list(info.metadata.items())[:20])},
         source=source, created_at=utcnow(),
     )
@@ -95,9 +96,12 @@ async def delete_lora(*, session: AsyncSession, store: ObjectStore, tenant: Tena
 
 
 async def resolve_loras(
-    *, session: AsyncSession, tenant: Tenant, uses: list[LoraUse], family: str, model: str,
+    *, session: AsyncSession, tenant: Tenant, uses: list[LoraUse], preset: ModelPreset,
 ) -> list[LoraRef]:
-    """Each requested LoRA must be the tenant's and of the generation model's family."""
+    """Each requested LoRA must be the tenant's, of the model's family and of its widths
+    (an SD1.5 LoRA does not fit a fine-tune with other layer sizes): 422 now, not a failed
+    job later."""
+    family, model = preset.family.value, preset.name
     refs: list[LoraRef] = []
     errors = []
     for index, use in enumerate(uses):
@@ -109,6 +113,11 @@ async def resolve_loras(
         if lora.family != family:
             errors.append({"field": f"loras.{index}.id", "message": f"LoRA {lora.name!r} is for "
                            f"{lora.family} models; {model} is {family}"})
+            continue
+        dims = set(lora.info.get("dims") or [])
+        if preset.lora_dim is not None and dims and preset.lora_dim not in dims:
+            errors.append({"field": f"loras.{index}.id", "message": f"LoRA {lora.name!r} has "
+                           f"layer width {sorted(dims)}; {model} needs {preset.lora_dim}"})
             continue
         refs.append(LoraRef(id=lora.id, name=lora.name, key=lora.key, sha256=lora.sha256,
                             weight=use.weight))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,8 +71,9 @@ async def load_image_ref(
     """Resolve an upload, an earlier job's output or inline data to a stored, checked PNG."""
     if ref.startswith(UPLOAD_PREFIX):
         upload_id = ref.removeprefix(UPLOAD_PREFIX)
-        if not upload_id.isalnum():
-            raise _invalid(field, "malformed upload id")
+        if not re.fullmatch(r"[0-9a-f]{32}", upload_id):
+            raise _invalid(field, f"no upload {upload_id[:40]!r} (upload ids are 32 hex "
+                           "characters, from POST /v1/uploads)")
         key = upload_key(tenant_id, upload_id)
         try:
             data = await store.get(key)
@@ -80,10 +82,13 @@ async def load_image_ref(
                            "POST /v1/uploads)") from exc
     elif ref.startswith(JOB_PREFIX):
         job_id, _, index_text = ref.removeprefix(JOB_PREFIX).partition("/")
-        job = await session.get(Job, job_id) if job_id else None
+        if not re.fullmatch(r"[0-9a-f-]{36}", job_id) or not re.fullmatch(r"[0-9]{0,4}",
+                                                                            index_text):
+            raise _invalid(field, "expected job:<job_id>/<index>")
+        job = await session.get(Job, job_id)
         if job is None or job.tenant_id != tenant_id:
             raise _invalid(field, f"no job {job_id!r}")
-        index = int(index_text) if index_text.isdigit() else 0
+        index = int(index_text or 0)
         artifact = await session.scalar(select(Artifact).where(
             Artifact.job_id == job_id, Artifact.kind == "image", Artifact.index == index))
         if artifact is None:
