@@ -161,6 +161,19 @@ class OutpaintSpec(BaseModel):
         return self
 
 
+def _check_control_source(kind: ControlType, *, image: str | None,
+                          keypoints: dict[str, Any] | None, low: int, high: int) -> None:
+    """One set of rules for a control's input, in generations and in previews alike."""
+    if keypoints is not None and kind != ControlType.OPENPOSE:
+        raise ValueError("keypoints are only for type 'openpose'")
+    if (image is None) == (keypoints is None):
+        raise ValueError("give exactly one of `image` or `keypoints` (openpose)")
+    if kind == ControlType.CANNY and low > high:
+        raise ValueError("low_threshold must not exceed high_threshold")
+    if keypoints is not None:
+        parse_openpose_json(keypoints, default_size=(512, 512))  # raises a ValueError
+
+
 class ControlSpec(BaseModel):
     """One ControlNet: its conditioning image, strength and the part of the schedule it acts on."""
 
@@ -184,14 +197,8 @@ class ControlSpec(BaseModel):
     def _consistent(self) -> ControlSpec:
         if self.start > self.end:
             raise ValueError(f"start ({self.start}) must not be after end ({self.end})")
-        if self.keypoints is not None and self.type != ControlType.OPENPOSE:
-            raise ValueError("keypoints are only for type 'openpose'")
-        if (self.image is None) == (self.keypoints is None):
-            raise ValueError("give exactly one of `image` or `keypoints` (openpose)")
-        if self.type == ControlType.CANNY and self.low_threshold > self.high_threshold:
-            raise ValueError("low_threshold must not exceed high_threshold")
-        if self.keypoints is not None:
-            parse_openpose_json(self.keypoints, default_size=(512, 512))  # raises ValueError
+        _check_control_source(self.type, image=self.image, keypoints=self.keypoints,
+                              low=self.low_threshold, high=self.high_threshold)
         return self
 
 
@@ -223,14 +230,8 @@ class PreprocessSpec(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> PreprocessSpec:
-        if self.keypoints is not None and self.type != ControlType.OPENPOSE:
-            raise ValueError("keypoints are only for type 'openpose'")
-        if (self.image is None) == (self.keypoints is None):
-            raise ValueError("give exactly one of `image` or `keypoints` (openpose)")
-        if self.low_threshold > self.high_threshold:
-            raise ValueError("low_threshold must not exceed high_threshold")
-        if self.keypoints is not None:
-            parse_openpose_json(self.keypoints, default_size=(512, 512))  # raises ValueError
+        _check_control_source(self.type, image=self.image, keypoints=self.keypoints,
+                              low=self.low_threshold, high=self.high_threshold)
         return self
 
 
