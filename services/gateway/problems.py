@@ -43,6 +43,7 @@ PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
         (401, "Missing or invalid API key"),
         (404, "Not found (or another tenant's)"),
         (409, "Conflict"),
+        (413, "An uploaded image or file is too large"),
         (422, "Invalid field values"),
         (503, "A backing service is unavailable"),
     )

@@ -31,7 +31,9 @@ async def upload_lora(
     `loras: [{id, weight}]`."""
     data = await file.read(service.MAX_LORA_BYTES + 1)
     if len(data) > service.MAX_LORA_BYTES:
-        raise ValidationFailed([{"field": "file", "message": "the file is larger than 2 GiB"}])
+        too_large = ValidationFailed([{"field": "file", "message": "the file is larger than 2 GiB"}])
+        too_large.status = 413
+        raise too_large
     lora = await service.create_lora(
         session=session, store=state.store, registry=state.registry, tenant=tenant,
         name=name or (file.filename or "lora").rsplit(".", 1)[0][:100], base_model=base_model,
