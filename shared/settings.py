@@ -90,6 +90,11 @@ class GeneratorSettings(BaseModel):
     job_timeout_s: int = 1800
     max_tries: int = 3
     max_loaded_models: int = 1
+    max_model_bytes: int = Field(
+        default=0, ge=0,
+        description="Weight bytes the loaded models (with their ControlNets/inpainting UNets) "
+        "may take together; least recently used models are unloaded beyond it. 0: no limit.",
+    )
     max_loaded_loras: int = Field(default=8, ge=1, description="LoRA adapters kept loaded "
                                   "per model; the least recently used is unloaded beyond this.")
     batch_size: int = Field(

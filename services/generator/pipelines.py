@@ -124,6 +124,10 @@ class LoadedModel:
         target.scheduler = scheduler_cls.from_config(self.default_scheduler.config, **extra)
         return name
 
+    def weight_bytes(self) -> int:
+        """The base's and companions' weights; derived pipelines add nothing."""
+        return module_bytes(self.pipe, *self.companions.values())
+
     def _companion(self, key: str, source: str, loader: Any) -> Any:
         if key not in self.companions:
             path = self.resolver(source)
@@ -199,18 +203,44 @@ class LoadedModel:
         return pipe
 
 
+def module_bytes(*holders: Any) -> int:
+    """Bytes of the distinct tensors (parameters and buffers) the holders' modules keep.
+
+    Derived pipelines share their base's modules, so tensors are counted once by storage.
+    """
+    seen: set[int] = set()
+    total = 0
+    for holder in holders:
+        modules = (holder.components.values() if hasattr(holder, "components") else [holder])
+        for module in modules:
+            if not isinstance(module, torch.nn.Module):
+                continue
+            for tensor in [*module.parameters(), *module.buffers()]:
+                pointer = tensor.untyped_storage().data_ptr()
+                if pointer not in seen:
+                    seen.add(pointer)
+                    total += tensor.untyped_storage().nbytes()
+    return total
+
+
 class PipelineCache:
-    """Least-recently-used set of loaded pipelines, at most ``max_loaded`` at once."""
+    """Least-recently-used set of loaded pipelines, bounded by count and by weight bytes.
+
+    The byte budget is what matters on a GPU: an SDXL base with two ControlNets weighs three
+    times an SD1.5, so a count alone either wastes memory or runs out of it. The model a job
+    asks for is always kept, even when it alone exceeds the budget.
+    """
 
     def __init__(
         self, *, registry: ModelRegistry, cache_dir: Path, device: str = "auto",
-        allow_downloads: bool = False, max_loaded: int = 1,
+        allow_downloads: bool = False, max_loaded: int = 1, max_bytes: int = 0,
     ) -> None:
         self.registry = registry
         self.cache_dir = cache_dir
         self.device = pick_device(device)
         self.allow_downloads = allow_downloads
         self.max_loaded = max(1, max_loaded)
+        self.max_bytes = max_bytes  # 0: no byte budget
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
@@ -227,13 +257,24 @@ class PipelineCache:
             if preset is None:
                 raise ModelUnavailable(f"model {name!r} is not in this worker's registry")
             while len(self._loaded) >= self.max_loaded:
-                evicted, _ = self._loaded.popitem(last=False)
-                logger.info("evicting model %s", evicted)
-                if self.device.startswith("cuda"):
-                    torch.cuda.empty_cache()
+                self._evict_oldest()
             loaded = self._load(preset)
             self._loaded[name] = loaded
+            while self.max_bytes and len(self._loaded) > 1 and self.loaded_bytes() > self.max_bytes:
+                self._evict_oldest()
             return loaded
+
+    def loaded_bytes(self) -> int:
+        return sum(model.weight_bytes() for model in self._loaded.values())
+
+    def loaded_names(self) -> list[str]:
+        return list(self._loaded)
+
+    def _evict_oldest(self) -> None:
+        evicted, _ = self._loaded.popitem(last=False)
+        logger.info("evicting model %s", evicted)
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
 
     def resolve_source(self, source: str) -> Path:
         """A companion's source (ControlNet, inpainting UNet) to a local directory."""

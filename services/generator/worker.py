@@ -108,6 +108,7 @@ async def startup(ctx: dict[str, Any]) -> None:
         cache_dir=settings.model_cache, device=settings.generator.device,
         allow_downloads=settings.generator.allow_downloads,
         max_loaded=settings.generator.max_loaded_models,
+        max_bytes=settings.generator.max_model_bytes,
     )
     ctx["lora_files"] = LoraFiles(settings.model_cache / "loras")
     ctx["lora_cache"] = LoraAdapterCache(ctx["lora_files"],
