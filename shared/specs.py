@@ -582,10 +582,14 @@ def sweep_cells(sweep: SweepSpec, *, resolve: Any) -> list[SweepCell]:
                 spec = resolve(GenerationSpec.model_validate(fields))
             except ValidationFailed as exc:
                 for error in exc.errors:
-                    axis = 0 if error["field"] == cols.param else 1
-                    index = c if axis == 0 else r
+                    # A field no axis varies (e.g. strength x steps) fails because of this
+                    # cell's combination: name the column value and say which cell it is.
+                    on_rows = rows is not None and error["field"] == rows.param
+                    axis, index = (1, r) if on_rows else (0, c)
+                    where = "" if error["field"] in (cols.param, rows.param if rows else None) \
+                        else f" (cell {labels}: {error['field']})"
                     errors.append({"field": f"axes.{axis}.values.{index}",
-                                   "message": error["message"]})
+                                   "message": error["message"] + where})
                 continue
             except PydanticValidationError as exc:
                 for detail in exc.errors():

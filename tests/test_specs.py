@@ -123,3 +123,20 @@ def test_openapi_examples_are_valid_requests(model: str) -> None:
     assert examples
     for example in examples:
         cls.model_validate(example)
+
+
+def test_sweep_errors_name_the_cell_that_fails() -> None:
+    from shared.specs import SweepSpec, sweep_cells
+
+    sweep = SweepSpec.model_validate({
+        "base": {"prompt": "p", "mode": "img2img", "init_image": "upload:a", "strength": 0.3},
+        "axes": [{"param": "steps", "values": [10, 2]}]})
+    with pytest.raises(ValidationFailed) as failed:
+        sweep_cells(sweep, resolve=lambda spec: resolve_generation(
+            spec, registry=REGISTRY, default_model="tiny-sd15", input_size=(64, 64)))
+    assert failed.value.errors[0]["field"] == "axes.0.values.1"
+    assert "strength" in failed.value.errors[0]["message"]
+    cells = sweep_cells(sweep.model_copy(update={"base": sweep.base.model_copy(
+        update={"strength": 0.6})}), resolve=lambda spec: resolve_generation(
+            spec, registry=REGISTRY, default_model="tiny-sd15", input_size=(64, 64)))
+    assert [(c.col, c.spec.steps) for c in cells] == [(0, 10), (1, 2)]
