@@ -205,3 +205,49 @@ async def test_terminal_state_never_changes(tmp_path: Path) -> None:
     finally:
         await redis.aclose()
         server.stop()
+
+
+async def test_two_writers_applying_one_event_do_not_deadlock(
+    consumer_env: tuple[aioredis.Redis, object],
+) -> None:
+    """The cancel route (job row updated first) and the consumer (same event) race on
+    PostgreSQL; both lock the job row before the event row, so one waits instead of both."""
+    from datetime import UTC, datetime
+
+    from services.gateway.jobs.service import apply_event
+    from shared.events import JobEvent
+
+    _redis, sessionmaker = consumer_env
+    async with sessionmaker() as session:  # type: ignore[operator]
+        tenant = Tenant(name=f"t-{uuid.uuid4().hex[:6]}")
+        session.add(tenant)
+        await session.flush()
+        job = Job(tenant_id=tenant.id, kind="generation", status="queued", spec={}, result={})
+        session.add(job)
+        await session.commit()
+        job_id = job.id
+    event = JobEvent(job_id=job_id, seq=1, type="canceled", at=datetime.now(UTC),
+                     status=JobStatus.CANCELED, data={"reason": "test"})
+
+    async def route() -> bool:
+        async with sessionmaker() as session:  # type: ignore[operator]
+            row = await session.get(Job, job_id)
+            row.cancel_requested = True
+            await session.flush()  # holds the job row, as the cancel route does
+            await asyncio.sleep(0.3)  # the consumer starts meanwhile
+            changed = await apply_event(session=session, event=event)
+            await session.commit()
+            return changed
+
+    async def consumer() -> bool:
+        await asyncio.sleep(0.1)
+        async with sessionmaker() as session:  # type: ignore[operator]
+            changed = await apply_event(session=session, event=event)
+            await session.commit()
+            return changed
+
+    results = await asyncio.wait_for(asyncio.gather(route(), consumer()), timeout=20)
+    assert sorted(results) == [False, True]  # applied once, by whichever came first
+    async with sessionmaker() as session:  # type: ignore[operator]
+        rows = (await session.scalars(select(JobEventRow).where(JobEventRow.job_id == job_id))).all()
+        assert len(rows) == 1 and (await session.get(Job, job_id)).status == "canceled"

@@ -112,7 +112,12 @@ async def apply_event(*, session: AsyncSession, event: JobEvent) -> bool:
     Re-delivered events hit the unique (job, seq) and are dropped; events older than the
     job's ``last_seq`` (possible when replicas share the stream) are recorded but do not move
     the job backwards; terminal states are never left.
+
+    The job row is locked before the event row is written: every writer (the consumer, the
+    cancel route, the SSE terminal write) then takes the two locks in the same order, which
+    PostgreSQL needs to avoid a deadlock when two of them apply the same event at once.
     """
+    await session.execute(select(Job.id).where(Job.id == event.job_id).with_for_update())
     inserted = await session.execute(
         _insert_ignoring_duplicates(session, JobEventRow).values(
             job_id=event.job_id, seq=event.seq, type=event.type, status=event.status.value,
