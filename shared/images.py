@@ -21,7 +21,7 @@ from shared.errors import ValidationFailed
 # raise at our own limit instead, before decoding pixel data.
 MAX_INPUT_PIXELS = 4096 * 4096
 MAX_INPUT_BYTES = 32 * 1024 * 1024
-ALLOWED_FORMATS = frozenset({"PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF"})
+ALLOWED_FORMATS = frozenset({"PNG", "JPEG", "MPO", "WEBP", "BMP", "GIF", "TIFF"})  # MPO: phone JPEGs
 
 
 @dataclass(frozen=True)
