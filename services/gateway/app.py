@@ -12,6 +12,7 @@ from arq.connections import RedisSettings as ArqRedisSettings
 from fastapi import FastAPI
 
 from services.gateway.control.routes import router as control_router
+from services.gateway.datasets.routes import router as datasets_router
 from services.gateway.deps import GatewayState
 from services.gateway.events.consumer import EventConsumer
 from services.gateway.files.routes import router as files_router
@@ -89,6 +90,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_problem_handlers(app)
     for router in (generations_router, sweeps_router, uploads_router, control_router,
-                   loras_router, jobs_router, health_router, files_router):
+                   loras_router, datasets_router, jobs_router, health_router, files_router):
         app.include_router(router)
     return app

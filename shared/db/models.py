@@ -143,3 +143,46 @@ class Lora(Base):
     info: Mapped[dict[str, Any]] = mapped_column(default=dict)
     source: Mapped[str] = mapped_column(String(20), default="upload")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Dataset(Base):
+    """A set of training images (kohya subsets), stored under ``datasets/{tenant}/{id}/``."""
+
+    __tablename__ = "datasets"
+    __table_args__ = (Index("ix_datasets_tenant_created", "tenant_id", "created_at", "id"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(100))
+    caption_extension: Mapped[str] = mapped_column(String(20), default=".caption")
+    min_side: Mapped[int] = mapped_column(Integer, default=512)
+    # [{name, repeats, identifier, class_token, is_reg}] in kohya terms.
+    subsets: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # What the upload reported beyond the items: duplicates, ignored entries, renames.
+    upload_report: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class DatasetItem(Base):
+    __tablename__ = "dataset_items"
+    __table_args__ = (UniqueConstraint("dataset_id", "path", name="uq_dataset_items_path"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"),
+                                            index=True)
+    tenant_id: Mapped[str] = mapped_column(String(36))
+    subset: Mapped[str] = mapped_column(String(200))
+    path: Mapped[str] = mapped_column(String(500))
+    filename: Mapped[str] = mapped_column(String(300))
+    key: Mapped[str] = mapped_column(String(700))
+    thumb_key: Mapped[str] = mapped_column(String(700))
+    sha256: Mapped[str] = mapped_column(String(64))
+    format: Mapped[str] = mapped_column(String(10))
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    caption: Mapped[str | None] = mapped_column(Text, default=None)
+    tags: Mapped[dict[str, Any]] = mapped_column(default=dict)  # {"tags": [...]} (JSON list)
+    flags: Mapped[dict[str, Any]] = mapped_column(default=dict)  # {"flags": [...], "error": …}
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)

@@ -1,0 +1,116 @@
+"""HTTP for datasets of training images."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Query, Response, UploadFile
+
+from services.gateway.datasets import service
+from services.gateway.datasets.schemas import DatasetOut, DatasetPage, ItemOut, ItemPage, ItemPatch
+from services.gateway.deps import SessionDep, StateDep, TenantDep
+from services.gateway.problems import PROBLEM_RESPONSES
+from shared.errors import ValidationFailed
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=PROBLEM_RESPONSES)
+
+
+async def _read_all(uploads: list[UploadFile], *, field: str, budget: list[int]) -> list[tuple[str, bytes]]:
+    out = []
+    for index, upload in enumerate(uploads):
+        data = await upload.read(budget[0] + 1)
+        budget[0] -= len(data)
+        if budget[0] < 0:
+            error = ValidationFailed([{"field": f"{field}[{index}]",
+                                       "message": "the upload is larger than the dataset limit"}])
+            error.status = 413
+            raise error
+        out.append((upload.filename or f"{field}-{index}", data))
+    return out
+
+
+@router.post("", response_model=DatasetOut, status_code=201, summary="Create a dataset")
+async def create_dataset(
+    session: SessionDep, tenant: TenantDep, state: StateDep,
+    name: Annotated[str, Form(min_length=1, max_length=100)],
+    files: Annotated[list[UploadFile] | None, File(description="Images (png, jpg, webp, bmp) "
+                                                   "and caption files (`name.caption`/`.txt` beside "
+                                                   "`name.png`); a filename may carry a kohya folder, "
+                                                   "e.g. `10_sks dog/a.png`.")] = None,
+    zip: Annotated[list[UploadFile] | None, File(description="Zip archives, e.g. a kohya "
+                                                 "`img/10_sks dog/…` + `reg/1_dog/…` tree.")] = None,
+    caption_extension: Annotated[str, Form(pattern=r"^\.[A-Za-z0-9_]{1,15}$")] = ".caption",
+    min_side: Annotated[int, Form(ge=64, le=4096, description="Training resolution; smaller "
+                                  "images are flagged in the report.")] = 512,
+) -> DatasetOut:
+    """Everything is checked before anything is stored: non-images, corrupt images,
+    decompression bombs, zip-slip/absolute/symlink entries and archives over the limits are a
+    4xx naming the entry. Duplicate images (same content) are kept once and reported."""
+    budget = [service.read_upload_limit()]
+    file_parts = await _read_all(files or [], field="files", budget=budget)
+    zip_parts = await _read_all(zip or [], field="zip", budget=budget)
+    if not file_parts and not zip_parts:
+        raise ValidationFailed([{"field": "files", "message": "send image files and/or a zip"}])
+    dataset, items = await service.create_dataset(
+        session=session, store=state.store, tenant=tenant, name=name, files=file_parts,
+        zips=zip_parts, caption_extension=caption_extension, min_side=min_side)
+    return service.dataset_out(dataset, items)
+
+
+@router.get("", response_model=DatasetPage, summary="List datasets")
+async def list_datasets(session: SessionDep, tenant: TenantDep) -> DatasetPage:
+    from sqlalchemy import select
+
+    from shared.db.models import Dataset
+
+    rows = list(await session.scalars(select(Dataset).where(Dataset.tenant_id == tenant.id)
+                                      .order_by(Dataset.created_at.desc())))
+    return DatasetPage(items=[service.dataset_out(d, await service.dataset_items(
+        session=session, dataset=d)) for d in rows])
+
+
+@router.get("/{dataset_id}", response_model=DatasetOut, summary="A dataset and its report")
+async def get_dataset(dataset_id: str, session: SessionDep, tenant: TenantDep) -> DatasetOut:
+    dataset = await service.get_dataset(session=session, tenant=tenant, dataset_id=dataset_id)
+    return service.dataset_out(dataset, await service.dataset_items(session=session, dataset=dataset))
+
+
+@router.get("/{dataset_id}/items", response_model=ItemPage, summary="Page through a dataset's images")
+async def list_items(
+    dataset_id: str, session: SessionDep, tenant: TenantDep, state: StateDep,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50, cursor: str | None = None,
+) -> ItemPage:
+    dataset = await service.get_dataset(session=session, tenant=tenant, dataset_id=dataset_id)
+    return await service.page_items(session=session, store=state.store, dataset=dataset,
+                                    limit=limit, cursor=cursor)
+
+
+@router.patch("/{dataset_id}/items/{item_id}", response_model=ItemOut, summary="Edit a caption or tags")
+async def patch_item(dataset_id: str, item_id: str, patch: ItemPatch, session: SessionDep,
+                     tenant: TenantDep, state: StateDep) -> ItemOut:
+    dataset = await service.get_dataset(session=session, tenant=tenant, dataset_id=dataset_id)
+    item = await service.patch_item(session=session, dataset=dataset, item_id=item_id, patch=patch)
+    return service.item_out(item, store=state.store)
+
+
+@router.get(
+    "/{dataset_id}/export", summary="Download in kohya layout", response_class=Response,
+    responses={200: {"content": {"application/zip": {}}, "description": "`img/<repeats>_<id> "
+                     "<class>/` and `reg/…` folders with caption files, `metadata.json` "
+                     "(kohya fine-tuning metadata) and `dataset_config.toml`."}},
+)
+async def export_dataset(dataset_id: str, session: SessionDep, tenant: TenantDep,
+                         state: StateDep) -> Response:
+    dataset = await service.get_dataset(session=session, tenant=tenant, dataset_id=dataset_id)
+    data = await service.export_dataset(session=session, store=state.store, dataset=dataset)
+    filename = "".join(c if c.isalnum() or c in "-_" else "_" for c in dataset.name) or "dataset"
+    return Response(content=data, media_type="application/zip",
+                    headers={"Content-Disposition": f'attachment; filename="{filename}.zip"'})
+
+
+@router.delete("/{dataset_id}", status_code=204, summary="Delete a dataset and its images")
+async def delete_dataset(dataset_id: str, session: SessionDep, tenant: TenantDep,
+                         state: StateDep) -> Response:
+    dataset = await service.get_dataset(session=session, tenant=tenant, dataset_id=dataset_id)
+    await service.delete_dataset(session=session, store=state.store, dataset=dataset)
+    return Response(status_code=204)

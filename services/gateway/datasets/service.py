@@ -1,0 +1,224 @@
+"""Datasets: checked in full before anything is stored, stored in full or not at all."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import posixpath
+
+from PIL import Image, ImageOps
+from sqlalchemy import delete, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from services.gateway.datasets.schemas import DatasetOut, ItemOut, ItemPage, ItemPatch
+from shared.datasets import (
+    ExportItem,
+    IngestLimits,
+    IngestResult,
+    ItemSummary,
+    SubsetInfo,
+    build_report,
+    export_zip,
+    ingest,
+    metadata_key,
+)
+from shared.db.models import Dataset, DatasetItem, Tenant, new_id, utcnow
+from shared.errors import NotFound, ValidationFailed
+from shared.storage import ObjectStore
+
+logger = logging.getLogger(__name__)
+
+THUMB_SIDE = 256
+CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp",
+                 "bmp": "image/bmp"}
+
+
+def dataset_prefix(tenant_id: str, dataset_id: str) -> str:
+    return f"datasets/{tenant_id}/{dataset_id}/"
+
+
+def _thumbnail(data: bytes) -> bytes:
+    with Image.open(io.BytesIO(data)) as opened:
+        image: Image.Image = ImageOps.exif_transpose(opened) or opened
+        image.thumbnail((THUMB_SIDE, THUMB_SIDE))
+        buffer = io.BytesIO()
+        image.convert("RGB").save(buffer, format="JPEG", quality=85)
+    return buffer.getvalue()
+
+
+def subsets_of(dataset: Dataset) -> dict[str, SubsetInfo]:
+    return {s["name"]: SubsetInfo(**s) for s in dataset.subsets.get("subsets", [])}
+
+
+def item_tags(item: DatasetItem) -> list[str]:
+    return list(item.tags.get("tags", []))
+
+
+def item_flags(item: DatasetItem) -> list[str]:
+    return list(item.flags.get("flags", []))
+
+
+async def create_dataset(
+    *, session: AsyncSession, store: ObjectStore, tenant: Tenant, name: str,
+    files: list[tuple[str, bytes]], zips: list[tuple[str, bytes]], caption_extension: str,
+    min_side: int,
+) -> tuple[Dataset, list[DatasetItem]]:
+    """Ingest (pure, may refuse), store every object, then commit the rows; undo on failure."""
+    extensions = tuple(dict.fromkeys((caption_extension, ".caption", ".txt")))
+    result: IngestResult = await asyncio.to_thread(
+        ingest, files=files, zips=zips, caption_extensions=extensions,
+        limits=IngestLimits(min_side=min_side))
+    dataset_id = new_id()
+    prefix = dataset_prefix(tenant.id, dataset_id)
+    dataset = Dataset(
+        id=dataset_id, tenant_id=tenant.id, name=name, caption_extension=caption_extension,
+        min_side=min_side,
+        subsets={"subsets": [vars(s).copy() for s in result.subsets]},
+        upload_report={
+            "duplicates": [{"kept": k, "dropped": d} for k, d in result.duplicates],
+            "ignored": [{"source": i.source, "path": i.path, "reason": i.reason}
+                        for i in result.ignored[:200]],
+            "renamed": [{"from": a, "to": b} for a, b in result.renamed],
+            "config_toml": result.config_toml is not None,
+            "metadata_json": result.metadata is not None,
+        },
+        created_at=utcnow(), updated_at=utcnow(),
+    )
+    rows: list[DatasetItem] = []
+    try:
+        for ingested in result.items:
+            item_id = new_id()
+            key = prefix + ingested.path
+            thumb_key = f"{prefix}.thumbs/{item_id}.jpg"
+            await store.put(key, ingested.data,
+                            content_type=CONTENT_TYPES.get(ingested.format, "image/png"))
+            await store.put(thumb_key, await asyncio.to_thread(_thumbnail, ingested.data),
+                            content_type="image/jpeg")
+            rows.append(DatasetItem(
+                id=item_id, dataset_id=dataset_id, tenant_id=tenant.id, subset=ingested.subset,
+                path=ingested.path, filename=ingested.filename, key=key, thumb_key=thumb_key,
+                sha256=ingested.sha256, format=ingested.format, width=ingested.width,
+                height=ingested.height, caption=ingested.caption, tags={"tags": []},
+                flags={"flags": list(ingested.flags)}, created_at=utcnow(), updated_at=utcnow(),
+            ))
+        _apply_uploaded_metadata(rows, result, subsets={s.name: s for s in result.subsets})
+        session.add(dataset)
+        session.add_all(rows)
+        await session.commit()
+    except BaseException:
+        await session.rollback()
+        await store.delete_prefix(prefix)  # nothing half-stored
+        raise
+    return dataset, rows
+
+
+def _apply_uploaded_metadata(rows: list[DatasetItem], result: IngestResult,
+                             subsets: dict[str, SubsetInfo]) -> None:
+    """A kohya user's ``metadata.json`` (caption/tags per image key) travels with the upload."""
+    if not result.metadata:
+        return
+    for row in rows:
+        subset = subsets[row.subset]
+        keys = (metadata_key(subset, row.filename), posixpath.splitext(row.filename)[0])
+        entry = next((result.metadata[k] for k in keys if isinstance(result.metadata.get(k), dict)),
+                     None)
+        if entry is None:
+            continue
+        if row.caption is None and isinstance(entry.get("caption"), str):
+            row.caption = entry["caption"]
+        if isinstance(entry.get("tags"), str):
+            row.tags = {"tags": [t.strip() for t in entry["tags"].split(",") if t.strip()]}
+
+
+async def get_dataset(*, session: AsyncSession, tenant: Tenant, dataset_id: str) -> Dataset:
+    dataset = await session.scalar(
+        select(Dataset).where(Dataset.id == dataset_id, Dataset.tenant_id == tenant.id))
+    if dataset is None:
+        raise NotFound(f"dataset {dataset_id} not found", code="dataset_not_found")
+    return dataset
+
+
+async def dataset_items(*, session: AsyncSession, dataset: Dataset) -> list[DatasetItem]:
+    return list(await session.scalars(
+        select(DatasetItem).where(DatasetItem.dataset_id == dataset.id).order_by(DatasetItem.path)))
+
+
+def dataset_out(dataset: Dataset, items: list[DatasetItem]) -> DatasetOut:
+    subsets = subsets_of(dataset)
+    summaries = [ItemSummary(subset=subsets[i.subset], width=i.width, height=i.height,
+                             caption=i.caption, tags=item_tags(i), flags=tuple(item_flags(i)))
+                 for i in items]
+    report = build_report(summaries, duplicates=len(dataset.upload_report.get("duplicates", [])))
+    base = f"/v1/datasets/{dataset.id}"
+    return DatasetOut(
+        id=dataset.id, name=dataset.name, caption_extension=dataset.caption_extension,
+        min_side=dataset.min_side, report=dict(report), upload=dataset.upload_report,
+        created_at=dataset.created_at,
+        links={"self": base, "items": f"{base}/items", "export": f"{base}/export",
+               "tag": "/v1/taggings"},
+    )
+
+
+def item_out(item: DatasetItem, *, store: ObjectStore) -> ItemOut:
+    return ItemOut(
+        id=item.id, subset=item.subset, path=item.path, filename=item.filename,
+        width=item.width, height=item.height, format=item.format, sha256=item.sha256,
+        caption=item.caption, tags=item_tags(item), flags=item_flags(item),
+        error=item.flags.get("error"), thumbnail_url=store.presign_get(item.thumb_key),
+        url=store.presign_get(item.key),
+    )
+
+
+async def page_items(*, session: AsyncSession, store: ObjectStore, dataset: Dataset,
+                     limit: int, cursor: str | None) -> ItemPage:
+    """Ordered by path; the cursor is the last path seen (paths are unique per dataset)."""
+    query = select(DatasetItem).where(DatasetItem.dataset_id == dataset.id)
+    if cursor:
+        query = query.where(DatasetItem.path > cursor)
+    rows = list(await session.scalars(query.order_by(DatasetItem.path).limit(limit + 1)))
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return ItemPage(items=[item_out(r, store=store) for r in rows],
+                    next_cursor=rows[-1].path if more and rows else None)
+
+
+async def patch_item(*, session: AsyncSession, dataset: Dataset, item_id: str,
+                     patch: ItemPatch) -> DatasetItem:
+    item = await session.scalar(select(DatasetItem).where(
+        DatasetItem.id == item_id, DatasetItem.dataset_id == dataset.id))
+    if item is None:
+        raise NotFound(f"item {item_id} not found in dataset {dataset.id}", code="item_not_found")
+    if patch.caption is not None:
+        item.caption = " ".join(patch.caption.split()) or None
+    if patch.tags is not None:
+        cleaned = list(dict.fromkeys(t.strip() for t in patch.tags if t.strip()))
+        if any("," in t for t in cleaned):
+            raise ValidationFailed([{"field": "tags", "message": "a tag may not contain a comma"}])
+        item.tags = {"tags": cleaned}
+    item.updated_at = utcnow()
+    await session.commit()
+    return item
+
+
+async def export_dataset(*, session: AsyncSession, store: ObjectStore, dataset: Dataset) -> bytes:
+    items = await dataset_items(session=session, dataset=dataset)
+    exports = [ExportItem(subset=i.subset, filename=i.filename, data=await store.get(i.key),
+                          caption=i.caption, tags=item_tags(i)) for i in items]
+    subsets = list(subsets_of(dataset).values())
+    return await asyncio.to_thread(
+        export_zip, items=exports, subsets=subsets, caption_extension=dataset.caption_extension)
+
+
+async def delete_dataset(*, session: AsyncSession, store: ObjectStore, dataset: Dataset) -> None:
+    prefix = dataset_prefix(dataset.tenant_id, dataset.id)
+    await session.execute(delete(DatasetItem).where(DatasetItem.dataset_id == dataset.id))
+    await session.delete(dataset)
+    await session.commit()
+    await store.delete_prefix(prefix)
+
+
+def read_upload_limit() -> int:
+    return IngestLimits().max_total_bytes
+
+
