@@ -22,7 +22,6 @@ from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from arq import Retry
 from arq.connections import RedisSettings as ArqRedisSettings
 from arq.worker import Worker, func
 from PIL import Image
@@ -41,7 +40,8 @@ from services.generator.render import (
     prepare_inputs,
     render,
 )
-from shared.errors import JobCanceled, JobFailure, LoomisError, NotFound, StorageUnavailable
+from services.jobrunner import RUNNING, run_job
+from shared.errors import JobCanceled, JobFailure, LoomisError, NotFound
 from shared.events import JobEvents
 from shared.logs import configure_logging
 from shared.models import ModelRegistry
@@ -66,9 +66,6 @@ from shared.storage import (
 )
 
 logger = logging.getLogger(__name__)
-
-RUNNING = (JobStatus.RUNNING,)
-
 
 class LazySafetyFilter:
     """The classifier loads on the first job of a tenant that has the filter on."""
@@ -371,78 +368,6 @@ async def preprocess_control(ctx: dict[str, Any], payload: dict[str, Any]) -> di
     return {"key": key, "ref": f"upload:{upload_id}"}
 
 
-async def _lifecycle(
-    ctx: dict[str, Any], *, job_id: str, tenant_id: str, log_extra: dict[str, Any],
-    body: Callable[[float], Awaitable[dict[str, Any]]],
-) -> dict[str, Any]:
-    """Running -> succeeded | failed | canceled around ``body``, whatever it raises.
-
-    Shared by every generator task so each ends the same way: a timeout or cancel deletes
-    what the job wrote, storage errors retry, anything else fails with a code, never a
-    traceback, and a job is never left ``running``.
-    """
-    settings: Settings = ctx["settings"]
-    events: JobEvents = ctx["events"]
-    attempt = int(ctx.get("job_try", 1))
-    if attempt > settings.generator.max_tries:
-        await events.emit(job_id, "failed", to=JobStatus.FAILED, data={"error": {
-            "code": "worker_lost",
-            "message": f"the job's worker stopped {attempt - 1} times; giving up"}})
-        return {"status": "failed"}
-
-    started = await events.emit(job_id, "running", to=JobStatus.RUNNING,
-                                data={"attempt": attempt, "worker": ctx["worker_name"]})
-    if started.event is None:
-        logger.info("skipping job in state %s", started.previous, extra=log_extra)
-        return {"status": started.previous or "unknown"}
-    enqueued_ms = ctx.get("enqueue_time")
-    queued_s = (time.time() - enqueued_ms.timestamp()) if isinstance(enqueued_ms, datetime) else 0.0
-    store: ObjectStore = ctx["store"]
-    try:
-        if await events.cancel_requested(job_id):
-            raise JobCanceled()
-        async with asyncio.timeout(settings.generator.job_timeout_s):
-            outcome = await body(queued_s)
-    except TimeoutError:
-        await store.delete_prefix(job_prefix(tenant_id, job_id))
-        await events.emit(job_id, "failed", allowed_from=RUNNING, to=JobStatus.FAILED,
-                          data={"error": {"code": "timeout", "message": "the job took longer "
-                                          f"than {settings.generator.job_timeout_s}s"}})
-        return {"status": "failed"}
-    except JobCanceled:
-        await store.delete_prefix(job_prefix(tenant_id, job_id))
-        await events.emit(job_id, "canceled", allowed_from=RUNNING, to=JobStatus.CANCELED,
-                          data={"reason": "canceled by client"})
-        logger.info("job canceled", extra=log_extra)
-        return {"status": "canceled"}
-    except StorageUnavailable as exc:
-        if attempt < settings.generator.max_tries:
-            logger.warning("storage unavailable, retrying: %s", exc.detail, extra=log_extra)
-            raise Retry(defer=2 * attempt) from exc
-        await events.emit(job_id, "failed", allowed_from=RUNNING, to=JobStatus.FAILED,
-                          data={"error": {"code": exc.code, "message": exc.detail}})
-        return {"status": "failed"}
-    except LoomisError as exc:
-        logger.warning("job failed: %s", exc.detail, extra=log_extra)
-        await store.delete_prefix(job_prefix(tenant_id, job_id))
-        await events.emit(job_id, "failed", allowed_from=RUNNING, to=JobStatus.FAILED,
-                          data={"error": {"code": exc.code, "message": exc.detail}})
-        return {"status": "failed"}
-    except Exception:
-        logger.exception("job crashed", extra=log_extra)
-        await store.delete_prefix(job_prefix(tenant_id, job_id))
-        await events.emit(job_id, "failed", allowed_from=RUNNING, to=JobStatus.FAILED,
-                          data={"error": {"code": "internal_error",
-                                          "message": "generation failed unexpectedly; "
-                                          "the worker log has details"}})
-        return {"status": "failed"}
-    await events.emit(job_id, "succeeded", allowed_from=RUNNING, to=JobStatus.SUCCEEDED,
-                      data=outcome)
-    logger.info("job succeeded in %.2fs", outcome["result"]["timings"].get("pipeline_s", 0.0),
-                extra=log_extra)
-    return {"status": "succeeded"}
-
-
 async def generate(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:
     """The arq task. Returns a small summary; the real outcome is the job's terminal event."""
     events: JobEvents = ctx["events"]
@@ -451,8 +376,10 @@ async def generate(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, An
         await events.emit(task.job_id, "failed", to=JobStatus.FAILED, data={"error": {
             "code": "invalid_spec", "message": "the queued spec was not resolved"}})
         return {"status": "failed"}
-    return await _lifecycle(
-        ctx, job_id=task.job_id, tenant_id=task.tenant_id,
+    return await run_job(
+        ctx, job_id=task.job_id, cleanup_prefix=job_prefix(task.tenant_id, task.job_id),
+        timeout_s=ctx["settings"].generator.job_timeout_s,
+        max_tries=ctx["settings"].generator.max_tries,
         log_extra={"job_id": task.job_id, "tenant": task.tenant_id, "model": task.spec.model},
         body=lambda queued_s: _run(ctx, task, queued_s=queued_s),
     )
@@ -461,8 +388,10 @@ async def generate(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, An
 async def sweep(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:
     """Render every cell of a sweep, then the contact sheet and the metadata JSON."""
     task = SweepTask.model_validate(payload)
-    return await _lifecycle(
-        ctx, job_id=task.job_id, tenant_id=task.tenant_id,
+    return await run_job(
+        ctx, job_id=task.job_id, cleanup_prefix=job_prefix(task.tenant_id, task.job_id),
+        timeout_s=ctx["settings"].generator.job_timeout_s,
+        max_tries=ctx["settings"].generator.max_tries,
         log_extra={"job_id": task.job_id, "tenant": task.tenant_id,
                    "model": task.sweep.base.model},
         body=lambda queued_s: _run_sweep(ctx, task, queued_s=queued_s),
