@@ -66,7 +66,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     stack = _stack(args)
     print(f"starting Loomis in {stack.data_dir.resolve()} ...", flush=True)
     try:
-        stack.start(own_redis=args.own_redis)
+        stack.start(own_redis=args.own_redis, tagger=True)
         key = asyncio.run(_dev_key())
     except StackError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -248,6 +248,13 @@ def cmd_db_upgrade(_args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tagger(_args: argparse.Namespace) -> int:
+    from services.tagger.worker import main as tagger_main
+
+    tagger_main()
+    return 0
+
+
 def cmd_worker(_args: argparse.Namespace) -> int:
     from services.generator.worker import main as worker_main
 
@@ -307,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("worker", help="run a generator worker in the foreground").set_defaults(
         func=cmd_worker)
+    sub.add_parser("tagger", help="run a tagger worker in the foreground").set_defaults(
+        func=cmd_tagger)
     return parser
 
 

@@ -139,6 +139,9 @@ class Stack:
     def start_worker(self, name: str = "generator") -> Child:
         return self._spawn(name, [sys.executable, "-m", "services.generator"])
 
+    def start_tagger(self, name: str = "tagger") -> Child:
+        return self._spawn(name, [sys.executable, "-m", "services.tagger"])
+
     def wait_ready(self, timeout: float = 90.0) -> None:
         deadline = time.monotonic() + timeout
         last = ""
@@ -175,7 +178,7 @@ class Stack:
             client.close()
         raise StackError(f"no worker polling {queue} after {timeout:.0f}s")
 
-    def start(self, *, own_redis: bool = True, worker: bool = True) -> None:
+    def start(self, *, own_redis: bool = True, worker: bool = True, tagger: bool = False) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         try:
             if own_redis and not self.redis_url:
@@ -183,9 +186,13 @@ class Stack:
             self.start_gateway()
             if worker:
                 self.start_worker()
+            if tagger:
+                self.start_tagger()
             self.wait_ready()
             if worker:
                 self.wait_worker()
+            if tagger:
+                self.wait_worker("loomis:queue:tagger")
         except BaseException:
             self.stop()
             raise

@@ -16,3 +16,4 @@ async def enqueue(redis: Any, *, queue: str, task: str, job_id: str, payload: di
     await redis.enqueue_job(task, payload, _job_id=job_id, _queue_name=queue)
 PREPROCESS_TASK = "preprocess_control"
 SWEEP_TASK = "sweep"
+TAG_TASK = "tag_dataset"

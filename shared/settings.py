@@ -126,6 +126,23 @@ class GeneratorSettings(BaseModel):
     )
 
 
+class TaggerSettings(BaseModel):
+    """The captioning/tagging worker. Models load once per process, from the model cache."""
+
+    captioner: str = Field(
+        default="builtin:tiny-blip",
+        description="A BLIP-class model: builtin:tiny-blip, a directory, or a hub id such as "
+        "Salesforce/blip-image-captioning-large (in <model_cache>/hub unless downloads are on).")
+    tagger: str = Field(
+        default="builtin:tiny-wd14",
+        description="A WD14-class tagger folder (model.onnx + selected_tags.csv), "
+        "builtin:tiny-wd14, or a hub id such as SmilingWolf/wd-v1-4-convnext-tagger-v2.")
+    device: str = Field(default="auto", description="auto, cpu, cuda")
+    job_timeout_s: int = 3600
+    max_tries: int = 3
+    poll_delay_s: float = 0.05
+
+
 class Settings(BaseSettings):
     """All of Loomis' configuration; each service reads the part it needs."""
 
@@ -146,6 +163,7 @@ class Settings(BaseSettings):
     storage: StorageSettings = StorageSettings()
     gateway: GatewaySettings = GatewaySettings()
     generator: GeneratorSettings = GeneratorSettings()
+    tagger: TaggerSettings = TaggerSettings()
 
     @model_validator(mode="after")
     def _refuse_default_secrets(self) -> Settings:

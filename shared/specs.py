@@ -469,7 +469,7 @@ class ArtifactRef(BaseModel):
     """An object a job wrote, as the worker reports it in its ``succeeded`` event."""
 
     key: str
-    kind: Literal["image", "manifest", "contact_sheet", "metadata"]
+    kind: Literal["image", "manifest", "contact_sheet", "metadata", "results"]
     index: int | None = None
     content_type: str
     size: int
@@ -604,3 +604,95 @@ def sweep_cells(sweep: SweepSpec, *, resolve: Any) -> list[SweepCell]:
         unique = {(e["field"], e["message"]): e for e in errors}
         raise ValidationFailed(list(unique.values()))
     return cells
+
+
+class CaptionOptions(BaseModel):
+    """BLIP-class captioning (kohya's make_captions.py options)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    batch_size: int = Field(default=8, ge=1, le=64)
+    max_length: int = Field(default=40, ge=5, le=200, description="Tokens, start token included.")
+    min_length: int = Field(default=5, ge=1, le=100)
+    num_beams: int = Field(default=1, ge=1, le=8)
+    do_sample: bool = Field(default=False, description="Nucleus sampling (with num_beams 1).")
+    top_p: float = Field(default=0.9, gt=0, le=1)
+    seed: int = Field(default=0, ge=0, le=MAX_SEED, description="Same seed, same captions.")
+    overwrite: bool = Field(default=False, description="Replace captions an image already "
+                            "has; by default only missing ones are filled.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CaptionOptions:
+        if self.min_length > self.max_length:
+            raise ValueError("min_length must not exceed max_length")
+        if self.do_sample and self.num_beams > 1:
+            raise ValueError("sampling uses num_beams 1")
+        return self
+
+
+class TagOptionsSpec(BaseModel):
+    """WD14-class tagging (kohya's tag_images_by_wd14_tagger.py options)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    batch_size: int = Field(default=8, ge=1, le=64)
+    general_threshold: float = Field(default=0.35, ge=0, le=1)
+    character_threshold: float = Field(default=0.35, ge=0, le=1)
+    undesired: list[str] = Field(default_factory=list, max_length=500)
+    underscores_to_spaces: bool = True
+    keep_rating: bool = False
+    prefix: list[str] = Field(default_factory=list, max_length=20, description="Always first, "
+                              "e.g. the subject's identifier token.")
+    character_first: bool = True
+    escape: bool = Field(default=False, description="Escape ( ) so prompts read them literally.")
+    overwrite: bool = True
+
+
+class CleanOptions(BaseModel):
+    """Caption/tag cleaning, kohya's clean_captions_and_tags.py step."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    strip_rating: bool = True
+    replacements: list[tuple[str, str]] = Field(default_factory=list, max_length=200)
+
+
+class TaggingSpec(BaseModel):
+    """Caption and/or tag a dataset's images, then clean; results land on the items."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"dataset_id": "1f0c3e6d-8a4b-4d2e-9f0a-1b2c3d4e5f60",
+         "caption": {"batch_size": 8, "num_beams": 3, "max_length": 40},
+         "tags": {"general_threshold": 0.35, "prefix": ["sks"], "undesired": ["simple background"]},
+         "clean": {"replacements": [["1girl", "a woman"]]}, "write_caption_files": True},
+    ]})
+
+    dataset_id: str = Field(min_length=1, max_length=64)
+    caption: CaptionOptions | None = Field(default_factory=CaptionOptions)
+    tags: TagOptionsSpec | None = Field(default_factory=TagOptionsSpec)
+    clean: CleanOptions | None = Field(default_factory=CleanOptions)
+    write_caption_files: bool = Field(default=False, description="Also store `<image>.caption` "
+                                      "files beside the images.")
+
+    @model_validator(mode="after")
+    def _something(self) -> TaggingSpec:
+        if self.caption is None and self.tags is None and self.clean is None:
+            raise ValueError("enable at least one of caption, tags or clean")
+        return self
+
+
+class TaggingItem(BaseModel):
+    id: str
+    key: str
+    path: str
+    caption: str | None = None
+    tags: list[str] = Field(default_factory=list)
+
+
+class TaggingTask(BaseModel):
+    job_id: str
+    tenant_id: str
+    spec: TaggingSpec
+    items: list[TaggingItem]
+    caption_extension: str = ".caption"
+    output_prefix: str

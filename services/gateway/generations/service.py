@@ -109,7 +109,7 @@ async def submit_generation(
 async def create_and_enqueue(
     *, session: AsyncSession, state: GatewayState, tenant: Tenant, kind: JobKind,
     spec: dict[str, Any], digest: str, idempotency_key: str | None, task_name: str,
-    payload: Callable[[str], dict[str, Any]],
+    payload: Callable[[str], dict[str, Any]], queue: str = GENERATOR_QUEUE,
 ) -> tuple[Job, bool]:
     """Commit the job row, then enqueue it; a queue failure ends the job in ``failed``."""
     job = Job(
@@ -133,8 +133,8 @@ async def create_and_enqueue(
     try:
         await state.events.create(job.id, tenant_id=tenant.id)
         queued = await state.events.emit(job.id, "queued", allowed_from=(JobStatus.QUEUED,),
-                                         data={"queue": GENERATOR_QUEUE})
-        await enqueue(state.redis, queue=GENERATOR_QUEUE, task=task_name, job_id=job.id,
+                                         data={"queue": queue})
+        await enqueue(state.redis, queue=queue, task=task_name, job_id=job.id,
                       payload=payload(job.id))
     except Exception as exc:
         logger.exception("enqueue failed", extra={"job_id": job.id})

@@ -118,10 +118,14 @@ async def apply_event(*, session: AsyncSession, event: JobEvent) -> bool:
     PostgreSQL needs to avoid a deadlock when two of them apply the same event at once.
     """
     await session.execute(select(Job.id).where(Job.id == event.job_id).with_for_update())
+    # A tagging job's per-image results ride on its terminal event; they go to the dataset's
+    # items, not into the job's event log.
+    item_results = event.data.get("dataset_items")
+    stored_data = {k: v for k, v in event.data.items() if k != "dataset_items"}
     inserted = await session.execute(
         _insert_ignoring_duplicates(session, JobEventRow).values(
             job_id=event.job_id, seq=event.seq, type=event.type, status=event.status.value,
-            at=event.at, data=event.data,
+            at=event.at, data=stored_data,
         )
     )
     if inserted.rowcount == 0:  # type: ignore[attr-defined]
@@ -150,6 +154,8 @@ async def apply_event(*, session: AsyncSession, event: JobEvent) -> bool:
     )
     if changed.rowcount == 0:  # type: ignore[attr-defined]
         return False
+    if event.status is JobStatus.SUCCEEDED and isinstance(item_results, dict):
+        await _apply_item_results(session=session, job_id=event.job_id, results=item_results)
     if event.status is JobStatus.SUCCEEDED:
         tenant_id = await session.scalar(select(Job.tenant_id).where(Job.id == event.job_id))
         for raw in data.get("artifacts", []):
@@ -160,6 +166,33 @@ async def apply_event(*, session: AsyncSession, event: JobEvent) -> bool:
                 )
             )
     return True
+
+
+async def _apply_item_results(*, session: AsyncSession, job_id: str,
+                              results: dict[str, Any]) -> None:
+    """Captions, tags and per-image errors from a tagging job, onto the job's dataset items."""
+    from shared.db.models import DatasetItem
+
+    job = await session.get(Job, job_id)
+    dataset_id = (job.spec or {}).get("dataset_id") if job is not None else None
+    if job is None or not dataset_id:
+        return
+    rows = await session.scalars(select(DatasetItem).where(
+        DatasetItem.dataset_id == dataset_id, DatasetItem.tenant_id == job.tenant_id,
+        DatasetItem.id.in_(list(results))))
+    for row in rows:
+        outcome = results[row.id]
+        flags = dict(row.flags)
+        if "error" in outcome:
+            flags["error"] = str(outcome["error"])
+        else:
+            flags.pop("error", None)
+        if "caption" in outcome:
+            row.caption = outcome["caption"]
+        if "tags" in outcome:
+            row.tags = {"tags": list(outcome["tags"])}
+        row.flags = flags
+        row.updated_at = utcnow()
 
 
 async def cancel_job(

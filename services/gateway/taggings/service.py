@@ -1,0 +1,40 @@
+"""Tagging jobs: the gateway hands the worker the dataset's items; results come back on the
+job's terminal event and are written onto the items (see ``jobs.service.apply_event``)."""
+
+from __future__ import annotations
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from services.gateway.datasets.service import dataset_items, dataset_prefix, get_dataset, item_tags
+from services.gateway.deps import GatewayState
+from services.gateway.generations.service import create_and_enqueue, find_replay, request_hash
+from shared.db.models import Job, Tenant
+from shared.errors import ValidationFailed
+from shared.queue import TAG_TASK, TAGGER_QUEUE
+from shared.specs import JobKind, TaggingItem, TaggingSpec, TaggingTask
+
+
+async def submit_tagging(
+    *, session: AsyncSession, state: GatewayState, tenant: Tenant, spec: TaggingSpec,
+    idempotency_key: str | None,
+) -> tuple[Job, bool]:
+    digest = request_hash(spec)
+    if idempotency_key and (existing := await find_replay(
+            session=session, tenant=tenant, key=idempotency_key, digest=digest)):
+        return existing, False
+    dataset = await get_dataset(session=session, tenant=tenant, dataset_id=spec.dataset_id)
+    items = await dataset_items(session=session, dataset=dataset)
+    if not items:
+        raise ValidationFailed([{"field": "dataset_id", "message": "the dataset has no images"}])
+    queued_items = [TaggingItem(id=i.id, key=i.key, path=i.path, caption=i.caption,
+                                tags=item_tags(i)) for i in items]
+    prefix = dataset_prefix(tenant.id, dataset.id)
+    return await create_and_enqueue(
+        session=session, state=state, tenant=tenant, kind=JobKind.TAGGING,
+        spec={**spec.model_dump(mode="json"), "images": len(items)}, digest=digest,
+        idempotency_key=idempotency_key, task_name=TAG_TASK, queue=TAGGER_QUEUE,
+        payload=lambda job_id: TaggingTask(
+            job_id=job_id, tenant_id=tenant.id, spec=spec, items=queued_items,
+            caption_extension=dataset.caption_extension,
+            output_prefix=f"{prefix}taggings/{job_id}/").model_dump(mode="json"),
+    )

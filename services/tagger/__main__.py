@@ -1,0 +1,3 @@
+from services.tagger.worker import main
+
+main()
