@@ -8,7 +8,7 @@ growth from loading it (VmRSS in /proc/self/status). Timings are the best of ``-
 passes, after one warm-up call, so other work on the machine distorts them less.
 
     HF_HUB_OFFLINE=1 python bench/tagger.py [--images 64] [--size 256] [--batch-size 8]
-        [--captioner DIR] [--tagger DIR] [--max-length 40] [--repeats 2] [--threads N]
+        [--captioner DIR] [--tagger DIR] [--max-length 40] [--repeats 3] [--threads N]
 """
 
 from __future__ import annotations
@@ -78,15 +78,11 @@ def main() -> None:
     parser.add_argument("--tagger", type=Path, help="WD14 folder with model.onnx + selected_tags.csv "
                         "(default: built-in tiny-wd14)")
     parser.add_argument("--max-length", type=int, default=40, help="caption length limit, tokens")
-    parser.add_argument("--repeats", type=int, default=2, help="timed passes per configuration; best is kept")
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes per configuration; best is kept")
     parser.add_argument("--threads", type=int, help="torch and onnxruntime intra-op threads "
                         "(default: theirs, one per core)")
     args = parser.parse_args()
 
-    cache = Path(tempfile.mkdtemp(prefix="loomis-bench-tagger-"))
-    captioner_dir = args.captioner or ensure_tagger_model("tiny-blip", cache)
-    tagger_dir = args.tagger or ensure_tagger_model("tiny-wd14", cache)
-    images = synthetic_images(args.images, args.size)
     # Libraries are imported before measuring, so load figures are the models' own cost.
     import onnxruntime  # noqa: F401
     import torch
@@ -95,6 +91,10 @@ def main() -> None:
     transformers.utils.logging.disable_progress_bar()
     if args.threads:
         torch.set_num_threads(args.threads)
+    cache = Path(tempfile.mkdtemp(prefix="loomis-bench-tagger-"))
+    captioner_dir = args.captioner or ensure_tagger_model("tiny-blip", cache)
+    tagger_dir = args.tagger or ensure_tagger_model("tiny-wd14", cache)
+    images = synthetic_images(args.images, args.size)
 
     print(f"{args.images} synthetic images at {args.size}px; batch {args.batch_size} vs 1 image per call; "
           f"{torch.get_num_threads()} torch threads; best of {args.repeats}")

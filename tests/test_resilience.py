@@ -28,13 +28,13 @@ def test_worker_killed_mid_job_is_rerun_once(
     """arq re-delivers the job after the dead worker's lease (job_timeout + 10 s) runs out."""
     running = launch_stack(
         tmp_path, database_url=f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}", s3=s3_server,
-        model_cache=model_cache, extra_env={"LOOMIS_GENERATOR__JOB_TIMEOUT_S": "10"},
+        model_cache=model_cache, extra_env={"LOOMIS_GENERATOR__JOB_TIMEOUT_S": "20"},
     )
     try:
         with running.client() as client:
             job = client.post("/v1/generations", json={
                 "prompt": "survive", "model": "tiny-sd15", "width": 128, "height": 128,
-                "steps": 30, "seed": 5}).json()
+                "steps": 20, "seed": 5}).json()
             wait_for_event(client, job["id"], "progress")
             first = next(c for c in running.stack.children if c.name == "generator")
             first.popen.send_signal(signal.SIGKILL)
@@ -42,7 +42,7 @@ def test_worker_killed_mid_job_is_rerun_once(
             assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "running"
 
             running.stack.start_worker("generator-2")
-            done = wait_terminal(client, job["id"], timeout=90)
+            done = wait_terminal(client, job["id"], timeout=120)
         assert done["status"] == "succeeded", done
         assert done["attempts"] == 2
         tenant_prefix = next(a for a in done["artifacts"] if a["kind"] == "image")
