@@ -23,7 +23,7 @@ import yaml
 from kubernetes_validate.utils import SchemaNotFoundError  # type: ignore[import-untyped]
 from pydantic import BaseModel
 
-from shared.queue import GENERATOR_QUEUE
+from shared.queue import GENERATOR_QUEUE, TAGGER_QUEUE
 from shared.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,11 +38,22 @@ K8S_VERSION = "1.30.0"
 NAMESPACE = "loomis"
 CRD_API_GROUPS = {"keda.sh"}  # custom resources: no upstream schema, checked by hand below
 
-APP_SERVICES = {"gateway", "generator"}
+APP_SERVICES = {"gateway", "generator", "tagger"}
 EXPECTED_SERVICES = APP_SERVICES | {"redis", "minio", "postgres"}
+# The arq workers (compose service, Deployment loomis-<name>): their command and queue.
+WORKER_COMMANDS = {
+    "generator": ["python", "-m", "services.generator"],
+    "tagger": ["python", "-m", "services.tagger"],
+}
+WORKER_QUEUES = {"generator": GENERATOR_QUEUE, "tagger": TAGGER_QUEUE}
+WORKERS = sorted(WORKER_COMMANDS)
+MODEL_CACHE_VOLUME = "model-cache"  # compose
+MODEL_CACHE_CLAIM = "loomis-model-cache"  # Kubernetes
 LOOMIS_NAME = re.compile(r"LOOMIS_[A-Z0-9_]+")
 # ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?message}, ${VAR?message}
 COMPOSE_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
+COMPOSE_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(h|ms|m|s)")
+DURATION_UNITS_S = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 
 
 # --- helpers ------------------------------------------------------------------------------
@@ -100,6 +111,13 @@ def resolve_compose_value(value: Any) -> str:
         return f"test-value-for-{match.group(1).lower()}"
 
     return COMPOSE_VAR.sub(substitute, str(value))
+
+
+def compose_duration_s(value: str) -> float:
+    """A compose duration such as 10m, 1m30s or 90s, in seconds."""
+    parts = COMPOSE_DURATION_PART.findall(value)
+    assert parts and "".join(n + u for n, u in parts) == value, f"not a duration: {value!r}"
+    return sum(float(number) * DURATION_UNITS_S[unit] for number, unit in parts)
 
 
 def load_settings(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Settings:
@@ -241,7 +259,7 @@ def test_compose_builds_existing_dockerfile_targets() -> None:
     stages = set(_dockerfile_stages())
     services = load_compose()["services"]
     targets = {name: services[name]["build"]["target"] for name in APP_SERVICES}
-    assert targets == {"gateway": "gateway", "generator": "worker"}
+    assert targets == {"gateway": "gateway", "generator": "worker", "tagger": "worker"}
     assert set(targets.values()) <= stages
 
 
@@ -250,7 +268,7 @@ def test_compose_builds_existing_dockerfile_targets() -> None:
 
 def test_compose_has_expected_services() -> None:
     services = load_compose()["services"]
-    assert set(services) == EXPECTED_SERVICES  # no trainer/tagger until they exist
+    assert set(services) == EXPECTED_SERVICES  # no trainer until it exists
 
 
 def test_compose_gateway_command_port_and_dependencies() -> None:
@@ -266,16 +284,37 @@ def test_compose_gateway_command_port_and_dependencies() -> None:
                for part in as_list(gateway["healthcheck"]["test"]))
 
 
-def test_compose_generator_reserves_a_gpu_and_mounts_the_model_cache() -> None:
+@pytest.mark.parametrize("worker", WORKERS)
+def test_compose_worker_reserves_a_gpu_and_mounts_the_model_cache(worker: str) -> None:
     compose = load_compose()
-    generator = compose["services"]["generator"]
-    assert as_list(generator["command"]) == ["python", "-m", "services.generator"]
-    devices = generator["deploy"]["resources"]["reservations"]["devices"]
+    service = compose["services"][worker]
+    assert as_list(service["command"]) == WORKER_COMMANDS[worker]
+    assert service["image"] == compose["services"]["generator"]["image"]  # one worker image
+    devices = service["deploy"]["resources"]["reservations"]["devices"]
     assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
-    cache = compose_env(generator)["LOOMIS_GENERATOR__MODEL_CACHE"]
-    mounts = {v.split(":")[1]: v.split(":")[0] for v in generator["volumes"]}
+    cache = compose_env(service)["LOOMIS_GENERATOR__MODEL_CACHE"]
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in service["volumes"]}
     assert cache in mounts, f"model cache {cache} is not on a volume"
     assert mounts[cache] in compose["volumes"], "model cache should be a named volume"
+    assert mounts[cache] == MODEL_CACHE_VOLUME, "the workers share one model cache"
+
+
+@pytest.mark.parametrize("worker", WORKERS)
+def test_compose_worker_waits_for_the_gateway_and_for_its_job(worker: str) -> None:
+    service = load_compose()["services"][worker]
+    # The gateway creates the bucket and runs the migrations before any worker starts.
+    assert service["depends_on"] == {
+        name: {"condition": "service_healthy"} for name in ("redis", "minio", "gateway")}
+    assert compose_duration_s(service["stop_grace_period"]) >= 600
+    assert service["restart"] == "unless-stopped"
+
+
+def test_compose_duration_parsing() -> None:
+    assert compose_duration_s("10m") == 600
+    assert compose_duration_s("1m30s") == 90
+    assert compose_duration_s("1h") == 3600
+    with pytest.raises(AssertionError):
+        compose_duration_s("10 minutes")
 
 
 def test_compose_redis_uses_append_only_file() -> None:
@@ -332,6 +371,24 @@ def test_compose_env_loads_into_settings(service: str, monkeypatch: pytest.Monke
     assert settings.storage.endpoint_url == "http://minio:9000"
     assert settings.storage.access_key_id is not None
     assert settings.db.auto_migrate is True
+    assert str(settings.model_cache) == "/models"
+
+
+def _is_model_source(value: str) -> bool:
+    """builtin:<name> or a hub id (owner/name); directories are site-specific."""
+    return bool(re.fullmatch(r"builtin:[a-z0-9-]+|[\w.-]+/[\w.-]+", value))
+
+
+def test_compose_and_k8s_configure_the_same_tagger(monkeypatch: pytest.MonkeyPatch) -> None:
+    compose = load_settings(compose_env(load_compose()["services"]["tagger"]), monkeypatch)
+    k8s = load_settings(container_env(k8s_find("Deployment", "loomis-tagger")), monkeypatch)
+    assert compose.tagger.captioner == k8s.tagger.captioner
+    assert compose.tagger.tagger == k8s.tagger.tagger
+    for settings in (compose, k8s):
+        assert _is_model_source(settings.tagger.captioner), settings.tagger.captioner
+        assert _is_model_source(settings.tagger.tagger), settings.tagger.tagger
+        assert settings.tagger.device in ("auto", "cpu", "cuda")
+        assert settings.tagger.job_timeout_s > 0
 
 
 def test_compose_storage_keys_match_minio_credentials() -> None:
@@ -372,8 +429,11 @@ def test_k8s_has_the_expected_resources() -> None:
         ("PodDisruptionBudget", "loomis-gateway"),
         ("Deployment", "loomis-generator"),
         ("PodDisruptionBudget", "loomis-generator"),
-        ("PersistentVolumeClaim", "loomis-model-cache"),
+        ("PersistentVolumeClaim", MODEL_CACHE_CLAIM),
         ("ScaledObject", "loomis-generator"),
+        ("Deployment", "loomis-tagger"),
+        ("PodDisruptionBudget", "loomis-tagger"),
+        ("ScaledObject", "loomis-tagger"),
     }
 
 
@@ -408,7 +468,7 @@ def test_k8s_uses_only_real_setting_names() -> None:
             "LOOMIS_GATEWAY__SIGNING_SECRET"} <= secret
 
 
-@pytest.mark.parametrize("deployment", ["loomis-gateway", "loomis-generator"])
+@pytest.mark.parametrize("deployment", ["loomis-gateway", "loomis-generator", "loomis-tagger"])
 def test_k8s_env_loads_into_settings(deployment: str, monkeypatch: pytest.MonkeyPatch) -> None:
     env = container_env(k8s_find("Deployment", deployment))
     settings = load_settings(env, monkeypatch)
@@ -449,49 +509,87 @@ def test_k8s_gateway_service_and_pdb_select_gateway_pods() -> None:
     assert deployment["spec"]["replicas"] > pdb["spec"]["minAvailable"]
 
 
-def test_k8s_generator_deployment_gets_a_gpu() -> None:
-    deployment = k8s_find("Deployment", "loomis-generator")
+@pytest.mark.parametrize("worker", WORKERS)
+def test_k8s_worker_deployment_gets_a_gpu(worker: str) -> None:
+    deployment = k8s_find("Deployment", f"loomis-{worker}")
     spec = pod_spec(deployment)
     container = only_container(deployment)
-    assert as_list(container["command"]) == ["python", "-m", "services.generator"]
+    assert as_list(container["command"]) == WORKER_COMMANDS[worker]
+    assert container["image"].split(":")[0] == "ghcr.io/example/loomis-worker"
     assert int(container["resources"]["limits"]["nvidia.com/gpu"]) == 1
+    assert int(container["resources"]["requests"]["nvidia.com/gpu"]) == 1
     assert spec["nodeSelector"], "GPU pods need a node selector"
     assert any(t["key"] == "nvidia.com/gpu" for t in spec["tolerations"])
+    # Every GPU worker lands on the same kind of node as the generator.
+    generator = pod_spec(k8s_find("Deployment", "loomis-generator"))
+    assert spec["nodeSelector"] == generator["nodeSelector"]
+    assert spec["tolerations"] == generator["tolerations"]
     assert spec["terminationGracePeriodSeconds"] >= 600
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 0  # no spare GPU
     assert "ports" not in container and "readinessProbe" not in container
 
 
-def test_k8s_generator_mounts_the_model_cache_claim() -> None:
-    deployment = k8s_find("Deployment", "loomis-generator")
-    claim = k8s_find("PersistentVolumeClaim", "loomis-model-cache")
+@pytest.mark.parametrize("worker", WORKERS)
+def test_k8s_worker_mounts_the_model_cache_claim(worker: str) -> None:
+    deployment = k8s_find("Deployment", f"loomis-{worker}")
+    claim = k8s_find("PersistentVolumeClaim", MODEL_CACHE_CLAIM)
     volumes = {v["name"]: v for v in pod_spec(deployment)["volumes"]}
-    mounts = {m["mountPath"]: m["name"] for m in only_container(deployment)["volumeMounts"]}
+    mounts = {m["mountPath"]: m for m in only_container(deployment)["volumeMounts"]}
     cache = container_env(deployment)["LOOMIS_GENERATOR__MODEL_CACHE"]
     assert cache in mounts
-    volume = volumes[mounts[cache]]
+    volume = volumes[mounts[cache]["name"]]
     assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    # builtin:tiny-* models are built into the cache on first use: it must be writable.
+    assert not mounts[cache].get("readOnly", False)
+    assert not volume["persistentVolumeClaim"].get("readOnly", False)
 
 
-def test_k8s_generator_pdb() -> None:
-    deployment = k8s_find("Deployment", "loomis-generator")
-    pdb = k8s_find("PodDisruptionBudget", "loomis-generator")
+def test_k8s_model_cache_claim_is_shared_across_nodes() -> None:
+    # Generator and tagger pods mount it, on whatever GPU nodes KEDA puts them (README).
+    claim = k8s_find("PersistentVolumeClaim", MODEL_CACHE_CLAIM)
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    users = {
+        doc["metadata"]["name"]
+        for _, doc in k8s_docs()
+        if doc["kind"] == "Deployment"
+        and any(volume.get("persistentVolumeClaim", {}).get("claimName") == MODEL_CACHE_CLAIM
+                for volume in pod_spec(doc)["volumes"])
+    }
+    assert users == {f"loomis-{worker}" for worker in WORKERS}
+
+
+@pytest.mark.parametrize("worker", WORKERS)
+def test_k8s_worker_pdb(worker: str) -> None:
+    deployment = k8s_find("Deployment", f"loomis-{worker}")
+    pdb = k8s_find("PodDisruptionBudget", f"loomis-{worker}")
     assert pdb["spec"]["maxUnavailable"] == 1
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
 
 
-def test_k8s_scaledobject_scales_the_generator_on_its_queue() -> None:
-    scaled = k8s_find("ScaledObject", "loomis-generator")
+@pytest.mark.parametrize(
+    "worker, min_replicas",
+    [
+        ("generator", 1),  # keeps a model loaded
+        ("tagger", 0),  # bursty: gives its GPU back when the queue is empty
+    ],
+)
+def test_k8s_scaledobject_scales_the_worker_on_its_queue(worker: str, min_replicas: int) -> None:
+    scaled = k8s_find("ScaledObject", f"loomis-{worker}")
     assert scaled["apiVersion"] == "keda.sh/v1alpha1"
     target = scaled["spec"]["scaleTargetRef"]
-    assert target["name"] == k8s_find("Deployment", "loomis-generator")["metadata"]["name"]
+    assert target["name"] == k8s_find("Deployment", f"loomis-{worker}")["metadata"]["name"]
     assert target.get("kind", "Deployment") == "Deployment"
-    assert 1 <= scaled["spec"]["minReplicaCount"] < scaled["spec"]["maxReplicaCount"]
+    assert scaled["spec"]["minReplicaCount"] == min_replicas
+    assert min_replicas < scaled["spec"]["maxReplicaCount"]
     (trigger,) = scaled["spec"]["triggers"]
     assert trigger["type"] == "redis"
     metadata = trigger["metadata"]
-    assert metadata["listName"] == GENERATOR_QUEUE == "loomis:queue:generator"
+    assert metadata["listName"] == WORKER_QUEUES[worker] == f"loomis:queue:{worker}"
     assert int(metadata["listLength"]) >= 1
+    if min_replicas == 0:
+        # From zero, KEDA activates above this: one queued job must wake a pod.
+        assert metadata["activationListLength"] == "0"
     # The scaler must watch the Redis the workers use.
     redis_url = urlsplit(k8s_config_env()["LOOMIS_REDIS__URL"])
     host, port = metadata["address"].rsplit(":", 1)
