@@ -41,6 +41,7 @@ bench: install redis-server
 	$(PY) bench/lora_swap.py
 	$(PY) bench/batching.py
 	$(PY) bench/pipeline_cache.py
+	$(PY) bench/tagger.py
 
 clean:
 	rm -rf .loomis out
