@@ -1,0 +1,736 @@
+"""kohya sd-scripts compatibility without torch: dataset config TOML, buckets, epochs, sample prompts.
+
+What a LoRA training job needs to know before any tensor exists: whether a user's
+``dataset_config.toml`` means what they think it means, which aspect-ratio buckets kohya
+will train at, how many optimiser steps an epoch takes, and what a ``--sample_prompts`` file
+asks for. Everything here follows sd-scripts' own rules (``library/config_util.py`` and
+``library/train_util.py``), re-implemented from their documented behaviour; where Loomis is
+stricter than kohya (kohya warns or silently ignores) the docstring says so.
+
+* :func:`parse_dataset_config` reads ``[general]`` / ``[[datasets]]`` / ``[[datasets.subsets]]``
+  with kohya's inheritance: a subset's value comes from the subset, else its dataset, else
+  ``[general]``, else the trainer's own arguments (``defaults``), else kohya's default.
+* :func:`make_buckets` and :func:`fit_to_bucket` are kohya's ``make_bucket_resolutions`` and
+  ``BucketManager.select_bucket``; :func:`epoch_plan` is DreamBooth's regularisation balancing
+  plus per-bucket batching.
+* :func:`parse_sample_prompts` is kohya's prompt-file syntax (``--n --w --h --d --l --s --ss``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+import tomllib
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from types import MappingProxyType
+from typing import Any, NamedTuple
+
+from shared.datasets import parse_subset_dir
+
+
+class ConfigError(ValueError):
+    """A kohya config or prompt file that kohya would reject or misread.
+
+    ``field`` is the dotted path of the offending value (``datasets.0.subsets.1.num_repeats``),
+    or the option (``--w``) for a prompt file, whose ``line`` (1-based) is then set too.
+    """
+
+    def __init__(self, message: str, *, field: str, line: int | None = None) -> None:
+        where = f"line {line}: " if line is not None else (f"{field}: " if field else "")
+        super().__init__(where + message)
+        self.field = field
+        self.message = message
+        self.line = line
+
+
+# ---------------------------------------------------------------------------------------------
+# Dataset config models
+
+
+class SubsetMode(StrEnum):
+    """kohya's three ways of saying what an image is about."""
+
+    CLASS_TOKENS = "dreambooth_class_tokens"  # every image captioned "<identifier> <class>"
+    CAPTIONS = "dreambooth_captions"  # a caption file beside each image
+    FINE_TUNING = "fine_tuning"  # captions and tags from a metadata JSON
+
+
+KOHYA_CAPTION_EXTENSION = ".caption"  # sd-scripts' default for --caption_extension
+
+
+@dataclass(frozen=True, kw_only=True)
+class KohyaSubset:
+    """One ``[[datasets.subsets]]`` with every inherited value resolved.
+
+    ``caption_extension`` is None when no level set it (kohya then reads ``.caption`` files,
+    see :attr:`effective_caption_extension`); ``class_tokens`` is kohya's caption for images
+    without a caption file.
+    """
+
+    image_dir: str | None = None
+    metadata_file: str | None = None
+    is_reg: bool = False
+    class_tokens: str | None = None
+    caption_extension: str | None = None
+    num_repeats: int = 1
+    shuffle_caption: bool = False
+    keep_tokens: int = 0
+    keep_tokens_separator: str = ""
+    secondary_separator: str | None = None
+    caption_separator: str = ","
+    caption_prefix: str | None = None
+    caption_suffix: str | None = None
+    enable_wildcard: bool = False
+    color_aug: bool = False
+    flip_aug: bool = False
+    random_crop: bool = False
+    face_crop_aug_range: tuple[float, float] | None = None
+    caption_dropout_rate: float = 0.0
+    caption_dropout_every_n_epochs: int = 0
+    caption_tag_dropout_rate: float = 0.0
+    token_warmup_min: int = 1
+    token_warmup_step: float = 0.0
+    alpha_mask: bool = False
+    cache_info: bool = False
+    custom_attributes: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), hash=False)
+
+    @property
+    def mode(self) -> SubsetMode:
+        """Fine-tuning with a metadata file; captions when an extension is configured (class
+        tokens then caption only the images without a file); class tokens alone otherwise.
+        A subset with neither reads kohya's default ``.caption`` files, so it is CAPTIONS."""
+        if self.metadata_file is not None:
+            return SubsetMode.FINE_TUNING
+        if self.caption_extension is None and self.class_tokens is not None:
+            return SubsetMode.CLASS_TOKENS
+        return SubsetMode.CAPTIONS
+
+    @property
+    def effective_caption_extension(self) -> str:
+        return self.caption_extension or KOHYA_CAPTION_EXTENSION
+
+
+@dataclass(frozen=True, kw_only=True)
+class KohyaDataset:
+    """One ``[[datasets]]``: the batching and bucketing its subsets share.
+
+    ``resolution`` is ``(width, height)``, or None when the config leaves it to the trainer's
+    ``--resolution`` (as Loomis's own exported configs do).
+    """
+
+    subsets: tuple[KohyaSubset, ...]
+    resolution: tuple[int, int] | None = None
+    batch_size: int = 1
+    enable_bucket: bool = False
+    min_bucket_reso: int = 256
+    max_bucket_reso: int = 1024
+    bucket_reso_steps: int = 64
+    bucket_no_upscale: bool = False
+    network_multiplier: float = 1.0
+    validation_seed: int | None = None
+    validation_split: float = 0.0
+
+    @property
+    def is_fine_tuning(self) -> bool:
+        return any(s.mode is SubsetMode.FINE_TUNING for s in self.subsets)
+
+    def buckets(self) -> list[tuple[int, int]]:
+        """The predefined buckets kohya trains this dataset at.
+
+        Without bucketing that is the resolution alone; with ``bucket_no_upscale`` kohya derives
+        each image's bucket from its own size instead, so there is no fixed list (empty).
+        """
+        if self.resolution is None:
+            raise ValueError("the dataset has no resolution; pass the trainer's --resolution as defaults")
+        if not self.enable_bucket:
+            return [self.resolution]
+        if self.bucket_no_upscale:
+            return []
+        return make_buckets(resolution=self.resolution, min_reso=self.min_bucket_reso,
+                            max_reso=self.max_bucket_reso, steps=self.bucket_reso_steps)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DatasetConfig:
+    """A whole kohya dataset config file; kohya trains on the concatenation of its datasets."""
+
+    datasets: tuple[KohyaDataset, ...]
+
+
+# ---------------------------------------------------------------------------------------------
+# Key schema: which key may appear at which level, and how its value is checked
+
+_Check = Callable[[object, str], Any]
+
+
+def _type_name(value: object) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "an array", dict: "a table"}.get(type(value), type(value).__name__)
+
+
+def _bool(value: object, path: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"must be true or false, not {_type_name(value)}", field=path)
+    return value
+
+
+def _int(minimum: int | None = None) -> _Check:
+    def check(value: object, path: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"must be an integer, not {_type_name(value)}", field=path)
+        if minimum is not None and value < minimum:
+            raise ConfigError(f"must be at least {minimum}, got {value}", field=path)
+        return value
+    return check
+
+
+def _number(low: float | None = None, high: float | None = None, *, high_open: bool = False) -> _Check:
+    def check(value: object, path: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"must be a number, not {_type_name(value)}", field=path)
+        number = float(value)
+        if not math.isfinite(number):
+            raise ConfigError(f"must be a finite number, got {value}", field=path)
+        if (low is not None and number < low) or (
+                high is not None and (number >= high if high_open else number > high)):
+            bound = f"at least {low}" if high is None else f"in [{low}, {high}{')' if high_open else ']'}"
+            raise ConfigError(f"must be {bound}, got {value}", field=path)
+        return number
+    return check
+
+
+def _str(*, nonempty: bool = False) -> _Check:
+    def check(value: object, path: str) -> str:
+        if not isinstance(value, str):
+            raise ConfigError(f"must be a string, not {_type_name(value)}", field=path)
+        if nonempty and not value.strip():
+            raise ConfigError("must not be empty", field=path)
+        return value
+    return check
+
+
+def _caption_extension(value: object, path: str) -> str:
+    text: str = _str(nonempty=True)(value, path)
+    if not text.startswith("."):
+        # kohya appends it to the stem verbatim: "txt" would look for "imgtxt"
+        raise ConfigError(f"must start with a dot (kohya appends it to the file stem): {'.' + text!r}?",
+                          field=path)
+    return text
+
+
+def _resolution(value: object, path: str) -> tuple[int, int]:
+    if isinstance(value, list) and len(value) == 2:
+        width, height = (_int(1)(v, f"{path}.{i}") for i, v in enumerate(value))
+        return width, height
+    if isinstance(value, list):
+        raise ConfigError(f"must be one integer or [width, height], got {len(value)} values", field=path)
+    side = _int(1)(value, path)
+    return side, side
+
+
+def _crop_range(value: object, path: str) -> tuple[float, float]:
+    if not isinstance(value, list) or len(value) != 2:
+        raise ConfigError("must be [low, high]", field=path)
+    low, high = (_number(0.0)(v, f"{path}.{i}") for i, v in enumerate(value))
+    if low > high:
+        raise ConfigError(f"low {low} is above high {high}", field=path)
+    return low, high
+
+
+def _table(value: object, path: str) -> Mapping[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"must be a table, not {_type_name(value)}", field=path)
+    return MappingProxyType(dict(value))
+
+
+# Dataset-wide keys: [general] or [[datasets]].
+_DATASET_KEYS: dict[str, _Check] = {
+    "resolution": _resolution,
+    "batch_size": _int(1),
+    "enable_bucket": _bool,
+    "min_bucket_reso": _int(1),
+    "max_bucket_reso": _int(1),
+    "bucket_reso_steps": _int(1),
+    "bucket_no_upscale": _bool,
+    "network_multiplier": _number(),
+    "validation_seed": _int(0),
+    "validation_split": _number(0.0, 1.0, high_open=True),
+}
+# Subset keys that [general] and [[datasets]] may set for all their subsets.
+_INHERITED_SUBSET_KEYS: dict[str, _Check] = {
+    "class_tokens": _str(nonempty=True),
+    "caption_extension": _caption_extension,
+    "num_repeats": _int(1),
+    "shuffle_caption": _bool,
+    "keep_tokens": _int(0),
+    "keep_tokens_separator": _str(),
+    "secondary_separator": _str(),
+    "caption_separator": _str(nonempty=True),
+    "caption_prefix": _str(),
+    "caption_suffix": _str(),
+    "enable_wildcard": _bool,
+    "color_aug": _bool,
+    "flip_aug": _bool,
+    "random_crop": _bool,
+    "face_crop_aug_range": _crop_range,
+    "caption_dropout_rate": _number(0.0, 1.0),
+    "caption_dropout_every_n_epochs": _int(0),
+    "caption_tag_dropout_rate": _number(0.0, 1.0),
+    "token_warmup_min": _int(1),
+    "token_warmup_step": _number(0.0),
+    "alpha_mask": _bool,
+    "cache_info": _bool,
+    "custom_attributes": _table,
+}
+# Keys that only make sense on one subset.
+_SUBSET_ONLY_KEYS: dict[str, _Check] = {
+    "image_dir": _str(nonempty=True),
+    "metadata_file": _str(nonempty=True),
+    "is_reg": _bool,
+}
+_GENERAL_KEYS = {**_DATASET_KEYS, **_INHERITED_SUBSET_KEYS}
+_SUBSET_KEYS = {**_INHERITED_SUBSET_KEYS, **_SUBSET_ONLY_KEYS}
+_ALL_KEYS = {*_GENERAL_KEYS, *_SUBSET_ONLY_KEYS, "subsets"}
+# Only DreamBooth subsets have these; a fine-tuning subset that inherits them ignores them.
+_DREAMBOOTH_ONLY = ("class_tokens", "caption_extension", "is_reg")
+
+_TABLE_KEYS = {"general": "table", "datasets": "array", "subsets": "array"}
+_Layer = dict[str, tuple[Any, str]]  # key -> (checked value, dotted path it came from)
+
+
+def _unknown_key(key: str, path: str, *, allowed: Sequence[str], table: str,
+                 value: object = None) -> ConfigError:
+    if key in _ALL_KEYS:
+        home = ("[[datasets.subsets]]" if key in _SUBSET_ONLY_KEYS
+                else "[general] or [[datasets]]" if key in _DATASET_KEYS else "[[datasets]]")
+        return ConfigError(f"{key!r} cannot be set in {table}; it belongs in {home}", field=path)
+    close = difflib.get_close_matches(key, allowed, n=3, cutoff=0.6)
+    if not close:
+        # a mistyped or translated table name ([generale], [[datasets.sottoinsiemi]]) is still a table
+        shape = ("table" if isinstance(value, dict)
+                 else "array" if isinstance(value, list) and value and all(isinstance(v, dict) for v in value)
+                 else None)
+        close = [k for k, k_shape in _TABLE_KEYS.items() if k in allowed and k_shape == shape]
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    return ConfigError(f"unknown key {key!r} in {table}{hint}", field=path)
+
+
+def _layer(table: Mapping[str, Any], prefix: str, schema: Mapping[str, _Check], *, name: str,
+           skip: Sequence[str] = ()) -> _Layer:
+    layer: _Layer = {}
+    for key, value in table.items():
+        path = f"{prefix}.{key}" if prefix else key
+        if key in skip:
+            continue
+        check = schema.get(key)
+        if check is None:
+            raise _unknown_key(key, path, allowed=[*schema, *skip], table=name, value=value)
+        layer[key] = (check(value, path), path)
+    return layer
+
+
+def _tables(value: object, path: str, *, name: str) -> list[Mapping[str, Any]]:
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise ConfigError(f"must be an array of tables, written [[{name}]]", field=path)
+    if not value:
+        raise ConfigError(f"needs at least one [[{name}]]", field=path)
+    return value
+
+
+def parse_dataset_config(text: str, *, defaults: Mapping[str, object] | None = None) -> DatasetConfig:
+    """Read a kohya ``--dataset_config`` TOML the way sd-scripts would, refusing what it would
+    refuse or misread.
+
+    ``defaults`` plays the part of the trainer's command-line arguments (``resolution``,
+    ``batch_size``, ``caption_extension``, ...; config-file names), the last fallback before
+    kohya's own defaults. Raises :class:`ConfigError` naming the dotted path of the bad value.
+    """
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"not valid TOML: {exc}", field="") from exc
+    for key in document:
+        if key not in ("general", "datasets"):
+            raise _unknown_key(key, key, allowed=["general", "datasets"], table="the top level",
+                               value=document[key])
+    base = _layer(defaults or {}, "defaults", _GENERAL_KEYS, name="defaults")
+    general = _layer(_table(document.get("general", {}), "general"), "general", _GENERAL_KEYS,
+                     name="[general]")
+    if "datasets" not in document:
+        raise ConfigError("no [[datasets]] table; kohya needs at least one", field="datasets")
+    datasets = _tables(document["datasets"], "datasets", name="datasets")
+    return DatasetConfig(datasets=tuple(
+        _dataset({**base, **general}, table, f"datasets.{index}") for index, table in enumerate(datasets)
+    ))
+
+
+def _dataset(inherited: _Layer, table: Mapping[str, Any], path: str) -> KohyaDataset:
+    own = _layer(table, path, _GENERAL_KEYS, name="[[datasets]]", skip=("subsets",))
+    if "subsets" not in table:
+        raise ConfigError("no [[datasets.subsets]]; every dataset needs at least one",
+                          field=f"{path}.subsets")
+    merged = {**inherited, **own}
+    subsets = tuple(
+        _subset(merged, subset, f"{path}.subsets.{index}")
+        for index, subset in enumerate(_tables(table["subsets"], f"{path}.subsets", name="datasets.subsets"))
+    )
+    fine_tuning = [s.mode is SubsetMode.FINE_TUNING for s in subsets]
+    if any(fine_tuning) and not all(fine_tuning):
+        index = fine_tuning.index(not fine_tuning[0])
+        raise ConfigError(
+            "a dataset is either fine-tuning (every subset has metadata_file) or DreamBooth (none has);"
+            " put these subsets in separate [[datasets]]",
+            field=f"{path}.subsets.{index}" + (".metadata_file" if fine_tuning[index] else ""),
+        )
+    dataset = KohyaDataset(subsets=subsets, **{k: v for k, (v, _) in merged.items() if k in _DATASET_KEYS})
+    _check_bucketing(dataset, merged)
+    return dataset
+
+
+def _check_bucketing(dataset: KohyaDataset, merged: _Layer) -> None:
+    def where(key: str) -> str:
+        return merged[key][1] if key in merged else key
+
+    steps = dataset.bucket_reso_steps
+    if steps % 8:
+        raise ConfigError(f"must be a multiple of 8 (the VAE's downscale), got {steps}",
+                          field=where("bucket_reso_steps"))
+    if dataset.min_bucket_reso > dataset.max_bucket_reso:
+        raise ConfigError(f"{dataset.min_bucket_reso} is above max_bucket_reso {dataset.max_bucket_reso}",
+                          field=where("min_bucket_reso"))
+    if dataset.enable_bucket and not dataset.bucket_no_upscale:
+        for key in ("min_bucket_reso", "max_bucket_reso"):
+            if getattr(dataset, key) % steps:
+                raise ConfigError(f"must be a multiple of bucket_reso_steps ({steps}),"
+                                  f" got {getattr(dataset, key)}", field=where(key))
+    if dataset.resolution is None:
+        return
+    width, height = dataset.resolution
+    multiple = steps if dataset.enable_bucket else 8
+    if width % multiple or height % multiple:
+        reason = f"bucket_reso_steps ({steps})" if dataset.enable_bucket else "8"
+        raise ConfigError(f"{width}x{height} is not a multiple of {reason}", field=where("resolution"))
+    if dataset.enable_bucket and not dataset.bucket_no_upscale:
+        if min(width, height) < dataset.min_bucket_reso:
+            raise ConfigError(f"{width}x{height} is below min_bucket_reso {dataset.min_bucket_reso}",
+                              field=where("resolution"))
+        if max(width, height) > dataset.max_bucket_reso:
+            raise ConfigError(f"{width}x{height} is above max_bucket_reso {dataset.max_bucket_reso}",
+                              field=where("resolution"))
+
+
+def _subset(inherited: _Layer, table: Mapping[str, Any], path: str) -> KohyaSubset:
+    own = _layer(table, path, _SUBSET_KEYS, name="[[datasets.subsets]]")
+    if "metadata_file" in own:
+        for key in _DREAMBOOTH_ONLY:
+            if key in own:
+                raise ConfigError(f"{key!r} is a DreamBooth setting; a subset with metadata_file is"
+                                  " fine-tuning, whose captions come from the metadata", field=own[key][1])
+        inherited = {k: v for k, v in inherited.items() if k not in _DREAMBOOTH_ONLY}
+    elif "image_dir" not in own:
+        raise ConfigError("a subset needs image_dir (or metadata_file for fine-tuning)",
+                          field=f"{path}.image_dir")
+    merged = {**inherited, **own}
+    return KohyaSubset(**{k: v for k, (v, _) in merged.items() if k in _SUBSET_KEYS})
+
+
+def subset_from_folder(folder: str, *, image_dir: str | None = None) -> KohyaSubset:
+    """A DreamBooth subset from a kohya folder name (``10_sks dog``), as ``--train_data_dir`` /
+    ``--reg_data_dir`` read them; the naming rules are :func:`shared.datasets.parse_subset_dir`'s."""
+    parsed = parse_subset_dir(folder)
+    if parsed is None:
+        raise ConfigError("not a kohya subset folder name (<repeats>_<identifier> <class>)", field=folder)
+    return KohyaSubset(image_dir=image_dir if image_dir is not None else folder, num_repeats=parsed.repeats,
+                       class_tokens=parsed.class_tokens, is_reg=parsed.is_reg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Buckets
+
+
+def make_buckets(*, resolution: tuple[int, int], min_reso: int = 256, max_reso: int = 1024,
+                 steps: int = 64) -> list[tuple[int, int]]:
+    """kohya's ``make_bucket_resolutions``: ``(width, height)`` buckets of at most the
+    resolution's area, sorted.
+
+    The square bucket is ``floor(sqrt(area) / steps) * steps`` on a side. Then for each width
+    from ``min_reso`` to ``max_reso`` in ``steps``, the height is the largest multiple of
+    ``steps`` with ``width * height <= area``, capped at ``max_reso``; when that height is at
+    least ``min_reso`` both ``(width, height)`` and ``(height, width)`` are buckets.
+    """
+    if steps < 1 or min_reso < 1 or min_reso > max_reso:
+        raise ValueError(f"bad bucket bounds: min {min_reso}, max {max_reso}, steps {steps}")
+    max_area = resolution[0] * resolution[1]
+    side = math.isqrt(max_area) // steps * steps
+    buckets = {(side, side)}
+    for width in range(min_reso, max_reso + 1, steps):
+        height = min(max_reso, max_area // width // steps * steps)
+        if height >= min_reso:
+            buckets.update({(width, height), (height, width)})
+    return sorted(buckets)
+
+
+class BucketFit(NamedTuple):
+    """Where kohya puts one image: resized to ``resized`` (covering the bucket), then cropped
+    to ``bucket``; ``crop`` is the (left, top) offset of kohya's centre crop (``random_crop``
+    picks a random offset instead). ``ar_error`` is bucket aspect minus image aspect."""
+
+    bucket: tuple[int, int]
+    resized: tuple[int, int]
+    crop: tuple[int, int]
+    ar_error: float
+
+
+def _round_to_steps(value: float, steps: int) -> int:
+    rounded = int(value + 0.5)
+    return rounded - rounded % steps
+
+
+def fit_to_bucket(width: int, height: int, buckets: Sequence[tuple[int, int]], *, no_upscale: bool = False,
+                  max_area: int | None = None, steps: int = 64) -> BucketFit:
+    """kohya's ``BucketManager.select_bucket`` plus its resize and centre crop.
+
+    Normally: the image's own size if it is a bucket, else the bucket whose aspect ratio is
+    closest (smallest ``|bucket_ar - image_ar|``, the first in ``buckets`` order on a tie);
+    the image is scaled, rounding half up, so that it covers the bucket. With ``no_upscale``
+    the ``buckets`` are ignored: an image over ``max_area`` pixels (the resolution's area) is
+    shrunk to that area, with whichever side rounds to ``steps`` with the smaller aspect error,
+    and the bucket is the (resized) size rounded down to ``steps``, so nothing is ever enlarged.
+    """
+    if width < 1 or height < 1:
+        raise ValueError(f"bad image size {width}x{height}")
+    aspect = width / height
+    if not no_upscale:
+        if not buckets:
+            raise ValueError("no buckets to choose from")
+        bucket = (width, height) if (width, height) in buckets else min(
+            buckets, key=lambda b: abs(b[0] / b[1] - aspect))
+        scale = bucket[1] / height if aspect > bucket[0] / bucket[1] else bucket[0] / width
+        resized = (int(width * scale + 0.5), int(height * scale + 0.5))
+    else:
+        if max_area is None:
+            raise ValueError("no_upscale needs max_area (the resolution's width * height)")
+        if width * height > max_area:
+            scaled_width = math.sqrt(max_area * aspect)
+            scaled_height = max_area / scaled_width
+            by_width = _round_to_steps(scaled_width, steps)
+            height_for_width = _round_to_steps(by_width / aspect, steps)
+            by_height = _round_to_steps(scaled_height, steps)
+            width_for_height = _round_to_steps(by_height * aspect, steps)
+            error_w = abs(by_width / height_for_width - aspect) if height_for_width else math.inf
+            error_h = abs(width_for_height / by_height - aspect) if by_height else math.inf
+            if error_w < error_h:
+                resized = (by_width, int(by_width / aspect + 0.5))
+            else:
+                resized = (int(by_height * aspect + 0.5), by_height)
+        else:
+            resized = (width, height)
+        bucket = (resized[0] - resized[0] % steps, resized[1] - resized[1] % steps)
+        if 0 in bucket:
+            raise ValueError(f"a {width}x{height} image is narrower than one bucket step ({steps})")
+    crop = (max(0, resized[0] - bucket[0]) // 2, max(0, resized[1] - bucket[1]) // 2)
+    return BucketFit(bucket, resized, crop, bucket[0] / bucket[1] - aspect)
+
+
+def assign_bucket(width: int, height: int, buckets: Sequence[tuple[int, int]], *, no_upscale: bool = False,
+                  max_area: int | None = None, steps: int = 64) -> tuple[int, int]:
+    """The bucket kohya trains a ``width`` x ``height`` image at (see :func:`fit_to_bucket`)."""
+    return fit_to_bucket(width, height, buckets, no_upscale=no_upscale, max_area=max_area, steps=steps).bucket
+
+
+# ---------------------------------------------------------------------------------------------
+# Epochs
+
+
+@dataclass(frozen=True, kw_only=True)
+class EpochPlan:
+    """What one kohya epoch holds: ``reg_repeats`` is, per input subset, how often each of its
+    images is used (0 for unused regularisation images); ``bucket_items`` counts items per bucket."""
+
+    train_items: int
+    reg_items: int
+    reg_repeats: tuple[tuple[int, ...], ...]
+    bucket_items: Mapping[tuple[int, int], int]
+    steps: int
+
+
+_ONE_BUCKET = (0, 0)
+
+
+def epoch_plan(subsets: Sequence[tuple[int, int, bool]], *, batch_size: int,
+               buckets_of_images: Sequence[Sequence[tuple[int, int]]] | None = None) -> EpochPlan:
+    """Count one epoch the way kohya's DreamBooth dataset does.
+
+    ``subsets`` are ``(image_count, num_repeats, is_reg)`` in config order; ``buckets_of_images``
+    gives, per subset, each image's bucket in kohya's (sorted file name) order; None means one
+    bucket for all (bucketing off). Training items are ``image_count * num_repeats`` summed.
+    Regularisation images are then taken in order, each with its subset's repeats, until they
+    reach the training count (so with repeats above 1 they may overshoot it slightly; the rest
+    go unused); if all of them fall short, each gets one more repeat in turn until they match.
+    No training items means no regularisation. Items are batched per bucket, so the epoch has
+    ``sum(ceil(items_in_bucket / batch_size))`` steps (before gradient accumulation).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if buckets_of_images is not None and len(buckets_of_images) != len(subsets):
+        raise ValueError("buckets_of_images needs one entry per subset")
+    repeats: list[list[int]] = []
+    for index, (count, num_repeats, _) in enumerate(subsets):
+        if count < 0 or num_repeats < 1:
+            raise ValueError(f"subset {index}: bad image count {count} or num_repeats {num_repeats}")
+        if buckets_of_images is not None and len(buckets_of_images[index]) != count:
+            raise ValueError(f"subset {index}: {len(buckets_of_images[index])} buckets for {count} images")
+        repeats.append([num_repeats] * count)
+    train_items = sum(sum(r) for r, (_, _, is_reg) in zip(repeats, subsets, strict=True) if not is_reg)
+    reg_images = [(s, i) for s, (count, _, is_reg) in enumerate(subsets) if is_reg for i in range(count)]
+    used = [0] * len(reg_images)
+    total = 0
+    for position, (s, i) in enumerate(reg_images):
+        if total >= train_items:
+            break
+        used[position] = repeats[s][i]
+        total += used[position]
+    while reg_images and total < train_items:
+        for position in range(len(reg_images)):
+            used[position] += 1
+            total += 1
+            if total >= train_items:
+                break
+    for position, (s, i) in enumerate(reg_images):
+        repeats[s][i] = used[position]
+    buckets: Counter[tuple[int, int]] = Counter()
+    for s, image_repeats in enumerate(repeats):
+        for i, times in enumerate(image_repeats):
+            if times:
+                buckets[_ONE_BUCKET if buckets_of_images is None else buckets_of_images[s][i]] += times
+    return EpochPlan(
+        train_items=train_items, reg_items=total,
+        reg_repeats=tuple(tuple(r) for r in repeats),
+        bucket_items=MappingProxyType(dict(buckets)),
+        steps=sum(-(-items // batch_size) for items in buckets.values()),
+    )
+
+
+def steps_per_epoch(subsets: Sequence[tuple[int, int, bool]], *, batch_size: int,
+                    buckets_of_images: Sequence[Sequence[tuple[int, int]]] | None = None) -> int:
+    """Optimiser steps in one kohya epoch (before gradient accumulation); see :func:`epoch_plan`."""
+    return epoch_plan(subsets, batch_size=batch_size, buckets_of_images=buckets_of_images).steps
+
+
+# ---------------------------------------------------------------------------------------------
+# Sample prompts
+
+# kohya's --sample_sampler choices, in its order.
+KOHYA_SAMPLERS: tuple[str, ...] = (
+    "ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++",
+    "dpmsingle", "k_lms", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a",
+)
+# kohya sampler -> the Loomis scheduler (shared.models.SCHEDULERS) built from the same diffusers
+# class with the same settings; None where Loomis has none: "dpmsolver" is DPMSolverMultistep
+# with algorithm_type="dpmsolver" (not ++), "dpmsingle" the single-step solver, "dpm_2*" KDPM2.
+KOHYA_TO_LOOMIS_SCHEDULER: Mapping[str, str | None] = MappingProxyType({
+    "ddim": "DDIM", "pndm": "PNDM", "lms": "LMS", "k_lms": "LMS", "euler": "Euler", "k_euler": "Euler",
+    "euler_a": "Euler a", "k_euler_a": "Euler a", "heun": "Heun", "dpmsolver++": "DPM++ 2M",
+    "dpmsolver": None, "dpmsingle": None, "dpm_2": None, "k_dpm_2": None, "dpm_2_a": None, "k_dpm_2_a": None,
+})
+
+# kohya's sample_images defaults for what a prompt line leaves out.
+SAMPLE_DEFAULT_SIZE = 512
+SAMPLE_DEFAULT_SCALE = 7.5
+SAMPLE_DEFAULT_STEPS = 30
+_UINT_RE = re.compile(r"\d+")
+_UFLOAT_RE = re.compile(r"\d+(\.\d*)?|\.\d+")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplePrompt:
+    """One line of a kohya ``--sample_prompts`` file, with kohya's defaults filled in.
+
+    ``seed`` None is a random seed; ``sampler`` None means the trainer's ``--sample_sampler``.
+    ``ignored`` lists the options kohya does not know and skips (``--ar 16:9``).
+    """
+
+    prompt: str
+    negative: str = ""
+    width: int = SAMPLE_DEFAULT_SIZE
+    height: int = SAMPLE_DEFAULT_SIZE
+    seed: int | None = None
+    scale: float = SAMPLE_DEFAULT_SCALE
+    steps: int = SAMPLE_DEFAULT_STEPS
+    sampler: str | None = None
+    line: int = 0
+    ignored: tuple[str, ...] = ()
+
+
+def _sample_size(value: str, option: str, line: int) -> int:
+    # kohya renders at a multiple of 8, at least 64
+    return max(64, _sample_int(value, option, line) // 8 * 8)
+
+
+def _sample_int(value: str, option: str, line: int) -> int:
+    if not _UINT_RE.fullmatch(value):
+        raise ConfigError(f"{option} expects a whole number, got {value!r}", field=option, line=line)
+    return int(value)
+
+
+def _sample_float(value: str, option: str, line: int) -> float:
+    if not _UFLOAT_RE.fullmatch(value):
+        raise ConfigError(f"{option} expects a number, got {value!r}", field=option, line=line)
+    return float(value)
+
+
+def _sample_sampler(value: str, option: str, line: int) -> str:
+    name = value.lower()
+    if name not in KOHYA_SAMPLERS:
+        close = difflib.get_close_matches(name, KOHYA_SAMPLERS, n=3)
+        hint = (f"; did you mean {' or '.join(close)}?" if close
+                else f"; kohya has {', '.join(KOHYA_SAMPLERS)}")
+        raise ConfigError(f"unknown sampler {value!r}{hint}", field=option, line=line)
+    return name
+
+
+_SAMPLE_OPTIONS: dict[str, tuple[str, Callable[[str, str, int], object]]] = {
+    "n": ("negative", lambda value, _option, _line: value),
+    "w": ("width", _sample_size),
+    "h": ("height", _sample_size),
+    "d": ("seed", _sample_int),
+    "l": ("scale", _sample_float),
+    "s": ("steps", lambda value, option, line: min(1000, max(1, _sample_int(value, option, line)))),
+    "ss": ("sampler", _sample_sampler),
+}
+
+
+def parse_sample_prompts(text: str) -> list[SamplePrompt]:
+    """Read kohya's ``.txt`` prompt file: one prompt per line, options after `` --``.
+
+    As kohya does: a line is skipped when blank or when its very first character is ``#``; the
+    line is split at every `` --``, the first piece is the prompt and each later piece is an
+    option letter, a space and its value (``--n`` negative prompt, ``--w``/``--h`` size rounded
+    down to a multiple of 8 and at least 64, ``--d`` seed, ``--l`` CFG scale, ``--s`` steps
+    clamped to 1..1000, ``--ss`` sampler), option names case-insensitive, a later repeat
+    winning. Unknown options are skipped like kohya skips them (listed in ``ignored``). Stricter
+    than kohya, which logs and skips a value it cannot read: a bad number or an unknown sampler
+    raises :class:`ConfigError` with the line number.
+    """
+    prompts: list[SamplePrompt] = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or raw.startswith("#"):
+            continue
+        prompt, *options = line.split(" --")
+        values: dict[str, Any] = {}
+        ignored: list[str] = []
+        for piece in options:
+            name, _, value = piece.partition(" ")
+            option = _SAMPLE_OPTIONS.get(name.lower())
+            if option is None:
+                ignored.append("--" + piece.strip())
+                continue
+            target, convert = option
+            values[target] = convert(value.strip(), f"--{name.lower()}", number)
+        prompts.append(SamplePrompt(prompt=prompt.strip(), line=number, ignored=tuple(ignored), **values))
+    return prompts

@@ -1,0 +1,153 @@
+"""The LoRA training job spec: kohya sd-scripts' options, validated at the gateway.
+
+Names follow kohya's command-line options so a kohya user recognises them; the rules kohya
+enforces at start-up (cache_latents with augmentation, epochs over steps, optimizer
+packages) are checked here, before a job exists.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from shared.specs import MAX_SEED
+
+LrScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine",
+                      "cosine_with_restarts", "polynomial"]
+Optimizer = Literal["AdamW", "AdamW8bit", "Lion8bit", "Lion", "SGDNesterov", "Prodigy",
+                    "Adafactor"]
+# Optimizers that need a package the worker image may not have, and which package.
+OPTIONAL_OPTIMIZERS = {"AdamW8bit": "bitsandbytes", "Lion8bit": "bitsandbytes",
+                       "Lion": "lion-pytorch", "Prodigy": "prodigyopt"}
+
+
+class _Options(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class NetworkOptions(_Options):
+    rank: int = Field(default=16, ge=1, le=256, description="network_dim")
+    alpha: float | None = Field(default=None, gt=0, description="network_alpha; default: rank")
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
+        min_length=1, description="UNet attention projections by default.")
+    train_text_encoder: bool = False
+    text_encoder_lr: float | None = Field(default=None, gt=0)
+
+
+class OptimOptions(_Options):
+    learning_rate: float = Field(default=1e-4, gt=0, le=1)
+    unet_lr: float | None = Field(default=None, gt=0, le=1)
+    lr_scheduler: LrScheduler = "constant"
+    lr_warmup_steps: int = Field(default=0, ge=0)
+    lr_scheduler_num_cycles: int = Field(default=1, ge=1)
+    lr_scheduler_power: float = Field(default=1.0, gt=0)
+    optimizer: Optimizer = "AdamW"
+    optimizer_args: dict[str, float | int | str | bool] = Field(default_factory=dict)
+    max_train_steps: int | None = Field(default=None, ge=1, le=200_000)
+    max_train_epochs: int | None = Field(default=None, ge=1, le=10_000,
+                                         description="Wins over max_train_steps, as in kohya.")
+    gradient_accumulation_steps: int = Field(default=1, ge=1, le=128)
+    max_grad_norm: float = Field(default=1.0, ge=0)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    seed: int = Field(default=42, ge=0, le=MAX_SEED)
+
+
+class DiffusionOptions(_Options):
+    noise_offset: float = Field(default=0.0, ge=0, le=1)
+    adaptive_noise_scale: float | None = Field(default=None, ge=0, le=1)
+    multires_noise_iterations: int = Field(default=0, ge=0, le=10)
+    multires_noise_discount: float = Field(default=0.3, gt=0, le=1)
+    min_snr_gamma: float | None = Field(default=None, gt=0, le=20)
+    clip_skip: int = Field(default=1, ge=1, le=12)
+    max_token_length: Literal[75, 150, 225] = 75
+    v_parameterization: bool = False
+    cache_latents: bool = False
+    cache_latents_to_disk: bool = False
+
+
+class DataOptions(_Options):
+    """Dataset-level kohya options used when the data is a Loomis dataset (not a TOML)."""
+
+    resolution: int | tuple[int, int] = 512
+    batch_size: int = Field(default=1, ge=1, le=64)
+    enable_bucket: bool = True
+    min_bucket_reso: int = Field(default=256, ge=64)
+    max_bucket_reso: int = Field(default=1024, le=4096)
+    bucket_reso_steps: int = Field(default=64, ge=8)
+    shuffle_caption: bool = False
+    keep_tokens: int = Field(default=0, ge=0)
+    caption_dropout_rate: float = Field(default=0.0, ge=0, le=1)
+    flip_aug: bool = False
+    color_aug: bool = False
+    random_crop: bool = False
+
+
+class SampleOptions(_Options):
+    prompts: str = Field(default="", max_length=20_000, description="kohya prompt-file syntax: "
+                         "one prompt per line, `--n` negative, `--w`/`--h` size, `--d` seed, "
+                         "`--l` CFG scale, `--s` steps, `#` comments.")
+    every_n_steps: int | None = Field(default=None, ge=1)
+    every_n_epochs: int | None = Field(default=None, ge=1)
+    sampler: str = Field(default="ddim", description="A kohya sampler name (ddim, euler_a, …).")
+
+
+class SaveOptions(_Options):
+    every_n_steps: int | None = Field(default=None, ge=1)
+    every_n_epochs: int | None = Field(default=None, ge=1)
+    precision: Literal["float", "fp16", "bf16"] = "fp16"
+    save_state: bool = Field(default=True, description="Keep resumable state with checkpoints.")
+
+
+class TrainingSpec(_Options):
+    """Train a LoRA on a dataset; the result is registered as one of the tenant's LoRAs."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+        "base_model": "tiny-sd15", "name": "sks-dog", "dataset_id": "<dataset id>",
+        "network": {"rank": 8, "alpha": 4},
+        "optim": {"learning_rate": 1e-4, "max_train_steps": 1500, "lr_scheduler": "cosine"},
+        "samples": {"prompts": "a photo of sks dog --n blurry --w 512 --h 512 --d 1 --l 7 --s 20",
+                    "every_n_steps": 250},
+        "save": {"every_n_steps": 500},
+    }]})
+
+    base_model: str = Field(default="tiny-sd15", max_length=100)
+    name: str = Field(min_length=1, max_length=100, description="Name of the resulting LoRA.")
+    dataset_id: str | None = None
+    reg_dataset_id: str | None = None
+    dataset_config: str | None = Field(default=None, max_length=100_000, description="A kohya "
+                                       "dataset config TOML; `image_dir` names subsets of "
+                                       "`dataset_id` (`<dataset id>/<subset folder>`).")
+    data: DataOptions = Field(default_factory=DataOptions)
+    network: NetworkOptions = Field(default_factory=NetworkOptions)
+    optim: OptimOptions = Field(default_factory=OptimOptions)
+    diffusion: DiffusionOptions = Field(default_factory=DiffusionOptions)
+    samples: SampleOptions = Field(default_factory=SampleOptions)
+    save: SaveOptions = Field(default_factory=SaveOptions)
+    resume_from: str | None = Field(default=None, description="A training job id whose saved "
+                                    "state this run continues.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainingSpec:
+        if self.dataset_id is None and self.dataset_config is None:
+            raise ValueError("give `dataset_id` (and optionally `dataset_config`)")
+        if self.diffusion.cache_latents and (self.data.flip_aug or self.data.color_aug
+                                             or self.data.random_crop):
+            raise ValueError("cache_latents cannot be combined with flip_aug, color_aug or "
+                             "random_crop (the cached latents would never change), as in kohya")
+        if self.optim.max_train_steps is None and self.optim.max_train_epochs is None:
+            raise ValueError("give optim.max_train_steps or optim.max_train_epochs")
+        return self
+
+
+def check_optimizer(spec: TrainingSpec, available: set[str]) -> dict[str, Any] | None:
+    """A field error when the optimizer needs a package the trainer workers lack."""
+    package = OPTIONAL_OPTIMIZERS.get(spec.optim.optimizer)
+    if package is None or spec.optim.optimizer in available:
+        return None
+    return {"field": "optim.optimizer", "message": f"{spec.optim.optimizer} needs the "
+            f"`{package}` package, which the trainer workers do not have; use AdamW, "
+            "SGDNesterov or Adafactor, or install it (LOOMIS_TRAINER__EXTRA_OPTIMIZERS)"}
