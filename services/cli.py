@@ -66,7 +66,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     stack = _stack(args)
     print(f"starting Loomis in {stack.data_dir.resolve()} ...", flush=True)
     try:
-        stack.start(own_redis=args.own_redis, tagger=True)
+        stack.start(own_redis=args.own_redis, tagger=True, trainer=True)
         key = asyncio.run(_dev_key())
     except StackError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -255,6 +255,13 @@ def cmd_tagger(_args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_trainer(_args: argparse.Namespace) -> int:
+    from services.trainer.worker import main as trainer_main
+
+    trainer_main()
+    return 0
+
+
 def cmd_worker(_args: argparse.Namespace) -> int:
     from services.generator.worker import main as worker_main
 
@@ -316,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
         func=cmd_worker)
     sub.add_parser("tagger", help="run a tagger worker in the foreground").set_defaults(
         func=cmd_tagger)
+    sub.add_parser("trainer", help="run a LoRA trainer worker in the foreground").set_defaults(
+        func=cmd_trainer)
     return parser
 
 

@@ -142,6 +142,9 @@ class Stack:
     def start_tagger(self, name: str = "tagger") -> Child:
         return self._spawn(name, [sys.executable, "-m", "services.tagger"])
 
+    def start_trainer(self, name: str = "trainer") -> Child:
+        return self._spawn(name, [sys.executable, "-m", "services.trainer"])
+
     def wait_ready(self, timeout: float = 90.0) -> None:
         deadline = time.monotonic() + timeout
         last = ""
@@ -178,7 +181,8 @@ class Stack:
             client.close()
         raise StackError(f"no worker polling {queue} after {timeout:.0f}s")
 
-    def start(self, *, own_redis: bool = True, worker: bool = True, tagger: bool = False) -> None:
+    def start(self, *, own_redis: bool = True, worker: bool = True, tagger: bool = False,
+              trainer: bool = False) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         try:
             if own_redis and not self.redis_url:
@@ -188,11 +192,15 @@ class Stack:
                 self.start_worker()
             if tagger:
                 self.start_tagger()
+            if trainer:
+                self.start_trainer()
             self.wait_ready()
             if worker:
                 self.wait_worker()
             if tagger:
                 self.wait_worker("loomis:queue:tagger")
+            if trainer:
+                self.wait_worker("loomis:queue:trainer")
         except BaseException:
             self.stop()
             raise

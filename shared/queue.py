@@ -17,3 +17,4 @@ async def enqueue(redis: Any, *, queue: str, task: str, job_id: str, payload: di
 PREPROCESS_TASK = "preprocess_control"
 SWEEP_TASK = "sweep"
 TAG_TASK = "tag_dataset"
+TRAIN_TASK = "train_lora"

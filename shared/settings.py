@@ -143,6 +143,18 @@ class TaggerSettings(BaseModel):
     poll_delay_s: float = 0.05
 
 
+class TrainerSettings(BaseModel):
+    """The LoRA trainer worker."""
+
+    device: str = Field(default="auto", description="auto, cpu, cuda")
+    job_timeout_s: int = 6 * 3600
+    max_tries: int = 3
+    poll_delay_s: float = 0.05
+    extra_optimizers: list[str] = Field(
+        default_factory=list, description="Optimizers whose packages the trainer image has: "
+        "AdamW8bit/Lion8bit (bitsandbytes), Lion (lion-pytorch), Prodigy (prodigyopt).")
+
+
 class Settings(BaseSettings):
     """All of Loomis' configuration; each service reads the part it needs."""
 
@@ -164,6 +176,7 @@ class Settings(BaseSettings):
     gateway: GatewaySettings = GatewaySettings()
     generator: GeneratorSettings = GeneratorSettings()
     tagger: TaggerSettings = TaggerSettings()
+    trainer: TrainerSettings = TrainerSettings()
 
     @model_validator(mode="after")
     def _refuse_default_secrets(self) -> Settings:

@@ -469,7 +469,8 @@ class ArtifactRef(BaseModel):
     """An object a job wrote, as the worker reports it in its ``succeeded`` event."""
 
     key: str
-    kind: Literal["image", "manifest", "contact_sheet", "metadata", "results"]
+    kind: Literal["image", "manifest", "contact_sheet", "metadata", "results", "lora", "sample",
+                  "checkpoint"]
     index: int | None = None
     content_type: str
     size: int

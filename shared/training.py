@@ -151,3 +151,28 @@ def check_optimizer(spec: TrainingSpec, available: set[str]) -> dict[str, Any] |
     return {"field": "optim.optimizer", "message": f"{spec.optim.optimizer} needs the "
             f"`{package}` package, which the trainer workers do not have; use AdamW, "
             "SGDNesterov or Adafactor, or install it (LOOMIS_TRAINER__EXTRA_OPTIMIZERS)"}
+
+
+class TrainingExample(BaseModel):
+    """One image as the trainer gets it: where it is, its caption and how kohya counts it."""
+
+    key: str
+    caption: str
+    repeats: int = Field(ge=1)
+    is_reg: bool = False
+    subset: str
+    bucket: tuple[int, int]
+
+
+class TrainingTask(BaseModel):
+    job_id: str
+    tenant_id: str
+    spec: TrainingSpec
+    examples: list[TrainingExample]
+    model_sha256: str = ""
+    trigger_words: list[str] = Field(default_factory=list)
+    tag_frequency: dict[str, dict[str, int]] = Field(default_factory=dict)
+    output_prefix: str  # training/{tenant}/{job}/
+    lora_id: str  # the id the finished LoRA is registered under
+    lora_key: str
+    resume_state_key: str | None = None

@@ -157,7 +157,7 @@ class RunningStack:
 
 def launch_stack(
     tmp: Path, *, database_url: str, s3: S3Server, model_cache: Path, worker: bool = True,
-    extra_env: dict[str, str] | None = None, tagger: bool = False,
+    extra_env: dict[str, str] | None = None, tagger: bool = False, trainer: bool = False,
 ) -> RunningStack:
     redis = redis_server(tmp / "redis-data")
     bucket = f"loomis-{uuid.uuid4().hex[:8]}"
@@ -172,7 +172,7 @@ def launch_stack(
     stack = Stack(data_dir=tmp, port=free_port(), redis_url=redis.url, env=env)
     keys = {tenant: create_key(database_url, tenant) for tenant in ("alice", "bob")}
     try:
-        stack.start(own_redis=False, worker=worker, tagger=tagger)
+        stack.start(own_redis=False, worker=worker, tagger=tagger, trainer=trainer)
     except BaseException:
         redis.stop()
         raise
@@ -191,7 +191,7 @@ def stack(
     else:
         database_url = request.getfixturevalue("pg_database")
     running = launch_stack(tmp, database_url=database_url, s3=s3_server, model_cache=model_cache,
-                           tagger=True)
+                           tagger=True, trainer=True)
     yield running
     running.stack.stop()
     running.redis.stop()

@@ -23,6 +23,7 @@ from services.gateway.loras.routes import router as loras_router
 from services.gateway.problems import install_problem_handlers
 from services.gateway.sweeps.routes import router as sweeps_router
 from services.gateway.taggings.routes import router as taggings_router
+from services.gateway.trainings.routes import router as trainings_router
 from services.gateway.uploads.routes import router as uploads_router
 from shared.db.session import make_engine, make_sessionmaker, migrate
 from shared.events import JobEvents
@@ -91,7 +92,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_problem_handlers(app)
     for router in (generations_router, sweeps_router, uploads_router, control_router,
-                   loras_router, datasets_router, taggings_router, jobs_router, health_router,
-                   files_router):
+                   loras_router, datasets_router, taggings_router, trainings_router, jobs_router,
+                   health_router, files_router):
         app.include_router(router)
     return app

@@ -122,6 +122,7 @@ async def apply_event(*, session: AsyncSession, event: JobEvent) -> bool:
     # items, not into the job's event log.
     item_results = event.data.get("dataset_items")
     stored_data = {k: v for k, v in event.data.items() if k != "dataset_items"}
+    new_lora = event.data.get("register_lora")
     inserted = await session.execute(
         _insert_ignoring_duplicates(session, JobEventRow).values(
             job_id=event.job_id, seq=event.seq, type=event.type, status=event.status.value,
@@ -156,6 +157,8 @@ async def apply_event(*, session: AsyncSession, event: JobEvent) -> bool:
         return False
     if event.status is JobStatus.SUCCEEDED and isinstance(item_results, dict):
         await _apply_item_results(session=session, job_id=event.job_id, results=item_results)
+    if event.status is JobStatus.SUCCEEDED and isinstance(new_lora, dict):
+        await _register_lora(session=session, job_id=event.job_id, lora=new_lora)
     if event.status is JobStatus.SUCCEEDED:
         tenant_id = await session.scalar(select(Job.tenant_id).where(Job.id == event.job_id))
         for raw in data.get("artifacts", []):
@@ -193,6 +196,22 @@ async def _apply_item_results(*, session: AsyncSession, job_id: str,
             row.tags = {"tags": list(outcome["tags"])}
         row.flags = flags
         row.updated_at = utcnow()
+
+
+async def _register_lora(*, session: AsyncSession, job_id: str, lora: dict[str, Any]) -> None:
+    """A finished training's LoRA becomes the tenant's, usable in generations at once."""
+    from shared.db.models import Lora
+
+    job = await session.get(Job, job_id)
+    if job is None or await session.get(Lora, str(lora["id"])) is not None:
+        return
+    session.add(Lora(
+        id=str(lora["id"]), tenant_id=job.tenant_id, name=str(lora["name"])[:100],
+        family=str(lora["family"]), base_model=str(lora["base_model"]), key=str(lora["key"]),
+        sha256=str(lora["sha256"]), size=int(lora["size"]), format="kohya",
+        rank=int(lora["rank"]), info=dict(lora.get("info") or {}), source="training",
+        created_at=utcnow(),
+    ))
 
 
 async def cancel_job(

@@ -1,0 +1,34 @@
+"""HTTP for LoRA training jobs."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Response
+
+from services.gateway.deps import SessionDep, StateDep, TenantDep
+from services.gateway.jobs.schemas import JobOut
+from services.gateway.jobs.service import job_out
+from services.gateway.problems import PROBLEM_RESPONSES
+from services.gateway.trainings.service import submit_training
+from shared.training import TrainingSpec
+
+router = APIRouter(prefix="/v1/trainings", tags=["trainings"], responses=PROBLEM_RESPONSES)
+
+
+@router.post("", response_model=JobOut, status_code=202, summary="Train a LoRA")
+async def create_training(
+    spec: TrainingSpec, response: Response, session: SessionDep, tenant: TenantDep,
+    state: StateDep, idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> JobOut:
+    """Train a LoRA on a dataset with kohya's options. Progress events carry step, epoch,
+    loss, learning rate, it/s and ETA; `sample` events announce sample images. On success the
+    LoRA is registered (`result.lora.id`) and usable in `/v1/generations` at once. Cancel
+    stops at the next step and keeps the last checkpoint; `resume_from` continues a run from
+    its saved state (step and epoch included)."""
+    job, created = await submit_training(session=session, state=state, tenant=tenant, spec=spec,
+                                         idempotency_key=idempotency_key)
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    if not created:
+        response.headers["Idempotent-Replayed"] = "true"
+    return job_out(job, store=state.store)

@@ -1,0 +1,144 @@
+"""LoRA training jobs: the dataset is resolved to images, captions, repeats and buckets here,
+so the trainer worker gets a plain list and kohya's rules are checked before a job exists."""
+
+from __future__ import annotations
+
+import posixpath
+from collections import Counter
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from services.gateway.datasets.service import dataset_items, get_dataset, item_tags, subsets_of
+from services.gateway.deps import GatewayState
+from services.gateway.generations.service import create_and_enqueue, find_replay, request_hash
+from shared.db.models import Dataset, DatasetItem, Job, Tenant, new_id
+from shared.errors import NotFound, ValidationFailed
+from shared.kohya import ConfigError, assign_bucket, make_buckets, parse_dataset_config
+from shared.models import ModelFamily
+from shared.queue import TRAIN_TASK, TRAINER_QUEUE
+from shared.specs import JobKind
+from shared.training import TrainingExample, TrainingSpec, TrainingTask, check_optimizer
+
+
+def training_prefix(tenant_id: str, job_id: str) -> str:
+    return f"training/{tenant_id}/{job_id}/"
+
+
+def _invalid(field: str, message: str) -> ValidationFailed:
+    return ValidationFailed([{"field": field, "message": message}])
+
+
+def _caption(item: DatasetItem, class_tokens: str | None) -> str:
+    """kohya's order: a caption file wins, then (DreamBooth) the class tokens, then tags."""
+    if item.caption:
+        return item.caption
+    if class_tokens:
+        return class_tokens
+    return ", ".join(item_tags(item))
+
+
+async def _examples(
+    *, session: AsyncSession, tenant: Tenant, spec: TrainingSpec,
+) -> tuple[list[TrainingExample], list[str], dict[str, dict[str, int]]]:
+    data = spec.data
+    resolution = data.resolution if isinstance(data.resolution, tuple) else (
+        data.resolution, data.resolution)
+    overrides: dict[str, Any] = {}
+    if spec.dataset_config is not None:
+        try:
+            config = parse_dataset_config(spec.dataset_config, defaults={
+                "resolution": list(resolution), "batch_size": data.batch_size})
+        except ConfigError as exc:
+            raise _invalid(f"dataset_config.{exc.field}", exc.message) from exc
+        for kohya_dataset in config.datasets:
+            for subset in kohya_dataset.subsets:
+                folder = posixpath.basename((subset.image_dir or "").rstrip("/"))
+                overrides[folder] = subset
+    sources: list[tuple[Dataset, bool]] = []
+    assert spec.dataset_id is not None
+    sources.append((await get_dataset(session=session, tenant=tenant,
+                                      dataset_id=spec.dataset_id), False))
+    if spec.reg_dataset_id:
+        sources.append((await get_dataset(session=session, tenant=tenant,
+                                          dataset_id=spec.reg_dataset_id), True))
+    buckets = (make_buckets(resolution=resolution, min_reso=data.min_bucket_reso,
+                            max_reso=data.max_bucket_reso, steps=data.bucket_reso_steps)
+               if data.enable_bucket else [resolution])
+    examples: list[TrainingExample] = []
+    triggers: list[str] = []
+    frequency: dict[str, Counter[str]] = {}
+    for dataset, forced_reg in sources:
+        subsets = subsets_of(dataset)
+        for item in await dataset_items(session=session, dataset=dataset):
+            info = subsets[item.subset]
+            override = overrides.get(info.folder) or overrides.get(info.name)
+            if overrides and override is None:
+                continue  # a TOML selects the subsets it names
+            repeats = override.num_repeats if override is not None else info.repeats
+            is_reg = forced_reg or (override.is_reg if override is not None else info.is_reg)
+            tokens = (override.class_tokens if override is not None else info.class_tokens)
+            if tokens and not is_reg and tokens not in triggers:
+                triggers.append(tokens)
+            examples.append(TrainingExample(
+                key=item.key, caption=_caption(item, tokens), repeats=repeats, is_reg=is_reg,
+                subset=info.folder, bucket=assign_bucket(item.width, item.height, buckets,
+                                                         steps=data.bucket_reso_steps)))
+            counter = frequency.setdefault(info.folder, Counter())
+            counter.update(item_tags(item))
+    if not any(not e.is_reg for e in examples):
+        raise _invalid("dataset_id", "no training images (a dataset_config selects subsets by "
+                       "their folder name, e.g. `image_dir = \"10_sks dog\"`)")
+    return examples, triggers, {k: dict(v) for k, v in frequency.items()}
+
+
+async def _resume_key(*, session: AsyncSession, state: GatewayState, tenant: Tenant,
+                      job_id: str) -> str:
+    job = await session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant.id,
+                                                  Job.kind == JobKind.TRAINING.value))
+    if job is None:
+        raise _invalid("resume_from", f"no training job {job_id!r}")
+    states = [k for k in await state.store.list(training_prefix(tenant.id, job_id) + "state/")
+              if k.endswith(".tar")]
+    if not states:
+        raise _invalid("resume_from", f"training job {job_id} saved no resumable state")
+    return max(states, key=lambda k: int(k.rsplit("step-", 1)[1].split(".")[0]))
+
+
+async def submit_training(
+    *, session: AsyncSession, state: GatewayState, tenant: Tenant, spec: TrainingSpec,
+    idempotency_key: str | None,
+) -> tuple[Job, bool]:
+    digest = request_hash(spec)
+    if idempotency_key and (existing := await find_replay(
+            session=session, tenant=tenant, key=idempotency_key, digest=digest)):
+        return existing, False
+    preset = state.registry.get(spec.base_model)
+    if preset is None:
+        raise _invalid("base_model", f"unknown model {spec.base_model!r}")
+    if preset.family != ModelFamily.SD15:
+        raise _invalid("base_model", "LoRA training supports SD1.5-family models in this "
+                       f"version; {preset.name} is {preset.family.value}")
+    optimizer_error = check_optimizer(spec, set(state.settings.trainer.extra_optimizers))
+    if optimizer_error:
+        raise ValidationFailed([optimizer_error])
+    try:
+        examples, triggers, frequency = await _examples(session=session, tenant=tenant, spec=spec)
+    except NotFound as exc:
+        raise _invalid("dataset_id", exc.detail) from exc
+    resume_key = (await _resume_key(session=session, state=state, tenant=tenant,
+                                    job_id=spec.resume_from) if spec.resume_from else None)
+    lora_id = new_id()
+    return await create_and_enqueue(
+        session=session, state=state, tenant=tenant, kind=JobKind.TRAINING,
+        spec={**spec.model_dump(mode="json"), "images": len(examples), "lora_id": lora_id},
+        digest=digest, idempotency_key=idempotency_key, task_name=TRAIN_TASK,
+        queue=TRAINER_QUEUE,
+        payload=lambda job_id: TrainingTask(
+            job_id=job_id, tenant_id=tenant.id, spec=spec, examples=examples,
+            trigger_words=triggers, tag_frequency=frequency,
+            output_prefix=training_prefix(tenant.id, job_id), lora_id=lora_id,
+            lora_key=f"loras/{tenant.id}/{lora_id}/1.safetensors",
+            resume_state_key=resume_key).model_dump(mode="json"),
+    )

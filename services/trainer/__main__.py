@@ -1,0 +1,3 @@
+from services.trainer.worker import main
+
+main()

@@ -1,0 +1,269 @@
+"""The LoRA trainer worker: kohya-style training as a resumable job.
+
+It speaks only Redis and S3. Checkpoints and resumable state go to
+``training/{tenant}/{job}/`` as they are made, and the newest state's key is kept in Redis,
+so a re-delivered job (its worker died) continues from its last state instead of from step
+zero. The finished LoRA is stored under ``loras/{tenant}/{id}/`` and the gateway registers
+it from the job's terminal event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import logging
+import socket
+import tarfile
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+from arq.connections import RedisSettings as ArqRedisSettings
+from arq.worker import Worker, func
+from PIL import Image
+
+from services.jobrunner import RUNNING, run_job
+from shared.errors import JobCanceled, JobFailure, NotFound
+from shared.events import JobEvents
+from shared.kohya import parse_sample_prompts
+from shared.logs import configure_logging
+from shared.models import ModelRegistry
+from shared.queue import TRAIN_TASK, TRAINER_QUEUE
+from shared.settings import Settings, get_settings
+from shared.storage import ObjectStore, build_store
+from shared.training import TrainingTask
+
+logger = logging.getLogger(__name__)
+
+
+def state_pointer(job_id: str) -> str:
+    return f"loomis:training:{job_id}:state"
+
+
+async def startup(ctx: dict[str, Any]) -> None:
+    settings: Settings = ctx.get("settings") or get_settings()
+    ctx["settings"] = settings
+    ctx["events"] = JobEvents(ctx["redis"], stream=settings.redis.events_stream,
+                              maxlen=settings.redis.events_maxlen, ttl_s=settings.redis.job_ttl_s)
+    ctx["store"] = build_store(settings)
+    ctx["registry"] = ModelRegistry.load(settings.generator.models_file)
+    ctx["worker_name"] = socket.gethostname()
+
+
+def _tar(directory: Path) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        archive.add(directory, arcname=".")
+    return buffer.getvalue()
+
+
+def _untar(data: bytes, target: Path) -> Path:
+    target.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r") as archive:
+        archive.extractall(target, filter="data")  # our own archive; "data" refuses tricks anyway
+    return target
+
+
+def _model_dir(ctx: dict[str, Any], base_model: str) -> tuple[Path, str]:
+    from services.generator.pipelines import PipelineCache, weights_hash
+
+    settings: Settings = ctx["settings"]
+    preset = ctx["registry"].get(base_model)
+    if preset is None:
+        raise JobFailure(f"model {base_model!r} is not in this worker's registry",
+                         code="model_unavailable")
+    cache = PipelineCache(registry=ctx["registry"], cache_dir=settings.model_cache,
+                          allow_downloads=settings.generator.allow_downloads)
+    path = cache.resolve_source(preset.source)
+    return path, weights_hash(path, settings.model_cache / ".hashes")
+
+
+async def _run(ctx: dict[str, Any], task: TrainingTask, *, queued_s: float) -> dict[str, Any]:
+    from services.trainer.train import LoraTrainer, SamplePrompt, TrainConfig, TrainExample
+
+    events: JobEvents = ctx["events"]
+    store: ObjectStore = ctx["store"]
+    redis = ctx["redis"]
+    spec = task.spec
+    loop = asyncio.get_running_loop()
+    model_dir, model_hash = await asyncio.to_thread(_model_dir, ctx, spec.base_model)
+
+    examples = []
+    for example in task.examples:
+        try:
+            data = await store.get(example.key)
+        except NotFound as exc:
+            raise JobFailure(f"training image {example.key} is gone", code="input_missing") from exc
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        examples.append(TrainExample(image=image.convert("RGB"), caption=example.caption,
+                                     repeats=example.repeats, is_reg=example.is_reg,
+                                     bucket=example.bucket, dataset_dir=example.subset))
+
+    prompts = [SamplePrompt(prompt=p.prompt, negative=p.negative, width=p.width, height=p.height,
+                            seed=p.seed if p.seed is not None else spec.optim.seed,
+                            scale=p.scale, steps=p.steps)
+               for p in parse_sample_prompts(spec.samples.prompts)]
+    data_opts, net, optim, diff = spec.data, spec.network, spec.optim, spec.diffusion
+    resolution = data_opts.resolution if isinstance(data_opts.resolution, int) else max(
+        data_opts.resolution)
+    cfg = TrainConfig(
+        rank=net.rank, alpha=net.alpha if net.alpha is not None else float(net.rank),
+        dropout=net.dropout, target_modules=tuple(net.target_modules),
+        train_text_encoder=net.train_text_encoder, text_encoder_lr=net.text_encoder_lr,
+        learning_rate=optim.learning_rate, unet_lr=optim.unet_lr,
+        lr_scheduler=optim.lr_scheduler, lr_warmup_steps=optim.lr_warmup_steps,
+        lr_scheduler_num_cycles=optim.lr_scheduler_num_cycles,
+        lr_scheduler_power=optim.lr_scheduler_power, optimizer=optim.optimizer,
+        optimizer_args=dict(optim.optimizer_args),
+        max_train_steps=optim.max_train_steps or 1600, max_train_epochs=optim.max_train_epochs,
+        batch_size=data_opts.batch_size,
+        gradient_accumulation_steps=optim.gradient_accumulation_steps,
+        max_grad_norm=optim.max_grad_norm, mixed_precision=optim.mixed_precision,
+        gradient_checkpointing=optim.gradient_checkpointing, seed=optim.seed,
+        resolution=resolution, noise_offset=diff.noise_offset or None,
+        adaptive_noise_scale=diff.adaptive_noise_scale,
+        multires_noise_iterations=diff.multires_noise_iterations or None,
+        multires_noise_discount=diff.multires_noise_discount, min_snr_gamma=diff.min_snr_gamma,
+        clip_skip=diff.clip_skip if diff.clip_skip > 1 else None,
+        v_parameterization=diff.v_parameterization, cache_latents=diff.cache_latents,
+        latents_cache_dir=(ctx["settings"].model_cache / "latents"
+                           if diff.cache_latents_to_disk else None),
+        flip_aug=data_opts.flip_aug, color_aug=data_opts.color_aug,
+        shuffle_caption=data_opts.shuffle_caption, keep_tokens=data_opts.keep_tokens,
+        caption_dropout_rate=data_opts.caption_dropout_rate, sample_prompts=prompts,
+        sample_every_n_steps=spec.samples.every_n_steps,
+        sample_every_n_epochs=spec.samples.every_n_epochs,
+        save_every_n_steps=spec.save.every_n_steps, save_every_n_epochs=spec.save.every_n_epochs,
+        save_state=spec.save.save_state, save_state_on_stop=spec.save.save_state,
+        save_precision=spec.save.precision, output_name=spec.name, base_model_hash=model_hash,
+        base_model_name=spec.base_model,
+    )
+
+    def call(coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, loop).result()
+
+    abandoned = threading.Event()
+
+    def on_step(step: int, total: int, epoch: int, loss: float, lr: float, its: float,
+                eta: float) -> None:
+        call(events.emit(task.job_id, "progress", allowed_from=RUNNING, data={
+            "step": step, "total_steps": total, "epoch": epoch, "loss": round(loss, 6),
+            "lr": lr, "it_per_s": round(its, 3), "eta_s": round(eta, 1),
+            "progress": round(step / max(total, 1), 4)}))
+
+    async def put_sample(step: int, index: int, image: Image.Image) -> None:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        key = f"{task.output_prefix}samples/step-{step:06d}-{index}.png"
+        await store.put(key, buffer.getvalue(), content_type="image/png")
+        await events.emit(task.job_id, "sample", allowed_from=RUNNING,
+                          data={"step": step, "index": index, "key": key})
+
+    def on_sample(step: int, index: int, image: Image.Image) -> None:
+        call(put_sample(step, index, image))
+
+    async def put_checkpoint(step: int, lora: bytes, state_dir: Path | None) -> None:
+        await store.put(f"{task.output_prefix}checkpoints/step-{step:06d}.safetensors", lora,
+                        content_type="application/octet-stream")
+        if state_dir is not None:
+            key = f"{task.output_prefix}state/step-{step:06d}.tar"
+            await store.put(key, await asyncio.to_thread(_tar, state_dir),
+                            content_type="application/x-tar")
+            await redis.set(state_pointer(task.job_id), key, ex=7 * 86400)
+
+    def on_checkpoint(step: int, lora: bytes, state_dir: Path | None) -> None:
+        call(put_checkpoint(step, lora, state_dir))
+
+    def should_stop() -> bool:
+        return abandoned.is_set() or bool(call(events.cancel_requested(task.job_id)))
+
+    with tempfile.TemporaryDirectory(prefix="loomis-train-") as tmp:
+        work_dir = Path(tmp)
+        resume_key = task.resume_state_key
+        pointer = await redis.get(state_pointer(task.job_id))
+        if pointer:  # this job ran before and died: continue it, not the run it came from
+            resume_key = pointer.decode() if isinstance(pointer, bytes) else str(pointer)
+        resume_dir = None
+        if resume_key:
+            resume_dir = await asyncio.to_thread(
+                _untar, await store.get(resume_key), work_dir / "resume")
+            await events.emit(task.job_id, "progress", allowed_from=RUNNING,
+                              data={"resumed_from": resume_key})
+        device = ctx["settings"].trainer.device
+        if device == "auto":
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        trainer = LoraTrainer(model_dir=model_dir, cfg=cfg, device=device)
+        try:
+            result = await asyncio.to_thread(
+                trainer.train, examples, work_dir=work_dir / "run", on_step=on_step,
+                on_sample=on_sample, on_checkpoint=on_checkpoint, should_stop=should_stop,
+                resume_state=resume_dir)
+        finally:
+            abandoned.set()
+        if result.stopped:
+            raise JobCanceled()
+    lora_bytes = result.lora_bytes
+    await store.put(task.lora_key, lora_bytes, content_type="application/octet-stream")
+    sha = hashlib.sha256(lora_bytes).hexdigest()
+    await redis.delete(state_pointer(task.job_id))
+    return {
+        "artifacts": [{"key": task.lora_key, "kind": "lora",
+                       "content_type": "application/octet-stream", "size": len(lora_bytes),
+                       "sha256": sha}],
+        "result": {"timings": {"queue_wait_s": round(queued_s, 4)}, "steps": result.steps,
+                   "epochs": result.epochs, "final_loss": result.final_loss,
+                   "lora": {"id": task.lora_id, "name": spec.name,
+                            "trigger_words": task.trigger_words}},
+        "register_lora": {
+            "id": task.lora_id, "name": spec.name, "family": "sd15",
+            "base_model": spec.base_model, "key": task.lora_key, "sha256": sha,
+            "size": len(lora_bytes), "rank": spec.network.rank,
+            "info": {"trigger_words": task.trigger_words, "training_job": task.job_id,
+                     "steps": result.steps}},
+    }
+
+
+async def train_lora(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:
+    """The arq task; the outcome is the job's terminal event."""
+    task = TrainingTask.model_validate(payload)
+    settings: Settings = ctx["settings"]
+    return await run_job(
+        ctx, job_id=task.job_id, cleanup_prefix=f"{task.output_prefix}tmp/",
+        timeout_s=settings.trainer.job_timeout_s, max_tries=settings.trainer.max_tries,
+        log_extra={"job_id": task.job_id, "tenant": task.tenant_id},
+        body=lambda queued_s: _run(ctx, task, queued_s=queued_s),
+    )
+
+
+def build_worker(settings: Settings | None = None) -> Worker:
+    settings = settings or get_settings()
+    cfg = settings.trainer
+    return Worker(
+        functions=[func(train_lora, name=TRAIN_TASK)],
+        queue_name=TRAINER_QUEUE,
+        redis_settings=ArqRedisSettings.from_dsn(settings.redis.url),
+        on_startup=startup,
+        ctx={"settings": settings},
+        max_jobs=1,
+        job_timeout=cfg.job_timeout_s + 5,
+        job_completion_wait=60,
+        max_tries=cfg.max_tries + 1,
+        poll_delay=cfg.poll_delay_s,
+        keep_result=3600,
+        handle_signals=True,
+    )
+
+
+def main() -> None:
+    settings = get_settings()
+    configure_logging(settings.log_level, json_lines=settings.log_json)
+    build_worker(settings).run()
+
+
+if __name__ == "__main__":
+    main()
