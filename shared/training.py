@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from shared.specs import MAX_SEED
+from shared.storage import ObjectStore
 
 LrScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine",
                       "cosine_with_restarts", "polynomial"]
@@ -176,3 +177,9 @@ class TrainingTask(BaseModel):
     lora_id: str  # the id the finished LoRA is registered under
     lora_key: str
     resume_state_key: str | None = None
+
+
+async def latest_state(store: ObjectStore, output_prefix: str) -> str | None:
+    """The newest resumable state a training job saved (written whole: temp key, then copy)."""
+    keys = [k for k in await store.list(f"{output_prefix}state/") if k.endswith(".tar")]
+    return max(keys, key=lambda k: int(k.rsplit("step-", 1)[1].split(".")[0])) if keys else None

@@ -1,10 +1,9 @@
 """The LoRA trainer worker: kohya-style training as a resumable job.
 
 It speaks only Redis and S3. Checkpoints and resumable state go to
-``training/{tenant}/{job}/`` as they are made, and the newest state's key is kept in Redis,
-so a re-delivered job (its worker died) continues from its last state instead of from step
-zero. The finished LoRA is stored under ``loras/{tenant}/{id}/`` and the gateway registers
-it from the job's terminal event.
+``training/{tenant}/{job}/`` as they are made, and a re-delivered job (its worker died)
+continues from the newest state there instead of from step zero. The finished LoRA is
+stored under ``loras/{tenant}/{id}/`` and the gateway registers it from the terminal event.
 """
 
 from __future__ import annotations
@@ -33,13 +32,11 @@ from shared.models import ModelRegistry
 from shared.queue import TRAIN_TASK, TRAINER_QUEUE
 from shared.settings import Settings, get_settings
 from shared.storage import ObjectStore, build_store
-from shared.training import TrainingTask
+from shared.training import TrainingTask, latest_state
 
 logger = logging.getLogger(__name__)
 
 
-def state_pointer(job_id: str) -> str:
-    return f"loomis:training:{job_id}:state"
 
 
 async def startup(ctx: dict[str, Any]) -> None:
@@ -85,7 +82,6 @@ async def _run(ctx: dict[str, Any], task: TrainingTask, *, queued_s: float) -> d
 
     events: JobEvents = ctx["events"]
     store: ObjectStore = ctx["store"]
-    redis = ctx["redis"]
     spec = task.spec
     loop = asyncio.get_running_loop()
     model_dir, model_hash = await asyncio.to_thread(_model_dir, ctx, spec.base_model)
@@ -172,7 +168,6 @@ async def _run(ctx: dict[str, Any], task: TrainingTask, *, queued_s: float) -> d
             key = f"{task.output_prefix}state/step-{step:06d}.tar"
             await store.put(key, await asyncio.to_thread(_tar, state_dir),
                             content_type="application/x-tar")
-            await redis.set(state_pointer(task.job_id), key, ex=7 * 86400)
 
     def on_checkpoint(step: int, lora: bytes, state_dir: Path | None) -> None:
         call(put_checkpoint(step, lora, state_dir))
@@ -183,9 +178,9 @@ async def _run(ctx: dict[str, Any], task: TrainingTask, *, queued_s: float) -> d
     with tempfile.TemporaryDirectory(prefix="loomis-train-") as tmp:
         work_dir = Path(tmp)
         resume_key = task.resume_state_key
-        pointer = await redis.get(state_pointer(task.job_id))
-        if pointer:  # this job ran before and died: continue it, not the run it came from
-            resume_key = pointer.decode() if isinstance(pointer, bytes) else str(pointer)
+        own = await latest_state(store, task.output_prefix)
+        if own:  # this job ran before and died: continue it, not the run it came from
+            resume_key = own
         resume_dir = None
         if resume_key:
             resume_dir = await asyncio.to_thread(
@@ -210,7 +205,6 @@ async def _run(ctx: dict[str, Any], task: TrainingTask, *, queued_s: float) -> d
     lora_bytes = result.lora_bytes
     await store.put(task.lora_key, lora_bytes, content_type="application/octet-stream")
     sha = hashlib.sha256(lora_bytes).hexdigest()
-    await redis.delete(state_pointer(task.job_id))
     return {
         "artifacts": [{"key": task.lora_key, "kind": "lora",
                        "content_type": "application/octet-stream", "size": len(lora_bytes),

@@ -19,7 +19,13 @@ from shared.kohya import ConfigError, assign_bucket, make_buckets, parse_dataset
 from shared.models import ModelFamily
 from shared.queue import TRAIN_TASK, TRAINER_QUEUE
 from shared.specs import JobKind
-from shared.training import TrainingExample, TrainingSpec, TrainingTask, check_optimizer
+from shared.training import (
+    TrainingExample,
+    TrainingSpec,
+    TrainingTask,
+    check_optimizer,
+    latest_state,
+)
 
 
 def training_prefix(tenant_id: str, job_id: str) -> str:
@@ -99,11 +105,10 @@ async def _resume_key(*, session: AsyncSession, state: GatewayState, tenant: Ten
                                                   Job.kind == JobKind.TRAINING.value))
     if job is None:
         raise _invalid("resume_from", f"no training job {job_id!r}")
-    states = [k for k in await state.store.list(training_prefix(tenant.id, job_id) + "state/")
-              if k.endswith(".tar")]
-    if not states:
+    latest = await latest_state(state.store, training_prefix(tenant.id, job_id))
+    if latest is None:
         raise _invalid("resume_from", f"training job {job_id} saved no resumable state")
-    return max(states, key=lambda k: int(k.rsplit("step-", 1)[1].split(".")[0]))
+    return latest
 
 
 async def submit_training(

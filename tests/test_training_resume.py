@@ -1,0 +1,55 @@
+"""A trainer worker killed mid-run: the re-delivered job continues from its saved state."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.conftest import S3Server, wait_terminal
+from tests.test_trainings_e2e import events_of, training_zip
+
+
+def test_trainer_killed_mid_run_resumes_from_its_saved_step(
+    tmp_path: Path, s3_server: S3Server, model_cache: Path,
+) -> None:
+    """arq re-delivers the job after the dead worker's lease; it continues from its state."""
+    import signal
+    import time
+
+    from tests.conftest import launch_stack
+
+    running = launch_stack(
+        tmp_path, database_url=f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}", s3=s3_server,
+        model_cache=model_cache, worker=False, trainer=True,
+        extra_env={"LOOMIS_TRAINER__JOB_TIMEOUT_S": "25"})
+    try:
+        with running.client() as client:
+            dataset_id = client.post("/v1/datasets", data={"name": "k", "min_side": "64"}, files=[
+                ("zip", ("d.zip", training_zip(), "application/zip"))]).json()["id"]
+            job = client.post("/v1/trainings", json={
+                "name": "resumed", "dataset_id": dataset_id,
+                "data": {"resolution": 64, "batch_size": 2, "min_bucket_reso": 64,
+                         "max_bucket_reso": 128},
+                "network": {"rank": 4}, "optim": {"max_train_steps": 30, "seed": 2},
+                "save": {"every_n_steps": 4}}).json()
+            deadline = time.monotonic() + 60
+            while not any("/state/step-" in k for k in running.s3_keys("training/")):
+                assert time.monotonic() < deadline, "no state saved"
+                time.sleep(0.05)
+            trainer = next(c for c in running.stack.children if c.name == "trainer")
+            trainer.popen.send_signal(signal.SIGKILL)
+            trainer.popen.wait(10)
+            saved = max(int(k.rsplit("step-", 1)[1].split(".")[0])
+                        for k in running.s3_keys("training/") if "/state/step-" in k)
+            running.stack.start_trainer("trainer-2")
+            done = wait_terminal(client, job["id"], timeout=150)
+            assert done["status"] == "succeeded", done
+            assert done["attempts"] == 2 and done["result"]["steps"] == 30
+            events = events_of(client, job["id"])
+            resumed = [e for e in events if "resumed_from" in e["data"]]
+            assert resumed, "the re-run did not resume"
+            after = events[events.index(resumed[0]) + 1:]
+            first_step = next(e["data"]["step"] for e in after if "loss" in e["data"])
+            assert first_step > saved >= 4  # it continued, it did not start again at step 1
+    finally:
+        running.stack.stop()
+        running.redis.stop()
