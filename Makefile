@@ -42,6 +42,7 @@ bench: install redis-server
 	$(PY) bench/batching.py
 	$(PY) bench/pipeline_cache.py
 	$(PY) bench/tagger.py
+	$(PY) bench/train.py
 
 clean:
 	rm -rf .loomis out
