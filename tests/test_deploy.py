@@ -23,8 +23,9 @@ import yaml
 from kubernetes_validate.utils import SchemaNotFoundError  # type: ignore[import-untyped]
 from pydantic import BaseModel
 
-from shared.queue import GENERATOR_QUEUE, TAGGER_QUEUE
+from shared.queue import GENERATOR_QUEUE, TAGGER_QUEUE, TRAINER_QUEUE
 from shared.settings import Settings
+from shared.training import OPTIONAL_OPTIMIZERS
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -38,15 +39,21 @@ K8S_VERSION = "1.30.0"
 NAMESPACE = "loomis"
 CRD_API_GROUPS = {"keda.sh"}  # custom resources: no upstream schema, checked by hand below
 
-APP_SERVICES = {"gateway", "generator", "tagger"}
+APP_SERVICES = {"gateway", "generator", "tagger", "trainer"}
 EXPECTED_SERVICES = APP_SERVICES | {"redis", "minio", "postgres"}
 # The arq workers (compose service, Deployment loomis-<name>): their command and queue.
 WORKER_COMMANDS = {
     "generator": ["python", "-m", "services.generator"],
     "tagger": ["python", "-m", "services.tagger"],
+    "trainer": ["python", "-m", "services.trainer"],
 }
-WORKER_QUEUES = {"generator": GENERATOR_QUEUE, "tagger": TAGGER_QUEUE}
+WORKER_QUEUES = {"generator": GENERATOR_QUEUE, "tagger": TAGGER_QUEUE, "trainer": TRAINER_QUEUE}
 WORKERS = sorted(WORKER_COMMANDS)
+# Workers that let the running job finish on SIGTERM (job_completion_wait = the job timeout):
+# a stop must give them minutes. The trainer's jobs run for hours and resume from their last
+# checkpoint, so it stops the job after a short wait and hands it back to the queue instead.
+FINISHES_ITS_JOB_ON_STOP = {"generator", "tagger"}
+TRAINER_GRACE_S = (120, 600)  # room to hand the job back; not room to finish it
 MODEL_CACHE_VOLUME = "model-cache"  # compose
 MODEL_CACHE_CLAIM = "loomis-model-cache"  # Kubernetes
 LOOMIS_NAME = re.compile(r"LOOMIS_[A-Z0-9_]+")
@@ -118,6 +125,15 @@ def compose_duration_s(value: str) -> float:
     parts = COMPOSE_DURATION_PART.findall(value)
     assert parts and "".join(n + u for n, u in parts) == value, f"not a duration: {value!r}"
     return sum(float(number) * DURATION_UNITS_S[unit] for number, unit in parts)
+
+
+def assert_stop_grace(worker: str, seconds: float) -> None:
+    """How long a stopping worker gets before SIGKILL, for what it does with its job."""
+    if worker in FINISHES_ITS_JOB_ON_STOP:
+        assert seconds >= 600, f"{worker}: room for a running job to finish"
+    else:
+        low, high = TRAINER_GRACE_S
+        assert low <= seconds <= high, f"{worker}: {seconds}s is not in {TRAINER_GRACE_S}"
 
 
 def load_settings(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Settings:
@@ -259,7 +275,8 @@ def test_compose_builds_existing_dockerfile_targets() -> None:
     stages = set(_dockerfile_stages())
     services = load_compose()["services"]
     targets = {name: services[name]["build"]["target"] for name in APP_SERVICES}
-    assert targets == {"gateway": "gateway", "generator": "worker", "tagger": "worker"}
+    assert targets == {"gateway": "gateway", "generator": "worker", "tagger": "worker",
+                       "trainer": "worker"}
     assert set(targets.values()) <= stages
 
 
@@ -268,7 +285,7 @@ def test_compose_builds_existing_dockerfile_targets() -> None:
 
 def test_compose_has_expected_services() -> None:
     services = load_compose()["services"]
-    assert set(services) == EXPECTED_SERVICES  # no trainer until it exists
+    assert set(services) == EXPECTED_SERVICES
 
 
 def test_compose_gateway_command_port_and_dependencies() -> None:
@@ -305,7 +322,7 @@ def test_compose_worker_waits_for_the_gateway_and_for_its_job(worker: str) -> No
     # The gateway creates the bucket and runs the migrations before any worker starts.
     assert service["depends_on"] == {
         name: {"condition": "service_healthy"} for name in ("redis", "minio", "gateway")}
-    assert compose_duration_s(service["stop_grace_period"]) >= 600
+    assert_stop_grace(worker, compose_duration_s(service["stop_grace_period"]))
     assert service["restart"] == "unless-stopped"
 
 
@@ -391,6 +408,27 @@ def test_compose_and_k8s_configure_the_same_tagger(monkeypatch: pytest.MonkeyPat
         assert settings.tagger.job_timeout_s > 0
 
 
+def test_compose_and_k8s_configure_the_same_trainer(monkeypatch: pytest.MonkeyPatch) -> None:
+    compose_services = load_compose()["services"]
+    compose = load_settings(compose_env(compose_services["trainer"]), monkeypatch)
+    k8s = load_settings(container_env(k8s_find("Deployment", "loomis-trainer")), monkeypatch)
+    assert compose.trainer.extra_optimizers == k8s.trainer.extra_optimizers
+    assert compose.trainer.job_timeout_s == k8s.trainer.job_timeout_s
+    for settings in (compose, k8s):
+        assert settings.trainer.device in ("auto", "cuda"), "real training needs the GPU"
+        assert settings.trainer.job_timeout_s >= 3600, "trainings run for hours"
+        assert settings.trainer.max_tries >= 2, "a stopped training must be able to resume"
+        assert set(settings.trainer.extra_optimizers) <= set(OPTIONAL_OPTIMIZERS)
+    # The gateway refuses optimizers the trainer lacks, from the same setting: both must see
+    # the same list, or it accepts jobs the trainer fails (or refuses ones it could run).
+    gateways = (
+        load_settings(compose_env(compose_services["gateway"]), monkeypatch),
+        load_settings(container_env(k8s_find("Deployment", "loomis-gateway")), monkeypatch),
+    )
+    for gateway, trainer in zip(gateways, (compose, k8s), strict=True):
+        assert gateway.trainer.extra_optimizers == trainer.trainer.extra_optimizers
+
+
 def test_compose_storage_keys_match_minio_credentials() -> None:
     compose = load_compose()
     minio = compose_env(compose["services"]["minio"])
@@ -434,6 +472,9 @@ def test_k8s_has_the_expected_resources() -> None:
         ("Deployment", "loomis-tagger"),
         ("PodDisruptionBudget", "loomis-tagger"),
         ("ScaledObject", "loomis-tagger"),
+        ("Deployment", "loomis-trainer"),
+        ("PodDisruptionBudget", "loomis-trainer"),
+        ("ScaledObject", "loomis-trainer"),
     }
 
 
@@ -468,7 +509,8 @@ def test_k8s_uses_only_real_setting_names() -> None:
             "LOOMIS_GATEWAY__SIGNING_SECRET"} <= secret
 
 
-@pytest.mark.parametrize("deployment", ["loomis-gateway", "loomis-generator", "loomis-tagger"])
+@pytest.mark.parametrize(
+    "deployment", ["loomis-gateway", *(f"loomis-{worker}" for worker in WORKERS)])
 def test_k8s_env_loads_into_settings(deployment: str, monkeypatch: pytest.MonkeyPatch) -> None:
     env = container_env(k8s_find("Deployment", deployment))
     settings = load_settings(env, monkeypatch)
@@ -524,7 +566,7 @@ def test_k8s_worker_deployment_gets_a_gpu(worker: str) -> None:
     generator = pod_spec(k8s_find("Deployment", "loomis-generator"))
     assert spec["nodeSelector"] == generator["nodeSelector"]
     assert spec["tolerations"] == generator["tolerations"]
-    assert spec["terminationGracePeriodSeconds"] >= 600
+    assert_stop_grace(worker, spec["terminationGracePeriodSeconds"])
     assert deployment["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 0  # no spare GPU
     assert "ports" not in container and "readinessProbe" not in container
 
@@ -545,7 +587,7 @@ def test_k8s_worker_mounts_the_model_cache_claim(worker: str) -> None:
 
 
 def test_k8s_model_cache_claim_is_shared_across_nodes() -> None:
-    # Generator and tagger pods mount it, on whatever GPU nodes KEDA puts them (README).
+    # Generator, tagger and trainer pods mount it, on whatever GPU nodes KEDA puts them.
     claim = k8s_find("PersistentVolumeClaim", MODEL_CACHE_CLAIM)
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
     users = {
@@ -572,6 +614,7 @@ def test_k8s_worker_pdb(worker: str) -> None:
     [
         ("generator", 1),  # keeps a model loaded
         ("tagger", 0),  # bursty: gives its GPU back when the queue is empty
+        ("trainer", 0),  # rare bursts of hours-long jobs
     ],
 )
 def test_k8s_scaledobject_scales_the_worker_on_its_queue(worker: str, min_replicas: int) -> None:
@@ -596,6 +639,57 @@ def test_k8s_scaledobject_scales_the_worker_on_its_queue(worker: str, min_replic
     assert host.split(".")[0] == redis_url.hostname
     assert int(port) == (redis_url.port or 6379)
     assert metadata.get("databaseIndex", "0") == (redis_url.path.lstrip("/") or "0")
+
+
+def test_trainer_stop_grace_covers_handing_the_job_back(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """After SIGTERM the trainer waits job_completion_wait, then cancels the training, and
+    arq puts the job back on the queue for another pod to resume. A kill before that leaves
+    the job "in progress" until arq's lease (the job timeout) runs out: hours."""
+    from services.trainer.worker import build_worker  # imports torch: only here
+
+    deployment = k8s_find("Deployment", "loomis-trainer")
+    settings = load_settings(container_env(deployment), monkeypatch)
+    worker = build_worker(settings)
+    assert worker.queue_name == TRAINER_QUEUE
+    wait_s = worker._job_completion_wait  # arq keeps it private
+    assert 0 < wait_s < settings.trainer.job_timeout_s, "the trainer must not wait for a training"
+    k8s_grace = pod_spec(deployment)["terminationGracePeriodSeconds"]
+    compose_grace = compose_duration_s(load_compose()["services"]["trainer"]["stop_grace_period"])
+    for grace in (k8s_grace, compose_grace):
+        # The wait, then the current training step and arq's bookkeeping.
+        assert grace >= wait_s + 60
+        assert grace < worker.in_progress_timeout_s  # what a hard kill costs the job
+    assert k8s_grace == compose_grace
+
+
+def test_k8s_trainer_scales_to_zero_slowly_and_stays_small() -> None:
+    trainer = k8s_find("ScaledObject", "loomis-trainer")["spec"]
+    tagger = k8s_find("ScaledObject", "loomis-tagger")["spec"]
+    # Rare bursts: keep the last pod a good while after the queue empties (KEDA's default
+    # cooldown is 300 s), longer than the tagger does.
+    assert trainer["cooldownPeriod"] >= 1800
+    assert trainer["cooldownPeriod"] >= tagger["cooldownPeriod"]
+    assert trainer["maxReplicaCount"] <= 2, "training must not take every GPU"
+    (trigger,) = trainer["triggers"]
+    assert trigger["metadata"]["listName"] == TRAINER_QUEUE
+    # An hours-long job should not wait behind another: one pod per queued or running job.
+    assert trigger["metadata"]["listLength"] == "1"
+    scale_down = trainer["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
+    # N -> N-1 may stop a busy pod (its training resumes elsewhere): make it rare.
+    assert scale_down["stabilizationWindowSeconds"] >= 1800
+    assert all(policy["type"] == "Pods" and policy["value"] == 1
+               for policy in scale_down["policies"])
+
+
+def test_k8s_trainer_has_scratch_space_for_its_states() -> None:
+    deployment = k8s_find("Deployment", "loomis-trainer")
+    volumes = {v["name"]: v for v in pod_spec(deployment)["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in only_container(deployment)["volumeMounts"]}
+    # tempfile's working folder: resumed and saved states before they go to S3.
+    scratch = volumes[mounts["/tmp"]]
+    assert "medium" not in scratch["emptyDir"], "on disk, not in the pod's memory"
+    assert scratch["emptyDir"]["sizeLimit"]
 
 
 def test_kustomization_lists_every_manifest() -> None:

@@ -201,6 +201,8 @@ async def _run(ctx: dict[str, Any], task: TrainingTask, *, queued_s: float) -> d
         finally:
             abandoned.set()
         if result.stopped:
+            if result.state_dir is not None:  # canceled or shutting down: keep where it got to
+                await put_checkpoint(result.steps, result.lora_bytes, result.state_dir)
             raise JobCanceled()
     lora_bytes = result.lora_bytes
     await store.put(task.lora_key, lora_bytes, content_type="application/octet-stream")
