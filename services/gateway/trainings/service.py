@@ -15,7 +15,7 @@ from services.gateway.deps import GatewayState
 from services.gateway.generations.service import create_and_enqueue, find_replay, request_hash
 from shared.db.models import Dataset, DatasetItem, Job, Tenant, new_id
 from shared.errors import NotFound, ValidationFailed
-from shared.kohya import ConfigError, assign_bucket, make_buckets, parse_dataset_config
+from shared.kohya import ConfigError, assign_bucket, epoch_plan, make_buckets, parse_dataset_config
 from shared.models import ModelFamily
 from shared.queue import TRAIN_TASK, TRAINER_QUEUE
 from shared.specs import JobKind
@@ -93,10 +93,30 @@ async def _examples(
                                                          steps=data.bucket_reso_steps)))
             counter = frequency.setdefault(info.folder, Counter())
             counter.update(item_tags(item))
+    examples = _balance_regularisation(examples, batch_size=data.batch_size)
     if not any(not e.is_reg for e in examples):
         raise _invalid("dataset_id", "no training images (a dataset_config selects subsets by "
                        "their folder name, e.g. `image_dir = \"10_sks dog\"`)")
     return examples, triggers, {k: dict(v) for k, v in frequency.items()}
+
+
+def _balance_regularisation(examples: list[TrainingExample], *,
+                            batch_size: int) -> list[TrainingExample]:
+    """Use regularisation images as kohya does: as many as the repeated training images, the
+    surplus unused, a shortfall made up with extra repeats (``shared.kohya.epoch_plan``)."""
+    groups: dict[tuple[str, bool], list[TrainingExample]] = {}
+    for example in examples:
+        groups.setdefault((example.subset, example.is_reg), []).append(example)
+    keys = list(groups)
+    plan = epoch_plan([(len(groups[k]), groups[k][0].repeats, k[1]) for k in keys],
+                      batch_size=batch_size)
+    balanced: list[TrainingExample] = []
+    for index, key in enumerate(keys):
+        for position, example in enumerate(groups[key]):
+            repeats = plan.reg_repeats[index][position] if key[1] else example.repeats
+            if repeats > 0:
+                balanced.append(example.model_copy(update={"repeats": repeats}))
+    return balanced
 
 
 async def _resume_key(*, session: AsyncSession, state: GatewayState, tenant: Tenant,
