@@ -141,6 +141,12 @@ class TrainingSpec(_Options):
                              "random_crop (the cached latents would never change), as in kohya")
         if self.optim.max_train_steps is None and self.optim.max_train_epochs is None:
             raise ValueError("give optim.max_train_steps or optim.max_train_epochs")
+        # Accepted by kohya but not implemented here yet: refused rather than ignored.
+        if self.data.random_crop:
+            raise ValueError("data.random_crop is not supported yet (images are centre-cropped "
+                             "to their bucket)")
+        if self.diffusion.max_token_length != 75:
+            raise ValueError("diffusion.max_token_length above 75 is not supported yet")
         return self
 
 

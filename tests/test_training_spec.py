@@ -41,3 +41,11 @@ def test_training_spec_refuses_what_kohya_refuses() -> None:
     error = check_optimizer(spec, set())
     assert error is not None and "prodigyopt" in error["message"]
     assert check_optimizer(spec, {"Prodigy"}) is None
+
+
+def test_options_not_built_yet_are_refused_not_ignored() -> None:
+    base = {"name": "x", "dataset_id": "d", "optim": {"max_train_steps": 10}}
+    with pytest.raises(ValidationError, match="random_crop"):
+        TrainingSpec.model_validate({**base, "data": {"random_crop": True}})
+    with pytest.raises(ValidationError, match="max_token_length"):
+        TrainingSpec.model_validate({**base, "diffusion": {"max_token_length": 150}})
