@@ -9,17 +9,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
 from arq import Retry
+from arq.connections import RedisSettings as ArqRedisSettings
+from arq.typing import StartupShutdown
+from arq.worker import Worker
 
 from shared.errors import JobCanceled, LoomisError, StorageUnavailable
 from shared.events import JobEvents
+from shared.logs import configure_logging
+from shared.settings import Settings, get_settings
 from shared.specs import JobStatus
-from shared.storage import ObjectStore
+from shared.storage import ObjectStore, build_store
 
 logger = logging.getLogger(__name__)
 
@@ -94,3 +100,48 @@ async def run_job(
                       data=outcome)
     logger.info("job succeeded", extra=log_extra)
     return {"status": "succeeded"}
+
+
+def common_startup(ctx: dict[str, Any]) -> Settings:
+    """The clients every worker shares, built once in arq's startup hook and kept in ``ctx``."""
+    settings: Settings = ctx.get("settings") or get_settings()
+    ctx["settings"] = settings
+    ctx["events"] = JobEvents(ctx["redis"], stream=settings.redis.events_stream,
+                              maxlen=settings.redis.events_maxlen, ttl_s=settings.redis.job_ttl_s)
+    ctx["store"] = build_store(settings)
+    ctx["worker_name"] = socket.gethostname()
+    return settings
+
+
+def make_worker(
+    settings: Settings, *, functions: list[Any], queue: str,
+    startup: StartupShutdown, job_timeout_s: int, max_tries: int,
+    poll_delay_s: float, max_jobs: int = 1, completion_wait_s: int | None = None,
+) -> Worker:
+    """An arq worker with the settings every Loomis worker needs to agree on."""
+    return Worker(
+        functions=functions,
+        queue_name=queue,
+        redis_settings=ArqRedisSettings.from_dsn(settings.redis.url),
+        on_startup=startup,
+        ctx={"settings": settings},
+        max_jobs=max_jobs,
+        # Our own timeout (run_job) fails the job cleanly; arq's is a backstop, and sets the
+        # lease after which a dead worker's job is re-delivered (timeout + 10 s).
+        job_timeout=job_timeout_s + 5,
+        # On SIGTERM (deploys, scale-down) finish the running job before exiting.
+        job_completion_wait=job_timeout_s if completion_wait_s is None else completion_wait_s,
+        # Our own limit ends the job in `failed`; arq's must be higher so that the last try
+        # still reaches our code instead of being dropped silently.
+        max_tries=max_tries + 1,
+        poll_delay=poll_delay_s,
+        keep_result=3600,
+        handle_signals=True,
+    )
+
+
+def run_worker(build: Callable[[Settings], Worker]) -> None:
+    """The ``python -m services.<worker>`` entry point."""
+    settings = get_settings()
+    configure_logging(settings.log_level, json_lines=settings.log_json)
+    build(settings).run()

@@ -15,9 +15,6 @@ base weights, as real ones are fine-tuned from their base.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
@@ -25,6 +22,7 @@ from typing import Any
 
 import torch
 
+from services.modelcache import build_into_cache
 from shared.models import ControlType
 
 TINY_SEED = 0
@@ -354,20 +352,4 @@ def _is_built(target: Path) -> bool:
 
 def ensure_tiny_model(name: str, cache_dir: Path) -> Path:
     """Build ``name`` into the cache unless it is there; safe when several workers race."""
-    target = cache_dir / name
-    if _is_built(target):
-        return target
-    if name not in BUILDERS:
-        raise KeyError(f"no builder for tiny model {name!r}; known: {', '.join(BUILDERS)}")
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache_dir))
-    try:
-        BUILDERS[name](staging)
-        try:
-            os.rename(staging, target)  # atomic: readers see no model or a whole one
-        except OSError:
-            if not _is_built(target):
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return build_into_cache(name, cache_dir, builders=BUILDERS, is_built=_is_built)

@@ -13,7 +13,6 @@ import io
 import json
 import logging
 import platform
-import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -22,7 +21,6 @@ from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from arq.connections import RedisSettings as ArqRedisSettings
 from arq.worker import Worker, func
 from PIL import Image
 
@@ -40,10 +38,9 @@ from services.generator.render import (
     prepare_inputs,
     render,
 )
-from services.jobrunner import RUNNING, run_job
+from services.jobrunner import RUNNING, common_startup, make_worker, run_job, run_worker
 from shared.errors import JobCanceled, JobFailure, LoomisError, NotFound
 from shared.events import JobEvents
-from shared.logs import configure_logging
 from shared.models import ModelRegistry
 from shared.queue import GENERATE_TASK, GENERATOR_QUEUE, PREPROCESS_TASK, SWEEP_TASK
 from shared.settings import Settings, get_settings
@@ -58,7 +55,6 @@ from shared.specs import (
 )
 from shared.storage import (
     ObjectStore,
-    build_store,
     job_prefix,
     manifest_key,
     output_key,
@@ -93,13 +89,7 @@ def library_versions() -> dict[str, str]:
 
 async def startup(ctx: dict[str, Any]) -> None:
     """Build the shared clients once; warm the default model so the first job does not wait."""
-    settings: Settings = ctx.get("settings") or get_settings()
-    ctx["settings"] = settings
-    ctx["events"] = JobEvents(ctx["redis"], stream=settings.redis.events_stream,
-                              maxlen=settings.redis.events_maxlen,
-                              ttl_s=settings.redis.job_ttl_s)
-    store = build_store(settings)
-    ctx["store"] = store
+    settings = common_startup(ctx)
     ctx["cache"] = PipelineCache(
         registry=ModelRegistry.load(settings.generator.models_file),
         cache_dir=settings.model_cache, device=settings.generator.device,
@@ -120,7 +110,6 @@ async def startup(ctx: dict[str, Any]) -> None:
                              slot=ctx["render_slot"])
     ctx["safety"] = LazySafetyFilter()
     ctx["versions"] = library_versions()
-    ctx["worker_name"] = socket.gethostname()
     try:
         await asyncio.to_thread(ctx["cache"].get, settings.generator.default_model)
     except LoomisError as exc:
@@ -488,35 +477,21 @@ async def _run_sweep(ctx: dict[str, Any], task: SweepTask, *, queued_s: float) -
 def build_worker(settings: Settings | None = None) -> Worker:
     settings = settings or get_settings()
     cfg = settings.generator
-    return Worker(
+    return make_worker(
+        settings,
         functions=[func(generate, name=GENERATE_TASK),
                    func(sweep, name=SWEEP_TASK),
                    func(preprocess_control, name=PREPROCESS_TASK, max_tries=1)],
-        queue_name=GENERATOR_QUEUE,
-        redis_settings=ArqRedisSettings.from_dsn(settings.redis.url),
-        on_startup=startup,
-        ctx={"settings": settings},
+        queue=GENERATOR_QUEUE, startup=startup, job_timeout_s=cfg.job_timeout_s,
+        max_tries=cfg.max_tries, poll_delay_s=cfg.poll_delay_s,
         # One pipeline per GPU: jobs beyond one only wait in the batcher for compatible
         # company, and run together as one pipeline call.
         max_jobs=cfg.batch_size,
-        # Our own timeout (cfg.job_timeout_s) fails the job cleanly; arq's is a backstop, and
-        # sets the lease after which a dead worker's job is re-delivered (timeout + 10 s).
-        job_timeout=cfg.job_timeout_s + 5,
-        # On SIGTERM (deploys, scale-down) finish the running job before exiting.
-        job_completion_wait=cfg.job_timeout_s,
-        # Our own limit (cfg.max_tries) ends the job in `failed`; arq's must be higher so
-        # that the last try still reaches our code instead of being dropped silently.
-        max_tries=cfg.max_tries + 1,
-        poll_delay=cfg.poll_delay_s,
-        keep_result=3600,
-        handle_signals=True,
     )
 
 
 def main() -> None:
-    settings = get_settings()
-    configure_logging(settings.log_level, json_lines=settings.log_json)
-    build_worker(settings).run()
+    run_worker(build_worker)
 
 
 if __name__ == "__main__":

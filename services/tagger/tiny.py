@@ -19,9 +19,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import logging
-import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,6 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+
+from services.modelcache import build_into_cache
 
 TINY_SEED = 0
 # A folder holding one of these is a whole model: builds land in the cache by one atomic rename.
@@ -261,20 +260,4 @@ def _is_built(target: Path) -> bool:
 
 def ensure_tagger_model(name: str, cache_dir: Path) -> Path:
     """Build ``name`` into the cache unless it is there; safe when several workers race."""
-    target = cache_dir / name
-    if _is_built(target):
-        return target
-    if name not in BUILDERS:
-        raise KeyError(f"no builder for tiny tagger model {name!r}; known: {', '.join(BUILDERS)}")
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache_dir))
-    try:
-        BUILDERS[name](staging)
-        try:
-            os.rename(staging, target)  # atomic: readers see no model or a whole one
-        except OSError:
-            if not _is_built(target):
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return build_into_cache(name, cache_dir, builders=BUILDERS, is_built=_is_built)

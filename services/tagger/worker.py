@@ -14,23 +14,20 @@ import io
 import json
 import logging
 import math
-import socket
 import time
 from pathlib import Path
 from typing import Any
 
-from arq.connections import RedisSettings as ArqRedisSettings
 from arq.worker import Worker, func
 from PIL import Image
 
-from services.jobrunner import RUNNING, run_job
+from services.jobrunner import RUNNING, common_startup, make_worker, run_job, run_worker
 from shared.errors import JobCanceled, ModelUnavailable, NotFound
 from shared.events import JobEvents
-from shared.logs import configure_logging
 from shared.queue import TAG_TASK, TAGGER_QUEUE
 from shared.settings import Settings, get_settings
 from shared.specs import ArtifactRef, TaggingItem, TaggingTask
-from shared.storage import ObjectStore, build_store
+from shared.storage import ObjectStore
 from shared.tagging import clean_caption, clean_tags, format_tags, merge_metadata
 
 logger = logging.getLogger(__name__)
@@ -85,13 +82,8 @@ class TaggerModels:
 
 
 async def startup(ctx: dict[str, Any]) -> None:
-    settings: Settings = ctx.get("settings") or get_settings()
-    ctx["settings"] = settings
-    ctx["events"] = JobEvents(ctx["redis"], stream=settings.redis.events_stream,
-                              maxlen=settings.redis.events_maxlen, ttl_s=settings.redis.job_ttl_s)
-    ctx["store"] = build_store(settings)
+    settings = common_startup(ctx)
     ctx["models"] = TaggerModels(settings)
-    ctx["worker_name"] = socket.gethostname()
 
 
 def _batches(items: list[Any], size: int) -> list[list[Any]]:
@@ -108,6 +100,20 @@ async def _load(store: ObjectStore, item: TaggingItem) -> Image.Image | Exceptio
         return exc
     except Exception as exc:  # a corrupt file fails its own image only
         return exc
+
+
+async def _readable(
+    store: ObjectStore, batch: list[TaggingItem], results: dict[str, dict[str, Any]],
+) -> list[tuple[TaggingItem, Image.Image]]:
+    """The batch's images that decode; the others get their error and drop out."""
+    good = []
+    for item in batch:
+        image = await _load(store, item)
+        if isinstance(image, Image.Image):
+            good.append((item, image))
+        else:
+            results[item.id]["error"] = f"unreadable image: {type(image).__name__}"
+    return good
 
 
 async def _run(ctx: dict[str, Any], task: TaggingTask, *, queued_s: float) -> dict[str, Any]:
@@ -142,12 +148,7 @@ async def _run(ctx: dict[str, Any], task: TaggingTask, *, queued_s: float) -> di
         captioner = await asyncio.to_thread(models.captioner)
         t0 = time.perf_counter()
         for batch in _batches(to_caption, options.batch_size):
-            images = [await _load(store, item) for item in batch]
-            good = [(item, image) for item, image in zip(batch, images, strict=True)
-                    if isinstance(image, Image.Image)]
-            for item, image in zip(batch, images, strict=True):
-                if not isinstance(image, Image.Image):
-                    results[item.id]["error"] = f"unreadable image: {type(image).__name__}"
+            good = await _readable(store, batch, results)
             outputs = await asyncio.to_thread(
                 captioner.caption_each, [image for _, image in good],
                 batch_size=options.batch_size, max_length=options.max_length,
@@ -166,12 +167,7 @@ async def _run(ctx: dict[str, Any], task: TaggingTask, *, queued_s: float) -> di
         tagger = await asyncio.to_thread(models.tagger)
         t0 = time.perf_counter()
         for batch in _batches(to_tag, options_t.batch_size):
-            images = [await _load(store, item) for item in batch]
-            good = [(item, image) for item, image in zip(batch, images, strict=True)
-                    if isinstance(image, Image.Image)]
-            for item, image in zip(batch, images, strict=True):
-                if not isinstance(image, Image.Image):
-                    results[item.id]["error"] = f"unreadable image: {type(image).__name__}"
+            good = await _readable(store, batch, results)
             outputs = await asyncio.to_thread(
                 tagger.tag_each, [image for _, image in good], batch_size=options_t.batch_size,
                 general_threshold=options_t.general_threshold,
@@ -257,26 +253,15 @@ async def tag_dataset(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str,
 def build_worker(settings: Settings | None = None) -> Worker:
     settings = settings or get_settings()
     cfg = settings.tagger
-    return Worker(
-        functions=[func(tag_dataset, name=TAG_TASK)],
-        queue_name=TAGGER_QUEUE,
-        redis_settings=ArqRedisSettings.from_dsn(settings.redis.url),
-        on_startup=startup,
-        ctx={"settings": settings},
-        max_jobs=1,
-        job_timeout=cfg.job_timeout_s + 5,
-        job_completion_wait=cfg.job_timeout_s,
-        max_tries=cfg.max_tries + 1,
-        poll_delay=cfg.poll_delay_s,
-        keep_result=3600,
-        handle_signals=True,
+    return make_worker(
+        settings, functions=[func(tag_dataset, name=TAG_TASK)], queue=TAGGER_QUEUE,
+        startup=startup, job_timeout_s=cfg.job_timeout_s, max_tries=cfg.max_tries,
+        poll_delay_s=cfg.poll_delay_s,
     )
 
 
 def main() -> None:
-    settings = get_settings()
-    configure_logging(settings.log_level, json_lines=settings.log_json)
-    build_worker(settings).run()
+    run_worker(build_worker)
 
 
 if __name__ == "__main__":

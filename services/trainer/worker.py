@@ -12,26 +12,23 @@ import asyncio
 import hashlib
 import io
 import logging
-import socket
 import tarfile
 import tempfile
 import threading
 from pathlib import Path
 from typing import Any
 
-from arq.connections import RedisSettings as ArqRedisSettings
 from arq.worker import Worker, func
 from PIL import Image
 
-from services.jobrunner import RUNNING, run_job
+from services.jobrunner import RUNNING, common_startup, make_worker, run_job, run_worker
 from shared.errors import JobCanceled, JobFailure, NotFound
 from shared.events import JobEvents
 from shared.kohya import parse_sample_prompts
-from shared.logs import configure_logging
 from shared.models import ModelRegistry
 from shared.queue import TRAIN_TASK, TRAINER_QUEUE
 from shared.settings import Settings, get_settings
-from shared.storage import ObjectStore, build_store
+from shared.storage import ObjectStore
 from shared.training import TrainingTask, latest_state
 
 logger = logging.getLogger(__name__)
@@ -40,13 +37,8 @@ logger = logging.getLogger(__name__)
 
 
 async def startup(ctx: dict[str, Any]) -> None:
-    settings: Settings = ctx.get("settings") or get_settings()
-    ctx["settings"] = settings
-    ctx["events"] = JobEvents(ctx["redis"], stream=settings.redis.events_stream,
-                              maxlen=settings.redis.events_maxlen, ttl_s=settings.redis.job_ttl_s)
-    ctx["store"] = build_store(settings)
+    settings = common_startup(ctx)
     ctx["registry"] = ModelRegistry.load(settings.generator.models_file)
-    ctx["worker_name"] = socket.gethostname()
 
 
 def _tar(directory: Path) -> bytes:
@@ -239,26 +231,16 @@ async def train_lora(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, 
 def build_worker(settings: Settings | None = None) -> Worker:
     settings = settings or get_settings()
     cfg = settings.trainer
-    return Worker(
-        functions=[func(train_lora, name=TRAIN_TASK)],
-        queue_name=TRAINER_QUEUE,
-        redis_settings=ArqRedisSettings.from_dsn(settings.redis.url),
-        on_startup=startup,
-        ctx={"settings": settings},
-        max_jobs=1,
-        job_timeout=cfg.job_timeout_s + 5,
-        job_completion_wait=60,
-        max_tries=cfg.max_tries + 1,
-        poll_delay=cfg.poll_delay_s,
-        keep_result=3600,
-        handle_signals=True,
+    return make_worker(
+        settings, functions=[func(train_lora, name=TRAIN_TASK)], queue=TRAINER_QUEUE,
+        startup=startup, job_timeout_s=cfg.job_timeout_s, max_tries=cfg.max_tries,
+        poll_delay_s=cfg.poll_delay_s,
+        completion_wait_s=60,
     )
 
 
 def main() -> None:
-    settings = get_settings()
-    configure_logging(settings.log_level, json_lines=settings.log_json)
-    build_worker(settings).run()
+    run_worker(build_worker)
 
 
 if __name__ == "__main__":
