@@ -6,14 +6,27 @@ STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test lint bench up redis-server clean
+.PHONY: install lock demo test lint bench up redis-server clean
 
-$(STAMP): pyproject.toml constraints-cpu.txt
+# requirements/cpu.txt pins every package of the environment (see `make lock`); the venv is
+# installed from it exactly, then checked: `pip check` and tests/test_lock.py catch drift.
+$(STAMP): pyproject.toml requirements/cpu.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	# constraints-cpu.txt pins the CPU torch wheel; GPU installs: see README "Deployment".
-	$(PY) -m pip install -q -c constraints-cpu.txt -e '.[worker,dev]'
+	$(PY) -m pip install -q 'pip==26.3'
+	$(PY) -m pip install -q -r requirements/cpu.txt
+	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m pip check
 	touch $(STAMP)
+
+# Re-resolve both lock files from pyproject.toml. Upgrading is a deliberate change: run this,
+# then `make test`, and commit the lock files with the code that needs them.
+lock: install
+	$(VENV)/bin/uv pip compile pyproject.toml --extra worker --extra dev -c constraints-cpu.txt \
+	  --find-links /opt/wheels --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+	  --no-emit-find-links --custom-compile-command 'make lock' -o requirements/cpu.txt
+	$(VENV)/bin/uv pip compile pyproject.toml --extra worker \
+	  --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+	  --custom-compile-command 'make lock' -o requirements/cuda.txt
 
 install: $(STAMP)
 

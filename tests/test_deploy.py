@@ -261,13 +261,14 @@ def test_dockerfile_has_gateway_and_worker_targets() -> None:
     assert set(stages) == {"gateway", "worker"}
     gateway, worker = stages["gateway"], stages["worker"]
     assert gateway.startswith("FROM python:3.11-slim")
-    assert "pip install ." in gateway
+    assert "pip install -c requirements/cuda.txt ." in gateway, "the gateway installs the locked versions"
     assert "torch" not in gateway and "[worker]" not in gateway
     assert "services.gateway.app:create_app" in gateway and "--factory" in gateway
     assert re.search(r"FROM\s+(nvidia/cuda|pytorch/pytorch)\S*", worker)
-    assert "--index-url" in worker and "download.pytorch.org/whl/cu124" in worker
-    assert '.[worker]' in worker
-    assert worker.index("download.pytorch.org") < worker.index(".[worker]")
+    # The locked CUDA environment, then Loomis itself without a second resolve.
+    assert "pip install -r requirements/cuda.txt" in worker
+    assert 'pip install --no-deps ".[worker]"' in worker
+    assert worker.index("requirements/cuda.txt") < worker.index(".[worker]")
     assert '"services.generator"' in worker
 
 
