@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from services.gateway.control.routes import router as control_router
 from services.gateway.datasets.routes import router as datasets_router
 from services.gateway.deps import GatewayState
+from services.gateway.docs import install_docs
 from services.gateway.events.consumer import EventConsumer
 from services.gateway.files.routes import router as files_router
 from services.gateway.generations.routes import router as generations_router
@@ -89,8 +90,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description=DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
     )
     install_problem_handlers(app)
+    install_docs(app)
     for router in (generations_router, sweeps_router, uploads_router, control_router,
                    loras_router, datasets_router, taggings_router, trainings_router, jobs_router,
                    health_router, files_router):

@@ -6,7 +6,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Header, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.gateway.auth.service import authenticate
@@ -44,8 +45,18 @@ async def get_session(state: StateDep) -> AsyncIterator[AsyncSession]:
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
 
 
+# Declared so OpenAPI carries the scheme (Swagger UI's "Authorize" button, `security` on each
+# operation); auto_error is off because `authenticate` answers with our own problem codes.
+bearer_auth = HTTPBearer(
+    scheme_name="bearerAuth", bearerFormat="lmk_…", auto_error=False,
+    description="An API key: `loomis keys create --tenant NAME` (or the development key that "
+                "`loomis up` writes to `.loomis/dev-api-key`).",
+)
+
+
 async def get_tenant(
     session: SessionDep,
+    _credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer_auth)],
     authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> Tenant:
     return await authenticate(session=session, authorization=authorization)
