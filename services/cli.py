@@ -11,10 +11,25 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from services.client import ApiError, LoomisClient
 from services.devstack import Stack, StackError, free_port
 
-DEFAULT_URL = "http://127.0.0.1:8000"
+
+def _gateway_settings() -> Any:
+    from shared.settings import Settings
+
+    return Settings().gateway
+
+
+def _gateway_url() -> str:
+    """Where ``loomis up`` serves, by the same settings: the public URL, else host and port."""
+    gateway = _gateway_settings()
+    if gateway.public_url:
+        return str(gateway.public_url).rstrip("/")
+    host = "127.0.0.1" if gateway.host in ("0.0.0.0", "::", "") else gateway.host
+    return f"http://{host}:{gateway.port}"
 
 
 def _data_dir() -> Path:
@@ -59,7 +74,9 @@ async def _dev_key() -> str:
 
 def _stack(args: argparse.Namespace) -> Stack:
     redis_url = os.environ.get("LOOMIS_REDIS__URL") if not getattr(args, "own_redis", True) else None
-    return Stack(data_dir=_data_dir(), host=args.host, port=args.port, redis_url=redis_url)
+    gateway = _gateway_settings()
+    return Stack(data_dir=_data_dir(), host=args.host or gateway.host,
+                 port=args.port or gateway.port, redis_url=redis_url)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -156,13 +173,17 @@ def _print_outcome(job: dict[str, Any], files: list[Path], elapsed: float) -> in
     return 0
 
 
-def _client(args: argparse.Namespace) -> LoomisClient:
-    key = args.api_key or os.environ.get("LOOMIS_API_KEY")
-    if not key and _key_file().exists():
-        key = _key_file().read_text().strip()
-    if not key:
-        raise SystemExit("no API key: pass --api-key, set LOOMIS_API_KEY, or run `loomis up`")
-    return LoomisClient(args.url, key)
+def _api_key(args: argparse.Namespace) -> tuple[str, str]:
+    """The key and where it came from, so that a refused key can be traced to its source."""
+    if args.api_key:
+        return args.api_key, "--api-key"
+    if key := os.environ.get("LOOMIS_API_KEY"):
+        return key, "LOOMIS_API_KEY"
+    path = _key_file()
+    if path.exists():
+        return path.read_text().strip(), f"the key file {path.resolve()}"
+    raise SystemExit("error: no API key: pass --api-key, set LOOMIS_API_KEY, or run `loomis up` "
+                     f"(it writes {path})")
 
 
 def _spec(args: argparse.Namespace) -> dict[str, Any]:
@@ -175,14 +196,19 @@ def _spec(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    client = _client(args)
+    key, source = _api_key(args)
+    url = args.url or _gateway_url()
+    client = LoomisClient(url, key)
     try:
         job, files, elapsed = generate(client, _spec(args), Path(args.output))
     except ApiError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        hint = f"\n  the API key was read from {source}" if exc.status == 401 else ""
+        print(f"error: {exc}{hint}", file=sys.stderr)
         return 1
-    except OSError as exc:
-        print(f"error: cannot reach {args.url}: {exc}", file=sys.stderr)
+    except (httpx.TransportError, OSError) as exc:
+        print(f"error: cannot reach the gateway at {url} ({exc or type(exc).__name__}); is "
+              "`loomis up` running? (--url or LOOMIS_GATEWAY__PUBLIC_URL / __HOST / __PORT)",
+              file=sys.stderr)
         return 1
     finally:
         client.close()
@@ -218,6 +244,38 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_keys_create(args: argparse.Namespace) -> int:
     print(asyncio.run(_create_key(args.tenant, args.name)))
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    from services.gateway.auth.service import list_api_keys
+    from shared.settings import Settings
+
+    keys = asyncio.run(list_api_keys(database_url=Settings().database_url,
+                                     tenant_name=args.tenant))
+    rows = [("ID", "PREFIX", "TENANT", "NAME", "CREATED", "STATUS")] + [
+        (k.id, k.prefix, k.tenant.name, k.name or "-", f"{k.created_at:%Y-%m-%d %H:%M:%S}",
+         f"revoked {k.revoked_at:%Y-%m-%d %H:%M:%S}" if k.revoked_at else "active")
+        for k in keys
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+              .rstrip())
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    from services.gateway.auth.service import revoke_api_key
+    from shared.settings import Settings
+
+    try:
+        key = asyncio.run(revoke_api_key(database_url=Settings().database_url, key=args.key))
+    except LookupError as exc:
+        print(f"error: {exc.args[0]}", file=sys.stderr)
+        return 1
+    print(f"revoked {key.prefix}… ({key.id}, tenant {key.tenant.name}); requests with it "
+          "are now a 401")
     return 0
 
 
@@ -274,8 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", help="start the stack until Ctrl-C")
-    up.add_argument("--host", default="127.0.0.1")
-    up.add_argument("--port", type=int, default=8000)
+    up.add_argument("--host", help="default LOOMIS_GATEWAY__HOST, else 127.0.0.1")
+    up.add_argument("--port", type=int, help="default LOOMIS_GATEWAY__PORT, else 8000")
     up.add_argument("--no-redis", dest="own_redis", action="store_false",
                     help="use LOOMIS_REDIS__URL instead of starting a private redis-server")
     up.set_defaults(func=cmd_up)
@@ -283,8 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="submit a text-to-image job and wait for it")
     gen.add_argument("prompt")
     gen.add_argument("-o", "--output", default="out/image.png")
-    gen.add_argument("--url", default=os.environ.get("LOOMIS_URL", DEFAULT_URL))
-    gen.add_argument("--api-key")
+    gen.add_argument("--url", help="the gateway; default LOOMIS_GATEWAY__PUBLIC_URL, else "
+                     "http://LOOMIS_GATEWAY__HOST:LOOMIS_GATEWAY__PORT (127.0.0.1:8000)")
+    gen.add_argument("--api-key", help="default LOOMIS_API_KEY, else the key file that "
+                     "`loomis up` writes (<LOOMIS_DATA_DIR>/dev-api-key)")
     gen.add_argument("--negative-prompt", dest="negative_prompt")
     gen.add_argument("--model")
     gen.add_argument("--width", type=int)
@@ -306,6 +366,12 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--tenant", required=True)
     create.add_argument("--name", default="")
     create.set_defaults(func=cmd_keys_create)
+    listing = keys.add_parser("list", help="list API keys (prefix, tenant, name, status)")
+    listing.add_argument("--tenant", help="only this tenant's keys")
+    listing.set_defaults(func=cmd_keys_list)
+    revoke = keys.add_parser("revoke", help="revoke an API key: its requests become a 401")
+    revoke.add_argument("key", help="the key's id or prefix (from `loomis keys list`), or the key")
+    revoke.set_defaults(func=cmd_keys_revoke)
 
     tenants = sub.add_parser("tenants", help="tenant settings").add_subparsers(
         dest="tenants_cmd", required=True)

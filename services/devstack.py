@@ -8,6 +8,7 @@ given), the gateway under uvicorn, and one generator worker, each logging to a f
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import signal
@@ -29,6 +30,27 @@ def free_port() -> int:
 
 class StackError(RuntimeError):
     pass
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether something already listens on ``host:port``.
+
+    The probe binds with SO_REUSEADDR as uvicorn does, so a stopped stack's sockets left in
+    TIME_WAIT do not count as taken.
+    """
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
+    return False
+
+
+def port_taken_error(host: str, port: int) -> StackError:
+    return StackError(f"port {port} is in use on {host}: stop what listens there or choose "
+                      "another port (--port or LOOMIS_GATEWAY__PORT)")
 
 
 @dataclass
@@ -151,7 +173,10 @@ class Stack:
         while time.monotonic() < deadline:
             for child in self.children:
                 if not child.alive():
-                    raise StackError(f"{child.name} exited:\n{child.tail()}")
+                    tail = child.tail()
+                    if child.name == "gateway" and "address already in use" in tail:
+                        raise port_taken_error(self.host, self.port)
+                    raise StackError(f"{child.name} exited:\n{tail}")
             try:
                 response = httpx.get(f"{self.url}/readyz", timeout=2)
                 if response.status_code == 200:
@@ -184,6 +209,8 @@ class Stack:
     def start(self, *, own_redis: bool = True, worker: bool = True, tagger: bool = False,
               trainer: bool = False) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        if port_in_use(self.host, self.port):
+            raise port_taken_error(self.host, self.port)
         try:
             if own_redis and not self.redis_url:
                 self.start_redis()

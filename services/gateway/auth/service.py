@@ -8,7 +8,7 @@ import secrets
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from shared.db.models import ApiKey, Tenant
+from shared.db.models import ApiKey, Tenant, utcnow
 from shared.errors import Unauthorized
 
 KEY_PREFIX = "lmk_"
@@ -86,5 +86,49 @@ async def set_safety_policy(
             tenant.safety_action = action
             tenant.safety_threshold = threshold
             await session.commit()
+    finally:
+        await engine.dispose()
+
+
+async def list_api_keys(*, database_url: str, tenant_name: str | None = None) -> list[ApiKey]:
+    """Operator path: every key (revoked ones too, so an audit sees them), oldest first."""
+    from shared.db.session import make_engine, make_sessionmaker, migrate
+
+    engine = make_engine(database_url)
+    try:
+        await migrate(engine)
+        async with make_sessionmaker(engine)() as session:
+            query = select(ApiKey).join(Tenant).order_by(ApiKey.created_at, ApiKey.id)
+            if tenant_name is not None:
+                query = query.where(Tenant.name == tenant_name)
+            return list(await session.scalars(query))
+    finally:
+        await engine.dispose()
+
+
+async def revoke_api_key(*, database_url: str, key: str) -> ApiKey:
+    """Operator path: revoke by id, by the prefix `keys list` shows, or by the whole key.
+
+    A prefix that matches several keys revokes none: revoking the wrong tenant's key is
+    worse than asking for the id.
+    """
+    from shared.db.session import make_engine, make_sessionmaker, migrate
+
+    engine = make_engine(database_url)
+    try:
+        await migrate(engine)
+        async with make_sessionmaker(engine)() as session:
+            matches = list(await session.scalars(select(ApiKey).where(
+                (ApiKey.id == key) | (ApiKey.prefix == key) | (ApiKey.key_hash == hash_key(key))
+            )))
+            if not matches:
+                raise LookupError(f"no API key with id or prefix {key!r}")
+            if len(matches) > 1:
+                raise LookupError(f"{len(matches)} keys have the prefix {key!r}; use the id")
+            found = matches[0]
+            if found.revoked_at is None:
+                found.revoked_at = utcnow()
+                await session.commit()
+            return found
     finally:
         await engine.dispose()
