@@ -279,6 +279,14 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_examples(args: argparse.Namespace) -> int:
+    from services.examples import write_examples
+
+    for path, written in write_examples(Path(args.dir), overwrite=args.force):
+        print(f"{'wrote' if written else 'kept existing'} {path}")
+    return 0
+
+
 def cmd_tenants_safety(args: argparse.Namespace) -> int:
     from services.gateway.auth.service import set_safety_policy
     from shared.settings import Settings
@@ -360,6 +368,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--prompt", default="a red fox in snow")
     demo.add_argument("-o", "--output", default="out/demo.png")
     demo.set_defaults(func=cmd_demo)
+
+    examples = sub.add_parser("examples", help="write the files the README's curl examples "
+                              "upload (photo.png, style.safetensors, dogs.zip)")
+    examples.add_argument("--dir", default=".", help="where to write them (default: here)")
+    examples.add_argument("--force", action="store_true", help="overwrite existing files")
+    examples.set_defaults(func=cmd_examples)
 
     keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys_cmd", required=True)
     create = keys.add_parser("create", help="print a new API key for a tenant")
