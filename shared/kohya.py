@@ -47,6 +47,16 @@ class ConfigError(ValueError):
         self.line = line
 
 
+# What Loomis accepts for the training resolution and bucket options, in the request and in a
+# TOML alike (:func:`bucketing_problems` adds how they must relate). Outside them a bucket has
+# no pixels (a resolution below one bucket step), kohya trains at another size than the one
+# asked for (above max_bucket_reso), or the VAE cannot encode it (not a multiple of 8).
+MIN_RESOLUTION = 64  # 8 latent pixels a side
+MAX_RESOLUTION = 4096
+RESOLUTION_MULTIPLE = 8  # the VAE's downscale
+MAX_BUCKET_RESO_STEPS = 1024
+
+
 # ---------------------------------------------------------------------------------------------
 # Dataset config models
 
@@ -178,12 +188,16 @@ def _bool(value: object, path: str) -> bool:
     return value
 
 
-def _int(minimum: int | None = None) -> _Check:
+def _int(minimum: int | None = None, maximum: int | None = None, *, multiple: int = 1) -> _Check:
     def check(value: object, path: str) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"must be an integer, not {_type_name(value)}", field=path)
         if minimum is not None and value < minimum:
             raise ConfigError(f"must be at least {minimum}, got {value}", field=path)
+        if maximum is not None and value > maximum:
+            raise ConfigError(f"must be at most {maximum}, got {value}", field=path)
+        if value % multiple:
+            raise ConfigError(f"must be a multiple of {multiple}, got {value}", field=path)
         return value
     return check
 
@@ -223,12 +237,13 @@ def _caption_extension(value: object, path: str) -> str:
 
 
 def _resolution(value: object, path: str) -> tuple[int, int]:
+    side_check = _int(MIN_RESOLUTION, MAX_RESOLUTION, multiple=RESOLUTION_MULTIPLE)
     if isinstance(value, list) and len(value) == 2:
-        width, height = (_int(1)(v, f"{path}.{i}") for i, v in enumerate(value))
+        width, height = (side_check(v, f"{path}.{i}") for i, v in enumerate(value))
         return width, height
     if isinstance(value, list):
         raise ConfigError(f"must be one integer or [width, height], got {len(value)} values", field=path)
-    side = _int(1)(value, path)
+    side = side_check(value, path)
     return side, side
 
 
@@ -252,9 +267,9 @@ _DATASET_KEYS: dict[str, _Check] = {
     "resolution": _resolution,
     "batch_size": _int(1),
     "enable_bucket": _bool,
-    "min_bucket_reso": _int(1),
-    "max_bucket_reso": _int(1),
-    "bucket_reso_steps": _int(1),
+    "min_bucket_reso": _int(MIN_RESOLUTION, MAX_RESOLUTION),
+    "max_bucket_reso": _int(MIN_RESOLUTION, MAX_RESOLUTION),
+    "bucket_reso_steps": _int(RESOLUTION_MULTIPLE, MAX_BUCKET_RESO_STEPS, multiple=RESOLUTION_MULTIPLE),
     "bucket_no_upscale": _bool,
     "network_multiplier": _number(),
     "validation_seed": _int(0),
@@ -392,35 +407,13 @@ def _dataset(inherited: _Layer, table: Mapping[str, Any], path: str) -> KohyaDat
 
 
 def _check_bucketing(dataset: KohyaDataset, merged: _Layer) -> None:
-    def where(key: str) -> str:
-        return merged[key][1] if key in merged else key
-
-    steps = dataset.bucket_reso_steps
-    if steps % 8:
-        raise ConfigError(f"must be a multiple of 8 (the VAE's downscale), got {steps}",
-                          field=where("bucket_reso_steps"))
-    if dataset.min_bucket_reso > dataset.max_bucket_reso:
-        raise ConfigError(f"{dataset.min_bucket_reso} is above max_bucket_reso {dataset.max_bucket_reso}",
-                          field=where("min_bucket_reso"))
-    if dataset.enable_bucket and not dataset.bucket_no_upscale:
-        for key in ("min_bucket_reso", "max_bucket_reso"):
-            if getattr(dataset, key) % steps:
-                raise ConfigError(f"must be a multiple of bucket_reso_steps ({steps}),"
-                                  f" got {getattr(dataset, key)}", field=where(key))
-    if dataset.resolution is None:
-        return
-    width, height = dataset.resolution
-    multiple = steps if dataset.enable_bucket else 8
-    if width % multiple or height % multiple:
-        reason = f"bucket_reso_steps ({steps})" if dataset.enable_bucket else "8"
-        raise ConfigError(f"{width}x{height} is not a multiple of {reason}", field=where("resolution"))
-    if dataset.enable_bucket and not dataset.bucket_no_upscale:
-        if min(width, height) < dataset.min_bucket_reso:
-            raise ConfigError(f"{width}x{height} is below min_bucket_reso {dataset.min_bucket_reso}",
-                              field=where("resolution"))
-        if max(width, height) > dataset.max_bucket_reso:
-            raise ConfigError(f"{width}x{height} is above max_bucket_reso {dataset.max_bucket_reso}",
-                              field=where("resolution"))
+    problems = bucketing_problems(
+        resolution=dataset.resolution, enable_bucket=dataset.enable_bucket,
+        min_bucket_reso=dataset.min_bucket_reso, max_bucket_reso=dataset.max_bucket_reso,
+        bucket_reso_steps=dataset.bucket_reso_steps, bucket_no_upscale=dataset.bucket_no_upscale)
+    if problems:
+        key, message = problems[0]
+        raise ConfigError(message, field=merged[key][1] if key in merged else key)
 
 
 def _subset(inherited: _Layer, table: Mapping[str, Any], path: str) -> KohyaSubset:
@@ -451,6 +444,47 @@ def subset_from_folder(folder: str, *, image_dir: str | None = None) -> KohyaSub
 # ---------------------------------------------------------------------------------------------
 # Buckets
 
+def bucketing_problems(*, resolution: tuple[int, int] | None, enable_bucket: bool, min_bucket_reso: int,
+                       max_bucket_reso: int, bucket_reso_steps: int,
+                       bucket_no_upscale: bool = False) -> list[tuple[str, str]]:
+    """What is wrong between resolution and bucket options, as ``(option, message)`` pairs.
+
+    The relations kohya asserts at start-up (``adjust_min_max_bucket_reso_by_steps``: the
+    resolution within ``[min_bucket_reso, max_bucket_reso]``), plus the ones it only warns
+    about or rounds silently (multiples of ``bucket_reso_steps``, steps a multiple of 8), so
+    that the buckets kohya would train at are the ones the job reports. Each value's own range
+    is its caller's to check.
+    """
+    problems: list[tuple[str, str]] = []
+    steps = bucket_reso_steps
+    if steps % RESOLUTION_MULTIPLE:
+        problems.append(("bucket_reso_steps", f"must be a multiple of {RESOLUTION_MULTIPLE} (the VAE's "
+                         f"downscale), got {steps}"))
+        return problems
+    if min_bucket_reso > max_bucket_reso:
+        problems.append(("min_bucket_reso", f"{min_bucket_reso} is above max_bucket_reso {max_bucket_reso}"))
+    bucketing = enable_bucket and not bucket_no_upscale
+    if bucketing:
+        for key, value in (("min_bucket_reso", min_bucket_reso), ("max_bucket_reso", max_bucket_reso)):
+            if value % steps:
+                problems.append((key, f"must be a multiple of bucket_reso_steps ({steps}), got {value}"))
+    if resolution is None:
+        return problems
+    width, height = resolution
+    multiple = steps if enable_bucket else RESOLUTION_MULTIPLE
+    if width % multiple or height % multiple:
+        reason = f"bucket_reso_steps ({steps})" if enable_bucket else f"{RESOLUTION_MULTIPLE}"
+        problems.append(("resolution", f"{width}x{height} is not a multiple of {reason}"))
+    elif bucketing and min(width, height) < min_bucket_reso:
+        problems.append(("resolution", f"{width}x{height} is below min_bucket_reso {min_bucket_reso}; "
+                         "lower min_bucket_reso or raise the resolution"))
+    elif bucketing and max(width, height) > max_bucket_reso:
+        problems.append(("resolution", f"{width}x{height} is above max_bucket_reso {max_bucket_reso} "
+                         "(kohya would train at smaller buckets); raise max_bucket_reso or lower "
+                         "the resolution"))
+    return problems
+
+
 
 def make_buckets(*, resolution: tuple[int, int], min_reso: int = 256, max_reso: int = 1024,
                  steps: int = 64) -> list[tuple[int, int]]:
@@ -464,6 +498,8 @@ def make_buckets(*, resolution: tuple[int, int], min_reso: int = 256, max_reso: 
     """
     if steps < 1 or min_reso < 1 or min_reso > max_reso:
         raise ValueError(f"bad bucket bounds: min {min_reso}, max {max_reso}, steps {steps}")
+    if min(resolution) < steps:
+        raise ValueError(f"resolution {resolution} is below one bucket step ({steps})")
     max_area = resolution[0] * resolution[1]
     side = math.isqrt(max_area) // steps * steps
     buckets = {(side, side)}

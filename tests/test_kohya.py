@@ -214,7 +214,7 @@ def test_unknown_key_names_the_path_and_close_matches(toml: str, field: str, sug
      "datasets.0.batch_size", "integer"),
     ("[general]\nflip_aug=1\n[[datasets]]\n[[datasets.subsets]]\nimage_dir='a'\n",
      "general.flip_aug", "true"),
-    ("[general]\nenable_bucket=true\nresolution=500\n[[datasets]]\n[[datasets.subsets]]\nimage_dir='a'\n",
+    ("[general]\nenable_bucket=true\nresolution=520\n[[datasets]]\n[[datasets.subsets]]\nimage_dir='a'\n",
      "general.resolution", "multiple of bucket_reso_steps"),
     ("[[datasets]]\nenable_bucket=true\nresolution=[512,576]\nbucket_reso_steps=128\n"
      "[[datasets.subsets]]\nimage_dir='a'\n", "datasets.0.resolution", "multiple"),
