@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install lock demo test lint bench up redis-server clean
+.PHONY: install lock demo test lint bench up redis-server curl-jq clean
 
 # requirements/cpu.txt pins every package of the environment (see `make lock`); the venv is
 # installed from it exactly, then checked: `pip check` and tests/test_lock.py catch drift.
@@ -42,7 +42,14 @@ demo: install redis-server
 up: install redis-server
 	$(VENV)/bin/loomis up
 
-test: install redis-server
+# The README's curl examples (tests/test_readme_examples.py) need curl and jq.
+curl-jq:
+	@command -v curl >/dev/null 2>&1 && command -v jq >/dev/null 2>&1 || { \
+	  echo "curl or jq missing: installing them with apt"; \
+	  SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq curl jq >/dev/null; }
+
+test: install redis-server curl-jq
 	$(PY) -m pytest
 
 lint: install
