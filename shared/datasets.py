@@ -30,6 +30,7 @@ from typing import Any, TypedDict
 
 from shared.errors import ValidationFailed
 from shared.images import MAX_INPUT_BYTES, decode_image
+from shared.text import find_control_character
 
 # Pillow format name -> the name we store; GIF and TIFF decode_image would take, but kohya's
 # loaders and most training tools do not expect them in a dataset.
@@ -495,7 +496,19 @@ def _read_caption(entry: _Entry) -> str | None:
     except UnicodeDecodeError as exc:
         raise _fail(entry.field, f"the caption {entry.path!r} is not valid UTF-8 "
                     f"(byte {exc.start})") from exc
+    _refuse_control_characters(entry, text, what="the caption")
     return _one_line(text) or None
+
+
+def _refuse_control_characters(entry: _Entry, value: Any, *, what: str) -> None:
+    """A NUL (or another control character) in a text file would fail the database write
+    later; the file is named instead. Tabs and line breaks are ordinary layout."""
+    hit = find_control_character(value, multiline=True)
+    if hit is not None:
+        path, found = hit
+        where = f" (in {path!r})" if path else ""
+        raise _fail(entry.field, f"{what} {entry.path!r} contains a control character "
+                    f"({found}{where})")
 
 
 def _one_line(text: str) -> str:
@@ -510,7 +523,8 @@ def _first_config(configs: list[_Entry], ignored: list[IgnoredEntry]) -> str | N
         if kept is None:
             try:
                 text = entry.data.decode("utf-8-sig")
-                tomllib.loads(text)
+                _refuse_control_characters(entry, text, what="the dataset config")
+                _refuse_control_characters(entry, tomllib.loads(text), what="the dataset config")
             except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
                 reason = f"not a valid TOML file: {exc}"
             else:
@@ -527,11 +541,14 @@ def _first_metadata(metadatas: list[_Entry], ignored: list[IgnoredEntry]) -> dic
         reason = "another metadata file was kept"
         if kept is None:
             try:
-                value = json.loads(entry.data.decode("utf-8-sig"))
+                text = entry.data.decode("utf-8-sig")
+                _refuse_control_characters(entry, text, what="the metadata file")
+                value = json.loads(text)
             except (UnicodeDecodeError, ValueError) as exc:
                 reason = f"not valid JSON: {exc}"
             else:
                 if isinstance(value, dict) and all(isinstance(v, dict) for v in value.values()):
+                    _refuse_control_characters(entry, value, what="the metadata file")
                     kept = value
                     continue
                 reason = "not kohya metadata (a JSON object of per-image objects)"

@@ -18,6 +18,7 @@ from pydantic import ValidationError as PydanticValidationError
 from shared.errors import ValidationFailed
 from shared.models import ControlType, ModelRegistry, canonical_scheduler
 from shared.poses import parse_openpose_json
+from shared.text import MULTILINE, RequestModel
 
 MAX_PROMPT_CHARS = 2000
 MAX_SEED = 2**32 - 1
@@ -55,6 +56,7 @@ Prompt = Annotated[
     str,
     Field(min_length=1, max_length=MAX_PROMPT_CHARS, examples=["a red fox in snow, golden hour"]),
     AfterValidator(_not_blank),
+    MULTILINE,
 ]
 Size = Annotated[int, Field(ge=64, le=4096, multiple_of=8, description="Pixels, multiple of 8.")]
 
@@ -85,7 +87,7 @@ ImageRef = Annotated[
 ]
 
 
-class _Shape(BaseModel):
+class _Shape(RequestModel):
     model_config = ConfigDict(extra="forbid")
     value: float = Field(default=1.0, ge=0, le=1,
                          description="1 repaints fully; greys repaint partially.")
@@ -123,7 +125,7 @@ MaskShape = Annotated[RectShape | CircleShape | EllipseShape | PolygonShape,
                       Field(discriminator="type")]
 
 
-class MaskSpec(BaseModel):
+class MaskSpec(RequestModel):
     """White repaints, black keeps. Pixel coordinates are those of the init image."""
 
     model_config = ConfigDict(extra="forbid")
@@ -143,7 +145,7 @@ class MaskSpec(BaseModel):
 PadPixels = Annotated[int, Field(default=0, ge=0, le=2048, multiple_of=8)]
 
 
-class OutpaintSpec(BaseModel):
+class OutpaintSpec(RequestModel):
     """Pixels to add on each side; the new area is generated to continue the image."""
 
     model_config = ConfigDict(extra="forbid")
@@ -174,7 +176,7 @@ def _check_control_source(kind: ControlType, *, image: str | None,
         parse_openpose_json(keypoints, default_size=(512, 512))  # raises a ValueError
 
 
-class ControlSpec(BaseModel):
+class ControlSpec(RequestModel):
     """One ControlNet: its conditioning image, strength and the part of the schedule it acts on."""
 
     model_config = ConfigDict(extra="forbid")
@@ -202,7 +204,7 @@ class ControlSpec(BaseModel):
         return self
 
 
-class PreprocessSpec(BaseModel):
+class PreprocessSpec(RequestModel):
     """Ask for a control image without generating, to look at what a ControlNet will see."""
 
     model_config = ConfigDict(
@@ -243,14 +245,14 @@ class PreprocessTask(BaseModel):
     height: int
 
 
-class LoraUse(BaseModel):
+class LoraUse(RequestModel):
     model_config = ConfigDict(extra="forbid")
 
     id: str = Field(min_length=1, max_length=64, description="A LoRA id from `POST /v1/loras`.")
     weight: float = Field(default=1.0, ge=-4, le=4)
 
 
-class GenerationSpec(BaseModel):
+class GenerationSpec(RequestModel):
     """A generation request. Fields left out are filled from the model's family defaults.
 
     ``mode`` picks what the inputs mean: txt2img needs only a prompt; img2img an
@@ -286,7 +288,7 @@ class GenerationSpec(BaseModel):
 
     mode: GenerationMode = GenerationMode.TXT2IMG
     prompt: Prompt
-    negative_prompt: str = Field(default="", max_length=MAX_PROMPT_CHARS)
+    negative_prompt: Annotated[str, MULTILINE] = Field(default="", max_length=MAX_PROMPT_CHARS)
     model: str | None = Field(
         default=None, max_length=100, description="Preset name; default from settings."
     )
@@ -506,15 +508,15 @@ SWEEP_PARAMS = ("guidance_scale", "steps", "seed", "scheduler", "strength", "pro
 MAX_SWEEP_CELLS = 64
 
 
-class SweepAxis(BaseModel):
+class SweepAxis(RequestModel):
     model_config = ConfigDict(extra="forbid")
 
     param: Literal["guidance_scale", "steps", "seed", "scheduler", "strength", "prompt",
                    "negative_prompt"]
-    values: list[float | int | str] = Field(min_length=1, max_length=32)
+    values: Annotated[list[float | int | str], MULTILINE] = Field(min_length=1, max_length=32)
 
 
-class SweepSpec(BaseModel):
+class SweepSpec(RequestModel):
     """Every combination of one or two parameter axes over a base spec, plus a contact sheet."""
 
     model_config = ConfigDict(
@@ -607,7 +609,7 @@ def sweep_cells(sweep: SweepSpec, *, resolve: Any) -> list[SweepCell]:
     return cells
 
 
-class CaptionOptions(BaseModel):
+class CaptionOptions(RequestModel):
     """BLIP-class captioning (kohya's make_captions.py options)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -631,7 +633,7 @@ class CaptionOptions(BaseModel):
         return self
 
 
-class TagOptionsSpec(BaseModel):
+class TagOptionsSpec(RequestModel):
     """WD14-class tagging (kohya's tag_images_by_wd14_tagger.py options)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -649,7 +651,7 @@ class TagOptionsSpec(BaseModel):
     overwrite: bool = True
 
 
-class CleanOptions(BaseModel):
+class CleanOptions(RequestModel):
     """Caption/tag cleaning, kohya's clean_captions_and_tags.py step."""
 
     model_config = ConfigDict(extra="forbid")
@@ -658,7 +660,7 @@ class CleanOptions(BaseModel):
     replacements: list[tuple[str, str]] = Field(default_factory=list, max_length=200)
 
 
-class TaggingSpec(BaseModel):
+class TaggingSpec(RequestModel):
     """Caption and/or tag a dataset's images, then clean; results land on the items."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [

@@ -7,12 +7,13 @@ packages) are checked here, before a job exists.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from shared.specs import MAX_SEED
 from shared.storage import ObjectStore
+from shared.text import MULTILINE, RequestModel
 
 LrScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine",
                       "cosine_with_restarts", "polynomial"]
@@ -23,7 +24,7 @@ OPTIONAL_OPTIMIZERS = {"AdamW8bit": "bitsandbytes", "Lion8bit": "bitsandbytes",
                        "Lion": "lion-pytorch", "Prodigy": "prodigyopt"}
 
 
-class _Options(BaseModel):
+class _Options(RequestModel):
     model_config = ConfigDict(extra="forbid")
 
 
@@ -88,9 +89,10 @@ class DataOptions(_Options):
 
 
 class SampleOptions(_Options):
-    prompts: str = Field(default="", max_length=20_000, description="kohya prompt-file syntax: "
-                         "one prompt per line, `--n` negative, `--w`/`--h` size, `--d` seed, "
-                         "`--l` CFG scale, `--s` steps, `#` comments.")
+    prompts: Annotated[str, MULTILINE] = Field(
+        default="", max_length=20_000, description="kohya prompt-file syntax: one prompt per "
+        "line, `--n` negative, `--w`/`--h` size, `--d` seed, `--l` CFG scale, `--s` steps, "
+        "`#` comments.")
     every_n_steps: int | None = Field(default=None, ge=1)
     every_n_epochs: int | None = Field(default=None, ge=1)
     sampler: str = Field(default="ddim", description="A kohya sampler name (ddim, euler_a, …).")
@@ -119,9 +121,9 @@ class TrainingSpec(_Options):
     name: str = Field(min_length=1, max_length=100, description="Name of the resulting LoRA.")
     dataset_id: str | None = None
     reg_dataset_id: str | None = None
-    dataset_config: str | None = Field(default=None, max_length=100_000, description="A kohya "
-                                       "dataset config TOML; `image_dir` names subsets of "
-                                       "`dataset_id` (`<dataset id>/<subset folder>`).")
+    dataset_config: Annotated[str | None, MULTILINE] = Field(
+        default=None, max_length=100_000, description="A kohya dataset config TOML; "
+        "`image_dir` names subsets of `dataset_id` (`<dataset id>/<subset folder>`).")
     data: DataOptions = Field(default_factory=DataOptions)
     network: NetworkOptions = Field(default_factory=NetworkOptions)
     optim: OptimOptions = Field(default_factory=OptimOptions)

@@ -9,11 +9,11 @@ from collections.abc import AsyncIterator
 
 from arq import create_pool
 from arq.connections import RedisSettings as ArqRedisSettings
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from services.gateway.control.routes import router as control_router
 from services.gateway.datasets.routes import router as datasets_router
-from services.gateway.deps import GatewayState
+from services.gateway.deps import GatewayState, refuse_control_characters_in_url
 from services.gateway.docs import install_docs
 from services.gateway.events.consumer import EventConsumer
 from services.gateway.files.routes import router as files_router
@@ -92,6 +92,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         docs_url=None,
         redoc_url=None,
+        dependencies=[Depends(refuse_control_characters_in_url)],
     )
     install_problem_handlers(app)
     install_docs(app)

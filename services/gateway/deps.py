@@ -12,10 +12,12 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.gateway.auth.service import authenticate
 from shared.db.models import Tenant
+from shared.errors import ValidationFailed
 from shared.events import JobEvents
 from shared.models import ModelRegistry
 from shared.settings import Settings
 from shared.storage import ObjectStore
+from shared.text import control_character, printable
 
 
 @dataclass
@@ -28,6 +30,23 @@ class GatewayState:
     redis: Any  # arq.ArqRedis: a redis.asyncio.Redis that can also enqueue jobs
     events: JobEvents
     store: ObjectStore
+
+
+def refuse_control_characters_in_url(request: Request) -> None:
+    """Ids and cursors from the URL reach SQL as text like any field; a ``%00`` in one would
+    be a 500 on PostgreSQL, so path and query values get the same check as bodies."""
+    errors: list[dict[str, str]] = []
+    params = [("path", k, v) for k, v in request.path_params.items()]
+    params += [("query", k, v) for k, v in request.query_params.multi_items()]
+    for where, name, value in params:
+        for text in (name, str(value)):
+            found = control_character(text)
+            if found is not None:
+                errors.append({"field": f"{where}.{printable(name)}", "type": "control_character",
+                               "message": f"contains a control character ({found})"})
+                break
+    if errors:
+        raise ValidationFailed(errors)
 
 
 def get_state(request: Request) -> GatewayState:

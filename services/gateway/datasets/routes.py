@@ -11,6 +11,7 @@ from services.gateway.datasets.schemas import DatasetOut, DatasetPage, ItemOut, 
 from services.gateway.deps import SessionDep, StateDep, TenantDep
 from services.gateway.problems import PROBLEM_RESPONSES
 from shared.errors import ValidationFailed
+from shared.text import SingleLineText
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=PROBLEM_RESPONSES)
 
@@ -32,7 +33,7 @@ async def _read_all(uploads: list[UploadFile], *, field: str, budget: list[int])
 @router.post("", response_model=DatasetOut, status_code=201, summary="Create a dataset")
 async def create_dataset(
     session: SessionDep, tenant: TenantDep, state: StateDep,
-    name: Annotated[str, Form(min_length=1, max_length=100)],
+    name: Annotated[SingleLineText, Form(min_length=1, max_length=100)],
     files: Annotated[list[UploadFile] | None, File(description="Images (png, jpg, webp, bmp) "
                                                    "and caption files (`name.caption`/`.txt` beside "
                                                    "`name.png`); a filename may carry a kohya folder, "

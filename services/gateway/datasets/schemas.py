@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from shared.text import MULTILINE, RequestModel
 
 
 class DatasetOut(BaseModel):
@@ -46,11 +48,11 @@ class ItemPage(BaseModel):
     next_cursor: str | None
 
 
-class ItemPatch(BaseModel):
+class ItemPatch(RequestModel):
     """Fix a caption or the tags by hand; fields left out are unchanged."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"caption": "a photo of sks dog on a beach"}, {"tags": ["dog", "beach", "solo"]}]})
 
-    caption: str | None = Field(default=None, max_length=2000)
+    caption: Annotated[str | None, MULTILINE] = Field(default=None, max_length=2000)
     tags: list[str] | None = Field(default=None, max_length=500)

@@ -11,6 +11,7 @@ from services.gateway.loras import service
 from services.gateway.loras.schemas import LoraOut, LoraPage
 from services.gateway.problems import PROBLEM_RESPONSES
 from shared.errors import ValidationFailed
+from shared.text import SingleLineText
 
 router = APIRouter(prefix="/v1/loras", tags=["loras"], responses=PROBLEM_RESPONSES)
 
@@ -19,12 +20,12 @@ router = APIRouter(prefix="/v1/loras", tags=["loras"], responses=PROBLEM_RESPONS
 async def upload_lora(
     file: Annotated[UploadFile, File(description="A .safetensors LoRA (diffusers/peft or kohya "
                                      "key names). Pickle files (.ckpt/.pt/.bin) are refused.")],
-    base_model: Annotated[str, Form(max_length=100, description="The preset it was trained for, "
+    base_model: Annotated[SingleLineText, Form(max_length=100, description="The preset it was trained for, "
                                     "e.g. `sd15`; the file is checked against it.")],
     session: SessionDep,
     tenant: TenantDep,
     state: StateDep,
-    name: Annotated[str | None, Form(max_length=100)] = None,
+    name: Annotated[SingleLineText | None, Form(max_length=100)] = None,
 ) -> LoraOut:
     """Checks the file without loading it (safetensors header only): it must be a LoRA, and
     its layer widths must match `base_model`'s family. Use the returned `id` in a generation's

@@ -1,0 +1,115 @@
+"""Text a client sends must be storable by every database and harmless wherever it is shown.
+
+PostgreSQL refuses NUL in text (``CharacterNotInRepertoireError``), lone surrogates cannot be
+encoded as UTF-8 at all, and other control characters end up in PNG text chunks, file names
+and logs where they make no sense. They are refused at the edge, naming the field, instead of
+failing a write later (a 500, or an event the consumer can never apply).
+
+Every request model derives from :class:`RequestModel`, whose one validator checks every
+string in every field, nested lists and dict keys included, so a new field is covered without
+thought. Fields meant to hold several lines (prompts, captions, TOML) are marked
+:data:`MULTILINE` and may also contain tab, line feed and carriage return.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
+
+# C0 controls, DEL, C1 controls and UTF-16 surrogates (only reachable through JSON escapes).
+_ANY_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+_CONTROL_BUT_LAYOUT = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+@dataclass(frozen=True)
+class _Multiline:
+    """Marks a field whose text may span lines (``Annotated[str, MULTILINE]``)."""
+
+
+MULTILINE = _Multiline()
+
+
+def control_character(text: str, *, multiline: bool = False) -> str | None:
+    """Describe the first character ``text`` may not hold (``U+0000 at position 3``), if any."""
+    found = (_CONTROL_BUT_LAYOUT if multiline else _ANY_CONTROL).search(text)
+    if found is None:
+        return None
+    return f"U+{ord(found.group()):04X} at position {found.start()}"
+
+
+def printable(text: str) -> str:
+    """``text`` with each refused character shown as ``?``, to name a field or key in an error."""
+    return _ANY_CONTROL.sub("?", text)
+
+
+def _refusal(where: str, found: str, *, multiline: bool) -> PydanticCustomError:
+    allowed = ("only tab and line breaks are allowed" if multiline
+               else "this field is one line of printable text")
+    return PydanticCustomError(
+        "control_character", "{where}contains a control character ({found}); {allowed}",
+        {"where": where, "found": found, "allowed": allowed},
+    )
+
+
+def check_text(text: str, *, multiline: bool = False) -> str:
+    found = control_character(text, multiline=multiline)
+    if found is not None:
+        raise _refusal("", found, multiline=multiline)
+    return text
+
+
+def _check_single_line(text: str) -> str:
+    return check_text(text)
+
+
+def _check_multiline(text: str) -> str:
+    return check_text(text, multiline=True)
+
+
+# For parameters outside a RequestModel (form fields); inside one the model checks every field.
+SingleLineText = Annotated[str, AfterValidator(_check_single_line)]
+MultilineText = Annotated[str, AfterValidator(_check_multiline), MULTILINE]
+
+
+def find_control_character(value: Any, *, multiline: bool = False) -> tuple[str, str] | None:
+    """The first refused character anywhere in ``value`` (strings, lists, dict keys and values)
+    as ``(path, description)``; ``path`` is ``""`` for ``value`` itself, else ``"2"``,
+    ``"key"``, ``"people.0.name"``. Nested models are left to their own validator."""
+    if isinstance(value, str):
+        found = control_character(value, multiline=multiline)
+        return ("", found) if found is not None else None
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            label = str(key)
+            if isinstance(key, str) and (found := control_character(key)) is not None:
+                return (printable(label), f"{found} of the key")
+            if (hit := find_control_character(item, multiline=multiline)) is not None:
+                return (label if not hit[0] else f"{label}.{hit[0]}", hit[1])
+        return None
+    if isinstance(value, list | tuple | set | frozenset):
+        for index, item in enumerate(value):
+            if (hit := find_control_character(item, multiline=multiline)) is not None:
+                return (str(index) if not hit[0] else f"{index}.{hit[0]}", hit[1])
+    return None
+
+
+class RequestModel(BaseModel):
+    """Base of every model a client sends: no field may carry control characters."""
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _refuse_control_characters(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None or isinstance(value, bool | int | float | BaseModel):
+            return value
+        field = cls.model_fields.get(info.field_name or "")
+        multiline = field is not None and any(isinstance(m, _Multiline) for m in field.metadata)
+        hit = find_control_character(value, multiline=multiline)
+        if hit is not None:
+            path, found = hit
+            raise _refusal(f"{path}: " if path else "", found, multiline=multiline)
+        return value
