@@ -16,10 +16,10 @@ from datetime import datetime
 from typing import Any
 
 from arq import Retry
-from arq.connections import RedisSettings as ArqRedisSettings
 from arq.typing import StartupShutdown
 from arq.worker import Worker
 
+from services.arqworker import LeasedWorker, resilient_redis_settings
 from shared.errors import JobCanceled, LoomisError, StorageUnavailable
 from shared.events import JobEvents
 from shared.logs import configure_logging
@@ -119,15 +119,19 @@ def make_worker(
     poll_delay_s: float, max_jobs: int = 1, completion_wait_s: int | None = None,
 ) -> Worker:
     """An arq worker with the settings every Loomis worker needs to agree on."""
-    return Worker(
+    return LeasedWorker(
         functions=functions,
         queue_name=queue,
-        redis_settings=ArqRedisSettings.from_dsn(settings.redis.url),
+        redis_settings=resilient_redis_settings(settings.redis.url,
+                                                retry_s=settings.worker.redis_retry_s),
         on_startup=startup,
         ctx={"settings": settings},
         max_jobs=max_jobs,
-        # Our own timeout (run_job) fails the job cleanly; arq's is a backstop, and sets the
-        # lease after which a dead worker's job is re-delivered (timeout + 10 s).
+        # A dead worker's job is re-delivered one lease after its last renewal, not after
+        # arq's job timeout + 10 s.
+        lease_s=settings.worker.lease_s,
+        lease_renew_s=settings.worker.lease_renew_s,
+        # Our own timeout (run_job) fails the job cleanly; arq's is a backstop.
         job_timeout=job_timeout_s + 5,
         # On SIGTERM (deploys, scale-down) finish the running job before exiting.
         job_completion_wait=job_timeout_s if completion_wait_s is None else completion_wait_s,

@@ -155,6 +155,31 @@ class TrainerSettings(BaseModel):
         "AdamW8bit/Lion8bit (bitsandbytes), Lion (lion-pytorch), Prodigy (prodigyopt).")
 
 
+class WorkerSettings(BaseModel):
+    """What every worker (generator, tagger, trainer) shares: leases and Redis outages."""
+
+    lease_s: float = Field(
+        default=20, gt=0,
+        description="A running job's claim lasts this long unless its worker renews it; a job "
+        "whose worker died is re-delivered about this long after the death, whatever its "
+        "timeout (arq's own claim is the job timeout + 10 s: 6 h for a training).",
+    )
+    lease_renew_s: float = Field(
+        default=5, gt=0, description="How often a worker renews the leases of its jobs.")
+    redis_retry_s: float = Field(
+        default=30, ge=0,
+        description="How long a worker's Redis commands wait for Redis to come back (a "
+        "restart, a failover) before the worker's loop backs off on its own.",
+    )
+
+    @model_validator(mode="after")
+    def _renew_well_within_the_lease(self) -> WorkerSettings:
+        """A renewal that comes late, or a missed one, must not hand a live job to a peer."""
+        if self.lease_renew_s * 2 > self.lease_s:
+            raise ValueError("worker.lease_renew_s must be at most half of worker.lease_s")
+        return self
+
+
 class Settings(BaseSettings):
     """All of Loomis' configuration; each service reads the part it needs."""
 
@@ -177,6 +202,7 @@ class Settings(BaseSettings):
     generator: GeneratorSettings = GeneratorSettings()
     tagger: TaggerSettings = TaggerSettings()
     trainer: TrainerSettings = TrainerSettings()
+    worker: WorkerSettings = WorkerSettings()
 
     @model_validator(mode="after")
     def _refuse_default_secrets(self) -> Settings:
