@@ -20,7 +20,11 @@ $(STAMP): pyproject.toml requirements/cpu.txt
 
 # Re-resolve both lock files from pyproject.toml. Upgrading is a deliberate change: run this,
 # then `make test`, and commit the lock files with the code that needs them.
-lock: install
+# It needs only uv (at its locked version), not an installed project, so a pyproject change
+# that the old lock cannot satisfy can still be locked.
+lock:
+	test -x $(PY) || python3 -m venv $(VENV)
+	test -x $(VENV)/bin/uv || $(PY) -m pip install -q "uv==$$(sed -n 's/^uv==//p' requirements/cpu.txt)"
 	$(VENV)/bin/uv pip compile pyproject.toml --extra worker --extra dev -c constraints-cpu.txt \
 	  --find-links /opt/wheels --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
 	  --no-emit-find-links --custom-compile-command 'make lock' -o requirements/cpu.txt
