@@ -34,6 +34,9 @@ class RedisSettings(BaseModel):
     events_stream: str = "loomis:events"
     events_maxlen: int = Field(default=200_000, description="Approximate cap of the global stream.")
     job_ttl_s: int = Field(default=7 * 24 * 3600, description="How long live job state stays.")
+    events_dead_letter_stream: str = Field(
+        default="loomis:events:dead",
+        description="Where events the gateway could not record are parked, with the error.")
 
 
 class StorageSettings(BaseModel):
@@ -65,7 +68,12 @@ class GatewaySettings(BaseModel):
     consumer_claim_idle_ms: int = Field(
         default=30_000,
         description="Events a dead gateway read but never acknowledged are taken over "
-        "after this idle time.",
+        "after this idle time; an event that failed to apply is retried after it too.",
+    )
+    consumer_max_attempts: int = Field(
+        default=5, ge=1,
+        description="Tries to record one event before it is parked in the dead-letter stream "
+        "and its job fails with event_unprocessable (lost database connections do not count).",
     )
     consumer_batch: int = 100
 

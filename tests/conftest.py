@@ -166,6 +166,7 @@ def launch_stack(
         "LOOMIS_DB__URL": database_url,
         "LOOMIS_GENERATOR__MODEL_CACHE": str(model_cache),
         "LOOMIS_GATEWAY__CONSUMER_CLAIM_IDLE_MS": "2000",
+        "LOOMIS_GATEWAY__CONSUMER_MAX_ATTEMPTS": "3",
         **s3.env(bucket),
         **(extra_env or {}),
     }

@@ -71,6 +71,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             group=settings.gateway.consumer_group,
             claim_idle_ms=settings.gateway.consumer_claim_idle_ms,
             batch=settings.gateway.consumer_batch,
+            max_attempts=settings.gateway.consumer_max_attempts,
+            dead_letter_stream=settings.redis.events_dead_letter_stream, events=events,
         )
         stop = asyncio.Event()
         task = asyncio.create_task(consumer.run(stop), name="event-consumer")
