@@ -94,31 +94,32 @@ class _Shape(RequestModel):
 
 
 class RectShape(_Shape):
-    type: Literal["rect"]
-    x: float
-    y: float
-    width: float = Field(gt=0)
-    height: float = Field(gt=0)
+    type: Literal["rect"] = Field(description="Shape kind.")
+    x: float = Field(description="Left edge, px of the init image.")
+    y: float = Field(description="Top edge, px of the init image.")
+    width: float = Field(gt=0, description="Width in px.")
+    height: float = Field(gt=0, description="Height in px.")
 
 
 class CircleShape(_Shape):
-    type: Literal["circle"]
-    cx: float
-    cy: float
-    r: float = Field(gt=0)
+    type: Literal["circle"] = Field(description="Shape kind.")
+    cx: float = Field(description="Centre x, px of the init image.")
+    cy: float = Field(description="Centre y, px of the init image.")
+    r: float = Field(gt=0, description="Radius in px.")
 
 
 class EllipseShape(_Shape):
-    type: Literal["ellipse"]
-    cx: float
-    cy: float
-    rx: float = Field(gt=0)
-    ry: float = Field(gt=0)
+    type: Literal["ellipse"] = Field(description="Shape kind.")
+    cx: float = Field(description="Centre x, px of the init image.")
+    cy: float = Field(description="Centre y, px of the init image.")
+    rx: float = Field(gt=0, description="Horizontal radius in px.")
+    ry: float = Field(gt=0, description="Vertical radius in px.")
 
 
 class PolygonShape(_Shape):
-    type: Literal["polygon"]
-    points: list[tuple[float, float]] = Field(min_length=3, max_length=256)
+    type: Literal["polygon"] = Field(description="Shape kind.")
+    points: list[tuple[float, float]] = Field(min_length=3, max_length=256, description="Vertices as [x, "
+                                              "y] pairs in px of the init image, 3 to 256 of them.")
 
 
 MaskShape = Annotated[RectShape | CircleShape | EllipseShape | PolygonShape,
@@ -130,10 +131,12 @@ class MaskSpec(RequestModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    image: ImageRef | None = None
-    shapes: list[MaskShape] | None = Field(default=None, min_length=1, max_length=64)
+    image: ImageRef | None = Field(default=None, description="A mask image (white repaints, black keeps, "
+                                   "greys partly), the init image's aspect ratio.")
+    shapes: list[MaskShape] | None = Field(default=None, min_length=1, max_length=64,
+                                           description="Shapes painted white on black, 1-64 of them.")
     feather: float = Field(default=0, ge=0, le=256, description="Blur radius of the edges, px.")
-    invert: bool = False
+    invert: bool = Field(default=False, description="Swap what is repainted and what is kept.")
 
     @model_validator(mode="after")
     def _one_source(self) -> MaskSpec:
@@ -150,11 +153,12 @@ class OutpaintSpec(RequestModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    left: PadPixels = 0
-    right: PadPixels = 0
-    top: PadPixels = 0
-    bottom: PadPixels = 0
-    feather: float = Field(default=8, ge=0, le=128)
+    left: PadPixels = Field(default=0, description="Pixels to add on the left, a multiple of 8.")
+    right: PadPixels = Field(default=0, description="Pixels to add on the right, a multiple of 8.")
+    top: PadPixels = Field(default=0, description="Pixels to add at the top, a multiple of 8.")
+    bottom: PadPixels = Field(default=0, description="Pixels to add at the bottom, a multiple of 8.")
+    feather: float = Field(default=8, ge=0, le=128, description="Blur radius in px of the seam between the "
+                           "image and the new area.")
 
     @model_validator(mode="after")
     def _extends(self) -> OutpaintSpec:
@@ -181,7 +185,7 @@ class ControlSpec(RequestModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    type: ControlType
+    type: ControlType = Field(description="The ControlNet: canny, depth, openpose or scribble.")
     image: ImageRef | None = Field(
         default=None, description="A photo to preprocess, or a ready control image with "
         "`preprocess: false`.")
@@ -221,14 +225,19 @@ class PreprocessSpec(RequestModel):
         ]},
     )
 
-    type: ControlType
-    image: ImageRef | None = None
-    keypoints: dict[str, Any] | None = None
-    low_threshold: int = Field(default=100, ge=0, le=255)
-    high_threshold: int = Field(default=200, ge=0, le=255)
+    type: ControlType = Field(description="Which ControlNet's preprocessor to run: canny, depth, openpose "
+                              "or scribble.")
+    image: ImageRef | None = Field(default=None, description="The photo to preprocess.")
+    keypoints: dict[str, Any] | None = Field(default=None, description="openpose only: OpenPose JSON "
+                                             "(`people[].pose_keypoints_2d`, COCO 18 points) to draw.")
+    low_threshold: int = Field(default=100, ge=0, le=255, description="canny only: lower hysteresis "
+                               "threshold.")
+    high_threshold: int = Field(default=200, ge=0, le=255, description="canny only: upper hysteresis "
+                                "threshold.")
     width: Size | None = Field(default=None, description="Default: the image's (or keypoint "
                                "canvas') size.")
-    height: Size | None = None
+    height: Size | None = Field(default=None, description="Default: the image's (or keypoint canvas') "
+                                "height.")
 
     @model_validator(mode="after")
     def _consistent(self) -> PreprocessSpec:
@@ -249,7 +258,8 @@ class LoraUse(RequestModel):
     model_config = ConfigDict(extra="forbid")
 
     id: str = Field(min_length=1, max_length=64, description="A LoRA id from `POST /v1/loras`.")
-    weight: float = Field(default=1.0, ge=-4, le=4)
+    weight: float = Field(default=1.0, ge=-4, le=4, description="Strength, -4 to 4; 0 gives the base "
+                          "model's pixels exactly.")
 
 
 class GenerationSpec(RequestModel):
@@ -286,38 +296,49 @@ class GenerationSpec(RequestModel):
         },
     )
 
-    mode: GenerationMode = GenerationMode.TXT2IMG
-    prompt: Prompt
-    negative_prompt: Annotated[str, MULTILINE] = Field(default="", max_length=MAX_PROMPT_CHARS)
+    mode: GenerationMode = Field(default=GenerationMode.TXT2IMG, description="txt2img, img2img, inpaint or "
+                                 "outpaint: which inputs the job uses.")
+    prompt: Prompt = Field(description="What to draw, 1-2000 characters. webui weighting `(word:1.3)`, "
+                           "`(word)`, `[word]` and `BREAK` work; longer than 77 tokens is chunked "
+                           "(SD1.5/SDXL).")
+    negative_prompt: Annotated[str, MULTILINE] = Field(default="", max_length=MAX_PROMPT_CHARS,
+                                                       description="What to steer away from (same syntax "
+                                                       "as prompt).")
     model: str | None = Field(
         default=None, max_length=100, description="Preset name; default from settings."
     )
     width: Size | None = Field(default=None, description="Default: the preset's size, or the "
                                "init image's for img2img/inpaint.")
-    height: Size | None = None
+    height: Size | None = Field(default=None, description="Default: the preset's size, or the init image's "
+                                "for img2img/inpaint.")
     steps: int | None = Field(default=None, ge=1, le=500, description="Denoising steps.")
-    guidance_scale: float | None = Field(default=None, ge=0, le=50)
+    guidance_scale: float | None = Field(default=None, ge=0, le=50, description="Classifier-free guidance: "
+                                         "how strongly the prompt is followed. Default: the preset's.")
     seed: int | None = Field(
         default=None, ge=0, le=MAX_SEED,
         description="Image i uses seed + i. Drawn at random and recorded when absent.",
     )
-    num_images: int = Field(default=1, ge=1, le=8)
+    num_images: int = Field(default=1, ge=1, le=8, description="Images to make, 1-8; image i uses seed + i.")
     scheduler: str | None = Field(
         default=None, description="e.g. 'Euler a', 'DPM++ 2M Karras', 'DDIM'. Default: model's."
     )
-    init_image: ImageRef | None = None
+    init_image: ImageRef | None = Field(default=None, description="img2img/inpaint/outpaint: the image to "
+                                        "start from.")
     strength: float | None = Field(
         default=None, ge=0, le=1,
         description="How much of the init image is redrawn: 0 keeps it, 1 ignores it. "
         "Default 0.75 for img2img, 1.0 for inpaint/outpaint.",
     )
-    mask: MaskSpec | None = None
-    outpaint: OutpaintSpec | None = None
+    mask: MaskSpec | None = Field(default=None, description="inpaint: what to repaint, as an image or "
+                                  "shapes.")
+    outpaint: OutpaintSpec | None = Field(default=None, description="outpaint: pixels to add on each side.")
     composite: bool = Field(
         default=True, description="inpaint/outpaint: paste the original pixels back where the "
         "mask is black, so unmasked areas are exactly the input.")
-    controls: list[ControlSpec] = Field(default_factory=list, max_length=4)
-    loras: list[LoraUse] = Field(default_factory=list, max_length=5)
+    controls: list[ControlSpec] = Field(default_factory=list, max_length=4, description="ControlNets "
+                                        "applied in any mode, up to 4.")
+    loras: list[LoraUse] = Field(default_factory=list, max_length=5, description="Uploaded or trained "
+                                 "LoRAs to apply with their weights, up to 5.")
 
     @model_validator(mode="after")
     def _mode_inputs(self) -> GenerationSpec:
@@ -470,16 +491,17 @@ class GenerationTask(BaseModel):
 class ArtifactRef(BaseModel):
     """An object a job wrote, as the worker reports it in its ``succeeded`` event."""
 
-    key: str
+    key: str = Field(description="Storage key of the object, under the job's prefix.")
     kind: Literal["image", "manifest", "contact_sheet", "metadata", "results", "lora", "sample",
-                  "checkpoint"]
-    index: int | None = None
-    content_type: str
-    size: int
-    sha256: str
-    width: int | None = None
-    height: int | None = None
-    seed: int | None = None
+                  "checkpoint"] = Field(description="What the object is.")
+    index: int | None = Field(default=None, description="Images: position in the job's output; null for "
+                              "other kinds.")
+    content_type: str = Field(description="MIME type of the object.")
+    size: int = Field(description="Size in bytes.")
+    sha256: str = Field(description="SHA-256 of the bytes, hex.")
+    width: int | None = Field(default=None, description="Images: width in pixels.")
+    height: int | None = Field(default=None, description="Images: height in pixels.")
+    seed: int | None = Field(default=None, description="Images: the seed this image was generated with.")
 
 
 class GenerationManifest(BaseModel):
@@ -512,8 +534,11 @@ class SweepAxis(RequestModel):
     model_config = ConfigDict(extra="forbid")
 
     param: Literal["guidance_scale", "steps", "seed", "scheduler", "strength", "prompt",
-                   "negative_prompt"]
-    values: Annotated[list[float | int | str], MULTILINE] = Field(min_length=1, max_length=32)
+                   "negative_prompt"] = Field(description="The spec field this axis varies.")
+    values: Annotated[list[float | int | str], MULTILINE] = Field(
+        min_length=1, max_length=32,
+        description="The values it takes, 1-32; each is validated as that field.",
+    )
 
 
 class SweepSpec(RequestModel):
@@ -528,10 +553,10 @@ class SweepSpec(RequestModel):
         }]},
     )
 
-    base: GenerationSpec
+    base: GenerationSpec = Field(description="The generation every cell starts from (num_images 1).")
     axes: list[SweepAxis] = Field(min_length=1, max_length=2, description="The first axis runs "
                                   "along the sheet's columns, the second down its rows.")
-    title: str = Field(default="", max_length=200)
+    title: str = Field(default="", max_length=200, description="Printed at the top of the contact sheet.")
 
     @model_validator(mode="after")
     def _grid(self) -> SweepSpec:
@@ -614,12 +639,14 @@ class CaptionOptions(RequestModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    batch_size: int = Field(default=8, ge=1, le=64)
+    batch_size: int = Field(default=8, ge=1, le=64, description="Images captioned per model call.")
     max_length: int = Field(default=40, ge=5, le=200, description="Tokens, start token included.")
-    min_length: int = Field(default=5, ge=1, le=100)
-    num_beams: int = Field(default=1, ge=1, le=8)
+    min_length: int = Field(default=5, ge=1, le=100, description="Fewest tokens in a caption.")
+    num_beams: int = Field(default=1, ge=1, le=8, description="Beam search width; 1 is greedy (or sampling "
+                           "with do_sample).")
     do_sample: bool = Field(default=False, description="Nucleus sampling (with num_beams 1).")
-    top_p: float = Field(default=0.9, gt=0, le=1)
+    top_p: float = Field(default=0.9, gt=0, le=1, description="Nucleus sampling: keep the smallest set of "
+                         "tokens with this much probability.")
     seed: int = Field(default=0, ge=0, le=MAX_SEED, description="Same seed, same captions.")
     overwrite: bool = Field(default=False, description="Replace captions an image already "
                             "has; by default only missing ones are filled.")
@@ -638,17 +665,21 @@ class TagOptionsSpec(RequestModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    batch_size: int = Field(default=8, ge=1, le=64)
-    general_threshold: float = Field(default=0.35, ge=0, le=1)
-    character_threshold: float = Field(default=0.35, ge=0, le=1)
-    undesired: list[str] = Field(default_factory=list, max_length=500)
-    underscores_to_spaces: bool = True
-    keep_rating: bool = False
+    batch_size: int = Field(default=8, ge=1, le=64, description="Images tagged per model call.")
+    general_threshold: float = Field(default=0.35, ge=0, le=1, description="Keep general tags at or above "
+                                     "this probability.")
+    character_threshold: float = Field(default=0.35, ge=0, le=1, description="Keep character tags at or "
+                                       "above this probability.")
+    undesired: list[str] = Field(default_factory=list, max_length=500, description="Tags never written, "
+                                 "whatever their spelling (`long_hair` also drops `long hair`).")
+    underscores_to_spaces: bool = Field(default=True, description="Write `long hair`, not `long_hair`.")
+    keep_rating: bool = Field(default=False, description="Put the most likely rating tag after the prefix.")
     prefix: list[str] = Field(default_factory=list, max_length=20, description="Always first, "
                               "e.g. the subject's identifier token.")
-    character_first: bool = True
+    character_first: bool = Field(default=True, description="Character tags before general ones.")
     escape: bool = Field(default=False, description="Escape ( ) so prompts read them literally.")
-    overwrite: bool = True
+    overwrite: bool = Field(default=True, description="Replace an image's tags; false adds new ones to "
+                            "those it has.")
 
 
 class CleanOptions(RequestModel):
@@ -656,8 +687,11 @@ class CleanOptions(RequestModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    strip_rating: bool = True
-    replacements: list[tuple[str, str]] = Field(default_factory=list, max_length=200)
+    strip_rating: bool = Field(default=True, description="Drop rating tags and `rating:` tokens (general, "
+                               "sensitive, questionable, explicit).")
+    replacements: list[tuple[str, str]] = Field(default_factory=list, max_length=200,
+                                                description="[from, to] pairs applied in order to captions "
+                                                "and tags, e.g. [\"1girl\", \"a woman\"].")
 
 
 class TaggingSpec(RequestModel):
@@ -670,10 +704,14 @@ class TaggingSpec(RequestModel):
          "clean": {"replacements": [["1girl", "a woman"]]}, "write_caption_files": True},
     ]})
 
-    dataset_id: str = Field(min_length=1, max_length=64)
-    caption: CaptionOptions | None = Field(default_factory=CaptionOptions)
-    tags: TagOptionsSpec | None = Field(default_factory=TagOptionsSpec)
-    clean: CleanOptions | None = Field(default_factory=CleanOptions)
+    dataset_id: str = Field(min_length=1, max_length=64, description="The dataset whose images are "
+                            "captioned and tagged.")
+    caption: CaptionOptions | None = Field(default_factory=CaptionOptions, description="BLIP-class "
+                                           "captioning; null skips it.")
+    tags: TagOptionsSpec | None = Field(default_factory=TagOptionsSpec, description="WD14-class tagging; "
+                                        "null skips it.")
+    clean: CleanOptions | None = Field(default_factory=CleanOptions, description="Caption and tag "
+                                       "cleaning, after the other two; null skips it.")
     write_caption_files: bool = Field(default=False, description="Also store `<image>.caption` "
                                       "files beside the images.")
 

@@ -19,21 +19,25 @@ PROBLEM_JSON = "application/problem+json"
 
 
 class FieldError(BaseModel):
-    field: str = Field(examples=["width"])
-    message: str = Field(examples=["Input should be a multiple of 8"])
-    type: str | None = None
+    field: str = Field(examples=["width"], description="Dotted path of the bad field in the request, e.g. "
+                       "`controls.0.image`.")
+    message: str = Field(examples=["Input should be a multiple of 8"], description="What is wrong with it.")
+    type: str | None = Field(default=None, description="The kind of check that failed, e.g. `multiple_of`.")
 
 
 class Problem(BaseModel):
     """The error body of every 4xx/5xx (RFC 9457), plus a stable ``code`` and field errors."""
 
-    type: str = Field(examples=["urn:loomis:problem:validation_error"])
-    title: str = Field(examples=["Invalid request"])
-    status: int = Field(examples=[422])
-    detail: str = Field(examples=["Invalid value for: width"])
-    instance: str | None = Field(default=None, examples=["/v1/generations"])
-    code: str = Field(examples=["validation_error"])
-    errors: list[FieldError] | None = None
+    type: str = Field(examples=["urn:loomis:problem:validation_error"], description="URI naming the "
+                      "problem type: `urn:loomis:problem:<code>`.")
+    title: str = Field(examples=["Invalid request"], description="Short summary of the problem type.")
+    status: int = Field(examples=[422], description="The HTTP status code.")
+    detail: str = Field(examples=["Invalid value for: width"], description="What went wrong with this "
+                        "request.")
+    instance: str | None = Field(default=None, examples=["/v1/generations"], description="The request path.")
+    code: str = Field(examples=["validation_error"], description="Stable machine-readable code to branch on.")
+    errors: list[FieldError] | None = Field(default=None, description="For invalid input: one entry per "
+                                            "bad field.")
 
 
 PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {

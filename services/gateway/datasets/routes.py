@@ -33,14 +33,18 @@ async def _read_all(uploads: list[UploadFile], *, field: str, budget: list[int])
 @router.post("", response_model=DatasetOut, status_code=201, summary="Create a dataset")
 async def create_dataset(
     session: SessionDep, tenant: TenantDep, state: StateDep,
-    name: Annotated[SingleLineText, Form(min_length=1, max_length=100)],
+    name: Annotated[SingleLineText, Form(min_length=1, max_length=100,
+                                         description="The dataset's name.")],
     files: Annotated[list[UploadFile] | None, File(description="Images (png, jpg, webp, bmp) "
                                                    "and caption files (`name.caption`/`.txt` beside "
                                                    "`name.png`); a filename may carry a kohya folder, "
                                                    "e.g. `10_sks dog/a.png`.")] = None,
     zip: Annotated[list[UploadFile] | None, File(description="Zip archives, e.g. a kohya "
                                                  "`img/10_sks dog/…` + `reg/1_dog/…` tree.")] = None,
-    caption_extension: Annotated[str, Form(pattern=r"^\.[A-Za-z0-9_]{1,15}$")] = ".caption",
+    caption_extension: Annotated[str, Form(
+        pattern=r"^\.[A-Za-z0-9_]{1,15}$",
+        description="Caption file extension: read before `.caption` and `.txt`, and written by "
+                    "the export and by tagging jobs.")] = ".caption",
     min_side: Annotated[int, Form(ge=64, le=4096, description="Training resolution; smaller "
                                   "images are flagged in the report.")] = 512,
 ) -> DatasetOut:

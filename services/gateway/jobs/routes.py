@@ -13,7 +13,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from services.gateway.deps import SessionDep, StateDep, TenantDep
 from services.gateway.jobs import service
-from services.gateway.jobs.schemas import JobOut, JobPage
+from services.gateway.jobs.schemas import JobOut, JobPage, JobStreamEvent
 from services.gateway.problems import PROBLEM_RESPONSES
 from shared.db.models import JobEventRow
 from shared.events import JobEvent, is_terminal
@@ -54,6 +54,12 @@ async def cancel_job(
     return service.job_out(job, store=state.store)
 
 
+class JobEventStream(EventSourceResponse):
+    """Names its media type on the class, where OpenAPI generation looks for it."""
+
+    media_type = "text/event-stream"
+
+
 def _sse(event: JobEvent) -> ServerSentEvent:
     return ServerSentEvent(
         id=str(event.seq), event=event.type, data=json.dumps(event.model_dump(mode="json"))
@@ -63,9 +69,14 @@ def _sse(event: JobEvent) -> ServerSentEvent:
 @router.get(
     "/{job_id}/events",
     summary="Follow a job (Server-Sent Events)",
-    response_class=EventSourceResponse,
-    responses={200: {"content": {"text/event-stream": {}},
-                     "description": "One SSE message per event; `id` is the job's seq."}},
+    response_class=JobEventStream,
+    responses={200: {
+        "model": JobStreamEvent,
+        "description": "`text/event-stream`: one SSE message per event, `event:` its type "
+                       "(queued, running, progress, sample, succeeded, failed, canceled), `id:` "
+                       "the job's seq, `data:` the JSON object described here. The stream ends "
+                       "after a terminal event; comment lines are keep-alives.",
+    }},
 )
 async def job_events(
     job_id: str,
@@ -73,7 +84,7 @@ async def job_events(
     tenant: TenantDep,
     state: StateDep,
     last_event_id: Annotated[int | None, Header(alias="Last-Event-ID")] = None,
-) -> EventSourceResponse:
+) -> JobEventStream:
     """Replays what was persisted after `Last-Event-ID`, then follows live events until the
     job ends. Reconnect with the last `id` you saw to resume without gaps or repeats."""
     job = await service.get_job(session=session, tenant=tenant, job_id=job_id)
@@ -125,4 +136,4 @@ async def job_events(
             if not entries and await state.events.state(job_id) is None:
                 return  # live state expired: nothing more will come
 
-    return EventSourceResponse(stream(), ping=10)
+    return JobEventStream(stream(), ping=10)

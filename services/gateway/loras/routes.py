@@ -25,7 +25,8 @@ async def upload_lora(
     session: SessionDep,
     tenant: TenantDep,
     state: StateDep,
-    name: Annotated[SingleLineText | None, Form(max_length=100)] = None,
+    name: Annotated[SingleLineText | None, Form(
+        max_length=100, description="Defaults to the file's name.")] = None,
 ) -> LoraOut:
     """Checks the file without loading it (safetensors header only): it must be a LoRA, and
     its layer widths must match `base_model`'s family. Use the returned `id` in a generation's

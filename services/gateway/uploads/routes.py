@@ -17,11 +17,11 @@ router = APIRouter(prefix="/v1/uploads", tags=["uploads"], responses=PROBLEM_RES
 
 
 class UploadOut(BaseModel):
-    id: str
+    id: str = Field(description="The upload's id (a content hash).")
     ref: str = Field(description="Use this string wherever a spec takes an image.",
                      examples=["upload:3f2a9c0d1e7b4a56"])
-    width: int
-    height: int
+    width: int = Field(description="Width in pixels.")
+    height: int = Field(description="Height in pixels.")
 
 
 @router.post("", response_model=UploadOut, status_code=201, summary="Upload an input image")
