@@ -49,3 +49,61 @@ def test_options_not_built_yet_are_refused_not_ignored() -> None:
         TrainingSpec.model_validate({**base, "data": {"random_crop": True}})
     with pytest.raises(ValidationError, match="max_token_length"):
         TrainingSpec.model_validate({**base, "diffusion": {"max_token_length": 150}})
+
+
+def _error_fields(body: dict) -> dict[str, str]:  # type: ignore[type-arg]
+    with pytest.raises(ValidationError) as info:
+        TrainingSpec.model_validate(body)
+    return {".".join(map(str, e["loc"])): e["msg"] for e in info.value.errors()}
+
+
+BASE = {"name": "x", "dataset_id": "d", "optim": {"max_train_steps": 10}}
+
+
+@pytest.mark.parametrize(("data", "field", "words"), [
+    ({"resolution": 8}, "data.resolution", "greater than or equal to 64"),
+    ({"resolution": 0}, "data.resolution", "greater than or equal to 64"),
+    ({"resolution": -64}, "data.resolution", "greater than or equal to 64"),
+    ({"resolution": 63}, "data.resolution", "multiple of 8"),
+    ({"resolution": 100000}, "data.resolution", "less than or equal to 4096"),
+    ({"resolution": [64, 0]}, "data.resolution.1", "greater than or equal to 64"),
+    ({"resolution": 8, "enable_bucket": False}, "data.resolution", "greater than or equal"),
+    ({"resolution": 64}, "data.resolution", "below min_bucket_reso 256"),
+    ({"resolution": 2048}, "data.resolution", "above max_bucket_reso 1024"),
+    ({"resolution": 520}, "data.resolution", "multiple of bucket_reso_steps (64)"),
+    ({"bucket_reso_steps": 100000}, "data.bucket_reso_steps", "less than or equal to 1024"),
+    ({"bucket_reso_steps": 12}, "data.bucket_reso_steps", "multiple of 8"),
+    ({"bucket_reso_steps": 512}, "data.min_bucket_reso", "multiple of bucket_reso_steps"),
+    ({"min_bucket_reso": 1024, "max_bucket_reso": 512}, "data.min_bucket_reso", "above"),
+    ({"random_crop": True}, "data.random_crop", "not supported"),
+])
+def test_resolution_and_buckets_are_bounded_at_their_field(data: dict, field: str,  # type: ignore[type-arg]
+                                                           words: str) -> None:
+    errors = _error_fields({**BASE, "data": data})
+    assert field in errors and words in errors[field], errors
+
+
+def test_in_bounds_resolutions_are_accepted() -> None:
+    spec = TrainingSpec.model_validate({**BASE, "data": {"resolution": 64, "min_bucket_reso": 64,
+                                                         "max_bucket_reso": 128}})
+    assert spec.data.size == (64, 64)
+    spec = TrainingSpec.model_validate({**BASE, "data": {"resolution": [512, 768]}})
+    assert spec.data.size == (512, 768)
+    spec = TrainingSpec.model_validate({**BASE, "data": {"resolution": 72, "enable_bucket": False}})
+    assert spec.data.size == (72, 72)
+
+
+def test_every_error_is_reported_at_its_own_path() -> None:
+    errors = _error_fields({"name": "x", "network": {"rank": 0},
+                            "diffusion": {"max_token_length": 150}, "data": {"random_crop": True}})
+    assert {"dataset_id", "network.rank", "optim.max_train_steps", "diffusion.max_token_length",
+            "data.random_crop"} <= set(errors)
+    assert "body" not in errors and "" not in errors
+    assert _error_fields({**BASE, "diffusion": {"cache_latents": True},
+                          "data": {"flip_aug": True}}).keys() == {"diffusion.cache_latents"}
+
+
+def test_sample_prompts_are_checked_before_a_job_exists() -> None:
+    errors = _error_fields({**BASE, "samples": {"prompts": "a dog\na cat --ss eulr"}})
+    assert "line 2" in errors["samples.prompts"] and "euler" in errors["samples.prompts"]
+    assert "4096" in _error_fields({**BASE, "samples": {"prompts": "a --w 9000"}})["samples.prompts"]

@@ -49,21 +49,21 @@ async def _examples(
     *, session: AsyncSession, tenant: Tenant, spec: TrainingSpec,
 ) -> tuple[list[TrainingExample], list[str], dict[str, dict[str, int]]]:
     data = spec.data
-    resolution = data.resolution if isinstance(data.resolution, tuple) else (
-        data.resolution, data.resolution)
+    resolution = data.size
     overrides: dict[str, Any] = {}
     if spec.dataset_config is not None:
         try:
             config = parse_dataset_config(spec.dataset_config, defaults={
                 "resolution": list(resolution), "batch_size": data.batch_size})
         except ConfigError as exc:
-            raise _invalid(f"dataset_config.{exc.field}", exc.message) from exc
+            # a TOML syntax error has no key to name: the field is the document itself
+            field = ".".join(part for part in ("dataset_config", exc.field) if part)
+            raise _invalid(field, exc.message) from exc
         for kohya_dataset in config.datasets:
             for subset in kohya_dataset.subsets:
                 folder = posixpath.basename((subset.image_dir or "").rstrip("/"))
                 overrides[folder] = subset
     sources: list[tuple[Dataset, bool]] = []
-    assert spec.dataset_id is not None
     sources.append((await get_dataset(session=session, tenant=tenant,
                                       dataset_id=spec.dataset_id), False))
     if spec.reg_dataset_id:
