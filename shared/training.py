@@ -79,31 +79,45 @@ Resolution = Annotated[Side | tuple[Side, Side], WrapValidator(_one_reading)]
 class NetworkOptions(_Options):
     rank: int = Field(default=16, ge=1, le=256, description="network_dim")
     alpha: float | None = Field(default=None, gt=0, description="network_alpha; default: rank")
-    dropout: float = Field(default=0.0, ge=0, lt=1)
+    dropout: float = Field(default=0.0, ge=0, lt=1, description="network_dropout: dropout in the LoRA "
+                           "layers during training.")
     target_modules: list[str] = Field(
         default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
         min_length=1, description="UNet attention projections by default.")
-    train_text_encoder: bool = False
-    text_encoder_lr: float | None = Field(default=None, gt=0)
+    train_text_encoder: bool = Field(default=False, description="Also train LoRA layers on the text encoder.")
+    text_encoder_lr: float | None = Field(default=None, gt=0, description="The text encoder's learning "
+                                          "rate; default: optim.learning_rate.")
 
 
 class OptimOptions(_Options):
-    learning_rate: float = Field(default=1e-4, gt=0, le=1)
-    unet_lr: float | None = Field(default=None, gt=0, le=1)
-    lr_scheduler: LrScheduler = "constant"
-    lr_warmup_steps: int = Field(default=0, ge=0)
-    lr_scheduler_num_cycles: int = Field(default=1, ge=1)
-    lr_scheduler_power: float = Field(default=1.0, gt=0)
-    optimizer: Optimizer = "AdamW"
-    optimizer_args: dict[str, float | int | str | bool] = Field(default_factory=dict)
-    max_train_steps: int | None = Field(default=None, ge=1, le=200_000)
+    learning_rate: float = Field(default=1e-4, gt=0, le=1, description="Base learning rate.")
+    unet_lr: float | None = Field(default=None, gt=0, le=1, description="The UNet's learning rate; "
+                                  "default: learning_rate.")
+    lr_scheduler: LrScheduler = Field(default="constant", description="How the learning rate changes over "
+                                      "the run.")
+    lr_warmup_steps: int = Field(default=0, ge=0, description="Steps of linear warm-up at the start.")
+    lr_scheduler_num_cycles: int = Field(default=1, ge=1, description="cosine_with_restarts: number of "
+                                         "restarts.")
+    lr_scheduler_power: float = Field(default=1.0, gt=0, description="polynomial: the power of the decay.")
+    optimizer: Optimizer = Field(default="AdamW", description="AdamW, SGDNesterov and Adafactor always; "
+                                 "the others where the trainer has their packages (a 422 otherwise).")
+    optimizer_args: dict[str, float | int | str | bool] = Field(
+        default_factory=dict,
+        description="Extra keyword arguments for the optimizer, e.g. {\"weight_decay\": 0.01}.",
+    )
+    max_train_steps: int | None = Field(default=None, ge=1, le=200_000, description="Length of the run in "
+                                        "steps (this or max_train_epochs is needed).")
     max_train_epochs: int | None = Field(default=None, ge=1, le=10_000,
                                          description="Wins over max_train_steps, as in kohya.")
-    gradient_accumulation_steps: int = Field(default=1, ge=1, le=128)
-    max_grad_norm: float = Field(default=1.0, ge=0)
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    gradient_checkpointing: bool = False
-    seed: int = Field(default=42, ge=0, le=MAX_SEED)
+    gradient_accumulation_steps: int = Field(default=1, ge=1, le=128, description="Batches whose gradients "
+                                             "add up before each optimizer step.")
+    max_grad_norm: float = Field(default=1.0, ge=0, description="Gradient clipping norm; 0 turns it off.")
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field(default="no", description="Compute precision: "
+                                                           "no (float32), fp16 (CUDA only) or bf16.")
+    gradient_checkpointing: bool = Field(default=False, description="Recompute activations in the backward "
+                                         "pass: less memory, slower steps.")
+    seed: int = Field(default=42, ge=0, le=MAX_SEED, description="Seed of the whole run: same seed, same "
+                      "data order and noise.")
 
     @model_validator(mode="after")
     def _has_a_length(self) -> OptimOptions:
@@ -114,16 +128,27 @@ class OptimOptions(_Options):
 
 
 class DiffusionOptions(_Options):
-    noise_offset: float = Field(default=0.0, ge=0, le=1)
-    adaptive_noise_scale: float | None = Field(default=None, ge=0, le=1)
-    multires_noise_iterations: int = Field(default=0, ge=0, le=10)
-    multires_noise_discount: float = Field(default=0.3, gt=0, le=1)
-    min_snr_gamma: float | None = Field(default=None, gt=0, le=20)
-    clip_skip: int = Field(default=1, ge=1, le=12)
-    max_token_length: Literal[75, 150, 225] = 75
-    v_parameterization: bool = False
-    cache_latents: bool = False
-    cache_latents_to_disk: bool = False
+    noise_offset: float = Field(default=0.0, ge=0, le=1, description="Offset noise strength; helps very "
+                                "dark or bright images. 0 turns it off.")
+    adaptive_noise_scale: float | None = Field(default=None, ge=0, le=1, description="Adds each latent's "
+                                               "mean magnitude times this to noise_offset.")
+    multires_noise_iterations: int = Field(default=0, ge=0, le=10, description="Multi-resolution (pyramid) "
+                                           "noise levels; 0 turns it off.")
+    multires_noise_discount: float = Field(default=0.3, gt=0, le=1, description="Weight of each coarser "
+                                           "multi-resolution noise level.")
+    min_snr_gamma: float | None = Field(default=None, gt=0, le=20, description="Min-SNR loss weighting "
+                                        "gamma (5 is usual); unset turns it off.")
+    clip_skip: int = Field(default=1, ge=1, le=12, description="Use the text encoder's n-th layer from the "
+                           "end (2 for many anime models).")
+    max_token_length: Literal[75, 150, 225] = Field(default=75, description="Caption tokens; only 75 is "
+                                                    "built (150 and 225 are a 422).")
+    v_parameterization: bool = Field(default=False, description="v-prediction loss, for v-prediction base "
+                                     "models.")
+    cache_latents: bool = Field(default=False, description="Encode each image with the VAE once instead of "
+                                "every step (not with flip/colour augmentation).")
+    cache_latents_to_disk: bool = Field(default=False, description="With cache_latents: also keep them on "
+                                        "the worker's disk, reused by later runs on the same images and "
+                                        "VAE.")
 
     @model_validator(mode="after")
     def _built(self) -> DiffusionOptions:
@@ -144,20 +169,27 @@ class DataOptions(_Options):
         default=512, description=f"One side or [width, height], {MIN_RESOLUTION}-{MAX_RESOLUTION} "
         f"px, a multiple of {RESOLUTION_MULTIPLE} (of bucket_reso_steps with buckets) and, with "
         "buckets, within [min_bucket_reso, max_bucket_reso].")
-    batch_size: int = Field(default=1, ge=1, le=64)
-    enable_bucket: bool = True
+    batch_size: int = Field(default=1, ge=1, le=64, description="Images per optimizer step "
+                            "(train_batch_size).")
+    enable_bucket: bool = Field(default=True, description="Aspect-ratio bucketing: images are resized into "
+                                "buckets of similar shape instead of cropped square.")
     min_bucket_reso: int = Field(default=256, ge=MIN_RESOLUTION, le=MAX_RESOLUTION,
                                  description="A multiple of bucket_reso_steps.")
     max_bucket_reso: int = Field(default=1024, ge=MIN_RESOLUTION, le=MAX_RESOLUTION,
                                  description="A multiple of bucket_reso_steps.")
     bucket_reso_steps: int = Field(default=64, ge=RESOLUTION_MULTIPLE, le=MAX_BUCKET_RESO_STEPS,
-                                   multiple_of=RESOLUTION_MULTIPLE)
-    shuffle_caption: bool = False
-    keep_tokens: int = Field(default=0, ge=0)
-    caption_dropout_rate: float = Field(default=0.0, ge=0, le=1)
-    flip_aug: bool = False
-    color_aug: bool = False
-    random_crop: bool = False
+                                   multiple_of=RESOLUTION_MULTIPLE, description="Step in px between bucket "
+                                   "sides, a multiple of 8.")
+    shuffle_caption: bool = Field(default=False, description="Shuffle a caption's comma-separated tags at "
+                                  "each step.")
+    keep_tokens: int = Field(default=0, ge=0, description="Leading caption tags kept in place when "
+                             "shuffling (e.g. the trigger word).")
+    caption_dropout_rate: float = Field(default=0.0, ge=0, le=1, description="Share of steps that see an "
+                                        "empty caption.")
+    flip_aug: bool = Field(default=False, description="Random horizontal flips (not with cache_latents).")
+    color_aug: bool = Field(default=False, description="Random hue changes (not with cache_latents).")
+    random_crop: bool = Field(default=False, description="kohya's random crop: not built yet, so true is "
+                              "refused with a 422.")
 
     @property
     def size(self) -> tuple[int, int]:
@@ -185,8 +217,10 @@ class SampleOptions(_Options):
         default="", max_length=20_000, description="kohya prompt-file syntax: one prompt per "
         "line, `--n` negative, `--w`/`--h` size, `--d` seed, `--l` CFG scale, `--s` steps, "
         "`#` comments.")
-    every_n_steps: int | None = Field(default=None, ge=1)
-    every_n_epochs: int | None = Field(default=None, ge=1)
+    every_n_steps: int | None = Field(default=None, ge=1, description="Render the sample prompts every "
+                                      "this many steps.")
+    every_n_epochs: int | None = Field(default=None, ge=1, description="Render the sample prompts every "
+                                       "this many epochs.")
     sampler: str = Field(default="ddim", description="A kohya sampler name (ddim, euler_a, …).")
 
     @field_validator("prompts")
@@ -205,9 +239,12 @@ class SampleOptions(_Options):
 
 
 class SaveOptions(_Options):
-    every_n_steps: int | None = Field(default=None, ge=1)
-    every_n_epochs: int | None = Field(default=None, ge=1)
-    precision: Literal["float", "fp16", "bf16"] = "fp16"
+    every_n_steps: int | None = Field(default=None, ge=1, description="Save a checkpoint (and state) every "
+                                      "this many steps.")
+    every_n_epochs: int | None = Field(default=None, ge=1, description="Save a checkpoint (and state) "
+                                       "every this many epochs.")
+    precision: Literal["float", "fp16", "bf16"] = Field(default="fp16", description="Weight precision of "
+                                                        "the saved LoRA files.")
     save_state: bool = Field(default=True, description="Keep resumable state with checkpoints.")
 
 
@@ -223,21 +260,28 @@ class TrainingSpec(_Options):
         "save": {"every_n_steps": 500},
     }]})
 
-    base_model: str = Field(default="tiny-sd15", max_length=100)
+    base_model: str = Field(default="tiny-sd15", max_length=100, description="The preset to train on "
+                            "(SD1.5 family).")
     name: str = Field(min_length=1, max_length=100, description="Name of the resulting LoRA.")
     dataset_id: str = Field(min_length=1, max_length=64, description="The dataset to train on.")
-    reg_dataset_id: str | None = None
+    reg_dataset_id: str | None = Field(default=None, description="A dataset of regularisation images, "
+                                       "balanced against the training images as kohya does.")
     dataset_config: Annotated[str | None, MULTILINE] = Field(
         default=None, max_length=100_000, description="A kohya dataset config TOML; "
         "`image_dir` names subsets of `dataset_id` (`<dataset id>/<subset folder>`).")
-    data: DataOptions = Field(default_factory=DataOptions)
-    network: NetworkOptions = Field(default_factory=NetworkOptions)
+    data: DataOptions = Field(default_factory=DataOptions, description="Dataset options used when no "
+                              "dataset_config is given.")
+    network: NetworkOptions = Field(default_factory=NetworkOptions, description="The LoRA network: rank, "
+                                    "alpha, targets.")
     # No usable default (steps or epochs are needed): validated, so that a body without it is
     # told `optim.max_train_steps` along with its other errors.
-    optim: OptimOptions = Field(default={}, validate_default=True)
-    diffusion: DiffusionOptions = Field(default_factory=DiffusionOptions)
-    samples: SampleOptions = Field(default_factory=SampleOptions)
-    save: SaveOptions = Field(default_factory=SaveOptions)
+    optim: OptimOptions = Field(default={}, validate_default=True, description="Optimizer, learning rates "
+                                "and length of the run.")
+    diffusion: DiffusionOptions = Field(default_factory=DiffusionOptions, description="Noise and loss "
+                                        "options.")
+    samples: SampleOptions = Field(default_factory=SampleOptions, description="Sample images rendered "
+                                   "during training.")
+    save: SaveOptions = Field(default_factory=SaveOptions, description="Checkpoints and resumable state.")
     resume_from: str | None = Field(default=None, description="A training job id whose saved "
                                     "state this run continues.")
 
