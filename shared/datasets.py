@@ -505,8 +505,8 @@ def _refuse_control_characters(entry: _Entry, value: Any, *, what: str) -> None:
     later; the file is named instead. Tabs and line breaks are ordinary layout."""
     hit = find_control_character(value, multiline=True)
     if hit is not None:
-        path, found = hit
-        where = f" (in {path!r})" if path else ""
+        loc, found = hit
+        where = f" (in {'.'.join(map(str, loc))!r})" if loc else ""
         raise _fail(entry.field, f"{what} {entry.path!r} contains a control character "
                     f"({found}{where})")
 

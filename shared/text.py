@@ -18,8 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ValidationInfo, field_validator
-from pydantic_core import PydanticCustomError
+from pydantic import AfterValidator, BaseModel, ValidationError, ValidationInfo, field_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 # C0 controls, DEL, C1 controls and UTF-16 surrogates (only reachable through JSON escapes).
 _ANY_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
@@ -47,19 +47,17 @@ def printable(text: str) -> str:
     return _ANY_CONTROL.sub("?", text)
 
 
-def _refusal(where: str, found: str, *, multiline: bool) -> PydanticCustomError:
+def _refusal(found: str, *, multiline: bool) -> PydanticCustomError:
     allowed = ("only tab and line breaks are allowed" if multiline
                else "this field is one line of printable text")
-    return PydanticCustomError(
-        "control_character", "{where}contains a control character ({found}); {allowed}",
-        {"where": where, "found": found, "allowed": allowed},
-    )
+    return PydanticCustomError("control_character", "contains a control character ({found}); "
+                               "{allowed}", {"found": found, "allowed": allowed})
 
 
 def check_text(text: str, *, multiline: bool = False) -> str:
     found = control_character(text, multiline=multiline)
     if found is not None:
-        raise _refusal("", found, multiline=multiline)
+        raise _refusal(found, multiline=multiline)
     return text
 
 
@@ -67,34 +65,31 @@ def _check_single_line(text: str) -> str:
     return check_text(text)
 
 
-def _check_multiline(text: str) -> str:
-    return check_text(text, multiline=True)
-
-
 # For parameters outside a RequestModel (form fields); inside one the model checks every field.
 SingleLineText = Annotated[str, AfterValidator(_check_single_line)]
-MultilineText = Annotated[str, AfterValidator(_check_multiline), MULTILINE]
 
 
-def find_control_character(value: Any, *, multiline: bool = False) -> tuple[str, str] | None:
+Loc = tuple[str | int, ...]
+
+
+def find_control_character(value: Any, *, multiline: bool = False) -> tuple[Loc, str] | None:
     """The first refused character anywhere in ``value`` (strings, lists, dict keys and values)
-    as ``(path, description)``; ``path`` is ``""`` for ``value`` itself, else ``"2"``,
-    ``"key"``, ``"people.0.name"``. Nested models are left to their own validator."""
+    as ``(location, description)``; the location is ``()`` for ``value`` itself, else e.g.
+    ``(2,)`` or ``("people", 0, "name")``. Nested models are left to their own validator."""
     if isinstance(value, str):
         found = control_character(value, multiline=multiline)
-        return ("", found) if found is not None else None
+        return ((), found) if found is not None else None
     if isinstance(value, Mapping):
         for key, item in value.items():
-            label = str(key)
             if isinstance(key, str) and (found := control_character(key)) is not None:
-                return (printable(label), f"{found} of the key")
+                return ((printable(key),), f"{found} of the key")
             if (hit := find_control_character(item, multiline=multiline)) is not None:
-                return (label if not hit[0] else f"{label}.{hit[0]}", hit[1])
+                return ((str(key), *hit[0]), hit[1])
         return None
     if isinstance(value, list | tuple | set | frozenset):
         for index, item in enumerate(value):
             if (hit := find_control_character(item, multiline=multiline)) is not None:
-                return (str(index) if not hit[0] else f"{index}.{hit[0]}", hit[1])
+                return ((index, *hit[0]), hit[1])
     return None
 
 
@@ -110,6 +105,9 @@ class RequestModel(BaseModel):
         multiline = field is not None and any(isinstance(m, _Multiline) for m in field.metadata)
         hit = find_control_character(value, multiline=multiline)
         if hit is not None:
-            path, found = hit
-            raise _refusal(f"{path}: " if path else "", found, multiline=multiline)
+            # A ValidationError raised here is nested under this field's location, so the
+            # error names the very element (``tags.3``), not just the list.
+            loc, found = hit
+            raise ValidationError.from_exception_data(cls.__name__, [InitErrorDetails(
+                type=_refusal(found, multiline=multiline), loc=loc, input=value)])
         return value
