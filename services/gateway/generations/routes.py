@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Header, Response
+from fastapi import APIRouter, Response
 
 from services.gateway.deps import SessionDep, StateDep, TenantDep
 from services.gateway.generations.service import submit_generation
+from services.gateway.jobs.idempotency import IdempotencyKeyDep
 from services.gateway.jobs.schemas import JobOut
 from services.gateway.jobs.service import job_out
 from services.gateway.problems import PROBLEM_RESPONSES
@@ -23,11 +22,7 @@ async def create_generation(
     session: SessionDep,
     tenant: TenantDep,
     state: StateDep,
-    idempotency_key: Annotated[
-        str | None,
-        Header(max_length=200, description="Same key and body return the same job; "
-               "same key with another body is a 409."),
-    ] = None,
+    idempotency_key: IdempotencyKeyDep,
 ) -> JobOut:
     """Queue a text-to-image job. Follow it with `GET /v1/jobs/{id}` or its `events` stream;
     when it succeeds its `artifacts` carry presigned URLs of the PNGs and `manifest.json`."""

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Header, Response
+from fastapi import APIRouter, Response
 
 from services.gateway.deps import SessionDep, StateDep, TenantDep
+from services.gateway.jobs.idempotency import IdempotencyKeyDep
 from services.gateway.jobs.schemas import JobOut
 from services.gateway.jobs.service import job_out
 from services.gateway.problems import PROBLEM_RESPONSES
@@ -20,7 +19,7 @@ router = APIRouter(prefix="/v1/sweeps", tags=["sweeps"], responses=PROBLEM_RESPO
 async def create_sweep(
     sweep: SweepSpec, response: Response, session: SessionDep, tenant: TenantDep,
     state: StateDep,
-    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+    idempotency_key: IdempotencyKeyDep,
 ) -> JobOut:
     """Render `base` once per combination of the axes' values (e.g. guidance_scale x seed).
     The job's artifacts are every cell's PNG (`index` = row * columns + column), a labelled

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Header, Response
+from fastapi import APIRouter, Response
 
 from services.gateway.deps import SessionDep, StateDep, TenantDep
+from services.gateway.jobs.idempotency import IdempotencyKeyDep
 from services.gateway.jobs.schemas import JobOut
 from services.gateway.jobs.service import job_out
 from services.gateway.problems import PROBLEM_RESPONSES
@@ -19,7 +18,7 @@ router = APIRouter(prefix="/v1/trainings", tags=["trainings"], responses=PROBLEM
 @router.post("", response_model=JobOut, status_code=202, summary="Train a LoRA")
 async def create_training(
     spec: TrainingSpec, response: Response, session: SessionDep, tenant: TenantDep,
-    state: StateDep, idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+    state: StateDep, idempotency_key: IdempotencyKeyDep,
 ) -> JobOut:
     """Train a LoRA on a dataset with kohya's options. Progress events carry step, epoch,
     loss, learning rate, it/s and ETA; `sample` events announce sample images. On success the
