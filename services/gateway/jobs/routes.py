@@ -21,6 +21,10 @@ from shared.specs import JobKind, JobStatus
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=PROBLEM_RESPONSES)
 
+# Event ids are a job's seq, a 32-bit column on PostgreSQL; a larger Last-Event-ID cannot
+# name an event, and reaching the database with one is an overflow (a 500) on both backends.
+MAX_SEQ = 2**31 - 1
+
 
 @router.get("/{job_id}", response_model=JobOut, summary="Get a job")
 async def get_job(job_id: str, session: SessionDep, tenant: TenantDep, state: StateDep) -> JobOut:
@@ -83,7 +87,10 @@ async def job_events(
     session: SessionDep,
     tenant: TenantDep,
     state: StateDep,
-    last_event_id: Annotated[int | None, Header(alias="Last-Event-ID")] = None,
+    last_event_id: Annotated[int | None, Header(
+        alias="Last-Event-ID", ge=0, le=MAX_SEQ,
+        description="The `id` of the last event received; the stream resumes after it.",
+    )] = None,
 ) -> JobEventStream:
     """Replays what was persisted after `Last-Event-ID`, then follows live events until the
     job ends. Reconnect with the last `id` you saw to resume without gaps or repeats."""
