@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import email.message
 import logging
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, params
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
+from starlette.types import Scope
 
 from shared.errors import LoomisError
 
@@ -48,6 +51,7 @@ PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
         (404, "Not found (or another tenant's)"),
         (409, "Conflict"),
         (413, "An uploaded image or file is too large"),
+        (415, "The body is not in the media type the operation takes (JSON here)"),
         (422, "Invalid field values"),
         (503, "A backing service is unavailable"),
     )
@@ -79,6 +83,43 @@ def _field_name(loc: tuple[Any, ...]) -> str:
     return ".".join(parts) or "body"
 
 
+def _is_json(content_type: str | None) -> bool:
+    if not content_type:
+        return False
+    message = email.message.Message()
+    message["content-type"] = content_type
+    subtype = message.get_content_subtype()
+    return message.get_content_maintype() == "application" and (
+        subtype == "json" or subtype.endswith("+json"))
+
+
+def _unsupported_media_type(request: Request, raw: list[dict[str, Any]]) -> bool:
+    """A JSON operation sent text or a form: FastAPI hands the raw bytes to the model, whose
+    "not an object" would blame the body when the fault is its media type."""
+    body_field = getattr(request.scope.get("route"), "body_field", None)
+    if body_field is None or isinstance(body_field.field_info, params.Form):
+        return False  # no body, or a multipart/form operation: its own errors are the answer
+    content_type = request.headers.get("content-type")
+    if _is_json(content_type):
+        return False
+    body_missing = any(err.get("type") == "missing" and tuple(err.get("loc", ())) == ("body",)
+                       for err in raw)
+    return content_type is not None or not body_missing
+
+
+def _allowed_methods(app: Any, scope: Scope) -> list[str]:
+    """Every method some route serves on this path: Starlette's 405 names only the first
+    route that matched the path (``GET /v1/jobs/{id}`` hides ``DELETE``'s sibling routes)."""
+    allowed = []
+    for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"):
+        probe: Scope = {"type": "http", "method": method, "path": scope["path"],
+                        "root_path": scope.get("root_path", ""), "headers": [],
+                        "query_string": b""}
+        if any(route.matches(probe)[0] == Match.FULL for route in app.router.routes):
+            allowed.append(method)
+    return allowed
+
+
 def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(LoomisError)
     async def _loomis(request: Request, exc: LoomisError) -> JSONResponse:
@@ -93,6 +134,18 @@ def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         raw = exc.errors()
+        if _unsupported_media_type(request, raw):
+            sent = request.headers.get("content-type")
+            return problem_response(
+                request, status=415, code="unsupported_media_type",
+                title="Unsupported media type",
+                detail="This operation takes an application/json body, "
+                       + (f"not {sent}." if sent else "and the request names no Content-Type."),
+                errors=[{"field": "header.Content-Type",
+                         "message": "send the body as JSON with Content-Type: application/json",
+                         "type": "unsupported_media_type"}],
+                headers={f"Accept-{request.method.title()}": "application/json"},
+            )
         if any(err.get("type") == "json_invalid" for err in raw):
             return problem_response(
                 request, status=400, code="malformed_json", title="Malformed JSON",
@@ -113,9 +166,12 @@ def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405 and (allowed := _allowed_methods(request.app, request.scope)):
+            headers["Allow"] = ", ".join(allowed)
         return problem_response(
             request, status=exc.status_code, code=code, title=str(exc.detail),
-            detail=str(exc.detail), headers=getattr(exc, "headers", None),
+            detail=str(exc.detail), headers=headers or None,
         )
 
     @app.exception_handler(Exception)
