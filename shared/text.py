@@ -18,7 +18,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 # C0 controls, DEL, C1 controls and UTF-16 surrogates (only reachable through JSON escapes).
@@ -94,7 +101,12 @@ def find_control_character(value: Any, *, multiline: bool = False) -> tuple[Loc,
 
 
 class RequestModel(BaseModel):
-    """Base of every model a client sends: no field may carry control characters."""
+    """Base of every model a client sends: no field may carry control characters, and no
+    number may be NaN or infinite (Python's JSON parser accepts the non-JSON literals ``NaN``
+    and ``Infinity``, and ``1e999`` overflows to infinity), which no option means and which
+    PostgreSQL's JSON and our own responses cannot hold."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
 
     @field_validator("*", mode="after")
     @classmethod
