@@ -20,7 +20,7 @@ from arq.typing import StartupShutdown
 from arq.worker import Worker
 
 from services.arqworker import LeasedWorker, resilient_redis_settings
-from shared.errors import JobCanceled, LoomisError, StorageUnavailable
+from shared.errors import JobCanceled, LoomisError, StorageUnavailable, unexpected_failure
 from shared.events import JobEvents
 from shared.logs import configure_logging
 from shared.settings import Settings, get_settings
@@ -35,6 +35,7 @@ RUNNING = (JobStatus.RUNNING,)
 async def run_job(
     ctx: dict[str, Any], *, job_id: str, cleanup_prefix: str, timeout_s: float, max_tries: int,
     log_extra: dict[str, Any], body: Callable[[float], Awaitable[dict[str, Any]]],
+    kind: str = "job",
 ) -> dict[str, Any]:
     """Running -> succeeded | failed | canceled around ``body``, whatever it raises.
 
@@ -88,13 +89,12 @@ async def run_job(
         await events.emit(job_id, "failed", allowed_from=RUNNING, to=JobStatus.FAILED,
                           data={"error": {"code": exc.code, "message": exc.detail}})
         return {"status": "failed"}
-    except Exception:
+    except Exception as exc:
         logger.exception("job crashed", extra=log_extra)
+        failure = unexpected_failure(exc, kind=kind)
         await store.delete_prefix(cleanup_prefix)
         await events.emit(job_id, "failed", allowed_from=RUNNING, to=JobStatus.FAILED,
-                          data={"error": {"code": "internal_error",
-                                          "message": "generation failed unexpectedly; "
-                                          "the worker log has details"}})
+                          data={"error": {"code": failure.code, "message": failure.detail}})
         return {"status": "failed"}
     await events.emit(job_id, "succeeded", allowed_from=RUNNING, to=JobStatus.SUCCEEDED,
                       data=outcome)

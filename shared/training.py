@@ -174,9 +174,11 @@ class DataOptions(_Options):
     enable_bucket: bool = Field(default=True, description="Aspect-ratio bucketing: images are resized into "
                                 "buckets of similar shape instead of cropped square.")
     min_bucket_reso: int = Field(default=256, ge=MIN_RESOLUTION, le=MAX_RESOLUTION,
-                                 description="A multiple of bucket_reso_steps.")
+                                 description="Smallest bucket side in px, a multiple of "
+                                 "bucket_reso_steps.")
     max_bucket_reso: int = Field(default=1024, ge=MIN_RESOLUTION, le=MAX_RESOLUTION,
-                                 description="A multiple of bucket_reso_steps.")
+                                 description="Largest bucket side in px, a multiple of "
+                                 "bucket_reso_steps.")
     bucket_reso_steps: int = Field(default=64, ge=RESOLUTION_MULTIPLE, le=MAX_BUCKET_RESO_STEPS,
                                    multiple_of=RESOLUTION_MULTIPLE, description="Step in px between bucket "
                                    "sides, a multiple of 8.")

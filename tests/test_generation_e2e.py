@@ -272,3 +272,19 @@ def test_openapi_documents_the_api(stack: RunningStack) -> None:
     spec_schema = schema["components"]["schemas"]["GenerationSpec"]
     assert spec_schema["examples"][0]["prompt"]
     assert httpx.get(f"{stack.url}/docs").status_code == 200
+
+
+def test_the_scheduler_that_ran_is_recorded_in_the_spec(stack: RunningStack) -> None:
+    """Left to the model, the scheduler is what the worker used (tiny-sd15's own: Euler), in
+    the job's spec, the manifest's and the PNG's, so each of them reproduces the run."""
+    with stack.client() as client:
+        job = wait_terminal(client, client.post("/v1/generations", json=SMALL).json()["id"])
+        assert job["status"] == "succeeded", job
+        assert job["spec"]["scheduler"] == job["result"]["scheduler"] == "Euler"
+        manifest_url = next(a["url"] for a in job["artifacts"] if a["kind"] == "manifest")
+        assert httpx.get(manifest_url).json()["spec"]["scheduler"] == "Euler"
+        _, image = _pixels(next(a["url"] for a in job["artifacts"] if a["kind"] == "image"))
+        assert json.loads(image.text["loomis"])["spec"]["scheduler"] == "Euler"
+        chosen = wait_terminal(client, client.post(
+            "/v1/generations", json={**SMALL, "scheduler": "ddim"}).json()["id"])
+        assert chosen["spec"]["scheduler"] == "DDIM"

@@ -85,7 +85,8 @@ def test_bad_training_requests_are_problems(stack: RunningStack) -> None:
         cases = [
             ({**base, "dataset_config": "[general]\nshuffle_captions = true\n"},
              "dataset_config.general.shuffle_captions"),
-            ({**base, "diffusion": {"cache_latents": True}, "data": {"flip_aug": True}}, "body"),
+            ({**base, "diffusion": {"cache_latents": True}, "data": {"flip_aug": True}},
+             "diffusion.cache_latents"),
             ({**base, "network": {"rank": 0}}, "network.rank"),
             ({**base, "dataset_id": "missing"}, "dataset_id"),
             ({**base, "optim": {"max_train_steps": 2, "optimizer": "AdamW8bit"}},
@@ -100,3 +101,72 @@ def test_bad_training_requests_are_problems(stack: RunningStack) -> None:
             assert any(e["field"].startswith(field) for e in response.json()["errors"]), \
                 (field, response.json())
         assert len(client.get("/v1/jobs", params={"kind": "training"}).json()["items"]) == before
+
+
+def _fields(response: httpx.Response) -> set[str]:
+    assert response.status_code == 422, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    return {error["field"] for error in response.json()["errors"]}
+
+
+def test_resolutions_and_buckets_out_of_bounds_are_422_at_their_field(
+        stack: RunningStack) -> None:
+    """Each of these was a 500 (a zero-size bucket), a job that failed in the worker, or one
+    that trained at another size than it reported."""
+    with stack.client() as client:
+        dataset_id = client.post("/v1/datasets", data={"name": "reso", "min_side": "64"}, files=[
+            ("zip", ("d.zip", training_zip(), "application/zip"))]).json()["id"]
+        base = {"name": "x", "dataset_id": dataset_id, "optim": {"max_train_steps": 1}}
+        subset = '[[datasets.subsets]]\nimage_dir = "2_sks dog"\n'
+        cases: list[tuple[dict, str]] = [  # type: ignore[type-arg]
+            *(({**base, "data": {"resolution": bad}}, "data.resolution")
+              for bad in (8, 0, 32, 63, -64, 100000)),
+            ({**base, "data": {"resolution": [64, 0]}}, "data.resolution.1"),
+            ({**base, "data": {"bucket_reso_steps": 100000}}, "data.bucket_reso_steps"),
+            ({**base, "data": {"resolution": 8, "enable_bucket": False}}, "data.resolution"),
+            ({**base, "data": {"resolution": 64}}, "data.resolution"),  # min_bucket_reso 256
+            ({**base, "data": {"resolution": 512, "bucket_reso_steps": 512}},
+             "data.min_bucket_reso"),
+            ({**base, "dataset_config": "[[datasets]]\nresolution = 8\n" + subset},
+             "dataset_config.datasets.0.resolution"),
+            ({**base, "dataset_config": "[general]\nbucket_reso_steps = 100000\n[[datasets]]\n"
+              + subset}, "dataset_config.general.bucket_reso_steps"),
+            ({**base, "dataset_config": "[[datasets]\n"}, "dataset_config"),
+        ]
+        before = len(client.get("/v1/jobs", params={"kind": "training"}).json()["items"])
+        for body, field in cases:
+            assert field in _fields(client.post("/v1/trainings", json=body)), (body, field)
+        assert len(client.get("/v1/jobs", params={"kind": "training"}).json()["items"]) == before
+
+
+def test_training_errors_name_every_field_at_its_path(stack: RunningStack) -> None:
+    with stack.client() as client:
+        no_length = _fields(client.post("/v1/trainings", json={
+            "name": "x", "dataset_id": "d", "network": {"rank": 0}}))
+        assert {"optim.max_train_steps", "network.rank"} <= no_length
+        assert "body" not in no_length
+        assert _fields(client.post("/v1/trainings", json={
+            "name": "x", "dataset_id": "d", "optim": {"max_train_steps": 1},
+            "data": {"random_crop": True}})) == {"data.random_crop"}
+        assert _fields(client.post("/v1/trainings", json={
+            "name": "x", "dataset_id": "d", "optim": {"max_train_steps": 1},
+            "samples": {"prompts": "a photo --ss eulr"}})) == {"samples.prompts"}
+
+
+def test_what_only_the_trainer_can_refuse_fails_with_a_code(stack: RunningStack) -> None:
+    """A spec the worker refuses (here target modules the model does not have) ends as a
+    coded failure that says it was the training, not an internal error about generation."""
+    with stack.client() as client:
+        dataset_id = client.post("/v1/datasets", data={"name": "refused", "min_side": "64"},
+                                 files=[("zip", ("d.zip", training_zip(),
+                                                 "application/zip"))]).json()["id"]
+        response = client.post("/v1/trainings", json={
+            "name": "x", "dataset_id": dataset_id, "network": {"target_modules": ["nowhere"]},
+            "data": {"resolution": 64, "min_bucket_reso": 64, "max_bucket_reso": 128},
+            "optim": {"max_train_steps": 1}})
+        assert response.status_code == 202, response.text
+        job = wait_terminal(client, response.json()["id"], timeout=120)
+    assert job["status"] == "failed", job
+    assert job["error"]["code"] == "invalid_spec", job["error"]
+    assert job["error"]["message"].startswith("training refused: ")
+    assert "nowhere" in job["error"]["message"]

@@ -41,13 +41,15 @@ from services.generator.render import (
 from services.jobrunner import RUNNING, common_startup, make_worker, run_job, run_worker
 from shared.errors import JobCanceled, JobFailure, LoomisError, NotFound
 from shared.events import JobEvents
-from shared.models import ModelRegistry
+from shared.models import ModelRegistry, canonical_scheduler
 from shared.queue import GENERATE_TASK, GENERATOR_QUEUE, PREPROCESS_TASK, SWEEP_TASK
 from shared.settings import Settings, get_settings
 from shared.specs import (
     ArtifactRef,
     GenerationManifest,
+    GenerationSpec,
     GenerationTask,
+    JobKind,
     JobStatus,
     LoraRef,
     PreprocessTask,
@@ -269,6 +271,15 @@ async def _render_task(
                     model_ready_s=model_ready_s)
 
 
+def _as_run(spec: GenerationSpec, *, scheduler: str) -> GenerationSpec:
+    """The spec with the model's own scheduler filled in where the client left it to the model
+    (only the worker knows it), so the recorded spec reproduces the run even if the model's
+    default changes; a scheduler that is not one of ours cannot be named in a spec."""
+    if spec.scheduler is not None or canonical_scheduler(scheduler) != scheduler:
+        return spec
+    return spec.model_copy(update={"scheduler": scheduler})
+
+
 async def _run(ctx: dict[str, Any], task: GenerationTask, *, queued_s: float) -> dict[str, Any]:
     events: JobEvents = ctx["events"]
     store: ObjectStore = ctx["store"]
@@ -285,6 +296,7 @@ async def _run(ctx: dict[str, Any], task: GenerationTask, *, queued_s: float) ->
                                       rendered.safety)
     timings["model_ready_s"] = round(rendered.model_ready_s, 4)
     timings["pipeline_s"] = round(result.seconds, 4)
+    spec = _as_run(spec, scheduler=result.scheduler)
 
     t1 = time.perf_counter()
     refs: list[ArtifactRef] = []
@@ -322,7 +334,10 @@ async def _run(ctx: dict[str, Any], task: GenerationTask, *, queued_s: float) ->
     if safety:
         summary["safety"] = safety
         summary["withheld"] = [s["index"] for s in safety if s["action"] == "withhold"]
-    return {"artifacts": [r.model_dump() for r in [*refs, manifest_ref]], "result": summary}
+    outcome = {"artifacts": [r.model_dump() for r in [*refs, manifest_ref]], "result": summary}
+    if spec.scheduler != task.spec.scheduler:  # onto the job's recorded spec too
+        outcome["spec_filled"] = {"scheduler": spec.scheduler}
+    return outcome
 
 
 async def preprocess_control(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:
@@ -370,7 +385,7 @@ async def generate(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, An
         timeout_s=ctx["settings"].generator.job_timeout_s,
         max_tries=ctx["settings"].generator.max_tries,
         log_extra={"job_id": task.job_id, "tenant": task.tenant_id, "model": task.spec.model},
-        body=lambda queued_s: _run(ctx, task, queued_s=queued_s),
+        body=lambda queued_s: _run(ctx, task, queued_s=queued_s), kind=JobKind.GENERATION.value,
     )
 
 
@@ -383,7 +398,7 @@ async def sweep(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:
         max_tries=ctx["settings"].generator.max_tries,
         log_extra={"job_id": task.job_id, "tenant": task.tenant_id,
                    "model": task.sweep.base.model},
-        body=lambda queued_s: _run_sweep(ctx, task, queued_s=queued_s),
+        body=lambda queued_s: _run_sweep(ctx, task, queued_s=queued_s), kind=JobKind.SWEEP.value,
     )
 
 
@@ -422,11 +437,12 @@ async def _run_sweep(ctx: dict[str, Any], task: SweepTask, *, queued_s: float) -
         images.append(image)
         if rendered.safety:
             safety.append({**rendered.safety[0], "index": cell.index})
+        cell_spec = _as_run(cell.spec, scheduler=result.scheduler)
         entry = {"index": cell.index, "row": cell.row, "col": cell.col, "labels": cell.labels,
-                 "seed": result.seeds[0], "spec": cell.spec.model_dump(mode="json")}
+                 "seed": result.seeds[0], "spec": cell_spec.model_dump(mode="json")}
         if image is not None:
             png = encode_png(image, parameters=a1111_parameters(
-                cell.spec, seed=result.seeds[0], scheduler=result.scheduler, model=loaded,
+                cell_spec, seed=result.seeds[0], scheduler=result.scheduler, model=loaded,
                 loras=result.loras), loomis={"job_id": task.job_id, "cell": entry})
             ref = await _put(store, output_key(task.tenant_id, task.job_id, cell.index), png,
                              "image/png")

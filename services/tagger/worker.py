@@ -26,7 +26,7 @@ from shared.errors import JobCanceled, ModelUnavailable, NotFound
 from shared.events import JobEvents
 from shared.queue import TAG_TASK, TAGGER_QUEUE
 from shared.settings import Settings, get_settings
-from shared.specs import ArtifactRef, TaggingItem, TaggingTask
+from shared.specs import ArtifactRef, JobKind, TaggingItem, TaggingTask
 from shared.storage import ObjectStore
 from shared.tagging import clean_caption, clean_tags, format_tags, merge_metadata
 
@@ -246,7 +246,7 @@ async def tag_dataset(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str,
         ctx, job_id=task.job_id, cleanup_prefix=task.output_prefix,
         timeout_s=settings.tagger.job_timeout_s, max_tries=settings.tagger.max_tries,
         log_extra={"job_id": task.job_id, "tenant": task.tenant_id},
-        body=lambda queued_s: _run(ctx, task, queued_s=queued_s),
+        body=lambda queued_s: _run(ctx, task, queued_s=queued_s), kind=JobKind.TAGGING.value,
     )
 
 

@@ -64,6 +64,11 @@ class OptimizerUnavailable(RuntimeError):
     """The optimizer asked for needs a package this worker does not have."""
 
 
+class TrainingRefused(ValueError):
+    """A configuration, device or saved state this trainer cannot train with: the caller's to
+    change, not a fault of the trainer (the worker reports it as such, not as a crash)."""
+
+
 @dataclass(frozen=True)
 class SamplePrompt:
     """One preview image rendered during training (kohya's ``--sample_prompts`` line)."""
@@ -155,29 +160,29 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.rank < 1:
-            raise ValueError(f"rank (network_dim) must be at least 1, not {self.rank}")
+            raise TrainingRefused(f"rank (network_dim) must be at least 1, not {self.rank}")
         if self.cache_latents and (self.flip_aug or self.color_aug):
             # As sd-scripts documents: a cached latent is of one fixed image, augmentations
             # would never reach it.
-            raise ValueError("cache_latents cannot be combined with flip_aug or color_aug: cached "
+            raise TrainingRefused("cache_latents cannot be combined with flip_aug or color_aug: cached "
                              "latents are encoded once, so augmentations would never apply")
         if self.optimizer not in _OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; known: {', '.join(_OPTIMIZERS)}")
+            raise TrainingRefused(f"unknown optimizer {self.optimizer!r}; known: {', '.join(_OPTIMIZERS)}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ValueError(f"mixed_precision must be no, fp16 or bf16, not {self.mixed_precision!r}")
+            raise TrainingRefused(f"mixed_precision must be no, fp16 or bf16, not {self.mixed_precision!r}")
         if self.save_precision not in ("float", "fp16", "bf16"):
-            raise ValueError(f"save_precision must be float, fp16 or bf16, not {self.save_precision!r}")
+            raise TrainingRefused(f"save_precision must be float, fp16 or bf16, not {self.save_precision!r}")
         for name in ("batch_size", "gradient_accumulation_steps", "max_train_steps"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1")
+                raise TrainingRefused(f"{name} must be at least 1")
         if self.max_train_epochs is not None and self.max_train_epochs < 1:
-            raise ValueError("max_train_epochs must be at least 1")
+            raise TrainingRefused("max_train_epochs must be at least 1")
         if self.resolution % 8:
-            raise ValueError(f"resolution must be a multiple of 8, not {self.resolution}")
+            raise TrainingRefused(f"resolution must be a multiple of 8, not {self.resolution}")
         if not 0.0 <= self.caption_dropout_rate <= 1.0:
-            raise ValueError("caption_dropout_rate must be between 0 and 1")
+            raise TrainingRefused("caption_dropout_rate must be between 0 and 1")
         if self.clip_skip is not None and self.clip_skip < 1:
-            raise ValueError("clip_skip counts from 1 (the last layer)")
+            raise TrainingRefused("clip_skip counts from 1 (the last layer)")
 
 
 @dataclass
@@ -272,7 +277,7 @@ class LoraTrainer:
         self.cfg = cfg
         self.device = torch.device(device)
         if cfg.mixed_precision == "fp16" and self.device.type != "cuda":
-            raise ValueError("mixed_precision='fp16' needs a CUDA device; use 'bf16' or 'no' on "
+            raise TrainingRefused("mixed_precision='fp16' needs a CUDA device; use 'bf16' or 'no' on "
                              f"{self.device.type}")
         optimizer_available(cfg.optimizer)
         self.seed = cfg.seed if cfg.seed is not None else random.SystemRandom().randrange(2**31)
@@ -286,6 +291,7 @@ class LoraTrainer:
     def _load(self) -> None:
         from diffusers import DDPMScheduler, StableDiffusionPipeline
         from peft import LoraConfig as _LoraConfig
+        from peft import NoMatchingPeftModuleError
 
         # peft annotates lora_alpha as int; kohya's alpha may be fractional and peft divides it.
         LoraConfig: Any = _LoraConfig  # noqa: N806
@@ -314,9 +320,14 @@ class LoraTrainer:
             pipe.text_encoder.to(dtype=self._autocast_dtype)
         pipe.to(self.device)
         torch.manual_seed(self.seed)  # peft initialises lora_A from the global generator
-        pipe.unet.add_adapter(LoraConfig(
-            r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-            target_modules=list(cfg.target_modules), init_lora_weights=True), adapter_name=_ADAPTER)
+        try:
+            pipe.unet.add_adapter(LoraConfig(
+                r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                target_modules=list(cfg.target_modules), init_lora_weights=True),
+                adapter_name=_ADAPTER)
+        except NoMatchingPeftModuleError as exc:
+            raise TrainingRefused(f"no module of the UNet matches target_modules "
+                                  f"{list(cfg.target_modules)}") from exc
         if cfg.train_text_encoder:
             pipe.text_encoder.add_adapter(LoraConfig(
                 r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
@@ -330,7 +341,7 @@ class LoraTrainer:
                     param.data = param.data.float()
                     self._trainable[f"{prefix}.{name}"] = param
         if not self._trainable:
-            raise ValueError(f"no module of the UNet matches target_modules {list(cfg.target_modules)}")
+            raise TrainingRefused(f"no module of the UNet matches target_modules {list(cfg.target_modules)}")
         if cfg.gradient_checkpointing:
             pipe.unet.enable_gradient_checkpointing()
             if cfg.train_text_encoder:
@@ -391,10 +402,10 @@ class LoraTrainer:
         for index, example in enumerate(examples):
             bucket = example.bucket or default
             if bucket[0] % 8 or bucket[1] % 8 or min(bucket) < 8:
-                raise ValueError(f"bucket {bucket} of example {index} is not a multiple of 8")
+                raise TrainingRefused(f"bucket {bucket} of example {index} is not a multiple of 8")
             items.extend(_Item(index, bucket, example.is_reg) for _ in range(max(1, example.repeats)))
         if not items:
-            raise ValueError("no training examples")
+            raise TrainingRefused("no training examples")
         return items
 
     def _epoch_batches(self, epoch: int) -> list[list[_Item]]:
@@ -739,11 +750,11 @@ class LoraTrainer:
             raise ValueError(f"{state_dir} is not a training state (missing {', '.join(missing)})")
         info = json.loads((state_dir / "trainer.json").read_text(encoding="utf-8"))
         if info["trainable"] != sorted(self._trainable):
-            raise ValueError(f"the state in {state_dir} has other adapter layers (rank, targets or "
-                             "text-encoder training differ from this configuration)")
+            raise TrainingRefused("the saved state has other adapter layers (rank, targets or "
+                                  "text-encoder training differ from this configuration)")
         if info["items"] != len(self._all_items):
-            raise ValueError(f"the state in {state_dir} was trained on {info['items']} images (with "
-                             f"repeats), this run has {len(self._all_items)}")
+            raise TrainingRefused(f"the saved state was trained on {info['items']} images (with "
+                                  f"repeats), this run has {len(self._all_items)}")
         if info["seed"] != self.seed:
             logger.warning("resuming a run seeded %s with seed %s: data order will differ",
                            info["seed"], self.seed)
@@ -961,4 +972,4 @@ def iter_state_dirs(work_dir: Path) -> Iterator[Path]:
 
 
 __all__ = ["LoraTrainer", "OptimizerUnavailable", "SamplePrompt", "TrainConfig", "TrainExample",
-           "TrainResult", "iter_state_dirs", "optimizer_available"]
+           "TrainResult", "TrainingRefused", "iter_state_dirs", "optimizer_available"]

@@ -22,12 +22,20 @@ from arq.worker import Worker, func
 from PIL import Image
 
 from services.jobrunner import RUNNING, common_startup, make_worker, run_job, run_worker
-from shared.errors import JobCanceled, JobFailure, NotFound
+from shared.errors import (
+    InvalidJobSpec,
+    JobCanceled,
+    JobFailure,
+    NotFound,
+    OptimizerUnavailable,
+)
 from shared.events import JobEvents
-from shared.kohya import parse_sample_prompts
+from shared.kohya import ConfigError, parse_sample_prompts
+from shared.loras import inspect_lora
 from shared.models import ModelRegistry
 from shared.queue import TRAIN_TASK, TRAINER_QUEUE
 from shared.settings import Settings, get_settings
+from shared.specs import JobKind
 from shared.storage import ObjectStore
 from shared.training import TrainingTask, latest_state
 
@@ -211,9 +219,25 @@ async def _run(ctx: dict[str, Any], task: TrainingTask, *, queued_s: float) -> d
             "id": task.lora_id, "name": spec.name, "family": "sd15",
             "base_model": spec.base_model, "key": task.lora_key, "sha256": sha,
             "size": len(lora_bytes), "rank": spec.network.rank,
-            "info": {"trigger_words": task.trigger_words, "training_job": task.job_id,
-                     "steps": result.steps}},
+            # Its layer widths, as an upload's are, so using it on another model is a 422.
+            "info": {**inspect_lora(lora_bytes).record(), "trigger_words": task.trigger_words,
+                     "training_job": task.job_id, "steps": result.steps}},
     }
+
+
+async def _run_refusals_as_ours(ctx: dict[str, Any], task: TrainingTask, *,
+                                queued_s: float) -> dict[str, Any]:
+    """What the trainer refuses (a device, optimizer or saved state it cannot train with)
+    fails the job with a code the client can act on, not as a crash."""
+    from services.trainer.train import OptimizerUnavailable as MissingOptimizer
+    from services.trainer.train import TrainingRefused
+
+    try:
+        return await _run(ctx, task, queued_s=queued_s)
+    except MissingOptimizer as exc:
+        raise OptimizerUnavailable(f"training cannot start: {exc}") from exc
+    except (TrainingRefused, ConfigError) as exc:
+        raise InvalidJobSpec(f"training refused: {exc}") from exc
 
 
 async def train_lora(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:
@@ -224,7 +248,8 @@ async def train_lora(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, 
         ctx, job_id=task.job_id, cleanup_prefix=f"{task.output_prefix}tmp/",
         timeout_s=settings.trainer.job_timeout_s, max_tries=settings.trainer.max_tries,
         log_extra={"job_id": task.job_id, "tenant": task.tenant_id},
-        body=lambda queued_s: _run(ctx, task, queued_s=queued_s),
+        body=lambda queued_s: _run_refusals_as_ours(ctx, task, queued_s=queued_s),
+        kind=JobKind.TRAINING.value,
     )
 
 

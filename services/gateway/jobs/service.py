@@ -148,6 +148,12 @@ async def apply_event(*, session: AsyncSession, event: JobEvent) -> bool:
             values["error_message"] = str(data["error"].get("message", ""))
         if "result" in data:
             values["result"] = data["result"]
+        if isinstance(data.get("spec_filled"), dict):
+            # what only the worker could choose (the model's own scheduler), where the
+            # spec left it open, so the job's spec is the one that ran
+            spec = await session.scalar(select(Job.spec).where(Job.id == event.job_id)) or {}
+            values["spec"] = {**spec, **{key: value for key, value in data["spec_filled"].items()
+                                         if spec.get(key) is None}}
     changed = await session.execute(
         update(Job)
         .where(Job.id == event.job_id, Job.last_seq < event.seq, Job.status.not_in(_TERMINAL))

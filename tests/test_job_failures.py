@@ -1,0 +1,52 @@
+"""Errors that are not ours end a job with a code a client can act on and the job's kind."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from services.jobrunner import run_job
+from shared.events import JobEvents, decode_event
+from shared.specs import JobStatus
+from shared.storage import LocalStore
+from tests.conftest import redis_server
+
+
+class _PeftTooOld(ImportError):
+    pass
+
+
+@pytest.mark.parametrize(("raised", "code", "words"), [
+    (KeyError("latents"), "internal_error", "tagging failed unexpectedly (KeyError)"),
+    (MemoryError(), "out_of_memory", "tagging ran out of memory"),
+    (_PeftTooOld("no", name="peft"), "dependency_unavailable", "lacks a package it needs"),
+])
+async def test_a_foreign_error_fails_the_job_with_a_code_and_its_kind(
+    tmp_path: Path, raised: Exception, code: str, words: str,
+) -> None:
+    server = redis_server(tmp_path / "redis")
+    redis = aioredis.Redis.from_url(server.url)
+    try:
+        events = JobEvents(redis, stream="events", maxlen=100, ttl_s=60)
+        await events.create("j", tenant_id="t")
+        store = LocalStore(tmp_path / "store", public_url="http://x", secret="s",
+                           presign_expires_s=60)
+        ctx: dict[str, Any] = {"events": events, "store": store, "worker_name": "w"}
+
+        async def body(_queued_s: float) -> dict[str, Any]:
+            raise raised
+
+        outcome = await run_job(ctx, job_id="j", cleanup_prefix="tmp/j/", timeout_s=10,
+                                max_tries=2, log_extra={}, body=body, kind="tagging")
+        assert outcome == {"status": "failed"}
+        assert await events.state("j") is JobStatus.FAILED
+        last = decode_event((await redis.xrange("events"))[-1][1])
+        assert last.data["error"]["code"] == code
+        assert words in last.data["error"]["message"]
+        assert "generation" not in last.data["error"]["message"]
+    finally:
+        await redis.aclose()
+        server.stop()
