@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 
 from services.client import ApiError, LoomisClient
-from services.devstack import Stack, StackError, free_port
+from services.devstack import Stack, StackError, Supervisor, free_port
 
 
 def _gateway_settings() -> Any:
@@ -98,14 +98,13 @@ def cmd_up(args: argparse.Namespace) -> int:
         nonlocal stopping
         stopping = True
 
+    def _say(message: str) -> None:
+        print(f"{time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
+
     signal.signal(signal.SIGTERM, _stop)
     try:
-        while not stopping:
-            for child in stack.children:
-                if not child.alive():
-                    print(f"{child.name} exited unexpectedly:\n{child.tail()}", file=sys.stderr)
-                    stopping = True
-            time.sleep(0.5)
+        # A process that dies is restarted (with backoff); the rest keep running.
+        Supervisor(stack, say=_say).run(until=lambda: stopping)
     except KeyboardInterrupt:
         pass
     print("\nstopping ...", flush=True)

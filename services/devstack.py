@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,6 +59,10 @@ class Child:
     name: str
     popen: subprocess.Popen[bytes]
     log: Path
+    argv: list[str] = field(default_factory=list)
+    env: dict[str, str] | None = None
+    started: float = field(default_factory=time.monotonic)
+    restarts: int = 0
 
     def alive(self) -> bool:
         return self.popen.poll() is None
@@ -67,6 +72,19 @@ class Child:
             return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
+
+
+def _popen(argv: list[str], *, log: Path, env: dict[str, str] | None) -> subprocess.Popen[bytes]:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as out:
+        return subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def respawn(child: Child) -> None:
+    """Start an exited child again: same command, same environment, same log."""
+    child.popen = _popen(child.argv, log=child.log, env=child.env)
+    child.started = time.monotonic()
+    child.restarts += 1
 
 
 def stop_child(child: Child, *, timeout: float = 15.0) -> None:
@@ -92,13 +110,10 @@ def start_redis(data_dir: Path, port: int | None = None) -> tuple[Child, str]:
     redis_dir = data_dir / "redis"
     redis_dir.mkdir(parents=True, exist_ok=True)
     log = data_dir / "logs" / "redis.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    popen = subprocess.Popen(
-        [binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(redis_dir),
-         "--appendonly", "yes", "--save", ""],
-        stdout=log.open("ab"), stderr=subprocess.STDOUT,
-    )
-    child = Child("redis", popen, log)
+    # The append-only file keeps the queue and live job state across a restart.
+    argv = [binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(redis_dir),
+            "--appendonly", "yes", "--save", ""]
+    child = Child("redis", _popen(argv, log=log, env=None), log, argv=argv)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
@@ -141,10 +156,8 @@ class Stack:
 
     def _spawn(self, name: str, argv: list[str]) -> Child:
         log = self.data_dir / "logs" / f"{name}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        popen = subprocess.Popen(argv, env=self.child_env(), stdout=log.open("ab"),
-                                 stderr=subprocess.STDOUT)
-        child = Child(name, popen, log)
+        env = self.child_env()
+        child = Child(name, _popen(argv, log=log, env=env), log, argv=argv, env=env)
         self.children.append(child)
         return child
 
@@ -236,3 +249,61 @@ class Stack:
         for child in reversed(self.children):
             stop_child(child)
         self.children.clear()
+
+
+def _exit_reason(code: int | None) -> str:
+    if code is not None and code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
+@dataclass
+class Supervisor:
+    """Keeps every process of a running stack alive, as ``loomis up`` promises.
+
+    A process that exits is started again with the same command: a worker's job is then
+    re-delivered to it (or to a peer) once its lease runs out, Redis comes back with its
+    append-only file on the same port, and the gateway on the same port. While a process
+    keeps failing, the wait before each restart doubles from ``first_delay_s`` up to
+    ``max_delay_s``; it starts from the beginning again once the process has stayed up for
+    ``healthy_after_s``. Nothing else is stopped.
+    """
+
+    stack: Stack
+    say: Callable[[str], None]
+    first_delay_s: float = 1.0
+    max_delay_s: float = 60.0
+    healthy_after_s: float = 60.0
+    _delay: dict[str, float] = field(default_factory=dict)
+    _due: dict[str, float] = field(default_factory=dict)
+
+    def check(self) -> None:
+        """One pass: note what has exited, restart what is due."""
+        now = time.monotonic()
+        for child in self.stack.children:
+            if child.alive():
+                if now - child.started >= self.healthy_after_s:
+                    self._delay.pop(child.name, None)
+                continue
+            due = self._due.get(child.name)
+            if due is None:
+                previous = self._delay.get(child.name)
+                delay = (self.first_delay_s if previous is None
+                         else min(previous * 2, self.max_delay_s))
+                self._delay[child.name] = delay
+                self._due[child.name] = now + delay
+                self.say(f"{child.name} (pid {child.popen.pid}) exited "
+                         f"({_exit_reason(child.popen.returncode)}) after "
+                         f"{now - child.started:.1f}s; restarting it in {delay:.0f}s. "
+                         f"Last lines of {child.log}:\n{child.tail(10)}")
+            elif now >= due:
+                del self._due[child.name]
+                respawn(child)
+                self.say(f"{child.name} restarted (pid {child.popen.pid}, restart "
+                         f"{child.restarts})")
+
+    def run(self, *, until: Callable[[], bool], interval_s: float = 0.5) -> None:
+        while not until():
+            self.check()
+            time.sleep(interval_s)

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from arq import create_pool
 from arq.connections import ArqRedis
@@ -23,7 +24,15 @@ from arq.worker import func
 
 from services.jobrunner import make_worker
 from shared.settings import Settings
-from tests.conftest import RedisServer, redis_server
+from tests.conftest import (
+    RedisServer,
+    S3Server,
+    launch_stack,
+    redis_server,
+    wait_for_event,
+    wait_terminal,
+)
+from tests.test_trainings_e2e import training_zip
 
 QUEUE = "loomis:queue:test"
 
@@ -140,3 +149,155 @@ async def test_worker_rides_out_a_redis_restart(redis: RedisServer) -> None:
         assert not running.done()
         assert started == ["across", "after"]  # nothing ran twice
         await pool.aclose()
+
+
+def _training(dataset_id: str, steps: int) -> dict[str, Any]:
+    return {"name": f"outage-{steps}", "dataset_id": dataset_id,
+            "data": {"resolution": 64, "batch_size": 2, "min_bucket_reso": 64,
+                     "max_bucket_reso": 128},
+            "network": {"rank": 4}, "optim": {"max_train_steps": steps, "seed": 2}}
+
+
+def _wait_ready(url: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        assert time.monotonic() < deadline, f"{url} not ready after {timeout}s"
+        time.sleep(0.2)
+
+
+def test_every_worker_and_the_gateway_ride_out_a_redis_restart(
+    tmp_path: Path, s3_server: S3Server, model_cache: Path
+) -> None:
+    """Redis stops for 5 s under a training: no process exits, the training finishes in one
+    attempt, and a generation, a tagging and a training submitted afterwards all succeed
+    (their events reach SQL, so the gateway's consumer came back too)."""
+    running = launch_stack(
+        tmp_path, database_url=f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}", s3=s3_server,
+        model_cache=model_cache, tagger=True, trainer=True)
+    try:
+        with running.client() as client:
+            dataset_id = client.post("/v1/datasets", data={"name": "d", "min_side": "64"},
+                                     files=[("zip", ("d.zip", training_zip(),
+                                                     "application/zip"))]).json()["id"]
+            across = client.post("/v1/trainings", json=_training(dataset_id, 12)).json()
+            wait_for_event(client, across["id"], "progress")
+            assert client.get(f"/v1/jobs/{across['id']}").json()["status"] == "running"
+
+            running.redis.stop()
+            time.sleep(5)
+            exited = [c.name for c in running.stack.children if not c.alive()]
+            running.redis.restart()
+            assert exited == [], f"exited during the outage: {exited}"
+            _wait_ready(running.url)
+
+            after = [
+                client.post("/v1/generations", json={
+                    "prompt": "after", "model": "tiny-sd15", "width": 64, "height": 64,
+                    "steps": 2, "seed": 1}),
+                client.post("/v1/taggings", json={"dataset_id": dataset_id, "caption": None}),
+                client.post("/v1/trainings", json=_training(dataset_id, 2)),
+            ]
+            assert [r.status_code for r in after] == [202, 202, 202], [r.text for r in after]
+            done = [wait_terminal(client, r.json()["id"], timeout=120) for r in after]
+            assert [(j["kind"], j["status"]) for j in done] == [
+                ("generation", "succeeded"), ("tagging", "succeeded"),
+                ("training", "succeeded")], done
+            finished = wait_terminal(client, across["id"], timeout=120)
+            assert finished["status"] == "succeeded", finished
+            assert finished["attempts"] == 1  # rode it out, was not re-run
+            assert [c.name for c in running.stack.children if not c.alive()] == []
+    finally:
+        running.stack.stop()
+        running.redis.stop()
+
+
+def _children(pid: int) -> dict[str, int]:
+    """The processes ``loomis up`` started, by role: {"redis": pid, "gateway": pid, ...}."""
+    roles = {"redis-server": "redis", "uvicorn": "gateway", "services.generator": "generator",
+             "services.tagger": "tagger", "services.trainer": "trainer"}
+    found: dict[str, int] = {}
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        with contextlib.suppress(OSError):
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            role = next((r for marker, r in roles.items() if marker in cmdline), None)
+            if role:
+                found[role] = int(child)
+    return found
+
+
+def _wait_children(pid: int, expect: set[str], timeout: float = 30) -> dict[str, int]:
+    deadline = time.monotonic() + timeout
+    while (found := _children(pid)).keys() != expect:
+        assert time.monotonic() < deadline, f"children {found}, expected {expect}"
+        time.sleep(0.2)
+    return found
+
+
+def test_loomis_up_restarts_what_dies_and_keeps_the_rest(
+    tmp_path: Path, model_cache: Path
+) -> None:
+    """SIGKILL the generator, then Redis, then the gateway under ``loomis up``: each comes
+    back on its own, nothing else is restarted, and jobs keep working."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from services.devstack import free_port
+
+    port = free_port()
+    env = {**os.environ, "LOOMIS_DATA_DIR": str(tmp_path / "data"), "LOOMIS_ENV": "test",
+           "LOOMIS_GENERATOR__MODEL_CACHE": str(model_cache), "HF_HUB_OFFLINE": "1"}
+    env = {k: v for k, v in env.items() if k not in ("LOOMIS_DB__URL", "LOOMIS_REDIS__URL")}
+    out = (tmp_path / "up.log").open("wb")
+    up = subprocess.Popen(
+        [sys.executable, "-c", "from services.cli import main; raise SystemExit(main())",
+         "up", "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    everything = {"redis", "gateway", "generator", "tagger", "trainer"}
+
+    def log() -> str:
+        return (tmp_path / "up.log").read_text(errors="replace")
+
+    def generate(client: httpx.Client) -> None:
+        job = client.post("/v1/generations", json={
+            "prompt": "still here", "model": "tiny-sd15", "width": 64, "height": 64,
+            "steps": 2, "seed": 3})
+        assert job.status_code == 202, job.text
+        assert wait_terminal(client, job.json()["id"], timeout=120)["status"] == "succeeded"
+
+    try:
+        deadline = time.monotonic() + 240
+        while "Loomis is up" not in log():
+            assert up.poll() is None and time.monotonic() < deadline, log()
+            time.sleep(0.5)
+        key = (tmp_path / "data" / "dev-api-key").read_text().strip()
+        before = _wait_children(up.pid, everything)
+        with httpx.Client(base_url=url, timeout=30,
+                          headers={"Authorization": f"Bearer {key}"}) as client:
+            for victim in ("generator", "redis", "gateway"):
+                os.kill(before[victim], signal.SIGKILL)
+                deadline = time.monotonic() + 30
+                while (now := _children(up.pid)).get(victim) in (None, before[victim]):
+                    assert up.poll() is None, f"loomis up exited after the {victim} died"
+                    assert time.monotonic() < deadline, f"{victim} not restarted: {log()}"
+                    time.sleep(0.2)
+                now = _wait_children(up.pid, everything)
+                assert {r: p for r, p in now.items() if r != victim} == {
+                    r: p for r, p in before.items() if r != victim}, "others were restarted"
+                before = now
+                _wait_ready(url, timeout=60)
+                generate(client)
+        assert "generator (pid" in log() and "killed by SIGKILL" in log()
+        assert log().count("restarted (pid") == 3
+    finally:
+        up.send_signal(signal.SIGTERM)
+        try:
+            assert up.wait(60) == 0
+        finally:
+            if up.poll() is None:
+                up.kill()
+            out.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 
 from tests.conftest import S3Server, wait_terminal
@@ -11,7 +12,8 @@ from tests.test_trainings_e2e import events_of, training_zip
 def test_trainer_killed_mid_run_resumes_from_its_saved_step(
     tmp_path: Path, s3_server: S3Server, model_cache: Path,
 ) -> None:
-    """arq re-delivers the job after the dead worker's lease; it continues from its state."""
+    """With the default 6 h job timeout, the job is re-delivered once the dead worker's lease
+    (20 s, renewed every 5 s while it lives) runs out, and continues from its state."""
     import signal
     import time
 
@@ -19,8 +21,7 @@ def test_trainer_killed_mid_run_resumes_from_its_saved_step(
 
     running = launch_stack(
         tmp_path, database_url=f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}", s3=s3_server,
-        model_cache=model_cache, worker=False, trainer=True,
-        extra_env={"LOOMIS_TRAINER__JOB_TIMEOUT_S": "25"})
+        model_cache=model_cache, worker=False, trainer=True)
     try:
         with running.client() as client:
             dataset_id = client.post("/v1/datasets", data={"name": "k", "min_side": "64"}, files=[
@@ -38,13 +39,23 @@ def test_trainer_killed_mid_run_resumes_from_its_saved_step(
             trainer = next(c for c in running.stack.children if c.name == "trainer")
             trainer.popen.send_signal(signal.SIGKILL)
             trainer.popen.wait(10)
+            killed, killed_at = time.monotonic(), datetime.now(UTC)
             saved = max(int(k.rsplit("step-", 1)[1].split(".")[0])
                         for k in running.s3_keys("training/") if "/state/step-" in k)
             running.stack.start_trainer("trainer-2")
-            done = wait_terminal(client, job["id"], timeout=150)
+            done = wait_terminal(client, job["id"], timeout=90)
+            took = time.monotonic() - killed
             assert done["status"] == "succeeded", done
+            assert took < 60, f"resumed and finished {took:.0f}s after the kill"
             assert done["attempts"] == 2 and done["result"]["steps"] == 30
             events = events_of(client, job["id"])
+            rerun = next(e for e in events
+                         if e["type"] == "running" and e["data"].get("attempt") == 2)
+            rerun_at = datetime.fromisoformat(rerun["at"].replace("Z", "+00:00"))
+            rerun_at = rerun_at if rerun_at.tzinfo else rerun_at.replace(tzinfo=UTC)
+            redelivered_s = (rerun_at - killed_at).total_seconds()
+            assert redelivered_s < 30, f"re-delivered {redelivered_s:.0f}s after the kill"
+            print(f"re-delivered {redelivered_s:.1f}s, finished {took:.1f}s after the kill")
             resumed = [e for e in events if "resumed_from" in e["data"]]
             assert resumed, "the re-run did not resume"
             after = events[events.index(resumed[0]) + 1:]
