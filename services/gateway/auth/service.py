@@ -125,7 +125,7 @@ async def revoke_api_key(*, database_url: str, key: str) -> ApiKey:
                 raise LookupError(f"no API key with id or prefix {key!r}")
             if len(matches) > 1:
                 raise LookupError(f"{len(matches)} keys have the prefix {key!r}; use the id")
-            found = matches[0]
+            found: ApiKey = matches[0]
             if found.revoked_at is None:
                 found.revoked_at = utcnow()
                 await session.commit()
