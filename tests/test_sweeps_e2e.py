@@ -34,6 +34,7 @@ def test_two_axis_sweep_makes_grid_sheet_and_metadata(stack: RunningStack) -> No
         assert by_index[4]["labels"] == {"guidance_scale": 5, "seed": 123}
         assert by_index[4]["spec"]["guidance_scale"] == 5 and by_index[4]["spec"]["seed"] == 123
         assert by_index[4]["spec"]["steps"] == 2  # each cell's spec is complete
+        assert by_index[4]["spec"]["scheduler"] == "Euler"  # the model's own, as it ran
         sheet_ref = next(a for a in job["artifacts"] if a["kind"] == "contact_sheet")
         sheet = Image.open(io.BytesIO(httpx.get(sheet_ref["url"]).content))
         # 3 columns x 2 rows of 64 px cells plus label margins.
