@@ -10,11 +10,15 @@ only; no tensor data is decoded.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, BinaryIO, Literal
+
+from pydantic import AfterValidator, Field
+from pydantic_core import PydanticCustomError
 
 from shared.models import BUILTIN_PRESETS, ModelFamily, ModelPreset
 
@@ -35,6 +39,13 @@ DTYPE_SIZES: dict[str, int] = {
 
 _ZIP_MAGIC = b"PK\x03\x04"
 
+# A LoRA's name is written into prompts (`<lora:name:0.8>`), PNG text and manifests, and is the
+# obvious file name when someone downloads it: it must be safe in all of them.
+LORA_NAME_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$"
+LORA_NAME_RULE = ("1 to 64 characters, each an ASCII letter, a digit, '.', '_' or '-', "
+                  "not starting with '.'")
+_NAME_FORBIDDEN = re.compile(r"[^A-Za-z0-9._-]+")
+
 # Input widths of the real models' attention projections, to say which model a file is for.
 _REAL_WIDTHS: dict[Denoiser, dict[int, tuple[str, ModelFamily | None]]] = {
     "unet": {768: ("SD1.5", ModelFamily.SD15), 1024: ("SD2", None), 2048: ("SDXL", ModelFamily.SDXL)},
@@ -45,6 +56,34 @@ _DENOISER_FAMILIES: dict[Denoiser, tuple[ModelFamily, ...]] = {
     "unet": (ModelFamily.SD15, ModelFamily.SDXL),
     "flux": (ModelFamily.FLUX,),
 }
+
+
+def lora_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a LoRA (see ``LORA_NAME_RULE``), or None when it can."""
+    if re.fullmatch(LORA_NAME_PATTERN, name):
+        return None
+    return f"a LoRA name is {LORA_NAME_RULE}"
+
+
+def _check_lora_name(name: str) -> str:
+    problem = lora_name_problem(name)
+    if problem is not None:
+        raise PydanticCustomError("lora_name", problem)
+    return name
+
+
+LoraName = Annotated[str, AfterValidator(_check_lora_name), Field(
+    min_length=1, max_length=64, json_schema_extra={"pattern": LORA_NAME_PATTERN},
+    description=f"The LoRA's name: {LORA_NAME_RULE}.",
+)]
+
+
+def lora_name_from_filename(filename: str | None) -> str:
+    """A valid name from an uploaded file's name (``My Style v2.safetensors`` ->
+    ``My_Style_v2``), for uploads that give none."""
+    base = (filename or "").replace("\\", "/").rsplit("/", 1)[-1]
+    stem = base.rsplit(".", 1)[0] if "." in base.lstrip(".") else base
+    return _NAME_FORBIDDEN.sub("_", stem).lstrip(".")[:64] or "lora"
 
 
 class LoraRejected(ValueError):
@@ -71,6 +110,9 @@ class LoraInfo:
     ``dims`` holds the input widths of the layers that pin a LoRA to one model: SD's
     cross-attention ``attn2.to_k``/``to_v`` (the text encoder width) and Flux's attention
     q/k (the transformer width). ``family_hint`` is None when names and widths do not say.
+    ``widths`` holds every input and output width of the adapted layers, per component
+    (``unet``, ``transformer``, ``text_encoder``...): a LoRA with a layer of a width the model
+    lacks cannot load into it ("size mismatch"), whichever layers it adapts.
     """
 
     format: LoraFormat
@@ -87,6 +129,14 @@ class LoraInfo:
     denoiser_key: str | None = None
     sdxl_marker: str | None = None
     sdxl_marker_reason: str | None = None
+    widths: dict[str, frozenset[int]] = field(default_factory=dict)
+
+    def record(self) -> dict[str, Any]:
+        """What a LoRA's row keeps (JSON), so submissions are checked without the file."""
+        return {"targets": self.targets, "has_text_encoder": self.has_text_encoder,
+                "dims": sorted(self.dims),
+                "widths": {component: sorted(found) for component, found in self.widths.items()},
+                "metadata": dict(list(self.metadata.items())[:20])}
 
 
 # --------------------------------------------------------------------------- safetensors
@@ -110,7 +160,7 @@ def _is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def read_safetensors_header(data: bytes) -> tuple[dict[str, TensorEntry], dict[str, str]]:
+def read_safetensors_header(data: bytes | BinaryIO) -> tuple[dict[str, TensorEntry], dict[str, str]]:
     """Validate the container the way the reference loader would, so that what passes here
     also loads in the worker: header inside the file, known dtypes, sizes that match shapes,
     and tensors that tile the data buffer exactly (no gaps, no overlaps, nothing past the end).
@@ -118,22 +168,30 @@ def read_safetensors_header(data: bytes) -> tuple[dict[str, TensorEntry], dict[s
     Raises ``LoraRejected(code="not_safetensors")``.
     """
     try:
-        return _read_header(data)
+        return _read_header(io.BytesIO(data) if isinstance(data, bytes) else data)
     except _Malformed as exc:
         raise LoraRejected(f"This is not a valid .safetensors file: {exc}.",
                            code="not_safetensors") from None
 
 
-def _read_header(data: bytes) -> tuple[dict[str, TensorEntry], dict[str, str]]:
-    if len(data) < 8:
-        raise _Malformed(f"it is only {len(data)} bytes long")
-    header_len = int.from_bytes(data[:8], "little")
-    if header_len < 2 or header_len > len(data) - 8:
+def _file_size(file: BinaryIO) -> int:
+    size = file.seek(0, io.SEEK_END)
+    file.seek(0)
+    return size
+
+
+def _read_header(file: BinaryIO) -> tuple[dict[str, TensorEntry], dict[str, str]]:
+    # Only the header is read: a multi-GB upload is checked from its first bytes and its size.
+    size = _file_size(file)
+    if size < 8:
+        raise _Malformed(f"it is only {size} bytes long")
+    header_len = int.from_bytes(file.read(8), "little")
+    if header_len < 2 or header_len > size - 8:
         raise _Malformed(f"its header length ({header_len} bytes) does not fit in the "
-                         f"{len(data)}-byte file")
+                         f"{size}-byte file")
     if header_len > MAX_HEADER_BYTES:
         raise _Malformed(f"its header is {header_len} bytes, over the {MAX_HEADER_BYTES}-byte limit")
-    raw = data[8:8 + header_len]
+    raw = file.read(header_len)
     if raw[:1] != b"{":
         raise _Malformed("its header does not start with a JSON object")
     try:
@@ -152,7 +210,7 @@ def _read_header(data: bytes) -> tuple[dict[str, TensorEntry], dict[str, str]]:
         raise _Malformed("its __metadata__ is not a map of strings to strings")
     metadata: dict[str, str] = dict(metadata_raw)
 
-    buffer_len = len(data) - 8 - header_len
+    buffer_len = size - 8 - header_len
     tensors = {name: _tensor_entry(name, info, buffer_len) for name, info in header.items()}
     position = 0
     for name, entry in sorted(tensors.items(), key=lambda item: (item[1].begin, item[1].end)):
@@ -225,6 +283,11 @@ _KOHYA_FLUX_BLOCKS = ("double_blocks_", "single_blocks_", "img_in", "txt_in", "t
                       "guidance_in", "final_layer")
 _PEFT_COMPONENTS: dict[str, Component] = {
     "unet": "unet", "transformer": "flux", "text_encoder": "text_encoder",
+    "text_encoder_2": "text_encoder_2", "text_encoder_3": "text_encoder_3",
+}
+# The pipeline component each part of a LoRA loads into, as diffusers and model presets name it.
+_MODEL_COMPONENTS: dict[Component, str] = {
+    "unet": "unet", "flux": "transformer", "text_encoder": "text_encoder",
     "text_encoder_2": "text_encoder_2", "text_encoder_3": "text_encoder_3",
 }
 _ROLES: dict[str, Role] = {
@@ -393,17 +456,23 @@ def _family_hint(denoiser: Denoiser | None, sdxl: bool, dims: Iterable[int]) -> 
     return None
 
 
-def inspect_lora(data: bytes) -> LoraInfo:
+def inspect_lora(data: bytes | BinaryIO) -> LoraInfo:
     """Everything the gateway needs to accept or refuse an upload, from names and shapes alone.
+
+    ``data`` may be a seekable file: only its header is held in memory, and the hash is
+    computed in chunks, so checking a 2 GiB upload costs no more than a small one.
 
     Raises ``LoraRejected`` with code ``pickle_refused``, ``not_safetensors`` or ``not_a_lora``.
     """
-    if data.startswith(_ZIP_MAGIC):
+    file = io.BytesIO(data) if isinstance(data, bytes) else data
+    file.seek(0)
+    head = file.read(8)
+    if head.startswith(_ZIP_MAGIC):
         raise _pickle_refused()
     try:
-        tensors, metadata = _read_header(data)
+        tensors, metadata = _read_header(file)
     except _Malformed as exc:
-        if _looks_like_pickle(data):
+        if _looks_like_pickle(head):
             raise _pickle_refused() from None
         raise LoraRejected(f"This is not a valid .safetensors file: {exc}. "
                            "Upload the LoRA as .safetensors.", code="not_safetensors") from None
@@ -421,6 +490,12 @@ def inspect_lora(data: bytes) -> LoraInfo:
     dims = frozenset(module.shapes["down"][1] for name, module in modules.items()
                      if module.component == denoiser and width_pattern.search(name))
     marker = _sdxl_marker(modules, denoiser)
+    widths: dict[str, set[int]] = {}
+    for module in modules.values():
+        component = _MODEL_COMPONENTS.get(module.component)
+        down, up = module.shapes.get("down"), module.shapes.get("up")
+        if component is not None and down is not None and up is not None:
+            widths.setdefault(component, set()).update((down[1], up[0]))
     return LoraInfo(
         format=fmt,
         family_hint=_family_hint(denoiser, marker is not None, dims),
@@ -430,13 +505,19 @@ def inspect_lora(data: bytes) -> LoraInfo:
                              for module in modules.values()),
         metadata=metadata,
         dims=dims,
-        sha256=hashlib.sha256(data).hexdigest(),
-        size=len(data),
+        sha256=_sha256(file),
+        size=_file_size(file),
         denoiser=denoiser,
         denoiser_key=denoiser_key,
         sdxl_marker=marker[0] if marker else None,
         sdxl_marker_reason=marker[1] if marker else None,
+        widths={component: frozenset(found) for component, found in sorted(widths.items())},
     )
+
+
+def _sha256(file: BinaryIO) -> str:
+    file.seek(0)
+    return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def _pickle_refused() -> LoraRejected:
@@ -474,11 +555,32 @@ def check_lora_for_model(info: LoraInfo, preset: ModelPreset) -> None:
         raise LoraRejected(f"This LoRA is for SDXL ({info.sdxl_marker_reason}: "
                            f"'{info.sdxl_marker}'); {preset.name} is an SD1.5 model.",
                            code="wrong_family")
-    if preset.lora_dim is None or info.denoiser is None:
-        return
-    wrong = sorted(width for width in info.dims if width != preset.lora_dim)
-    if wrong:
-        what = "attention" if info.denoiser == "flux" else "cross-attention"
-        found = _describe_width(wrong[0], info.denoiser)
-        raise LoraRejected(f"This LoRA's {what} width is {wrong[0]} ({found}); {preset.name} "
-                           f"expects {preset.lora_dim}.", code="wrong_family")
+    if preset.lora_dim is not None and info.denoiser is not None:
+        wrong = sorted(width for width in info.dims if width != preset.lora_dim)
+        if wrong:
+            what = "attention" if info.denoiser == "flux" else "cross-attention"
+            found = _describe_width(wrong[0], info.denoiser)
+            raise LoraRejected(f"This LoRA's {what} width is {wrong[0]} ({found}); "
+                               f"{preset.name} expects {preset.lora_dim}.", code="wrong_family")
+    mismatch = width_mismatch(info.widths, preset)
+    if mismatch is not None:
+        raise LoraRejected(f"This LoRA {mismatch}.", code="wrong_family")
+
+
+def width_mismatch(widths: Mapping[str, Iterable[int]], preset: ModelPreset) -> str | None:
+    """Why a LoRA with these layer widths (``LoraInfo.widths``, as recorded at upload) cannot
+    load into ``preset``, or None when every width is one the model's layers have.
+
+    Checked in both directions of a mix-up: a full-size model's LoRA on a small model, and a
+    small model's LoRA on a full-size one. Components the preset does not describe pass.
+    """
+    for component, found in widths.items():
+        known = preset.lora_widths.get(component)
+        if not known:
+            continue
+        foreign = sorted(set(found) - set(known))
+        if foreign:
+            return (f"adapts {component} layers {', '.join(map(str, foreign[:3]))} wide, which "
+                    f"{preset.name} does not have (its {component} layers are "
+                    f"{', '.join(map(str, known))} wide): it was made for another model")
+    return None

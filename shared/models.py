@@ -103,6 +103,13 @@ class ModelPreset(BaseModel):
         description="Input width of the attention projections LoRAs attach to (SD: the "
         "cross-attention dim, Flux: the transformer width); uploads are checked against it.",
     )
+    lora_widths: dict[str, tuple[int, ...]] = Field(
+        default_factory=dict,
+        description="Every input/output width of the layers a LoRA can adapt, per component "
+        "(`unet` or `transformer`, `text_encoder`, `text_encoder_2`). A LoRA with a layer of "
+        "another width cannot load into this model and is refused at upload and submission; "
+        "components left out are not checked.",
+    )
     # Overrides of the family defaults, for presets such as FLUX.1-schnell.
     min_size: int | None = None
     default_size: int | None = None
@@ -129,6 +136,14 @@ def _tiny_controlnets(base: str) -> dict[ControlType, str]:
     return {kind: f"builtin:{base}-controlnet-{kind.value}" for kind in ControlType}
 
 
+# Layer widths of the built-in models (Linear and Conv2d in and out features), so the gateway
+# can refuse a LoRA made for another model without loading either. tests/test_loras.py derives
+# them from the models themselves (the tiny ones as built, the real ones from their configs).
+_CLIP_L = (768, 3072)
+_TINY_CLIP = (32, 37)
+_FLUX_TRANSFORMER = (64, 256, 768, 3072, 4096, 6144, 9216, 12288, 15360, 18432,
+                     21504)  # 21504: BFL-layout exports fuse q, k, v and the MLP in linear1
+_TINY_FLUX_TRANSFORMER = (16, 32, 64, 96, 128, 160, 192, 224, 256)  # 224: the same fusion
 _TINY_NOTE = ("with random weights, built locally for tests, the offline demo and CPU benchmarks. "
               "Its images are noise.")
 
@@ -137,12 +152,15 @@ BUILTIN_PRESETS: tuple[ModelPreset, ...] = (
         name="tiny-sd15", family=ModelFamily.SD15, source="builtin:tiny-sd15",
         inpaint_source="builtin:tiny-sd15-inpaint", controlnets=_tiny_controlnets("tiny-sd15"),
         default_size=64, default_steps=4, dtype="float32", lora_dim=32,
+        lora_widths={"unet": (4, 32, 64, 96, 128, 256, 512), "text_encoder": _TINY_CLIP},
         description=f"A few-MB SD1.5-shaped model {_TINY_NOTE}",
     ),
     ModelPreset(
         name="tiny-sdxl", family=ModelFamily.SDXL, source="builtin:tiny-sdxl",
         controlnets=_tiny_controlnets("tiny-sdxl"), min_size=64, default_size=64,
         default_steps=4, dtype="float32", lora_dim=64,
+        lora_widths={"unet": (4, 32, 64, 80, 96, 128, 256, 512), "text_encoder": _TINY_CLIP,
+                     "text_encoder_2": _TINY_CLIP},
         description=f"An SDXL-shaped model (two text encoders, micro-conditioning) {_TINY_NOTE} "
         "It has no inpainting companion, so inpainting takes the base-model fallback.",
     ),
@@ -150,6 +168,7 @@ BUILTIN_PRESETS: tuple[ModelPreset, ...] = (
         name="tiny-flux", family=ModelFamily.FLUX, source="builtin:tiny-flux",
         controlnets=_tiny_controlnets("tiny-flux"), min_size=64, default_size=64,
         default_steps=4, max_steps=50, default_guidance=3.5, dtype="float32", lora_dim=32,
+        lora_widths={"transformer": _TINY_FLUX_TRANSFORMER, "text_encoder": _TINY_CLIP},
         description=f"A Flux-shaped model (MMDiT, CLIP + T5) {_TINY_NOTE}",
     ),
     ModelPreset(
@@ -162,6 +181,8 @@ BUILTIN_PRESETS: tuple[ModelPreset, ...] = (
             ControlType.SCRIBBLE: "lllyasviel/control_v11p_sd15_scribble",
         },
         dtype="float16", lora_dim=768, description="Stable Diffusion 1.5.",
+        lora_widths={"unet": (4, 320, 640, 768, 960, 1280, 1920, 2560, 5120, 10240),
+                     "text_encoder": _CLIP_L},
     ),
     ModelPreset(
         name="sdxl", family=ModelFamily.SDXL, source="stabilityai/stable-diffusion-xl-base-1.0",
@@ -173,12 +194,15 @@ BUILTIN_PRESETS: tuple[ModelPreset, ...] = (
             ControlType.SCRIBBLE: "xinsir/controlnet-scribble-sdxl-1.0",
         },
         dtype="float16", vae_slicing=True, vae_tiling=True, lora_dim=2048,
+        lora_widths={"unet": (4, 320, 640, 960, 1280, 1920, 2048, 2560, 2816, 5120, 10240),
+                     "text_encoder": _CLIP_L, "text_encoder_2": (1280, 5120)},
         description="SDXL base 1.0 at 1024x1024.",
     ),
     ModelPreset(
         name="flux-schnell", family=ModelFamily.FLUX, source="black-forest-labs/FLUX.1-schnell",
         dtype="bfloat16", default_steps=4, max_steps=8, default_guidance=0.0, cpu_offload=True,
         lora_dim=3072, description="FLUX.1 [schnell]: 4 steps, no guidance.",
+        lora_widths={"transformer": _FLUX_TRANSFORMER, "text_encoder": _CLIP_L},
     ),
     ModelPreset(
         name="flux-dev", family=ModelFamily.FLUX, source="black-forest-labs/FLUX.1-dev",
@@ -187,6 +211,7 @@ BUILTIN_PRESETS: tuple[ModelPreset, ...] = (
             ControlType.DEPTH: "Shakker-Labs/FLUX.1-dev-ControlNet-Depth",
         },
         dtype="bfloat16", default_guidance=3.5, cpu_offload=True, lora_dim=3072,
+        lora_widths={"transformer": _FLUX_TRANSFORMER, "text_encoder": _CLIP_L},
         description="FLUX.1 [dev]: guidance 3.5.",
     ),
 )

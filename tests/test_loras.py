@@ -322,6 +322,92 @@ def test_matching_models_accept(modules: dict[str, tuple[int, int]], naming: str
     check_lora_for_model(inspect_lora(fake_lora(modules, naming=naming)), preset(model))
 
 
+@pytest.mark.parametrize(("modules", "model", "fits"), [
+    # Neither names a cross-attention width, so only the full width check tells them apart.
+    ({"unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": (640, 640)}, "sd15", True),
+    ({"unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": (640, 640)}, "tiny-sd15",
+     False),
+    ({"unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": (64, 64)}, "tiny-sd15", True),
+    ({"unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": (64, 64)}, "sd15", False),
+    ({"text_encoder.text_model.encoder.layers.0.mlp.fc1": (768, 3072)}, "sdxl", True),
+    ({"text_encoder.text_model.encoder.layers.0.mlp.fc1": (768, 3072)}, "tiny-sdxl", False),
+    ({"lora_te2_text_model_encoder_layers_0_mlp_fc2": (5120, 1280)}, "sdxl", True),
+    ({"lora_unet_single_blocks_0_linear1": (3072, 21504)}, "flux-dev", True),
+    ({"transformer.single_transformer_blocks.0.proj_mlp": (3072, 12288)}, "tiny-flux", False),
+])
+def test_every_layer_width_must_exist_in_the_model(modules: dict[str, tuple[int, int]],
+                                                   model: str, fits: bool) -> None:
+    naming = "kohya" if next(iter(modules)).startswith("lora_") else "peft"
+    info = inspect_lora(fake_lora(modules, naming=naming))
+    if fits:
+        check_lora_for_model(info, preset(model))
+        return
+    with pytest.raises(LoraRejected) as caught:
+        check_lora_for_model(info, preset(model))
+    assert caught.value.code == "wrong_family" and f"which {model} does not have" in str(caught.value)
+
+
+def _layer_widths(model: torch.nn.Module) -> set[int]:
+    widths: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            widths |= {module.in_features, module.out_features}
+        elif isinstance(module, torch.nn.Conv2d):
+            widths |= {module.in_channels, module.out_channels}
+    return widths
+
+
+def test_preset_widths_are_the_models_own() -> None:
+    """The registry's ``lora_widths`` are data; here they are read off the models themselves:
+    the tiny ones as built, the real ones from their published configs on the meta device."""
+    from diffusers import FluxTransformer2DModel, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from services.generator.tiny import tiny_flux_transformer, tiny_sd15_unet, tiny_sdxl_unet
+
+    def clip(hidden: int, inner: int, layers: int = 1) -> set[int]:
+        config = CLIPTextConfig(hidden_size=hidden, intermediate_size=inner, projection_dim=hidden,
+                                num_hidden_layers=layers, num_attention_heads=4, vocab_size=100)
+        return _layer_widths(CLIPTextModelWithProjection(config)) | _layer_widths(CLIPTextModel(config))
+
+    def bfl(transformer: torch.nn.Module) -> set[int]:
+        # BFL-layout files fuse a single block's q, k, v and MLP input into one linear1.
+        inner = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+        return _layer_widths(transformer) | {7 * inner}
+
+    with torch.device("meta"):
+        real = {
+            "sd15": {"unet": _layer_widths(UNet2DConditionModel(
+                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+                block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768,
+                attention_head_dim=8)), "text_encoder": clip(768, 3072)},
+            "sdxl": {"unet": _layer_widths(UNet2DConditionModel(
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10),
+                cross_attention_dim=2048, attention_head_dim=(5, 10, 20), use_linear_projection=True,
+                addition_embed_type="text_time", addition_time_embed_dim=256,
+                projection_class_embeddings_input_dim=2816)),
+                "text_encoder": clip(768, 3072), "text_encoder_2": clip(1280, 5120)},
+            "flux-dev": {"transformer": bfl(FluxTransformer2DModel(
+                in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=128,
+                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                guidance_embeds=True, axes_dims_rope=(16, 56, 56))),
+                "text_encoder": clip(768, 3072)},
+        }
+    real["flux-schnell"] = real["flux-dev"]
+    tiny = {
+        "tiny-sd15": {"unet": _layer_widths(tiny_sd15_unet()), "text_encoder": clip(32, 37)},
+        "tiny-sdxl": {"unet": _layer_widths(tiny_sdxl_unet()), "text_encoder": clip(32, 37),
+                      "text_encoder_2": clip(32, 37)},
+        "tiny-flux": {"transformer": bfl(tiny_flux_transformer()), "text_encoder": clip(32, 37)},
+    }
+    for name, widths in {**real, **tiny}.items():
+        assert {component: set(found) for component, found in preset(name).lora_widths.items()} \
+            == widths, name
+
+
 # --------------------------------------------------------------------------- loading in diffusers
 
 
