@@ -13,7 +13,11 @@ def test_trainer_killed_mid_run_resumes_from_its_saved_step(
     tmp_path: Path, s3_server: S3Server, model_cache: Path,
 ) -> None:
     """With the default 6 h job timeout, the job is re-delivered once the dead worker's lease
-    (20 s, renewed every 5 s while it lives) runs out, and continues from its state."""
+    (20 s, renewed every 5 s while it lives) runs out, and continues from its state.
+
+    A second trainer stands by, as a deployment with two replicas has, so the time to
+    re-delivery is the lease's, not a worker's start-up.
+    """
     import signal
     import time
 
@@ -30,24 +34,24 @@ def test_trainer_killed_mid_run_resumes_from_its_saved_step(
                 "name": "resumed", "dataset_id": dataset_id,
                 "data": {"resolution": 64, "batch_size": 2, "min_bucket_reso": 64,
                          "max_bucket_reso": 128},
-                "network": {"rank": 4}, "optim": {"max_train_steps": 30, "seed": 2},
+                "network": {"rank": 4}, "optim": {"max_train_steps": 16, "seed": 2},
                 "save": {"every_n_steps": 4}}).json()
+            running.stack.start_trainer("trainer-2")
             deadline = time.monotonic() + 60
             while not any("/state/step-" in k for k in running.s3_keys("training/")):
                 assert time.monotonic() < deadline, "no state saved"
                 time.sleep(0.05)
-            trainer = next(c for c in running.stack.children if c.name == "trainer")
+            trainer = next(c for c in running.stack.children
+                           if c.name.startswith("trainer") and f"→ {job['id']}" in c.tail(200))
             trainer.popen.send_signal(signal.SIGKILL)
             trainer.popen.wait(10)
             killed, killed_at = time.monotonic(), datetime.now(UTC)
             saved = max(int(k.rsplit("step-", 1)[1].split(".")[0])
                         for k in running.s3_keys("training/") if "/state/step-" in k)
-            running.stack.start_trainer("trainer-2")
-            done = wait_terminal(client, job["id"], timeout=90)
+            done = wait_terminal(client, job["id"], timeout=120)
             took = time.monotonic() - killed
             assert done["status"] == "succeeded", done
-            assert took < 60, f"resumed and finished {took:.0f}s after the kill"
-            assert done["attempts"] == 2 and done["result"]["steps"] == 30
+            assert done["attempts"] == 2 and done["result"]["steps"] == 16
             events = events_of(client, job["id"])
             rerun = next(e for e in events
                          if e["type"] == "running" and e["data"].get("attempt") == 2)
@@ -55,7 +59,8 @@ def test_trainer_killed_mid_run_resumes_from_its_saved_step(
             rerun_at = rerun_at if rerun_at.tzinfo else rerun_at.replace(tzinfo=UTC)
             redelivered_s = (rerun_at - killed_at).total_seconds()
             assert redelivered_s < 30, f"re-delivered {redelivered_s:.0f}s after the kill"
-            print(f"re-delivered {redelivered_s:.1f}s, finished {took:.1f}s after the kill")
+            print(f"re-delivered {redelivered_s:.1f}s, succeeded {took:.1f}s after the kill")
+            assert took < 60, f"succeeded {took:.0f}s after the kill"
             resumed = [e for e in events if "resumed_from" in e["data"]]
             assert resumed, "the re-run did not resume"
             after = events[events.index(resumed[0]) + 1:]
