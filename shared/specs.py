@@ -12,7 +12,16 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    model_validator,
+)
 from pydantic import ValidationError as PydanticValidationError
 
 from shared.errors import ValidationFailed
@@ -535,7 +544,8 @@ class SweepAxis(RequestModel):
 
     param: Literal["guidance_scale", "steps", "seed", "scheduler", "strength", "prompt",
                    "negative_prompt"] = Field(description="The spec field this axis varies.")
-    values: Annotated[list[float | int | str], MULTILINE] = Field(
+    # Strict: a JSON true is not the number 1 (nor a seed of 1) and was accepted as one.
+    values: Annotated[list[StrictInt | StrictFloat | StrictStr], MULTILINE] = Field(
         min_length=1, max_length=32,
         description="The values it takes, 1-32; each is validated as that field.",
     )

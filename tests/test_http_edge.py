@@ -182,3 +182,13 @@ def test_non_finite_numbers_are_refused_naming_the_field(
     refused = [e for e in problem["errors"] if e["type"] == "finite_number"]
     assert refused and all(e["field"].startswith(field) for e in refused), problem
     assert "finite number" in refused[0]["message"]
+
+
+def test_a_boolean_is_not_a_sweep_value(stack: RunningStack) -> None:
+    """`values: [false]` on a seed axis was accepted as seed 0 (the schema says number or
+    string; schemathesis found it)."""
+    with stack.client("bob") as client:
+        response = client.post("/v1/sweeps", json={
+            "base": SMALL, "axes": [{"param": "seed", "values": [1, False]}]})
+    problem = _problem(response, 422, "validation_error")
+    assert {e["field"].rsplit(".", 1)[0] for e in problem["errors"]} == {"axes.0.values.1"}
