@@ -25,8 +25,9 @@ import tomllib
 import zipfile
 import zlib
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypedDict
+from typing import Any, BinaryIO, TypedDict
 
 from shared.errors import ValidationFailed
 from shared.images import MAX_INPUT_BYTES, decode_image
@@ -167,20 +168,32 @@ class IngestLimits:
     min_side: int = 512  # the training resolution: smaller images are flagged, not refused
 
 
+# An uploaded file or archive: its bytes, or a seekable file holding them.
+Upload = bytes | BinaryIO
+
+
 @dataclass(frozen=True, kw_only=True)
 class IngestedItem:
-    """One accepted image. The original bytes are kept: re-encoding would change what trains."""
+    """One accepted image. The original bytes are kept: re-encoding would change what trains.
+
+    They are read from the upload again when asked for (``load``), so an upload's images are
+    never all in memory at once.
+    """
 
     path: str  # posix, relative to the dataset root; unique, and its stem unique in its subset
     subset: str
     filename: str
     sha256: str  # of ``data``
-    data: bytes = field(repr=False)
+    load: Callable[[], bytes] = field(repr=False, compare=False)
     format: str  # "png", "jpeg", "webp" or "bmp", from the content, not the extension
     width: int  # after EXIF orientation, i.e. as the user sees it
     height: int
     caption: str | None
     flags: tuple[str, ...] = ()
+
+    @property
+    def data(self) -> bytes:
+        return self.load()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -210,7 +223,12 @@ class _Entry:
     field: str  # how errors name it: "files[3]" or "zip:img/10_sks dog/a.png"
     source: str
     path: str
-    data: bytes
+    load: Callable[[], bytes] = field(repr=False)
+
+    @property
+    def data(self) -> bytes:
+        """Read (or decompress) now: entries are read one at a time, never all at once."""
+        return self.load()
 
 
 @dataclass
@@ -234,13 +252,14 @@ def _fail(field_name: str, message: str, *, status: int = 422) -> ValidationFail
 
 
 def ingest(
-    *, files: list[tuple[str, bytes]], zips: list[tuple[str, bytes]],
+    *, files: list[tuple[str, Upload]], zips: list[tuple[str, Upload]],
     caption_extensions: tuple[str, ...] = (".caption", ".txt"), limits: IngestLimits = IngestLimits(),
 ) -> IngestResult:
     """Check an upload of training images completely and return it, or raise without a trace.
 
     ``files`` are multipart uploads (images and caption files; a filename may carry a relative
-    path such as ``10_sks dog/a.png``), ``zips`` are archives in any layout, kohya's included.
+    path such as ``10_sks dog/a.png``), ``zips`` are archives in any layout, kohya's included;
+    each is bytes or a seekable file, which must stay open while the result is used.
     The first error raises ``ValidationFailed`` naming the file (``files[i]``, ``zip`` or
     ``zip:<path>``): 413 for anything too big, 422 for anything unsafe or unreadable. Nothing
     is written, so a refused upload leaves nothing half-stored.
@@ -297,36 +316,72 @@ def _safe_path(raw: str, *, field_name: str) -> str:
     return "/".join(parts)
 
 
-def _multipart_entry(index: int, filename: str, data: bytes, *, budget: _Budget) -> _Entry:
+def _upload_size(upload: Upload) -> int:
+    if isinstance(upload, bytes):
+        return len(upload)
+    return upload.seek(0, io.SEEK_END)
+
+
+def _reader(upload: Upload) -> Callable[[], bytes]:
+    if isinstance(upload, bytes):
+        return lambda: upload
+
+    def read() -> bytes:
+        upload.seek(0)
+        return upload.read()
+
+    return read
+
+
+def _multipart_entry(index: int, filename: str, data: Upload, *, budget: _Budget) -> _Entry:
     field_name = f"files[{index}]"
     path = _safe_path(filename, field_name=field_name)
     limits = budget.limits
     budget.files += 1
     if budget.files > limits.max_files:
         raise _fail(field_name, f"more than {limits.max_files} files in one upload", status=413)
-    if len(data) > limits.max_file_bytes:
-        raise _fail(field_name, f"{len(data)} bytes; the limit per file is {limits.max_file_bytes}",
+    size = _upload_size(data)
+    if size > limits.max_file_bytes:
+        raise _fail(field_name, f"{size} bytes; the limit per file is {limits.max_file_bytes}",
                     status=413)
-    budget.declared += len(data)
-    budget.read += len(data)
+    budget.declared += size
+    budget.read += size
     if budget.declared > limits.max_total_bytes:
         raise _fail(field_name, f"the upload exceeds {limits.max_total_bytes} bytes in all", status=413)
-    return _Entry(field=field_name, source="files", path=path, data=data)
+    return _Entry(field=field_name, source="files", path=path, load=_reader(data))
 
 
 def _zip_entries(
-    name: str, data: bytes, caption_extensions: tuple[str, ...], *, budget: _Budget,
+    name: str, data: Upload, caption_extensions: tuple[str, ...], *, budget: _Budget,
     ignored: list[IgnoredEntry],
 ) -> list[_Entry]:
-    """Every entry is checked from the central directory before any is decompressed."""
+    """Every entry is checked from the central directory before any is decompressed.
+
+    The archive stays open (it owns no file of its own) so entries are decompressed when they
+    are used, and again when they are stored.
+    """
     try:
-        archive = zipfile.ZipFile(io.BytesIO(data))
+        archive = zipfile.ZipFile(io.BytesIO(data) if isinstance(data, bytes) else data)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as exc:
         raise _fail("zip", f"{name!r} is not a readable zip archive") from exc
-    with archive:
-        wanted = _check_zip(archive, name, caption_extensions, budget=budget, ignored=ignored)
-        return [_Entry(field=f"zip:{info.filename}", source=name, path=path,
-                       data=_read_entry(archive, info, name, budget=budget)) for info, path in wanted]
+    wanted = _check_zip(archive, name, caption_extensions, budget=budget, ignored=ignored)
+    return [_Entry(field=f"zip:{info.filename}", source=name, path=path,
+                   load=_ZipMember(archive, info, name, budget)) for info, path in wanted]
+
+
+@dataclass
+class _ZipMember:
+    """Decompresses one entry on demand; its bytes count towards the upload's total once."""
+
+    archive: zipfile.ZipFile
+    info: zipfile.ZipInfo
+    name: str
+    budget: _Budget | None
+
+    def __call__(self) -> bytes:
+        data = _read_entry(self.archive, self.info, self.name, budget=self.budget)
+        self.budget = None
+        return data
 
 
 def _check_zip(
@@ -369,23 +424,26 @@ def _check_zip(
     return wanted
 
 
-def _read_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo, name: str, *, budget: _Budget) -> bytes:
-    """Decompress one entry, counting what comes out rather than trusting the header."""
+def _read_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo, name: str, *,
+                budget: _Budget | None) -> bytes:
+    """Decompress one entry, counting what comes out rather than trusting the header (towards
+    the upload's total unless ``budget`` is None: a second read of the same entry)."""
     field_name = f"zip:{info.filename}"
-    limits = budget.limits
     chunks: list[bytes] = []
     size = 0
     try:
         with archive.open(info) as stream:
             while chunk := stream.read(_READ_CHUNK):
                 size += len(chunk)
-                budget.read += len(chunk)
-                if size > info.file_size or size > limits.max_file_bytes:
+                # _check_zip held file_size to the per-file limit, so this bounds both.
+                if size > info.file_size:
                     raise _fail(field_name, f"{info.filename!r} in {name!r} holds more data than its "
                                 f"header declares ({info.file_size} bytes)", status=413)
-                if budget.read > limits.max_total_bytes:
-                    raise _fail("zip", f"the upload unpacks to more than {limits.max_total_bytes} "
-                                "bytes in all", status=413)
+                if budget is not None:
+                    budget.read += len(chunk)
+                    if budget.read > budget.limits.max_total_bytes:
+                        raise _fail("zip", "the upload unpacks to more than "
+                                    f"{budget.limits.max_total_bytes} bytes in all", status=413)
                 chunks.append(chunk)
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, NotImplementedError,
             RuntimeError) as exc:
@@ -564,7 +622,8 @@ def _build_items(
     dropped: list[tuple[int, str]] = []  # (index in kept, dropped path)
     for candidate in candidates:
         entry = candidate.entry
-        digest = hashlib.sha256(entry.data).hexdigest()
+        data = entry.data
+        digest = hashlib.sha256(data).hexdigest()
         if digest in seen:  # identical bytes are not decoded twice
             index = seen[digest]
             first = kept[index]
@@ -575,7 +634,7 @@ def _build_items(
         # Only the checks are wanted (header pixel count, full decode, format): the original
         # bytes are what gets stored. A 1-bit conversion makes decode_image's PNG re-encode of
         # the result about 12x cheaper than RGB for a 6 MP photo (0.25 s against 3 s).
-        checked = decode_image(entry.data, field=entry.field, mode="1")
+        checked = decode_image(data, field=entry.field, mode="1")
         fmt = IMAGE_FORMATS.get(checked.source_format)
         if fmt is None:
             raise _fail(entry.field, f"{checked.source_format} images are not accepted in a dataset; "
@@ -598,7 +657,7 @@ def _build_items(
         flags = ("small",) if min(width, height) < limits.min_side else ()
         items.append(IngestedItem(
             path=path, subset=subset, filename=posixpath.basename(path), sha256=digest,
-            data=candidate.entry.data, format=fmt, width=width, height=height,
+            load=candidate.entry.load, format=fmt, width=width, height=height,
             caption=candidate.caption, flags=flags,
         ))
     ordered = sorted(subsets.values(), key=lambda s: (s.is_reg, s.name))

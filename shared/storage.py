@@ -12,11 +12,12 @@ import asyncio
 import hashlib
 import hmac
 import os
+import shutil
 import time
 import uuid
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import quote, urlencode
 
 from shared.errors import NotFound, StorageUnavailable
@@ -40,6 +41,20 @@ def job_prefix(tenant_id: str, job_id: str) -> str:
     return f"outputs/{tenant_id}/{job_id}/"
 
 
+_COPY_CHUNK = 1024 * 1024
+
+
+def _transfer_config() -> Any:
+    """Multipart uploads in 5 MiB parts (S3's least), two read ahead and two in flight: about
+    what one upload holds in memory (the defaults read ten 8 MiB parts ahead)."""
+    from boto3.s3.transfer import TransferConfig
+
+    config = TransferConfig(multipart_threshold=8 * 1024**2, multipart_chunksize=5 * 1024**2,
+                            max_concurrency=2, use_threads=True)
+    config.max_in_memory_upload_chunks = 2  # s3transfer's option; boto3 does not pass it on
+    return config
+
+
 def _tmp_key(key: str) -> str:
     return f"tmp/{uuid.uuid4().hex}/{key.rsplit('/', 1)[-1]}"
 
@@ -47,6 +62,11 @@ def _tmp_key(key: str) -> str:
 class ObjectStore(ABC):
     @abstractmethod
     async def put(self, key: str, data: bytes, *, content_type: str) -> None: ...
+
+    @abstractmethod
+    async def put_file(self, key: str, file: BinaryIO, *, content_type: str) -> None:
+        """Store a file's contents from its start, in chunks: uploads of gigabytes never sit
+        in memory whole."""
 
     @abstractmethod
     async def get(self, key: str) -> bytes: ...
@@ -135,6 +155,22 @@ class S3Store(ObjectStore):
         finally:
             await self._call("delete_object", Bucket=self.bucket, Key=tmp)
 
+    async def put_file(self, key: str, file: BinaryIO, *, content_type: str) -> None:
+        # An S3 object (multipart ones included) appears whole or not at all, so unlike put()
+        # this needs no temporary key; a copy of gigabytes would double the work.
+        from boto3.exceptions import S3UploadFailedError
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        await self.ensure_bucket()
+        file.seek(0)
+        try:
+            await asyncio.to_thread(
+                self.client.upload_fileobj, file, self.bucket, key,
+                ExtraArgs={"ContentType": content_type}, Config=_transfer_config(),
+            )
+        except (BotoCoreError, ClientError, S3UploadFailedError) as exc:
+            raise StorageUnavailable(f"S3 upload of {key!r} failed: {exc}") from exc
+
     async def get(self, key: str) -> bytes:
         response = await self._call("get_object", Bucket=self.bucket, Key=key)
         return await asyncio.to_thread(response["Body"].read)  # type: ignore[no-any-return]
@@ -191,6 +227,24 @@ class LocalStore(ObjectStore):
             tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
             tmp.write_bytes(data)
             os.replace(tmp, target)
+        except OSError as exc:
+            raise StorageUnavailable(f"cannot write {key!r}: {exc}") from exc
+
+    async def put_file(self, key: str, file: BinaryIO, *, content_type: str) -> None:
+        await asyncio.to_thread(self._put_file, key, file)
+
+    def _put_file(self, key: str, file: BinaryIO) -> None:
+        target = self.path_for(key)
+        file.seek(0)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+            try:
+                with tmp.open("wb") as out:
+                    shutil.copyfileobj(file, out, _COPY_CHUNK)
+                os.replace(tmp, target)
+            finally:
+                tmp.unlink(missing_ok=True)
         except OSError as exc:
             raise StorageUnavailable(f"cannot write {key!r}: {exc}") from exc
 

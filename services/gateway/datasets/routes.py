@@ -2,63 +2,92 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Query, Response, UploadFile
+from fastapi import APIRouter, Query, Request, Response
+from pydantic import ConfigDict, Field
 
 from services.gateway.datasets import service
 from services.gateway.datasets.schemas import DatasetOut, DatasetPage, ItemOut, ItemPage, ItemPatch
 from services.gateway.deps import SessionDep, StateDep, TenantDep
+from services.gateway.multipart import (
+    FORM_OVERHEAD_BYTES,
+    multipart_body,
+    parse_fields,
+    read_multipart,
+    too_large,
+)
 from services.gateway.problems import PROBLEM_RESPONSES
+from shared.datasets import IngestLimits, Upload
 from shared.errors import ValidationFailed
-from shared.text import SingleLineText
+from shared.text import RequestModel
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=PROBLEM_RESPONSES)
 
 
-async def _read_all(uploads: list[UploadFile], *, field: str, budget: list[int]) -> list[tuple[str, bytes]]:
-    out = []
-    for index, upload in enumerate(uploads):
-        data = await upload.read(budget[0] + 1)
-        budget[0] -= len(data)
-        if budget[0] < 0:
-            error = ValidationFailed([{"field": f"{field}[{index}]",
-                                       "message": "the upload is larger than the dataset limit"}])
-            error.status = 413
-            raise error
-        out.append((upload.filename or f"{field}-{index}", data))
-    return out
+class DatasetUploadFields(RequestModel):
+    """The text fields of a dataset upload; images, captions and zips travel beside them."""
 
+    model_config = ConfigDict(extra="ignore")
 
-@router.post("", response_model=DatasetOut, status_code=201, summary="Create a dataset")
-async def create_dataset(
-    session: SessionDep, tenant: TenantDep, state: StateDep,
-    name: Annotated[SingleLineText, Form(min_length=1, max_length=100,
-                                         description="The dataset's name.")],
-    files: Annotated[list[UploadFile] | None, File(description="Images (png, jpg, webp, bmp) "
-                                                   "and caption files (`name.caption`/`.txt` beside "
-                                                   "`name.png`); a filename may carry a kohya folder, "
-                                                   "e.g. `10_sks dog/a.png`.")] = None,
-    zip: Annotated[list[UploadFile] | None, File(description="Zip archives, e.g. a kohya "
-                                                 "`img/10_sks dog/…` + `reg/1_dog/…` tree.")] = None,
-    caption_extension: Annotated[str, Form(
-        pattern=r"^\.[A-Za-z0-9_]{1,15}$",
+    name: str = Field(min_length=1, max_length=100, description="The dataset's name.")
+    caption_extension: str = Field(
+        default=".caption", pattern=r"^\.[A-Za-z0-9_]{1,15}$",
         description="Caption file extension: read before `.caption` and `.txt`, and written by "
-                    "the export and by tagging jobs.")] = ".caption",
-    min_side: Annotated[int, Form(ge=64, le=4096, description="Training resolution; smaller "
-                                  "images are flagged in the report.")] = 512,
-) -> DatasetOut:
+                    "the export and by tagging jobs.")
+    min_side: int = Field(default=512, ge=64, le=4096, description="Training resolution; "
+                          "smaller images are flagged in the report.")
+
+
+_LIMITS = IngestLimits()
+# Every part has a few hundred bytes of boundary and headers besides its data.
+_BODY_LIMIT = _LIMITS.max_total_bytes + FORM_OVERHEAD_BYTES + 512 * _LIMITS.max_files
+
+
+@router.post(
+    "", response_model=DatasetOut, status_code=201, summary="Create a dataset",
+    openapi_extra=multipart_body({
+        "files": {"type": "array", "items": {"type": "string", "format": "binary"},
+                  "description": "Images (png, jpg, webp, bmp) and caption files "
+                  "(`name.caption`/`.txt` beside `name.png`); a filename may carry a kohya "
+                  "folder, e.g. `10_sks dog/a.png`."},
+        "zip": {"type": "array", "items": {"type": "string", "format": "binary"},
+                "description": "Zip archives, e.g. a kohya `img/10_sks dog/…` + `reg/1_dog/…` "
+                "tree."},
+        **DatasetUploadFields.model_json_schema()["properties"],
+    }, required=["name"]),
+)
+async def create_dataset(request: Request, session: SessionDep, tenant: TenantDep,
+                         state: StateDep) -> DatasetOut:
     """Everything is checked before anything is stored: non-images, corrupt images,
     decompression bombs, zip-slip/absolute/symlink entries and archives over the limits are a
-    4xx naming the entry. Duplicate images (same content) are kept once and reported."""
-    budget = [service.read_upload_limit()]
-    file_parts = await _read_all(files or [], field="files", budget=budget)
-    zip_parts = await _read_all(zip or [], field="zip", budget=budget)
-    if not file_parts and not zip_parts:
-        raise ValidationFailed([{"field": "files", "message": "send image files and/or a zip"}])
-    dataset, items = await service.create_dataset(
-        session=session, store=state.store, tenant=tenant, name=name, files=file_parts,
-        zips=zip_parts, caption_extension=caption_extension, min_side=min_side)
+    4xx naming the entry. Duplicate images (same content) are kept once and reported. At most
+    512 MiB of files (unpacked) and 10,000 files in one upload."""
+    await session.close()  # an upload may take minutes: hold no pooled connection meanwhile
+    async with read_multipart(request, max_bytes=_BODY_LIMIT, file_field="files",
+                              max_files=_LIMITS.max_files) as form:
+        fields = parse_fields(DatasetUploadFields, form)
+        budget = _LIMITS.max_total_bytes
+        for field_name in ("files", "zip"):
+            for index, part in enumerate(form.files_of(field_name)):
+                budget -= part.size
+                if budget < 0:
+                    raise too_large(f"{field_name}[{index}]",
+                                    "the upload is larger than the dataset limit")
+        with contextlib.ExitStack() as opened:
+            def parts(field_name: str) -> list[tuple[str, Upload]]:
+                return [(part.filename or f"{field_name}-{index}", opened.enter_context(part.open()))
+                        for index, part in enumerate(form.files_of(field_name))]
+
+            file_parts, zip_parts = parts("files"), parts("zip")
+            if not file_parts and not zip_parts:
+                raise ValidationFailed([{"field": "files",
+                                         "message": "send image files and/or a zip"}])
+            dataset, items = await service.create_dataset(
+                session=session, store=state.store, tenant=tenant, name=fields.name,
+                files=file_parts, zips=zip_parts, caption_extension=fields.caption_extension,
+                min_side=fields.min_side)
     return service.dataset_out(dataset, items)
 
 

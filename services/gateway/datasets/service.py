@@ -18,6 +18,7 @@ from shared.datasets import (
     IngestResult,
     ItemSummary,
     SubsetInfo,
+    Upload,
     build_report,
     export_zip,
     ingest,
@@ -61,10 +62,13 @@ def item_flags(item: DatasetItem) -> list[str]:
 
 async def create_dataset(
     *, session: AsyncSession, store: ObjectStore, tenant: Tenant, name: str,
-    files: list[tuple[str, bytes]], zips: list[tuple[str, bytes]], caption_extension: str,
+    files: list[tuple[str, Upload]], zips: list[tuple[str, Upload]], caption_extension: str,
     min_side: int,
 ) -> tuple[Dataset, list[DatasetItem]]:
-    """Ingest (pure, may refuse), store every object, then commit the rows; undo on failure."""
+    """Ingest (pure, may refuse), store every object, then commit the rows; undo on failure.
+
+    Images are read back from the upload one at a time as they are stored.
+    """
     extensions = tuple(dict.fromkeys((caption_extension, ".caption", ".txt")))
     result: IngestResult = await asyncio.to_thread(
         ingest, files=files, zips=zips, caption_extensions=extensions,
@@ -91,10 +95,11 @@ async def create_dataset(
             item_id = new_id()
             key = prefix + ingested.path
             thumb_key = f"{prefix}.thumbs/{item_id}.jpg"
-            await store.put(key, ingested.data,
-                            content_type=CONTENT_TYPES.get(ingested.format, "image/png"))
-            await store.put(thumb_key, await asyncio.to_thread(_thumbnail, ingested.data),
+            data = await asyncio.to_thread(ingested.load)
+            await store.put(key, data, content_type=CONTENT_TYPES.get(ingested.format, "image/png"))
+            await store.put(thumb_key, await asyncio.to_thread(_thumbnail, data),
                             content_type="image/jpeg")
+            del data
             rows.append(DatasetItem(
                 id=item_id, dataset_id=dataset_id, tenant_id=tenant.id, subset=ingested.subset,
                 path=ingested.path, filename=ingested.filename, key=key, thumb_key=thumb_key,
@@ -216,9 +221,3 @@ async def delete_dataset(*, session: AsyncSession, store: ObjectStore, dataset: 
     await session.delete(dataset)
     await session.commit()
     await store.delete_prefix(prefix)
-
-
-def read_upload_limit() -> int:
-    return IngestLimits().max_total_bytes
-
-

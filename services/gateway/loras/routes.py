@@ -4,43 +4,69 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Query, Response, UploadFile
+from fastapi import APIRouter, Query, Request, Response
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from services.gateway.deps import SessionDep, StateDep, TenantDep
 from services.gateway.loras import service
 from services.gateway.loras.schemas import LoraOut, LoraPage
+from services.gateway.multipart import (
+    FORM_OVERHEAD_BYTES,
+    binary,
+    multipart_body,
+    parse_fields,
+    read_multipart,
+    too_large,
+)
 from services.gateway.problems import PROBLEM_RESPONSES
-from shared.errors import ValidationFailed
-from shared.text import SingleLineText
+from shared.loras import LoraName, lora_name_from_filename
 
 router = APIRouter(prefix="/v1/loras", tags=["loras"], responses=PROBLEM_RESPONSES)
 
 
-@router.post("", response_model=LoraOut, status_code=201, summary="Upload a LoRA adapter")
-async def upload_lora(
-    file: Annotated[UploadFile, File(description="A .safetensors LoRA (diffusers/peft or kohya "
-                                     "key names). Pickle files (.ckpt/.pt/.bin) are refused.")],
-    base_model: Annotated[SingleLineText, Form(max_length=100, description="The preset it was trained for, "
-                                    "e.g. `sd15`; the file is checked against it.")],
-    session: SessionDep,
-    tenant: TenantDep,
-    state: StateDep,
-    name: Annotated[SingleLineText | None, Form(
-        max_length=100, description="Defaults to the file's name.")] = None,
-) -> LoraOut:
+class LoraUploadFields(BaseModel):
+    """The text fields of a LoRA upload; the file travels beside them as `file`."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    base_model: str = Field(min_length=1, max_length=100, description="The preset it was "
+                            "trained for, e.g. `sd15`; the file is checked against it.")
+    name: LoraName | None = Field(default=None, description="Defaults to the file's name, "
+                                  "made to fit the rule.")
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _empty_is_absent(cls, value: object) -> object:
+        return None if value == "" else value  # an HTML form sends its empty inputs
+
+
+@router.post(
+    "", response_model=LoraOut, status_code=201, summary="Upload a LoRA adapter",
+    openapi_extra=multipart_body({
+        "file": binary("A .safetensors LoRA (diffusers/peft or kohya key names), at most "
+                       "2 GiB. Pickle files (.ckpt/.pt/.bin) are refused."),
+        **LoraUploadFields.model_json_schema()["properties"],
+    }, required=["file", "base_model"]),
+)
+async def upload_lora(request: Request, session: SessionDep, tenant: TenantDep,
+                      state: StateDep) -> LoraOut:
     """Checks the file without loading it (safetensors header only): it must be a LoRA, and
-    its layer widths must match `base_model`'s family. Use the returned `id` in a generation's
-    `loras: [{id, weight}]`."""
-    data = await file.read(service.MAX_LORA_BYTES + 1)
-    if len(data) > service.MAX_LORA_BYTES:
-        too_large = ValidationFailed([{"field": "file", "message": "the file is larger than 2 GiB"}])
-        too_large.status = 413
-        raise too_large
-    lora = await service.create_lora(
-        session=session, store=state.store, registry=state.registry, tenant=tenant,
-        name=name or (file.filename or "lora").rsplit(".", 1)[0][:100], base_model=base_model,
-        data=data,
-    )
+    its layer widths must match `base_model`'s. Use the returned `id` in a generation's
+    `loras: [{id, weight}]`. `name` follows the LoRA name rule; without one the file's name
+    is used, with other characters replaced by `_`."""
+    await session.close()  # an upload may take minutes: hold no pooled connection meanwhile
+    async with read_multipart(request, max_bytes=service.MAX_LORA_BYTES + FORM_OVERHEAD_BYTES,
+                              file_field="file") as form:
+        fields = parse_fields(LoraUploadFields, form, files=("file",))
+        part = form.files_of("file")[0]
+        if part.size > service.MAX_LORA_BYTES:
+            raise too_large("file", "the file is larger than 2 GiB")
+        with part.open() as file:
+            lora = await service.create_lora(
+                session=session, store=state.store, registry=state.registry, tenant=tenant,
+                name=fields.name or lora_name_from_filename(part.filename),
+                base_model=fields.base_model, file=file,
+            )
     return service.lora_out(lora)
 
 

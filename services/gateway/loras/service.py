@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import BinaryIO
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -10,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from services.gateway.loras.schemas import LoraOut
 from shared.db.models import Lora, Tenant, new_id, utcnow
 from shared.errors import NotFound, ValidationFailed
-from shared.loras import LoraRejected, check_lora_for_model, inspect_lora
+from shared.loras import LoraRejected, check_lora_for_model, inspect_lora, width_mismatch
 from shared.models import ModelPreset, ModelRegistry
 from shared.specs import LoraRef, LoraUse
 from shared.storage import ObjectStore
@@ -38,29 +39,30 @@ def _invalid(field: str, message: str, *, code: str = "validation_error") -> Val
 
 async def create_lora(
     *, session: AsyncSession, store: ObjectStore, registry: ModelRegistry, tenant: Tenant,
-    name: str, base_model: str, data: bytes, source: str = "upload",
+    name: str, base_model: str, file: BinaryIO, source: str = "upload",
 ) -> Lora:
-    """Refuse anything but a safetensors LoRA that fits the base model, then store and record it."""
+    """Refuse anything but a safetensors LoRA that fits the base model, then store and record it.
+
+    ``file`` is read for its header and hash and then streamed to storage, never held whole.
+    """
     preset = registry.get(base_model)
     if preset is None:
         raise _invalid("base_model", f"unknown model {base_model!r}; known: "
                        f"{', '.join(registry.names())}")
     try:
         # Parsing a multi-GB header and hashing it is seconds of CPU: keep the loop free.
-        info = await asyncio.to_thread(inspect_lora, data)
+        info = await asyncio.to_thread(inspect_lora, file)
         check_lora_for_model(info, preset)
     except LoraRejected as exc:
         raise _invalid("file", str(exc), code=exc.code) from exc
     lora_id = new_id()
     key = lora_key(tenant.id, lora_id)
-    await store.put(key, data, content_type="application/octet-stream")
+    await store.put_file(key, file, content_type="application/octet-stream")
     lora = Lora(
         id=lora_id, tenant_id=tenant.id, name=name, family=preset.family.value,
-        base_model=preset.name, key=key, sha256=info.sha256, size=len(data),
+        base_model=preset.name, key=key, sha256=info.sha256, size=info.size,
         format=info.format, rank=info.rank,
-        info={"targets": info.targets, "has_text_encoder": info.has_text_encoder,
-              "dims": sorted(info.dims),
-              "metadata": dict(list(info.metadata.items())[:20])},
+        info=info.record(),
         source=source, created_at=utcnow(),
     )
     session.add(lora)
@@ -118,6 +120,12 @@ async def resolve_loras(
         if preset.lora_dim is not None and dims and preset.lora_dim not in dims:
             errors.append({"field": f"loras.{index}.id", "message": f"LoRA {lora.name!r} has "
                            f"layer width {sorted(dims)}; {model} needs {preset.lora_dim}"})
+            continue
+        # Recorded at upload (LoRAs from before it was have only ``dims``, checked above).
+        mismatch = width_mismatch(lora.info.get("widths") or {}, preset)
+        if mismatch is not None:
+            errors.append({"field": f"loras.{index}.id", "message": f"LoRA {lora.name!r} "
+                           f"(checked against {lora.base_model}) {mismatch}"})
             continue
         refs.append(LoraRef(id=lora.id, name=lora.name, key=lora.key, sha256=lora.sha256,
                             weight=use.weight))
