@@ -10,6 +10,7 @@ import pytest
 
 from tests.conftest import RunningStack
 from tests.lora_files import make_lora, make_pickle_lora
+from tests.test_loras import fake_lora
 from tests.test_modes_e2e import BASE, images_of, run
 
 pytestmark = pytest.mark.parametrize("stack", ["sqlite"], indirect=True)
@@ -91,3 +92,59 @@ def test_bad_lora_uploads_are_refused(stack: RunningStack, model_cache: Path) ->
         styled = images_of(run(client, {**xl, "loras": [{"id": ok.json()["id"]}]}))[0]
         off = images_of(run(client, {**xl, "loras": [{"id": ok.json()["id"], "weight": 0}]}))[0]
         assert not np.array_equal(styled, base) and np.array_equal(off, base)
+
+
+# Real SD1.5 shapes (hand-made headers): neither file has a cross-attention to_k/to_v, the one
+# layer the upload check used to compare, so both were accepted for tiny-sd15 and failed in
+# the worker with "size mismatch".
+SD15_SELF_ATTENTION = {"unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": (640, 640)}
+SD15_TEXT_ENCODER = {"text_encoder.text_model.encoder.layers.0.self_attn.q_proj": (768, 768)}
+
+
+def test_layer_widths_are_checked_at_submission_both_ways(stack: RunningStack,
+                                                           model_cache: Path) -> None:
+    with stack.client() as client:
+        for modules in (SD15_SELF_ATTENTION, SD15_TEXT_ENCODER):
+            refused = upload_lora(client, fake_lora(modules), name="wide")
+            assert refused.status_code == 422 and refused.json()["code"] == "wrong_family"
+            assert refused.json()["errors"][0]["field"] == "file"
+            real = upload_lora(client, fake_lora(modules), name="real-sd15", base_model="sd15")
+            assert real.status_code == 201, real.text
+            lora_id = real.json()["id"]
+            tiny = client.post("/v1/generations", json={**BASE, "loras": [{"id": lora_id}]})
+            assert tiny.status_code == 422, tiny.text
+            error = tiny.json()["errors"][0]
+            assert error["field"] == "loras.0.id" and "tiny-sd15 does not have" in error["message"]
+            sweep = client.post("/v1/sweeps", json={
+                "base": {**BASE, "loras": [{"id": lora_id}]},
+                "axes": [{"param": "seed", "values": [1, 2]}]})
+            assert sweep.status_code == 422
+            assert sweep.json()["errors"][0]["field"] == "base.loras.0.id"
+        # The other way: a tiny-sd15 LoRA without cross-attention layers on real SD1.5.
+        small = upload_lora(client, fake_lora({
+            "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": (64, 64)}),
+            name="small")
+        assert small.status_code == 201, small.text
+        assert small.json()["info"]["widths"] == {"unet": [64]}
+        wide = client.post("/v1/generations", json={**BASE, "model": "sd15",
+                                                    "loras": [{"id": small.json()["id"]}]})
+        assert wide.status_code == 422 and wide.json()["errors"][0]["field"] == "loras.0.id"
+        assert "64 wide" in wide.json()["errors"][0]["message"]
+
+
+def test_lora_names_follow_the_rule(stack: RunningStack, model_cache: Path) -> None:
+    data = make_lora("sd15", cache_dir=model_cache)
+    with stack.client() as client:
+        for bad in ("../../etc/passwd", "bell\x07", "tab\there", ".hidden", "x" * 65, "two words",
+                    "ünïcode"):
+            response = upload_lora(client, data, name=bad)
+            assert response.status_code == 422, (bad, response.text)
+            assert [e["field"] for e in response.json()["errors"]] == ["name"], bad
+            assert "64 characters" in response.json()["errors"][0]["message"]
+        assert upload_lora(client, data, name="Style_v1.2-final").json()["name"] == "Style_v1.2-final"
+        # Without a name, the file's name is made to fit the rule.
+        response = client.post("/v1/loras", data={"base_model": "tiny-sd15"}, files={
+            "file": ("../My Style (v2).safetensors", data, "application/octet-stream")})
+        assert response.status_code == 201 and response.json()["name"] == "My_Style_v2_"
+        response = upload_lora(client, data, name="", filename=".safetensors")
+        assert response.status_code == 201 and response.json()["name"] == "safetensors"

@@ -13,6 +13,7 @@ from services.gateway.generations.service import (
     safety_policy,
 )
 from shared.db.models import Job, Tenant
+from shared.errors import ValidationFailed
 from shared.queue import SWEEP_TASK
 from shared.specs import GenerationSpec, JobKind, SweepSpec, SweepTask, resolve_generation, sweep_cells
 
@@ -26,8 +27,14 @@ async def submit_sweep(
     if idempotency_key and (existing := await find_replay(session=session, tenant=tenant,
                                                       key=idempotency_key, digest=digest)):
         return existing, False
-    base, inputs, loras, input_size = await prepare_generation(
-        session=session, state=state, tenant=tenant, spec=sweep.base)
+    try:
+        base, inputs, loras, input_size = await prepare_generation(
+            session=session, state=state, tenant=tenant, spec=sweep.base)
+    except ValidationFailed as exc:  # errors of the base spec: name them as the body has them
+        based = ValidationFailed([{**error, "field": f"base.{error['field']}"}
+                                  for error in exc.errors])
+        based.status, based.code = exc.status, exc.code
+        raise based from exc
     # The base's seed is fixed once, so axes that do not vary it share one seed.
     unset = sweep.base.model_dump(exclude_unset=True)
     fixed = {"seed": base.seed} if "seed" not in unset else {}
