@@ -32,6 +32,7 @@ from shared.kohya import (
     bucketing_problems,
     parse_sample_prompts,
 )
+from shared.loras import LORA_NAME_RULE, LoraName
 from shared.specs import MAX_SEED
 from shared.storage import ObjectStore
 from shared.text import MULTILINE, RequestModel
@@ -264,7 +265,8 @@ class TrainingSpec(_Options):
 
     base_model: str = Field(default="tiny-sd15", max_length=100, description="The preset to train on "
                             "(SD1.5 family).")
-    name: str = Field(min_length=1, max_length=100, description="Name of the resulting LoRA.")
+    name: LoraName = Field(description="Name of the resulting LoRA, by the LoRA name rule: "
+                           f"{LORA_NAME_RULE}.")
     dataset_id: str = Field(min_length=1, max_length=64, description="The dataset to train on.")
     reg_dataset_id: str | None = Field(default=None, description="A dataset of regularisation images, "
                                        "balanced against the training images as kohya does.")

@@ -107,3 +107,9 @@ def test_sample_prompts_are_checked_before_a_job_exists() -> None:
     errors = _error_fields({**BASE, "samples": {"prompts": "a dog\na cat --ss eulr"}})
     assert "line 2" in errors["samples.prompts"] and "euler" in errors["samples.prompts"]
     assert "4096" in _error_fields({**BASE, "samples": {"prompts": "a --w 9000"}})["samples.prompts"]
+
+
+@pytest.mark.parametrize("name", ["../../etc/passwd", "sks dog", ".hidden", "x" * 65, "a\u0007"])
+def test_the_lora_a_training_makes_follows_the_lora_name_rule(name: str) -> None:
+    assert set(_error_fields({**BASE, "name": name})) == {"name"}
+    assert TrainingSpec.model_validate({**BASE, "name": "sks-dog_v1.0"}).name == "sks-dog_v1.0"
