@@ -223,7 +223,7 @@ class _Entry:
     field: str  # how errors name it: "files[3]" or "zip:img/10_sks dog/a.png"
     source: str
     path: str
-    load: Callable[[], bytes] = field(repr=False)
+    load: Callable[[], bytes]
 
     @property
     def data(self) -> bytes:

@@ -517,7 +517,10 @@ def inspect_lora(data: bytes | BinaryIO) -> LoraInfo:
 
 def _sha256(file: BinaryIO) -> str:
     file.seek(0)
-    return hashlib.file_digest(file, "sha256").hexdigest()
+    digest = hashlib.sha256()
+    while chunk := file.read(1024 * 1024):
+        digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _pickle_refused() -> LoraRejected:

@@ -18,7 +18,7 @@ import os
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
@@ -29,6 +29,9 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect
 
 from shared.errors import BadRequest, ValidationFailed
+
+if TYPE_CHECKING:
+    from python_multipart.multipart import MultipartCallbacks
 
 # Boundaries, part headers and text fields around the files; a body may exceed the files'
 # limit by this much.
@@ -178,7 +181,7 @@ class _Collector:
         self._files = 0
         self._fields = 0
 
-    def callbacks(self) -> dict[str, Any]:
+    def callbacks(self) -> MultipartCallbacks:
         return {
             "on_part_begin": self._part_begin, "on_part_data": self._part_data,
             "on_part_end": self._part_end, "on_header_field": self._header_field,
