@@ -12,6 +12,7 @@ import re
 from typing import Annotated
 
 from fastapi import Depends, Header
+from pydantic import WithJsonSchema
 
 from shared.errors import BadRequest
 
@@ -22,12 +23,13 @@ _KEY = re.compile(KEY_PATTERN)
 
 
 async def idempotency_key(
-    key: Annotated[str | None, Header(
+    key: Annotated[str | None, WithJsonSchema(
+        {"type": "string", "minLength": 1, "maxLength": MAX_KEY_LENGTH, "pattern": KEY_PATTERN}
+    ), Header(
         alias="Idempotency-Key",
         description="Same key and body return the same job (header `Idempotent-Replayed: "
                     "true`); same key with another body is a 409. 1-200 printable ASCII "
                     "characters, e.g. a UUID; an empty or malformed key is a 400.",
-        json_schema_extra={"minLength": 1, "maxLength": MAX_KEY_LENGTH, "pattern": KEY_PATTERN},
     )] = None,
 ) -> str | None:
     if key is None:

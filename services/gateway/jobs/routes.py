@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query
+from pydantic import WithJsonSchema
 from sqlalchemy import select
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
@@ -87,7 +88,9 @@ async def job_events(
     session: SessionDep,
     tenant: TenantDep,
     state: StateDep,
-    last_event_id: Annotated[int | None, Header(
+    # A header is absent or a value, never null: the schema says so (not `anyOf: [.., null]`).
+    last_event_id: Annotated[int | None, WithJsonSchema(
+        {"type": "integer", "minimum": 0, "maximum": MAX_SEQ}), Header(
         alias="Last-Event-ID", ge=0, le=MAX_SEQ,
         description="The `id` of the last event received; the stream resumes after it.",
     )] = None,
