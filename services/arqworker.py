@@ -9,6 +9,10 @@ lease after its last renewal, whatever its timeout.
 arq also ends the worker on the first Redis error of its polling loop, so a Redis restart
 took every worker down with it. Here Redis commands retry with backoff, and a loop
 iteration that still fails waits and tries again instead of ending the process.
+
+Both lean on arq's worker internals (``tasks``, ``job_tasks``, ``start_jobs``,
+``_poll_iteration``), read from arq 0.28, the version the lock files pin; tests/test_faults.py
+checks them against a real Redis, so an upgrade that moves them fails there first.
 """
 
 from __future__ import annotations
@@ -143,6 +147,8 @@ class LeasedWorker(Worker):
                                          "the job; both may run it", job_id)
             except REDIS_UNAVAILABLE as exc:
                 logger.warning("could not renew job leases (%s); retrying", exc)
+            except Exception:  # the renewer must outlive any one failure, or leases lapse
+                logger.exception("renewing job leases failed; retrying")
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         """arq's, one job at a time, giving back the slot a job took when Redis failed.

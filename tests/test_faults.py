@@ -37,14 +37,15 @@ from tests.test_trainings_e2e import training_zip
 QUEUE = "loomis:queue:test"
 
 
-async def _nothing(_ctx: dict[str, Any]) -> None:
+async def _nothing(ctx: dict[Any, Any]) -> None:
     return None
 
 
 def _worker(url: str, task: Callable[..., Awaitable[Any]], max_jobs: int = 1,
             **worker: float) -> Any:
     settings = Settings(redis={"url": url}, worker=worker)  # type: ignore[arg-type]
-    return make_worker(settings, functions=[func(task, name="task")], queue=QUEUE,
+    return make_worker(settings, functions=[func(task, name="task")],  # type: ignore[arg-type]
+                       queue=QUEUE,
                        startup=_nothing, job_timeout_s=3600, max_tries=3, poll_delay_s=0.05,
                        max_jobs=max_jobs)
 
