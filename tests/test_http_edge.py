@@ -3,6 +3,7 @@ with problem+json naming what was wrong, never a 500 (each of these was a 500 or
 
 from __future__ import annotations
 
+import base64
 import json
 from datetime import UTC, datetime, timedelta
 
@@ -192,3 +193,17 @@ def test_a_boolean_is_not_a_sweep_value(stack: RunningStack) -> None:
             "base": SMALL, "axes": [{"param": "seed", "values": [1, False]}]})
     problem = _problem(response, 422, "validation_error")
     assert {e["field"].rsplit(".", 1)[0] for e in problem["errors"]} == {"axes.0.values.1"}
+
+
+@pytest.mark.parametrize("decoded", [
+    ["2026-01-01T00:00:00", "\u0000"],          # NUL reaches PostgreSQL: was a 500
+    ["0001-01-01T00:00:00+01:00", "x"],         # overflows in UTC: was a 500
+    ["9999-12-31T23:59:59-01:00", "x"],
+    ["2026-01-01T00:00:00", ["x"]],
+    [1, 2],
+])
+def test_a_forged_jobs_cursor_is_a_400(stack: RunningStack, decoded: list) -> None:  # type: ignore[type-arg]
+    cursor = base64.urlsafe_b64encode(json.dumps(decoded).encode()).decode().rstrip("=")
+    with stack.client("bob") as client:
+        response = client.get("/v1/jobs", params={"cursor": cursor})
+    _problem(response, 400, "invalid_cursor")

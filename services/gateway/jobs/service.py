@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import and_, or_, select, update
@@ -18,6 +18,7 @@ from shared.errors import BadRequest, Conflict, NotFound
 from shared.events import JobEvent, JobEvents
 from shared.specs import TERMINAL_STATUSES, ArtifactRef, JobKind, JobStatus
 from shared.storage import ObjectStore
+from shared.text import control_character
 
 _TERMINAL = [s.value for s in TERMINAL_STATUSES]
 
@@ -67,11 +68,18 @@ def _encode_cursor(job: Job) -> str:
 
 
 def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """A cursor is client input: what it decodes to reaches SQL, so a NUL in its id or a
+    timestamp that overflows in UTC (year 1 at +01:00) is refused here, not a 500 there."""
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
         created, job_id = json.loads(base64.urlsafe_b64decode(padded))
-        return datetime.fromisoformat(created), str(job_id)
-    except (ValueError, TypeError, binascii.Error) as exc:
+        if not isinstance(created, str) or not isinstance(job_id, str):
+            raise TypeError("a cursor holds a timestamp and an id")
+        if control_character(job_id) is not None:
+            raise ValueError("control character in the cursor's id")
+        at = datetime.fromisoformat(created)
+        return (at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)), job_id
+    except (ValueError, TypeError, OverflowError, binascii.Error) as exc:
         raise BadRequest("cursor is not one this API returned", code="invalid_cursor") from exc
 
 
