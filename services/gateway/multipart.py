@@ -22,13 +22,13 @@ from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel
 from pydantic import ValidationError as PydanticValidationError
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect
 
 from shared.errors import BadRequest, ValidationFailed
+from shared.text import RequestModel
 
 if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks
@@ -42,7 +42,8 @@ MAX_FIELD_BYTES = 16 * 1024
 _FLUSH_BYTES = 1024 * 1024
 _READ_BUFFER = 256 * 1024
 
-ModelT = TypeVar("ModelT", bound=BaseModel)
+# Bound to RequestModel so every form model refuses control characters like JSON bodies do.
+ModelT = TypeVar("ModelT", bound=RequestModel)
 
 
 def multipart_body(properties: dict[str, Any], *, required: list[str]) -> dict[str, Any]:

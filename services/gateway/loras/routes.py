@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
 from services.gateway.deps import SessionDep, StateDep, TenantDep
 from services.gateway.loras import service
@@ -20,11 +20,12 @@ from services.gateway.multipart import (
 )
 from services.gateway.problems import PROBLEM_RESPONSES
 from shared.loras import LoraName, lora_name_from_filename
+from shared.text import RequestModel
 
 router = APIRouter(prefix="/v1/loras", tags=["loras"], responses=PROBLEM_RESPONSES)
 
 
-class LoraUploadFields(BaseModel):
+class LoraUploadFields(RequestModel):
     """The text fields of a LoRA upload; the file travels beside them as `file`."""
 
     model_config = ConfigDict(extra="ignore")

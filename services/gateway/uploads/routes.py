@@ -17,11 +17,12 @@ from services.gateway.multipart import (
 from services.gateway.problems import PROBLEM_RESPONSES
 from services.gateway.uploads.service import store_upload
 from shared.images import MAX_INPUT_BYTES
+from shared.text import RequestModel
 
 router = APIRouter(prefix="/v1/uploads", tags=["uploads"], responses=PROBLEM_RESPONSES)
 
 
-class _NoFields(BaseModel):
+class _NoFields(RequestModel):
     model_config = ConfigDict(extra="ignore")
 
 
