@@ -18,6 +18,8 @@ from typing import Any
 from arq import Retry
 from arq.typing import StartupShutdown
 from arq.worker import Worker
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.arqworker import LeasedWorker, resilient_redis_settings
 from shared.errors import JobCanceled, LoomisError, StorageUnavailable, unexpected_failure
@@ -83,6 +85,12 @@ async def run_job(
         await events.emit(job_id, "failed", allowed_from=RUNNING, to=JobStatus.FAILED,
                           data={"error": {"code": exc.code, "message": exc.detail}})
         return {"status": "failed"}
+    except (RedisConnectionError, RedisTimeoutError) as exc:
+        # Redis stayed away longer than the client's own retries: the job is not at fault and
+        # no failure could be recorded anyway, so arq re-runs it (resuming where it can) once
+        # Redis is back; the attempt cap above still ends a job that keeps hitting outages.
+        logger.warning("redis unavailable, the job will be retried: %s", exc, extra=log_extra)
+        raise Retry(defer=5 * attempt) from exc
     except LoomisError as exc:
         logger.warning("job failed: %s", exc.detail, extra=log_extra)
         await store.delete_prefix(cleanup_prefix)

@@ -50,3 +50,29 @@ async def test_a_foreign_error_fails_the_job_with_a_code_and_its_kind(
     finally:
         await redis.aclose()
         server.stop()
+
+
+async def test_a_redis_outage_inside_a_job_retries_it_instead_of_failing(tmp_path: Path) -> None:
+    """An outage longer than the client's retries must not turn into a failed job."""
+    from arq import Retry
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    server = redis_server(tmp_path / "redis")
+    redis = aioredis.Redis.from_url(server.url)
+    try:
+        events = JobEvents(redis, stream="events", maxlen=100, ttl_s=60)
+        await events.create("j", tenant_id="t")
+        store = LocalStore(tmp_path / "store", public_url="http://x", secret="s",
+                           presign_expires_s=60)
+        ctx: dict[str, Any] = {"events": events, "store": store, "worker_name": "w"}
+
+        async def body(_queued_s: float) -> dict[str, Any]:
+            raise RedisConnectionError("Connection refused")
+
+        with pytest.raises(Retry):
+            await run_job(ctx, job_id="j", cleanup_prefix="tmp/j/", timeout_s=10,
+                          max_tries=3, log_extra={}, body=body, kind="training")
+        assert await events.state("j") is JobStatus.RUNNING, "not failed: it will be re-run"
+    finally:
+        await redis.aclose()
+        server.stop()
