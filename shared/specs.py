@@ -23,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 from pydantic import ValidationError as PydanticValidationError
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from shared.errors import ValidationFailed
 from shared.models import ControlType, ModelRegistry, canonical_scheduler
@@ -351,6 +352,14 @@ class GenerationSpec(RequestModel):
 
     @model_validator(mode="after")
     def _mode_inputs(self) -> GenerationSpec:
+        # Raised as a ValidationError so each error is reported at its field (`init_image`),
+        # not at the whole body as a validator's ValueError would be.
+        errors: list[InitErrorDetails] = []
+
+        def refuse(loc: tuple[str | int, ...], message: str, value: Any) -> None:
+            errors.append(InitErrorDetails(type=PydanticCustomError(
+                "value_error", "{reason}", {"reason": message}), loc=loc, input=value))
+
         needs = {
             GenerationMode.TXT2IMG: set(),
             GenerationMode.IMG2IMG: {"init_image"},
@@ -358,15 +367,21 @@ class GenerationSpec(RequestModel):
             GenerationMode.OUTPAINT: {"init_image", "outpaint"},
         }[self.mode]
         for name in ("init_image", "mask", "outpaint"):
-            given = getattr(self, name) is not None
-            if name in needs and not given:
-                raise ValueError(f"mode {self.mode.value!r} needs `{name}`")
-            if name not in needs and given:
-                raise ValueError(f"`{name}` is not used by mode {self.mode.value!r}")
+            value = getattr(self, name)
+            if name in needs and value is None:
+                refuse((name,), f"mode {self.mode.value!r} needs `{name}`", value)
+            if name not in needs and value is not None:
+                refuse((name,), f"`{name}` is not used by mode {self.mode.value!r}", value)
         if self.strength is not None and self.mode == GenerationMode.TXT2IMG:
-            raise ValueError("`strength` applies to img2img, inpaint and outpaint")
-        if len({lora.id for lora in self.loras}) != len(self.loras):
-            raise ValueError("each LoRA may appear once in `loras`")
+            refuse(("strength",), "`strength` applies to img2img, inpaint and outpaint",
+                   self.strength)
+        seen: set[str] = set()
+        for index, lora in enumerate(self.loras):
+            if lora.id in seen:
+                refuse(("loras", index, "id"), "each LoRA may appear once in `loras`", lora.id)
+            seen.add(lora.id)
+        if errors:
+            raise PydanticValidationError.from_exception_data(type(self).__name__, errors)
         return self
 
     def is_resolved(self) -> bool:

@@ -207,3 +207,23 @@ def test_a_forged_jobs_cursor_is_a_400(stack: RunningStack, decoded: list) -> No
     with stack.client("bob") as client:
         response = client.get("/v1/jobs", params={"cursor": cursor})
     _problem(response, 400, "invalid_cursor")
+
+
+@pytest.mark.parametrize(("body", "fields"), [
+    ({**SMALL, "mode": "img2img"}, {"init_image"}),
+    ({**SMALL, "init_image": "upload:0123456789abcdef", "strength": 0.5},
+     {"init_image", "strength"}),
+    ({**SMALL, "loras": [{"id": "a"}, {"id": "b"}, {"id": "a"}]}, {"loras.2.id"}),
+])
+def test_a_mode_error_names_its_field_not_the_body(
+    stack: RunningStack, body: dict, fields: set[str]  # type: ignore[type-arg]
+) -> None:
+    """Schemathesis' valid-looking requests were refused at `body`, hiding which field."""
+    with stack.client("bob") as client:
+        response = client.post("/v1/generations", json=body)
+        sweep = client.post("/v1/sweeps", json={
+            "base": body, "axes": [{"param": "seed", "values": [1, 2]}]})
+    problem = _problem(response, 422, "validation_error")
+    assert {e["field"] for e in problem["errors"]} == fields
+    assert {e["field"] for e in _problem(sweep, 422, "validation_error")["errors"]} == {
+        f"base.{field}" for field in fields}

@@ -144,7 +144,7 @@ def test_bad_inputs_are_problems_and_create_no_job(stack: RunningStack) -> None:
         cases: list[tuple[dict, str]] = [  # type: ignore[type-arg]
             ({**BASE, "mode": "img2img", "init_image": ref, "strength": 1.5}, "strength"),
             ({**BASE, "mode": "img2img", "init_image": "upload:doesnotexist"}, "init_image"),
-            ({**BASE, "mode": "img2img"}, "body"),
+            ({**BASE, "mode": "img2img"}, "init_image"),
             ({**BASE, "mode": "inpaint", "init_image": ref,
               "mask": {"image": upload(client, gradient(64, 32))}}, "mask.image"),
             ({**BASE, "mode": "inpaint", "init_image": ref,
