@@ -227,3 +227,20 @@ def test_a_mode_error_names_its_field_not_the_body(
     assert {e["field"] for e in problem["errors"]} == fields
     assert {e["field"] for e in _problem(sweep, 422, "validation_error")["errors"]} == {
         f"base.{field}" for field in fields}
+
+
+@pytest.mark.parametrize("content", [
+    b'{"prompt": "\xff\xfe"}',                                   # not UTF-8
+    b'{"prompt": "x", "controls": [{"type": "openpose", "keypoints": {"a": '
+    + b"[" * 100_000 + b"]" * 100_000 + b"}}]}",                # deeper than the parser goes
+])
+def test_json_the_parser_cannot_read_is_a_400_malformed_json(
+    stack: RunningStack, content: bytes
+) -> None:
+    """These were 400 `http_error` "There was an error parsing the body", unlike every other
+    malformed body."""
+    with stack.client("bob") as client:
+        response = client.post("/v1/generations", content=content,
+                               headers={"content-type": "application/json"})
+    problem = _problem(response, 400, "malformed_json")
+    assert [e["field"] for e in problem["errors"]] == ["body"]

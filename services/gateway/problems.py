@@ -93,11 +93,16 @@ def _is_json(content_type: str | None) -> bool:
         subtype == "json" or subtype.endswith("+json"))
 
 
+def _takes_json(request: Request) -> bool:
+    """Whether the matched operation reads a JSON body (not none, not a multipart form)."""
+    body_field = getattr(request.scope.get("route"), "body_field", None)
+    return body_field is not None and not isinstance(body_field.field_info, params.Form)
+
+
 def _unsupported_media_type(request: Request, raw: list[dict[str, Any]]) -> bool:
     """A JSON operation sent text or a form: FastAPI hands the raw bytes to the model, whose
     "not an object" would blame the body when the fault is its media type."""
-    body_field = getattr(request.scope.get("route"), "body_field", None)
-    if body_field is None or isinstance(body_field.field_info, params.Form):
+    if not _takes_json(request):
         return False  # no body, or a multipart/form operation: its own errors are the answer
     content_type = request.headers.get("content-type")
     if _is_json(content_type):
@@ -165,6 +170,19 @@ def install_problem_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        cause = exc.__cause__
+        if exc.status_code == 400 and isinstance(cause, ValueError | RecursionError) \
+                and _takes_json(request):
+            # What json.loads raises besides JSONDecodeError: bytes that are not UTF-8,
+            # nesting deeper than the parser recurses. Malformed JSON all the same.
+            reason = ("the body is not UTF-8 text" if isinstance(cause, UnicodeDecodeError)
+                      else "the JSON is nested too deeply" if isinstance(cause, RecursionError)
+                      else "the body is not valid JSON")
+            return problem_response(
+                request, status=400, code="malformed_json", title="Malformed JSON",
+                detail=f"The request body is not valid JSON: {reason}.",
+                errors=[{"field": "body", "message": reason, "type": "json_invalid"}],
+            )
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         headers = dict(getattr(exc, "headers", None) or {})
         if exc.status_code == 405 and (allowed := _allowed_methods(request.app, request.scope)):
