@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email.message
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request, params
@@ -99,7 +100,7 @@ def _takes_json(request: Request) -> bool:
     return body_field is not None and not isinstance(body_field.field_info, params.Form)
 
 
-def _unsupported_media_type(request: Request, raw: list[dict[str, Any]]) -> bool:
+def _unsupported_media_type(request: Request, raw: Sequence[Any]) -> bool:
     """A JSON operation sent text or a form: FastAPI hands the raw bytes to the model, whose
     "not an object" would blame the body when the fault is its media type."""
     if not _takes_json(request):
