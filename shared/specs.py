@@ -585,15 +585,26 @@ class SweepSpec(RequestModel):
 
     @model_validator(mode="after")
     def _grid(self) -> SweepSpec:
+        # Each error at the field a client has to change (`axes`, `base.num_images`), not `body`.
+        errors: list[InitErrorDetails] = []
+
+        def refuse(loc: tuple[str | int, ...], message: str, value: Any) -> None:
+            errors.append(InitErrorDetails(type=PydanticCustomError(
+                "value_error", "{reason}", {"reason": message}), loc=loc, input=value))
+
         if len(self.axes) == 2 and self.axes[0].param == self.axes[1].param:
-            raise ValueError("the two axes must vary different parameters")
+            refuse(("axes", 1, "param"), "the two axes must vary different parameters",
+                   self.axes[1].param)
         cells = 1
         for axis in self.axes:
             cells *= len(axis.values)
         if cells > MAX_SWEEP_CELLS:
-            raise ValueError(f"{cells} cells; a sweep makes at most {MAX_SWEEP_CELLS}")
+            refuse(("axes",), f"{cells} cells; a sweep makes at most {MAX_SWEEP_CELLS}", cells)
         if self.base.num_images != 1:
-            raise ValueError("a sweep renders one image per cell: leave base.num_images at 1")
+            refuse(("base", "num_images"), "a sweep renders one image per cell: leave it at 1",
+                   self.base.num_images)
+        if errors:
+            raise PydanticValidationError.from_exception_data(type(self).__name__, errors)
         return self
 
 

@@ -75,7 +75,11 @@ def test_openapi_has_bearer_auth_described_fields_and_the_event_stream(
     events = spec["paths"]["/v1/jobs/{job_id}/events"]["get"]["responses"]["200"]
     assert list(events["content"]) == ["text/event-stream"]
     stream = events["content"]["text/event-stream"]["schema"]
-    assert set(stream["discriminator"]["mapping"]) == {
+    assert stream["type"] == "object" and stream["required"] == ["event", "id", "data"]
+    data = stream["properties"]["data"]
+    assert data["type"] == "string" and data["contentMediaType"] == "application/json"
+    assert set(data["contentSchema"]["discriminator"]["mapping"]) == set(
+        stream["properties"]["event"]["enum"]) == {
         "queued", "running", "progress", "sample", "succeeded", "failed", "canceled"}
     progress = spec["components"]["schemas"]["ProgressData"]["properties"]
     assert {"step", "total_steps", "progress", "epoch", "loss"} <= set(progress)

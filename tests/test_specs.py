@@ -140,3 +140,24 @@ def test_sweep_errors_name_the_cell_that_fails() -> None:
         update={"strength": 0.6})}), resolve=lambda spec: resolve_generation(
             spec, registry=REGISTRY, default_model="tiny-sd15", input_size=(64, 64)))
     assert [(c.col, c.spec.steps) for c in cells] == [(0, 10), (1, 2)]
+
+
+def test_sweep_grid_errors_name_their_field() -> None:
+    from pydantic import ValidationError
+
+    from shared.specs import SweepSpec
+
+    cases = [
+        ({"base": {"prompt": "a"}, "axes": [{"param": "seed", "values": list(range(9))},
+                                            {"param": "steps", "values": list(range(1, 9))}]},
+         ("axes",)),
+        ({"base": {"prompt": "a"}, "axes": [{"param": "seed", "values": [1]},
+                                            {"param": "seed", "values": [2]}]},
+         ("axes", 1, "param")),
+        ({"base": {"prompt": "a", "num_images": 2}, "axes": [{"param": "seed", "values": [1]}]},
+         ("base", "num_images")),
+    ]
+    for body, loc in cases:
+        with pytest.raises(ValidationError) as caught:
+            SweepSpec.model_validate(body)
+        assert [e["loc"] for e in caught.value.errors()] == [loc]

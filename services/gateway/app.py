@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 from arq import create_pool
 from arq.connections import RedisSettings as ArqRedisSettings
@@ -19,6 +20,7 @@ from services.gateway.events.consumer import EventConsumer
 from services.gateway.files.routes import router as files_router
 from services.gateway.generations.routes import router as generations_router
 from services.gateway.health.routes import router as health_router
+from services.gateway.jobs.routes import document_event_stream
 from services.gateway.jobs.routes import router as jobs_router
 from services.gateway.loras.routes import router as loras_router
 from services.gateway.problems import install_problem_handlers
@@ -102,4 +104,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                    loras_router, datasets_router, taggings_router, trainings_router, jobs_router,
                    health_router, files_router):
         app.include_router(router)
+    generate_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = document_event_stream(generate_openapi())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
