@@ -76,7 +76,8 @@ def test_lock_satisfies_pyproject(lock: Path, extras: set[str]) -> None:
         name = canonicalize_name(req.name)
         assert name in pins, f"{lock.name} lacks {req.name}: run `make lock`"
         assert req.specifier.contains(pins[name], prereleases=True), (
-            f"{lock.name} pins {req.name}=={pins[name]}, outside pyproject's {req.specifier}: run `make lock`")
+            f"{lock.name} pins {req.name}=={pins[name]}, outside pyproject's {req.specifier}: "
+            "run `make lock`")
 
 
 def test_both_locks_agree_on_shared_packages() -> None:
