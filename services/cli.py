@@ -82,12 +82,19 @@ def _stack(args: argparse.Namespace) -> Stack:
 def cmd_up(args: argparse.Namespace) -> int:
     stack = _stack(args)
     print(f"starting Loomis in {stack.data_dir.resolve()} ...", flush=True)
+    # Python keeps SIGINT ignored when it starts with it ignored (`loomis up &` from a script
+    # or a non-interactive shell), and then Ctrl-C or `kill -INT` would leave it all running.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         stack.start(own_redis=args.own_redis, tagger=True, trainer=True)
         key = asyncio.run(_dev_key())
     except StackError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        stack.stop()  # start() stops what it started, but not after it returned
+        print("\ninterrupted", file=sys.stderr)
+        return 130
     print(f"\nLoomis is up: {stack.url}   (API docs: {stack.url}/docs)")
     print(f"development API key: {key}   (also in {_key_file()})")
     print("logs: " + ", ".join(str(c.log) for c in stack.children))
@@ -102,6 +109,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"{time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
 
     signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
     try:
         # A process that dies is restarted (with backoff); the rest keep running.
         Supervisor(stack, say=_say).run(until=lambda: stopping)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -167,12 +168,23 @@ def test_keys_list_and_revoke(stack: RunningStack, tmp_path: Path) -> None:
 @pytest.fixture
 def loomis_up(tmp_path: Path, model_cache: Path) -> Iterator[dict[str, Any]]:
     """`loomis up` as a user runs it, with the port chosen by LOOMIS_GATEWAY__PORT only."""
+    with _loomis_up(tmp_path, model_cache) as running:
+        yield running
+
+
+@contextlib.contextmanager
+def _loomis_up(tmp_path: Path, model_cache: Path, *,
+               sigint_ignored: bool = False) -> Iterator[dict[str, Any]]:
     port = free_port()
     env = _clean_env(LOOMIS_DATA_DIR=str(tmp_path / "data"), LOOMIS_GATEWAY__PORT=str(port),
                      LOOMIS_GENERATOR__MODEL_CACHE=str(model_cache))
     log = (tmp_path / "up.log").open("w")
+
+    def ignore_sigint() -> None:  # what `loomis up &` in a non-interactive shell inherits
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
     process = subprocess.Popen([*CLI, "up"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                               text=True)
+                               text=True, preexec_fn=ignore_sigint if sigint_ignored else None)
     try:
         deadline = time.monotonic() + 240
         while "Loomis is up" not in (tmp_path / "up.log").read_text():
@@ -211,3 +223,17 @@ def test_up_serves_where_the_settings_say_and_generate_finds_it(
     process = loomis_up["process"]
     process.send_signal(signal.SIGINT)
     assert process.wait(60) == 0
+
+
+def test_up_started_with_sigint_ignored_stops_on_sigint(tmp_path: Path, model_cache: Path) -> None:
+    import psutil
+
+    with _loomis_up(tmp_path, model_cache, sigint_ignored=True) as running:
+        process = running["process"]
+        children = psutil.Process(process.pid).children(recursive=True)
+        assert len(children) >= 4  # redis, gateway, generator, tagger, trainer
+        process.send_signal(signal.SIGINT)
+        assert process.wait(60) == 0, running["log"].read_text()
+        assert "stopped" in running["log"].read_text()
+        _, alive = psutil.wait_procs(children, timeout=10)
+        assert not alive, alive
