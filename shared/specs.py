@@ -547,6 +547,9 @@ class GenerationManifest(BaseModel):
     loras: list[dict[str, Any]] = Field(default_factory=list)
     safety: list[dict[str, Any]] = Field(default_factory=list)
     prompt_encoding: str = "plain"
+    # Per image, only when a pipeline ran diffusers' own checker (which blacks out what it
+    # flags); Loomis loads pipelines without it, so this is normally absent.
+    nsfw_content_detected: list[bool] | None = None
 
 
 SWEEP_PARAMS = ("guidance_scale", "steps", "seed", "scheduler", "strength", "prompt",

@@ -7,9 +7,14 @@ settings allow), and local directories are used as they are.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import hashlib
+import inspect
 import json
 import logging
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -39,7 +44,8 @@ def pick_device(wanted: str) -> str:
 
 
 def pick_dtype(preset_dtype: str, device: str) -> torch.dtype:
-    """Half precision only where the device does it well; CPUs get float32."""
+    """Half precision only where the device does it well; CPUs get float32 (half-precision
+    matmuls there are slow or missing), which :func:`dtype_note` reports to the user."""
     if device == "cpu":
         return torch.float32
     if preset_dtype == "auto":
@@ -48,25 +54,152 @@ def pick_dtype(preset_dtype: str, device: str) -> torch.dtype:
             "bfloat16": torch.bfloat16}[preset_dtype]
 
 
-def weights_hash(folder: Path, sidecar_dir: Path) -> str:
-    """SHA-256 over the weight files, cached by (name, size, mtime): real models are GBs."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
-    fingerprint = [[p.relative_to(folder).as_posix(), p.stat().st_size, p.stat().st_mtime_ns]
-                   for p in files]
-    sidecar = sidecar_dir / (hashlib.sha1(str(folder.resolve()).encode()).hexdigest() + ".json")
+def dtype_note(preset_dtype: str, dtype: torch.dtype) -> str | None:
+    """Why the model runs in another precision than its preset asks for, if it does."""
+    ran = str(dtype).removeprefix("torch.")
+    if preset_dtype in ("auto", ran):
+        return None
+    return (f"the preset asks for {preset_dtype}; this worker's device runs it as {ran} "
+            "(half precision is used on GPUs only)")
+
+
+# diffusers' NSFW checker blacks out a flagged image and the job would still succeed with
+# nothing saying why; Loomis filters per tenant instead (services/generator/safety.py), and
+# the checker costs ~1.3 GB and ~1 s per image. The feature extractor only feeds it.
+_SAFETY_COMPONENTS = ("safety_checker", "feature_extractor")
+# The file names diffusers (first) and transformers save a component's weights under, in the
+# order from_pretrained looks for them; variants (``*.fp16.safetensors``) are not read
+# without ``variant=``, and root-level single-file checkpoints never are.
+_WEIGHT_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")
+_WEIGHT_FORMATS = (".safetensors", ".bin")
+
+
+def model_index(folder: Path) -> dict[str, Any]:
+    index = folder / "model_index.json"
+    return json.loads(index.read_text()) if index.is_file() else {}
+
+
+def listed_components(index: dict[str, Any]) -> list[str]:
+    """The components ``model_index.json`` asks to load (``[null, null]`` entries are off)."""
+    return [name for name, value in index.items()
+            if not name.startswith("_") and isinstance(value, list) and len(value) == 2
+            and value[0] is not None]
+
+
+def without_safety_checker(index: dict[str, Any]) -> dict[str, Any]:
+    """``from_pretrained`` keywords that leave diffusers' safety checker out of a pipeline
+    whose ``model_index.json`` lists it; derived pipelines (``from_pipe``) inherit that."""
+    listed = listed_components(index)
+    if "safety_checker" not in listed:
+        return {}
+    kwargs: dict[str, Any] = {"safety_checker": None}
+    if "feature_extractor" in listed and "image_encoder" not in listed:  # IP-Adapter uses it
+        kwargs["feature_extractor"] = None
+    import diffusers
+
+    pipeline_cls = getattr(diffusers, str(index.get("_class_name")), None)
+    if pipeline_cls is not None and "requires_safety_checker" in inspect.signature(
+            pipeline_cls.__init__).parameters:
+        kwargs["requires_safety_checker"] = False  # no "you disabled the checker" warning
+    return kwargs
+
+
+def check_components(path: Path, index: dict[str, Any], *, model: str) -> None:
+    """Refuse a repository that lists a component it lacks, naming it: diffusers' own error
+    is ``no file named model.safetensors ... in directory`` without the component."""
+    skipped = without_safety_checker(index)
+    for name in listed_components(index):
+        folder = path / name
+        if name not in skipped and (not folder.is_dir() or not any(folder.iterdir())):
+            raise ModelUnavailable(f"component `{name}` of model {model!r}: {folder} is "
+                                   "missing or empty")
+
+
+def _failed_component(path: Path, index: dict[str, Any], exc: Exception, *, model: str) -> str:
+    """Which component a load error is about, when its message names the folder."""
+    message = str(exc)
+    for name in listed_components(index):
+        if str(path / name) in message:
+            weights = "no weights" if "no file named" in message else "cannot load it"
+            return f"component `{name}` of model {model!r}: {weights} in {path / name}"
+    return f"cannot load {model!r} from {path}"
+
+
+def component_weight_files(folder: Path) -> list[Path]:
+    """The weight files ``from_pretrained`` reads from one component folder (shards by their
+    index), or nothing for a component without weights (tokenizer, scheduler)."""
+    for suffix in _WEIGHT_FORMATS:
+        for stem in _WEIGHT_STEMS:
+            sharded = folder / f"{stem}{suffix}.index.json"
+            if sharded.is_file():
+                shards = set(json.loads(sharded.read_text())["weight_map"].values())
+                return [sharded, *sorted(folder / shard for shard in shards)]
+            single = folder / f"{stem}{suffix}"
+            if single.is_file():
+                return [single]
+    return []
+
+
+def loaded_weight_files(path: Path, components: list[str] | None = None) -> list[Path]:
+    """The weight files a pipeline loads from ``path``: a single file, each component's own
+    files for a diffusers folder, else (a bare model folder) what its root holds."""
+    if path.is_file():
+        return [path]
+    if components is None:
+        components = [name for name in listed_components(model_index(path))
+                      if name not in _SAFETY_COMPONENTS]
+    if components:
+        return [file for name in sorted(components)
+                for file in component_weight_files(path / name)]
+    return component_weight_files(path)
+
+
+def _file_sha256(path: Path, sidecar_dir: Path) -> str:
+    """A file's SHA-256, cached by (path, size, mtime): a real model is GBs, and presets that
+    share files (a base and its inpainting variant's VAE) hash them once."""
+    stat = path.stat()
+    key = [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+    sidecar = sidecar_dir / (hashlib.sha1(key[0].encode()).hexdigest() + ".json")
     if sidecar.exists():
         cached = json.loads(sidecar.read_text())
-        if cached.get("fingerprint") == fingerprint:
+        if cached.get("key") == key:
             return str(cached["sha256"])
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.relative_to(folder).as_posix().encode())
-        with path.open("rb") as fh:
-            while chunk := fh.read(1 << 20):
-                digest.update(chunk)
+    with path.open("rb") as fh:
+        digest = hashlib.file_digest(fh, "sha256").hexdigest()
     sidecar_dir.mkdir(parents=True, exist_ok=True)
-    sidecar.write_text(json.dumps({"fingerprint": fingerprint, "sha256": digest.hexdigest()}))
+    sidecar.write_text(json.dumps({"key": key, "sha256": digest}))
+    return digest
+
+
+def weights_hash(path: Path, sidecar_dir: Path, components: list[str] | None = None) -> str:
+    """SHA-256 over the weight files the pipeline loads (names and contents), not over every
+    file in the folder: a cloned repository also holds multi-GB single-file checkpoints and
+    fp16 variants that are never read."""
+    root = path.parent if path.is_file() else path
+    files = loaded_weight_files(path, components)
+    if not files:  # nothing we recognise: every weight file, as before
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(f"{file.relative_to(root).as_posix()}\0"
+                      f"{_file_sha256(file, sidecar_dir)}\n".encode())
     return digest.hexdigest()
+
+
+def release_memory(device: str) -> None:
+    """Hand freed weights back: collect the cycles diffusers' modules and hooks form, empty
+    the CUDA cache, and ask glibc to return freed arenas, which it otherwise keeps (an
+    evicted SD1.5 stayed in RSS until the next switch)."""
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    if sys.platform.startswith("linux"):
+        libc_name = ctypes.util.find_library("c")
+        if libc_name:
+            try:
+                ctypes.CDLL(libc_name).malloc_trim(0)
+            except (OSError, AttributeError):  # musl has no malloc_trim
+                logger.debug("malloc_trim unavailable")
 
 
 @dataclass
@@ -88,6 +221,7 @@ class LoadedModel:
     dtype: str
     load_s: float
     default_scheduler: Any
+    dtype_note: str | None = None  # why ``dtype`` differs from what the preset asked for
     resolver: Any = None  # Callable[[str], Path]: a companion source to a local directory
     lock: threading.Lock = field(default_factory=threading.Lock)
     derived: dict[tuple[str, tuple[str, ...]], Any] = field(default_factory=dict)
@@ -99,13 +233,27 @@ class LoadedModel:
             "name": self.preset.name, "family": self.preset.family.value,
             "source": self.preset.source, "revision": self.revision, "sha256": self.sha256,
             "short_hash": self.sha256[:10], "pipeline": type(self.pipe).__name__,
-            "dtype": self.dtype,
+            "dtype": self.dtype, "requested_dtype": self.preset.dtype,
+            **({"dtype_note": self.dtype_note} if self.dtype_note else {}),
             "options": {"attention_slicing": self.preset.attention_slicing,
                         "vae_slicing": self.preset.vae_slicing,
                         "vae_tiling": self.preset.vae_tiling,
                         "cpu_offload": self.preset.cpu_offload,
                         "dtype": self.dtype},
         }
+
+    def release(self) -> None:
+        """Drop every pipeline, companion and adapter this model holds, so that its memory
+        can go even while something still refers to this object."""
+        self.derived.clear()
+        self.companions.clear()
+        if hasattr(self.pipe, "unload_lora_weights"):  # derived pipelines share its modules
+            try:
+                self.pipe.unload_lora_weights()
+            except Exception:  # noqa: BLE001 - freeing memory must not fail an eviction
+                logger.debug("no LoRA weights to unload from %s", self.preset.name)
+        self.pipe = None
+        self.default_scheduler = None
 
     def use_scheduler(self, name: str | None, pipe: Any | None = None) -> str:
         """Swap the scheduler of ``pipe`` (default: the base) in place; ``None`` restores the
@@ -271,10 +419,11 @@ class PipelineCache:
         return list(self._loaded)
 
     def _evict_oldest(self) -> None:
-        evicted, _ = self._loaded.popitem(last=False)
+        evicted, loaded = self._loaded.popitem(last=False)
         logger.info("evicting model %s", evicted)
-        if self.device.startswith("cuda"):
-            torch.cuda.empty_cache()
+        loaded.release()
+        del loaded
+        release_memory(self.device)
 
     def resolve_source(self, source: str) -> Path:
         """A companion's source (ControlNet, inpainting UNet) to a local directory."""
@@ -311,10 +460,14 @@ class PipelineCache:
         started = time.perf_counter()
         path, revision = self._resolve(preset)
         dtype = pick_dtype(preset.dtype, self.device)
+        index = model_index(path)
+        check_components(path, index, model=preset.name)
         try:
-            pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=dtype)
+            pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=dtype,
+                                                     **without_safety_checker(index))
         except (OSError, ValueError) as exc:
-            raise ModelUnavailable(f"cannot load {preset.name!r} from {path}: {exc}") from exc
+            raise ModelUnavailable(
+                f"{_failed_component(path, index, exc, model=preset.name)}: {exc}") from exc
         if preset.cpu_offload and self.device.startswith("cuda"):
             pipe.enable_model_cpu_offload()
         else:
@@ -326,11 +479,14 @@ class PipelineCache:
         if preset.vae_tiling and hasattr(pipe, "vae"):
             pipe.vae.enable_tiling()
         pipe.set_progress_bar_config(disable=True)
-        sha = weights_hash(path, self.cache_dir / ".hashes")
+        loaded_components = [name for name, module in pipe.components.items()
+                             if module is not None]
+        sha = weights_hash(path, self.cache_dir / ".hashes", loaded_components)
         elapsed = time.perf_counter() - started
         logger.info("loaded model %s in %.2fs", preset.name, elapsed, extra={"model": preset.name})
         return LoadedModel(
             preset=preset, pipe=pipe, path=path, revision=revision, sha256=sha,
             device=self.device, dtype=str(dtype).removeprefix("torch."), load_s=elapsed,
             default_scheduler=pipe.scheduler, resolver=self.resolve_source,
+            dtype_note=dtype_note(preset.dtype, dtype),
         )

@@ -51,6 +51,9 @@ class RenderResult:
     loras: list[dict[str, Any]]
     prompt_encoding: str
     batch_jobs: int = 1  # how many jobs shared the pipeline call
+    # Per image, when a pipeline still runs diffusers' safety checker (Loomis loads them
+    # without it): a flagged image comes back black, and the job must say so.
+    nsfw_content_detected: list[bool] | None = None
 
 
 def control_image(
@@ -218,6 +221,7 @@ def render(
             output = pipe(**kwargs)
         seconds = time.perf_counter() - started
     images = list(output.images)
+    flagged = getattr(output, "nsfw_content_detected", None)
     if pipeline_mode == "inpaint":
         originals = repeat([p.original for p in prepared])
         masks = repeat([p.mask for p in prepared])
@@ -227,7 +231,8 @@ def render(
             for image, original, mask, keep in zip(images, originals, masks, composite, strict=True)
         ]
     return RenderResult(images=images, seeds=seeds, scheduler=scheduler, seconds=seconds,
-                        pipeline=type(pipe).__name__, loras=used_loras, prompt_encoding=encoding)
+                        pipeline=type(pipe).__name__, loras=used_loras, prompt_encoding=encoding,
+                        nsfw_content_detected=None if flagged is None else [bool(f) for f in flagged])
 
 
 def a1111_parameters(spec: GenerationSpec, *, seed: int, scheduler: str, model: LoadedModel,

@@ -177,6 +177,8 @@ def _run_batch(ctx: dict[str, Any], items: list[BatchItem], on_step: Any) -> lis
                    for used, ref in zip(combined.loras, job.task.loras, strict=True)],
             prompt_encoding=combined.prompt_encoding,
             batch_jobs=len(jobs),
+            nsfw_content_detected=(None if combined.nsfw_content_detected is None
+                                   else combined.nsfw_content_detected[offset:offset + n]),
         ))
         offset += n
     if len(jobs) > 1:
@@ -320,6 +322,7 @@ async def _run(ctx: dict[str, Any], task: GenerationTask, *, queued_s: float) ->
         device=loaded.device, timings=timings, created_at=datetime.now(UTC),
         pipeline=result.pipeline, inputs=task.inputs, loras=result.loras, safety=safety,
         prompt_encoding=result.prompt_encoding,
+        nsfw_content_detected=result.nsfw_content_detected,
     )
     # The manifest goes last: its presence means every image it lists is in place.
     manifest_ref = await _put(store, manifest_key(task.tenant_id, task.job_id),
@@ -327,10 +330,14 @@ async def _run(ctx: dict[str, Any], task: GenerationTask, *, queued_s: float) ->
     summary: dict[str, Any] = {
         "timings": timings, "seeds": result.seeds, "scheduler": result.scheduler,
         "model": {"name": loaded.preset.name, "sha256": loaded.sha256},
-        "device": loaded.device, "pipeline": result.pipeline,
+        "device": loaded.device, "dtype": loaded.dtype, "pipeline": result.pipeline,
         "loras": result.loras, "prompt_encoding": result.prompt_encoding,
         "batch_jobs": result.batch_jobs,
     }
+    if loaded.dtype_note:
+        summary["dtype_note"] = loaded.dtype_note
+    if result.nsfw_content_detected is not None:
+        summary["nsfw_content_detected"] = result.nsfw_content_detected
     if safety:
         summary["safety"] = safety
         summary["withheld"] = [s["index"] for s in safety if s["action"] == "withhold"]

@@ -1,0 +1,173 @@
+"""Loading models the way real repositories lay them out: diffusers' safety checker listed in
+``model_index.json``, a component folder missing, single-file checkpoints lying beside the
+components, half precision asked for on a CPU."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from services.generator.loras import LoraAdapterCache, LoraFiles
+from services.generator.pipelines import PipelineCache, weights_hash
+from services.generator.render import PreparedInputs, render
+from services.generator.tiny import ensure_tiny_model
+from shared.errors import ModelUnavailable
+from shared.models import ModelPreset, ModelRegistry
+from shared.specs import GenerationSpec
+
+
+def _copy_tiny_sd15(model_cache: Path, target: Path) -> Path:
+    shutil.copytree(ensure_tiny_model("tiny-sd15", model_cache), target)
+    return target
+
+
+def _tiny_safety_checker() -> Any:
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig
+
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "vocab_size": 99},
+        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                       "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+        projection_dim=16)
+    return StableDiffusionSafetyChecker(config).eval()
+
+
+def _with_safety_checker(folder: Path) -> Path:
+    """What real SD1.5 repositories ship: a checker, its feature extractor, both listed."""
+    from transformers import CLIPImageProcessor
+
+    _tiny_safety_checker().save_pretrained(folder / "safety_checker")
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+                       ).save_pretrained(folder / "feature_extractor")
+    index = json.loads((folder / "model_index.json").read_text())
+    index.update(safety_checker=["stable_diffusion", "StableDiffusionSafetyChecker"],
+                 feature_extractor=["transformers", "CLIPImageProcessor"],
+                 requires_safety_checker=True)
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return folder
+
+
+def _cache(tmp_path: Path, **presets: dict[str, Any]) -> PipelineCache:
+    registry = ModelRegistry([ModelPreset(name=name, family="sd15", **fields)  # type: ignore[arg-type]
+                              for name, fields in presets.items()])
+    return PipelineCache(registry=registry, cache_dir=tmp_path / "cache")
+
+
+def _spec(**overrides: Any) -> GenerationSpec:
+    fields: dict[str, Any] = {"prompt": "a fox", "model": "m", "width": 64, "height": 64,
+                              "steps": 1, "seed": 1, "guidance_scale": 1.0, **overrides}
+    return GenerationSpec(**fields)
+
+
+def _render(loaded: Any, tmp_path: Path) -> Any:
+    return render(loaded, [_spec()], [PreparedInputs()], loras=[],
+                  lora_cache=LoraAdapterCache(LoraFiles(tmp_path / "loras")),
+                  on_step=lambda _step, _total: None)
+
+
+def test_a_listed_safety_checker_is_not_loaded_nor_run(
+    model_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+
+    folder = _with_safety_checker(_copy_tiny_sd15(model_cache, tmp_path / "sd15"))
+    loaded = _cache(tmp_path, m={"source": str(folder)}).get("m")
+    assert loaded.pipe.safety_checker is None and loaded.pipe.feature_extractor is None
+    for mode in ("img2img", "inpaint"):
+        assert loaded.pipeline_for(mode).safety_checker is None
+
+    def refuse(*_args: Any, **_kwargs: Any) -> Any:
+        raise AssertionError("diffusers' safety checker ran")
+
+    monkeypatch.setattr(StableDiffusionSafetyChecker, "forward", refuse)
+    result = _render(loaded, tmp_path)
+    assert result.nsfw_content_detected is None
+    assert max(result.images[0].convert("L").getdata()) > 0  # not blacked out
+
+
+def test_a_pipeline_that_still_flags_images_says_so_per_image(
+    model_cache: Path, tmp_path: Path,
+) -> None:
+    """A pipeline that runs diffusers' checker after all (one built elsewhere and handed
+    in): its black image is reported, not passed off as a plain success."""
+    from transformers import CLIPImageProcessor
+
+    loaded = _cache(tmp_path, m={"source": "builtin:tiny-sd15"}).get("m")
+    checker = _tiny_safety_checker()
+    checker.concept_embeds_weights.data.fill_(-1.0)  # every image matches a concept
+    loaded.pipe.register_modules(
+        safety_checker=checker,
+        feature_extractor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                             crop_size={"height": 32, "width": 32}))
+    result = _render(loaded, tmp_path)
+    assert result.nsfw_content_detected == [True]
+    assert max(result.images[0].convert("L").getdata()) == 0
+
+
+def test_a_missing_component_folder_is_named(model_cache: Path, tmp_path: Path) -> None:
+    folder = _copy_tiny_sd15(model_cache, tmp_path / "sd15")
+    shutil.rmtree(folder / "text_encoder")
+    with pytest.raises(ModelUnavailable) as missing:
+        _cache(tmp_path, m={"source": str(folder)}).get("m")
+    assert "component `text_encoder` of model 'm'" in missing.value.detail
+    assert str(folder / "text_encoder") in missing.value.detail
+
+    (folder / "text_encoder").mkdir()
+    (folder / "text_encoder" / "config.json").write_text(
+        (model_cache / "tiny-sd15" / "text_encoder" / "config.json").read_text())
+    with pytest.raises(ModelUnavailable) as no_weights:
+        _cache(tmp_path, m={"source": str(folder)}).get("m")
+    assert (f"component `text_encoder` of model 'm': no weights in {folder / 'text_encoder'}"
+            in no_weights.value.detail)
+
+
+def test_the_hash_covers_only_the_files_the_pipeline_loads(
+    model_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    folder = _copy_tiny_sd15(model_cache, tmp_path / "sd15")
+    checkpoint = folder / "sd15-full.safetensors"  # a clone's root-level single file
+    checkpoint.write_bytes(b"\0" * (8 << 20))
+    variant = folder / "unet" / "diffusion_pytorch_model.fp16.safetensors"
+    variant.write_bytes(b"\1" * 1024)
+    sidecars = tmp_path / "hashes"
+    first = weights_hash(folder, sidecars)
+
+    opened: list[Path] = []
+    real_open = Path.open
+
+    def recording_open(self: Path, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        if mode == "rb":  # reading a weight file: the sidecars are text
+            opened.append(self)
+        return real_open(self, mode, *args, **kwargs)
+
+    checkpoint.write_bytes(b"\2" * (8 << 20))
+    variant.write_bytes(b"\3" * 1024)
+    monkeypatch.setattr(Path, "open", recording_open)
+    assert weights_hash(folder, sidecars) == first
+    assert opened == []  # cached by path, size and mtime; the extra files are never read
+
+    unet = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    with real_open(unet, "r+b") as fh:
+        fh.seek(-1, 2)
+        last = fh.read(1)
+        fh.seek(-1, 2)
+        fh.write(bytes([last[0] ^ 1]))
+    assert weights_hash(folder, sidecars) != first
+    assert opened == [unet]
+
+
+def test_half_precision_on_a_cpu_is_reported(tmp_path: Path) -> None:
+    cache = _cache(tmp_path, half={"source": "builtin:tiny-sd15", "dtype": "float16"},
+                   auto={"source": "builtin:tiny-sd15"})
+    half = cache.get("half").describe()
+    assert half["dtype"] == "float32" and half["requested_dtype"] == "float16"
+    assert "float16" in half["dtype_note"] and "float32" in half["dtype_note"]
+    assert "dtype_note" not in cache.get("auto").describe()
