@@ -82,7 +82,21 @@ class ModelPreset(BaseModel):
     name: str
     family: ModelFamily
     source: str = Field(
-        description="'builtin:<name>' (built locally from configs), a hub id, or a directory."
+        description="'builtin:<name>' (built locally from configs), a hub id, a diffusers "
+        "directory, or a single-file .safetensors checkpoint (webui/ComfyUI/BFL key layout)."
+    )
+    config: str | None = Field(
+        default=None,
+        description="For a single-file source: a local diffusers folder whose component "
+        "configs (and tokenizers, and any component the file lacks, such as Flux's text "
+        "encoders) it is read with. Default: the family's configs shipped with Loomis.",
+    )
+    tokenizer: str | None = Field(
+        default=None,
+        description="For a single-file source: a folder with the tokenizers, either a "
+        "diffusers model's (`tokenizer/`, `tokenizer_2/`) or one CLIP tokenizer folder "
+        "(vocab.json + merges.txt). Default: the config folder's, else the CLIP vocabulary "
+        "installed by `loomis models tokenizer`.",
     )
     revision: str | None = None
     dtype: str = Field(default="auto", description="auto, float32, float16, bfloat16")
@@ -217,22 +231,56 @@ BUILTIN_PRESETS: tuple[ModelPreset, ...] = (
 )
 
 
-class ModelRegistry:
-    """Built-in presets plus those of an optional TOML file (``[[models]]`` tables)."""
+class PresetOrigin(StrEnum):
+    BUILTIN = "builtin"
+    MODELS_FILE = "models_file"
+    MODELS_DIR = "models_dir"
 
-    def __init__(self, presets: list[ModelPreset] | tuple[ModelPreset, ...]) -> None:
+
+def scanned_preset(name: str, family: ModelFamily, path: Path) -> ModelPreset:
+    """A preset for a model found in the models folder: the family's limits, and the layer
+    widths of the family's reference model, which fine-tunes and merges keep."""
+    reference = next(preset for preset in BUILTIN_PRESETS
+                     if preset.family == family and not preset.source.startswith("builtin:"))
+    return ModelPreset(
+        name=name, family=family, source=str(path), dtype=reference.dtype,
+        vae_slicing=reference.vae_slicing, vae_tiling=reference.vae_tiling,
+        lora_dim=reference.lora_dim, lora_widths=reference.lora_widths,
+        description=f"Found in the models folder ({family.value}).",
+    )
+
+
+class ModelRegistry:
+    """Built-in presets, then those found in a models folder, then those of an optional TOML
+    file (``[[models]]`` tables); a later one of the same name replaces an earlier one."""
+
+    def __init__(self, presets: list[ModelPreset] | tuple[ModelPreset, ...], *,
+                 origins: dict[str, PresetOrigin] | None = None,
+                 models_dir: Path | None = None) -> None:
         self._presets = {preset.name: preset for preset in presets}
+        self.origins = origins or {}
+        self.models_dir = models_dir
 
     @classmethod
-    def load(cls, models_file: Path | None = None) -> ModelRegistry:
+    def load(cls, models_file: Path | None = None,
+             models_dir: Path | None = None) -> ModelRegistry:
         presets = {preset.name: preset for preset in BUILTIN_PRESETS}
+        origins = dict.fromkeys(presets, PresetOrigin.BUILTIN)
+        if models_dir is not None:
+            from shared.modelfiles import scan_models_dir  # it reads headers via shared.loras
+
+            models_dir = models_dir.resolve()
+            for name, family, path in scan_models_dir(models_dir):
+                presets[name] = scanned_preset(name, family, path)
+                origins[name] = PresetOrigin.MODELS_DIR
         if models_file is not None:
             with models_file.open("rb") as fh:
                 data = tomllib.load(fh)
             for entry in data.get("models", []):
                 preset = ModelPreset.model_validate(entry)
                 presets[preset.name] = preset
-        return cls(list(presets.values()))
+                origins[preset.name] = PresetOrigin.MODELS_FILE
+        return cls(list(presets.values()), origins=origins, models_dir=models_dir)
 
     def get(self, name: str) -> ModelPreset | None:
         return self._presets.get(name)

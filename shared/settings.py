@@ -86,6 +86,12 @@ class GeneratorSettings(BaseModel):
     models_file: Path | None = Field(
         default=None, description="TOML file adding or overriding model presets."
     )
+    models_dir: Path | None = Field(
+        default=None,
+        description="A folder scanned like a webui's models/Stable-diffusion: each "
+        "<name>.safetensors checkpoint and each diffusers folder in it is a preset named after "
+        "it (family from the file). Gateway, generators and trainers must see the same folder.",
+    )
     allow_downloads: bool = Field(
         default=False, description="Let from_pretrained fetch hub ids missing from the cache."
     )

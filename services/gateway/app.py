@@ -65,7 +65,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         events = JobEvents(redis, stream=settings.redis.events_stream,
                            maxlen=settings.redis.events_maxlen, ttl_s=settings.redis.job_ttl_s)
         app.state.loomis = GatewayState(
-            settings=settings, registry=ModelRegistry.load(settings.generator.models_file),
+            settings=settings,
+            registry=ModelRegistry.load(settings.generator.models_file,
+                                        settings.generator.models_dir),
             sessionmaker=sessionmaker, redis=redis, events=events, store=store,
         )
         consumer = EventConsumer(

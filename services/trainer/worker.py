@@ -46,7 +46,8 @@ logger = logging.getLogger(__name__)
 
 async def startup(ctx: dict[str, Any]) -> None:
     settings = common_startup(ctx)
-    ctx["registry"] = ModelRegistry.load(settings.generator.models_file)
+    ctx["registry"] = ModelRegistry.load(settings.generator.models_file,
+                                         settings.generator.models_dir)
 
 
 def _tar(directory: Path) -> bytes:
