@@ -2,7 +2,8 @@
 
 Every source ends up as ``from_pretrained(<directory>)``: built-in tiny models are built into
 the model cache first, hub ids are resolved to a snapshot directory (downloaded only when
-settings allow), and local directories are used as they are.
+settings allow), and local directories are used as they are. A single-file checkpoint is read
+by ``from_single_file`` with local configs instead (``singlefile.py``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 
 import torch
 
+from services.generator.singlefile import load_single_file
 from services.generator.tiny import ensure_tiny_model
 from shared.errors import ModelUnavailable
 from shared.models import SCHEDULERS, ModelPreset, ModelRegistry
@@ -438,6 +440,10 @@ class PipelineCache:
             return ensure_tiny_model(source.removeprefix("builtin:"), self.cache_dir), None
         if Path(source).is_dir():
             return Path(source), None
+        if Path(source).is_file():  # a single-file checkpoint
+            return Path(source), None
+        if source.endswith(".safetensors") or source.startswith(("/", "./", "../")):
+            raise ModelUnavailable(f"weights for {name!r}: {source} does not exist")
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
@@ -462,12 +468,15 @@ class PipelineCache:
         dtype = pick_dtype(preset.dtype, self.device)
         index = model_index(path)
         check_components(path, index, model=preset.name)
-        try:
-            pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=dtype,
-                                                     **without_safety_checker(index))
-        except (OSError, ValueError) as exc:
-            raise ModelUnavailable(
-                f"{_failed_component(path, index, exc, model=preset.name)}: {exc}") from exc
+        if path.is_file():
+            pipe = load_single_file(preset, path, dtype=dtype, model_cache=self.cache_dir)
+        else:
+            try:
+                pipe = DiffusionPipeline.from_pretrained(path, torch_dtype=dtype,
+                                                         **without_safety_checker(index))
+            except (OSError, ValueError) as exc:
+                raise ModelUnavailable(
+                    f"{_failed_component(path, index, exc, model=preset.name)}: {exc}") from exc
         if preset.cpu_offload and self.device.startswith("cuda"):
             pipe.enable_model_cpu_offload()
         else:
