@@ -298,6 +298,10 @@ _ROLES: dict[str, Role] = {
 # SD1.x/2.x UNets have exactly one transformer block per attention; SDXL has 2 or 10.
 _EXTRA_TRANSFORMER_BLOCK = re.compile(r"transformer_blocks[._](?:[1-9]|\d{2,})[._]")
 _SD_CROSS_KV = re.compile(r"attn2[._]to_[kv]$")
+# Every tensor of an sd-scripts SD1.5/SDXL file the worker can place (services/generator/loras.py).
+_KOHYA_SD_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+_KOHYA_SD_APPLIED = re.compile(
+    r"^lora_(?:unet|te|te1|te2)_[^.]+\.(?:lora_down\.weight|lora_up\.weight|alpha|dora_scale)$")
 _FLUX_ATTN_IN = re.compile(
     r"(?:attn\.to_[qk]|(?:img|txt)_attn[._]qkv|single_blocks[._]\d+[._]linear1|attn_to_[qk])$"
 )
@@ -432,6 +436,25 @@ def _sdxl_marker(modules: dict[str, _Module], denoiser: Denoiser | None) -> tupl
     return None
 
 
+def _check_kohya_sd_names(tensors: Iterable[str]) -> None:
+    """An sd-scripts file for a Stable Diffusion UNet loads only if every tensor is part of a
+    LoRA module the worker can place; anything else would fail every job that uses it."""
+    for name in sorted(tensors):
+        if _KOHYA_SD_APPLIED.match(name):
+            continue
+        if name.endswith(".lora_mid.weight"):
+            raise LoraRejected(
+                f"This LoRA holds {name!r}, a LyCORIS LoCon 'lora_mid' weight (a convolution "
+                "factored with CP/Tucker decomposition), which cannot be applied here; export "
+                "it without CP decomposition (no use_tucker/use_cp), or as a plain LoRA.",
+                code="not_a_lora")
+        raise LoraRejected(
+            f"This kohya LoRA also holds {name!r}, which is not part of a LoRA module "
+            "(lora_unet_…/lora_te_…/lora_te1_…/lora_te2_… with lora_down/lora_up/alpha), so no "
+            "job could apply the file; remove it or export the LoRA without it.",
+            code="not_a_lora")
+
+
 def _families_with_width(width: int, denoiser: Denoiser) -> set[ModelFamily]:
     _, real = _REAL_WIDTHS[denoiser].get(width, ("", None))
     families = {real} if real is not None else set()
@@ -484,6 +507,9 @@ def inspect_lora(data: bytes | BinaryIO) -> LoraInfo:
         raise LoraRejected("This file has both Stable Diffusion UNet and Flux transformer LoRA "
                            "weights; a LoRA is for one model family.", code="not_a_lora")
     denoiser: Denoiser | None = "unet" if "unet" in denoisers else "flux" if denoisers else None
+    if fmt == "kohya" and denoiser != "flux" and any(name.startswith(_KOHYA_SD_PREFIXES)
+                                                     for name in tensors):
+        _check_kohya_sd_names(tensors)
     denoiser_key = next((_quoted_name(module) for module in modules.values()
                          if module.component == denoiser), None)
     width_pattern = _FLUX_ATTN_IN if denoiser == "flux" else _SD_CROSS_KV

@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shared.errors import JobFailure
 from shared.specs import LoraRef
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +118,7 @@ class LoraAdapterCache:
         path = self.files.path(lora.sha256)
         try:
             state = load_file(str(path))
-            pipe.load_lora_weights(state, adapter_name=name)
+            pipe.load_lora_weights(kohya_to_peft(state, pipe), adapter_name=name)
         except Exception as exc:  # diffusers/peft raise many types for a file that does not fit
             try:
                 pipe.delete_adapters(name)
@@ -124,3 +128,158 @@ class LoraAdapterCache:
                                  f"{type(exc).__name__}: {str(exc)[:300]}") from exc
         self.loads += 1
         logger.info("loaded LoRA %s as adapter %s", lora.name, name)
+
+
+# --------------------------------------------------------------------------- kohya naming
+
+# sd-scripts' module names: the model's module path with every "." written as "_".
+_KOHYA_SD_KEY = re.compile(r"^lora_(?P<prefix>unet|te|te1|te2)_(?P<module>[^.]+)\.(?P<role>.+)$")
+_KOHYA_SD_COMPONENTS = {"unet": "unet", "te": "text_encoder", "te1": "text_encoder",
+                        "te2": "text_encoder_2"}
+# kohya trains SDXL on the original (sgm) UNet; these layers sit outside its block structure or
+# are named differently inside resnets. Block indices are remapped by diffusers' own helper.
+_SGM_BLOCKS = ("input_blocks", "middle_block", "output_blocks")
+_SGM_RENAMES = (
+    ("input_blocks_0_0", "conv_in"), ("time_embed_0", "time_embedding_linear_1"),
+    ("time_embed_2", "time_embedding_linear_2"), ("label_emb_0_0", "add_embedding_linear_1"),
+    ("label_emb_0_2", "add_embedding_linear_2"), ("out_2", "conv_out"),
+)
+_SGM_BLOCK_RENAMES = (("input_blocks_", "down_blocks_"), ("middle_block_", "mid_block_"),
+                      ("output_blocks_", "up_blocks_"))
+_SGM_RESNET_RENAMES = (("in_layers_2", "conv1"), ("out_layers_3", "conv2"),
+                       ("emb_layers_1", "time_emb_proj"), ("skip_connection", "conv_shortcut"))
+
+
+@dataclass
+class _KohyaModule:
+    component: str
+    flat: str
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def kohya_to_peft(state: dict[str, torch.Tensor], pipe: Any) -> dict[str, torch.Tensor]:
+    """Rename a kohya (sd-scripts) SD1.5/SDXL LoRA to peft's names, against ``pipe``'s modules.
+
+    diffusers' own kohya conversion writes its older naming and then has to guess which naming
+    that was from the keys present; it guesses only when an attention output (``to_out`` or
+    ``out_proj``) or a text-encoder MLP is adapted, so a LoRA of, say, the text encoder's
+    ``q_proj`` alone fails every load with "Could not automatically infer state dict type". A
+    kohya name is the module's path with dots written as underscores, so looking each one up
+    among the model's own modules recovers it exactly, whichever modules a file adapts. Each
+    module's ``alpha`` is folded into its up weight (kohya scales by alpha/rank; peft's
+    default scale is 1), which also keeps different alphas per module exact.
+
+    Anything else (peft/diffusers files, Flux) passes through to diffusers unchanged; the
+    upload check (``shared.loras``) refuses kohya SD files with tensors this cannot place.
+    """
+    if not state or getattr(pipe, "unet", None) is None:
+        return state
+    modules: dict[str, _KohyaModule] = {}
+    dora_scales = 0
+    for key, tensor in state.items():
+        match = _KOHYA_SD_KEY.match(key)
+        if match is None or match["role"] not in ("lora_down.weight", "lora_up.weight", "alpha",
+                                                  "dora_scale"):
+            return state
+        if match["role"] == "dora_scale":
+            dora_scales += 1
+            continue
+        name = f"lora_{match['prefix']}_{match['module']}"
+        module = modules.setdefault(name, _KohyaModule(_KOHYA_SD_COMPONENTS[match["prefix"]],
+                                                       match["module"]))
+        module.tensors[match["role"]] = tensor
+    if dora_scales:
+        # What diffusers' SD loader does with them too: the file applies as the plain LoRA
+        # it also is (peft's DoRA magnitude is not kohya's dora_scale).
+        logger.warning("ignoring %d DoRA scales of a kohya LoRA", dora_scales)
+    paths = _sgm_to_diffusers([name for name, module in modules.items()
+                               if module.component == "unet"], pipe.unet.config)
+    converted: dict[str, torch.Tensor] = {}
+    lookups: dict[str, dict[str, tuple[str, Any]]] = {}
+    for name, module in modules.items():
+        if "lora_down.weight" not in module.tensors:  # a stray alpha; the upload check saw to pairs
+            continue
+        model = getattr(pipe, module.component, None)
+        if model is None:
+            raise ValueError(f"{name!r} adapts {module.component}, which this model does not have")
+        if module.component not in lookups:
+            lookups[module.component] = _flat_module_names(model)
+        flat = paths.get(name, module.flat)
+        found = lookups[module.component].get(flat)
+        if found is None:
+            raise ValueError(f"{name!r} names no layer of this model's {module.component} "
+                             "(a LoRA for another model or another layout)")
+        path, layer = found
+        down, up = _fit(module.tensors["lora_down.weight"], layer, "down"), _fit(
+            module.tensors["lora_up.weight"], layer, "up")
+        rank = down.shape[0]
+        alpha = module.tensors.get("alpha")
+        if alpha is not None and float(alpha) != rank:
+            up = (up.float() * (float(alpha) / rank)).to(up.dtype)
+        converted[f"{module.component}.{path}.lora_A.weight"] = down
+        converted[f"{module.component}.{path}.lora_B.weight"] = up
+    return converted
+
+
+def _flat_module_names(model: Any) -> dict[str, tuple[str, Any]]:
+    """Each adaptable layer under its kohya spelling. CLIP layers answer to both nestings
+    (``text_model.encoder…`` as sd-scripts writes them, ``encoder…`` as transformers 5 has
+    them), so files from either side of that change load."""
+    import torch
+
+    names: dict[str, tuple[str, Any]] = {}
+    for path, layer in model.named_modules():
+        if not isinstance(layer, torch.nn.Linear | torch.nn.Conv2d) or ".lora_" in path:
+            continue
+        # A layer that already holds an adapter is peft's wrapper around it: name the wrapper.
+        path = path.removesuffix(".base_layer")
+        flat = path.replace(".", "_")
+        names[flat] = (path, layer)
+        if flat.startswith("text_model_"):
+            names.setdefault(flat.removeprefix("text_model_"), (path, layer))
+        else:
+            names.setdefault(f"text_model_{flat}", (path, layer))
+    return names
+
+
+def _sgm_to_diffusers(names: list[str], unet_config: Any) -> dict[str, str]:
+    """kohya module names of an SDXL LoRA (sgm layout) to the diffusers UNet's, flat."""
+    if not any(block in name for name in names for block in _SGM_BLOCKS):
+        return {}
+    from diffusers.loaders.lora_conversion_utils import _maybe_map_sgm_blocks_to_diffusers
+
+    renamed: dict[str, str] = {}
+    for name in names:
+        flat = name.removeprefix("lora_unet_")
+        for old, new in _SGM_RENAMES:
+            if flat == old:
+                flat = new
+        renamed[f"lora_unet_{flat}"] = name
+    # The helper moves keys between dicts; feed it the names as keys and read back the values.
+    mapped = _maybe_map_sgm_blocks_to_diffusers(dict(zip(renamed, renamed, strict=True)),
+                                                unet_config)
+    paths: dict[str, str] = {}
+    for new_key, old_key in mapped.items():
+        flat = new_key.removeprefix("lora_unet_")
+        for old, new in _SGM_BLOCK_RENAMES:
+            if flat.startswith(old):
+                flat = new + flat.removeprefix(old)
+        for old, new in _SGM_RESNET_RENAMES:
+            flat = flat.replace(f"_{old}", f"_{new}")
+        if "samplers_" in flat:
+            flat = flat.replace("_op", "_conv")
+        paths[renamed[old_key]] = flat
+    return paths
+
+
+def _fit(tensor: torch.Tensor, layer: Any, role: str) -> torch.Tensor:
+    """kohya writes 1x1 convolutions as 4-D and may meet a Linear (SDXL's ``proj_in``) or the
+    reverse; peft wants the layer's own rank of tensor."""
+    import torch
+
+    if isinstance(layer, torch.nn.Linear) and tensor.dim() == 4 and tensor.shape[2:] == (1, 1):
+        return tensor.flatten(1)
+    if isinstance(layer, torch.nn.Conv2d) and tensor.dim() == 2:
+        if role == "up" or layer.kernel_size == (1, 1):
+            return tensor[:, :, None, None]
+    return tensor
