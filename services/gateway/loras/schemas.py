@@ -17,7 +17,8 @@ class LoraOut(BaseModel):
     rank: int = Field(description="The network rank (dim).")
     size: int = Field(description="File size in bytes.")
     sha256: str = Field(description="SHA-256 of the file, hex.")
-    source: str = Field(examples=["upload"], description="upload or training")
+    source: str = Field(examples=["upload"], description="upload, training or import "
+                        "(`loomis loras import`)")
     info: dict[str, Any] = Field(default_factory=dict, description="What the file's header says: targets, "
                                  "layer widths, text encoder, metadata (kohya `ss_*`).")
     created_at: datetime = Field(description="When it was uploaded or trained (RFC 3339, UTC).")

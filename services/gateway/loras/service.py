@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
+from pathlib import Path
 from typing import BinaryIO
 
 from sqlalchemy import select
@@ -11,7 +13,14 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from services.gateway.loras.schemas import LoraOut
 from shared.db.models import Lora, Tenant, new_id, utcnow
 from shared.errors import NotFound, ValidationFailed
-from shared.loras import LoraRejected, check_lora_for_model, inspect_lora, width_mismatch
+from shared.loras import (
+    LoraInfo,
+    LoraRejected,
+    check_lora_for_model,
+    inspect_lora,
+    lora_name_from_filename,
+    width_mismatch,
+)
 from shared.models import ModelPreset, ModelRegistry
 from shared.specs import LoraRef, LoraUse
 from shared.storage import ObjectStore
@@ -40,18 +49,21 @@ def _invalid(field: str, message: str, *, code: str = "validation_error") -> Val
 async def create_lora(
     *, session: AsyncSession, store: ObjectStore, registry: ModelRegistry, tenant: Tenant,
     name: str, base_model: str, file: BinaryIO, source: str = "upload",
+    info: LoraInfo | None = None,
 ) -> Lora:
     """Refuse anything but a safetensors LoRA that fits the base model, then store and record it.
 
-    ``file`` is read for its header and hash and then streamed to storage, never held whole.
+    ``file`` is read for its header and hash and then streamed to storage, never held whole;
+    ``info`` is what ``inspect_lora`` said of this very file, when the caller already asked.
     """
     preset = registry.get(base_model)
     if preset is None:
         raise _invalid("base_model", f"unknown model {base_model!r}; known: "
                        f"{', '.join(registry.names())}")
     try:
-        # Parsing a multi-GB header and hashing it is seconds of CPU: keep the loop free.
-        info = await asyncio.to_thread(inspect_lora, file)
+        if info is None:
+            # Parsing a multi-GB header and hashing it is seconds of CPU: keep the loop free.
+            info = await asyncio.to_thread(inspect_lora, file)
         check_lora_for_model(info, preset)
     except LoraRejected as exc:
         raise _invalid("file", str(exc), code=exc.code) from exc
@@ -132,3 +144,72 @@ async def resolve_loras(
     if errors:
         raise ValidationFailed(errors)
     return refs
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    """What happened to one file of an imported folder, for the operator's report."""
+
+    file: str
+    status: str  # imported, exists, refused
+    message: str
+    lora_id: str | None = None
+
+
+def _reference_preset(registry: ModelRegistry, info: LoraInfo) -> ModelPreset | None:
+    """The family's real model (sd15, sdxl, flux-dev) for a LoRA whose family its keys and
+    widths tell; a webui LoRA folder mixes families and names no base model."""
+    if info.family_hint is None:
+        return None
+    return next((preset for preset in registry if preset.family == info.family_hint
+                 and preset.name in ("sd15", "sdxl", "flux-dev")), None)
+
+
+async def import_lora_file(
+    *, session: AsyncSession, store: ObjectStore, registry: ModelRegistry, tenant: Tenant,
+    path: Path, base_model: str | None = None,
+) -> ImportResult:
+    """One file of a webui ``models/Lora`` folder, checked exactly as an upload is; a file
+    the tenant already has (same SHA-256 and base model) is not stored twice."""
+    with path.open("rb") as file:
+        try:
+            info = await asyncio.to_thread(inspect_lora, file)
+        except LoraRejected as exc:
+            return ImportResult(path.name, "refused", f"{exc.code}: {exc.message}")
+        preset = registry.get(base_model) if base_model else _reference_preset(registry, info)
+        if preset is None:
+            reason = (f"unknown model {base_model!r}" if base_model else
+                      "its keys do not say which family it is for; pass --base-model")
+            return ImportResult(path.name, "refused", reason)
+        existing = await session.scalar(select(Lora).where(
+            Lora.tenant_id == tenant.id, Lora.sha256 == info.sha256,
+            Lora.base_model == preset.name))
+        if existing is not None:
+            return ImportResult(path.name, "exists", f"already imported as {existing.name!r}",
+                                existing.id)
+        try:
+            lora = await create_lora(
+                session=session, store=store, registry=registry, tenant=tenant,
+                name=lora_name_from_filename(path.name), base_model=preset.name, file=file,
+                source="import", info=info)
+        except ValidationFailed as exc:
+            message = "; ".join(str(error.get("message")) for error in exc.errors)
+            return ImportResult(path.name, "refused", f"{exc.code}: {message}")
+    return ImportResult(path.name, "imported", f"{lora.name} ({lora.family}, "
+                        f"{lora.format}, rank {lora.rank}) for {lora.base_model}", lora.id)
+
+
+async def import_lora_folder(
+    *, session: AsyncSession, store: ObjectStore, registry: ModelRegistry, tenant: Tenant,
+    folder: Path, base_model: str | None = None,
+) -> list[ImportResult]:
+    """Every file directly in ``folder`` (hidden files and webui's preview images and
+    ``.json``/``.txt`` sidecars skipped); one bad file never stops the others."""
+    sidecars = {".png", ".jpg", ".jpeg", ".webp", ".json", ".txt", ".info", ".yaml"}
+    results = []
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or not path.is_file() or path.suffix.lower() in sidecars:
+            continue
+        results.append(await import_lora_file(session=session, store=store, registry=registry,
+                                              tenant=tenant, path=path, base_model=base_model))
+    return results
