@@ -282,3 +282,29 @@ def test_models_schema_describes_every_field() -> None:
                    for field, spec in components[name]["properties"].items()
                    if not spec.get("description")]
     assert undescribed == []
+
+
+def test_single_file_without_tokenizer_or_of_another_family_says_what_to_do(
+    tmp_path: Path, model_cache: Path,
+) -> None:
+    from services.generator.pipelines import PipelineCache
+    from services.generator.tiny import ensure_tiny_model
+    from shared.errors import ModelUnavailable
+    from shared.models import ModelPreset
+
+    single = _ldm_checkpoint(ensure_tiny_model("tiny-sd15", model_cache),
+                             tmp_path / "tiny.safetensors")
+    registry = ModelRegistry([
+        ModelPreset(name="no-tokenizer", family=ModelFamily.SD15, source=str(single)),
+        ModelPreset(name="said-sdxl", family=ModelFamily.SDXL, source=str(single)),
+        ModelPreset(name="gone", family=ModelFamily.SD15, source=str(tmp_path / "gone.safetensors")),
+    ])
+    cache = PipelineCache(registry=registry, cache_dir=tmp_path / "empty-cache", device="cpu")
+    with pytest.raises(ModelUnavailable, match="no CLIP tokenizer is installed: run `loomis "
+                       "models tokenizer`"):
+        cache.get("no-tokenizer")
+    with pytest.raises(ModelUnavailable, match="is a sd15 checkpoint but preset 'said-sdxl' "
+                       "says sdxl"):
+        cache.get("said-sdxl")
+    with pytest.raises(ModelUnavailable, match="gone.safetensors does not exist"):
+        cache.get("gone")
