@@ -171,3 +171,63 @@ def test_half_precision_on_a_cpu_is_reported(tmp_path: Path) -> None:
     assert half["dtype"] == "float32" and half["requested_dtype"] == "float16"
     assert "float16" in half["dtype_note"] and "float32" in half["dtype_note"]
     assert "dtype_note" not in cache.get("auto").describe()
+
+
+def _wide_sd15(model_cache: Path, target: Path, *, seed: int) -> int:
+    """tiny-sd15 with a UNet wide enough (~200 MB as float32) for its memory to show in RSS;
+    returns its weight bytes once loaded. Initialised on the meta device and filled with normal noise: the
+    default initialisers take seconds for this size."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    _copy_tiny_sd15(model_cache, target)
+    with init_empty_weights():
+        unet = UNet2DConditionModel(
+            block_out_channels=(192, 384), layers_per_block=2, sample_size=8, in_channels=4,
+            out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+            attention_head_dim=8, norm_num_groups=32)
+    unet.to_empty(device="cpu")
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in [*unet.parameters(), *unet.buffers()]:
+            tensor.normal_(0.0, 0.02, generator=generator)
+    shutil.rmtree(target / "unet")
+    # Saved in half precision, as hub repositories mostly are: loaded as float32 on a CPU,
+    # the weights are then the process's own memory, not pages of the file.
+    unet.half().save_pretrained(target / "unet")
+    return sum(p.numel() * 4 for p in unet.parameters())
+
+
+def _rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmRSS")
+def test_switching_models_with_one_loaded_holds_one_model(
+    model_cache: Path, tmp_path: Path,
+) -> None:
+    import weakref
+
+    size = _wide_sd15(model_cache, tmp_path / "a", seed=1)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")  # another preset: loaded on its own
+    assert size > 150 << 20
+    cache = _cache(tmp_path, a={"source": str(tmp_path / "a")}, b={"source": str(tmp_path / "b")})
+    _render(cache.get("a"), tmp_path)  # settles the libraries' one-off allocations
+    baseline = _rss_bytes()
+    previous: list[weakref.ref[Any]] = []
+    for name in ["b", "a", "b"]:
+        loaded = cache.get(name)
+        assert cache.loaded_names() == [name]
+        assert [ref() for ref in previous] == [None] * len(previous), "an evicted pipeline lives"
+        previous = [weakref.ref(loaded.pipe), weakref.ref(loaded.pipe.unet),
+                    weakref.ref(loaded.pipeline_for("img2img")),
+                    weakref.ref(loaded.pipeline_for("inpaint"))]
+        if name == "a":
+            _render(loaded, tmp_path)
+        del loaded
+        growth = _rss_bytes() - baseline
+        assert growth < size // 2, f"RSS grew {growth >> 20} MB over one loaded model after {name}"
