@@ -118,7 +118,7 @@ class LoraAdapterCache:
         path = self.files.path(lora.sha256)
         try:
             state = load_file(str(path))
-            pipe.load_lora_weights(kohya_to_peft(state, pipe), adapter_name=name)
+            pipe.load_lora_weights(convert_kohya_lora(state, pipe), adapter_name=name)
         except Exception as exc:  # diffusers/peft raise many types for a file that does not fit
             try:
                 pipe.delete_adapters(name)
@@ -157,8 +157,10 @@ class _KohyaModule:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def kohya_to_peft(state: dict[str, torch.Tensor], pipe: Any) -> dict[str, torch.Tensor]:
-    """Rename a kohya (sd-scripts) SD1.5/SDXL LoRA to peft's names, against ``pipe``'s modules.
+def convert_kohya_lora(state: dict[str, torch.Tensor], pipe: Any) -> dict[str, torch.Tensor]:
+    """Rename a kohya (sd-scripts) SD1.5/SDXL LoRA to names diffusers loads without guessing
+    (peft's for the UNet, diffusers' ``lora_linear_layer`` for text encoders), against
+    ``pipe``'s own modules.
 
     diffusers' own kohya conversion writes its older naming and then has to guess which naming
     that was from the keys present; it guesses only when an attention output (``to_out`` or
@@ -216,8 +218,13 @@ def kohya_to_peft(state: dict[str, torch.Tensor], pipe: Any) -> dict[str, torch.
         alpha = module.tensors.get("alpha")
         if alpha is not None and float(alpha) != rank:
             up = (up.float() * (float(alpha) / rank)).to(up.dtype)
-        converted[f"{module.component}.{path}.lora_A.weight"] = down
-        converted[f"{module.component}.{path}.lora_B.weight"] = up
+        # diffusers re-guesses a text encoder's naming too, and from peft's names it finds one
+        # only when q/k/v/out_proj are adapted (an MLP-only LoRA fails): its own naming for
+        # text encoders is recognised whichever layers are there.
+        down_key, up_key = (("lora_A.weight", "lora_B.weight") if module.component == "unet"
+                            else ("lora_linear_layer.down.weight", "lora_linear_layer.up.weight"))
+        converted[f"{module.component}.{path}.{down_key}"] = down
+        converted[f"{module.component}.{path}.{up_key}"] = up
     return converted
 
 
