@@ -37,7 +37,8 @@ def _tiny_safety_checker() -> Any:
         vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
                        "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
         projection_dim=16)
-    return StableDiffusionSafetyChecker(config).eval()
+    checker: Any = StableDiffusionSafetyChecker(config)
+    return checker.eval()
 
 
 def _with_safety_checker(folder: Path) -> Path:
@@ -181,8 +182,9 @@ def _wide_sd15(model_cache: Path, target: Path, *, seed: int) -> int:
     from diffusers import UNet2DConditionModel
 
     _copy_tiny_sd15(model_cache, target)
+    unet: Any
     with init_empty_weights():
-        unet = UNet2DConditionModel(
+        unet = UNet2DConditionModel(  # type: ignore[no-untyped-call]
             block_out_channels=(192, 384), layers_per_block=2, sample_size=8, in_channels=4,
             out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,

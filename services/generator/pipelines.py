@@ -160,8 +160,9 @@ def _file_sha256(path: Path, sidecar_dir: Path) -> str:
     """A file's SHA-256, cached by (path, size, mtime): a real model is GBs, and presets that
     share files (a base and its inpainting variant's VAE) hash them once."""
     stat = path.stat()
-    key = [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
-    sidecar = sidecar_dir / (hashlib.sha1(key[0].encode()).hexdigest() + ".json")
+    resolved = str(path.resolve())
+    key = [resolved, stat.st_size, stat.st_mtime_ns]
+    sidecar = sidecar_dir / (hashlib.sha1(resolved.encode()).hexdigest() + ".json")
     if sidecar.exists():
         cached = json.loads(sidecar.read_text())
         if cached.get("key") == key:
