@@ -292,11 +292,21 @@ def _is_built(root: Path) -> bool:
     return (root / "build.json").exists()
 
 
+def _sd15_root(cache_dir: Path | None) -> Path:
+    return (cache_dir if cache_dir is not None else realsize_cache_dir()) / f"{SD15_NAME}-v{_VERSION}"
+
+
+def find_real_sd15(cache_dir: Path | None = None) -> RealSizeModel | None:
+    """The built model, or None; never builds (a caller can build it in a child process)."""
+    root = _sd15_root(cache_dir)
+    return RealSizeModel.at(root, SD15_NAME) if _is_built(root) else None
+
+
 def ensure_real_sd15(cache_dir: Path | None = None) -> RealSizeModel:
     """SD1.5 at real size (random float16 weights), built on first use; safe under races."""
-    cache = cache_dir if cache_dir is not None else realsize_cache_dir()
-    name = f"{SD15_NAME}-v{_VERSION}"
-    root = build_into_cache(name, cache, builders={name: _build_sd15}, is_built=_is_built)
+    target = _sd15_root(cache_dir)
+    root = build_into_cache(target.name, target.parent, builders={target.name: _build_sd15},
+                            is_built=_is_built)
     return RealSizeModel.at(root, SD15_NAME)
 
 
