@@ -47,7 +47,7 @@ def _load(model: str, cache: Path) -> Any:
 
     pipeline_class = (diffusers.StableDiffusionXLPipeline if model == "tiny-sdxl"
                       else diffusers.StableDiffusionPipeline)
-    pipe = pipeline_class.from_pretrained(ensure_tiny_model(model, cache))
+    pipe = pipeline_class.from_pretrained(ensure_tiny_model(model, cache))  # type: ignore[no-untyped-call]
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -91,6 +91,8 @@ def kohya_lora(pipe: Any, *, unet: tuple[str, ...] = (), text_encoder: tuple[str
             elif component != "unet" and not name.startswith("text_model."):
                 name = f"text_model.{name}"  # sd-scripts' spelling, from transformers 4's nesting
             key = f"{prefix}_{name.replace('.', '_')}"
+            down_shape: tuple[int, ...]
+            up_shape: tuple[int, ...]
             if isinstance(layer, torch.nn.Linear):
                 down_shape, up_shape = (rank, layer.in_features), (layer.out_features, rank)
             else:

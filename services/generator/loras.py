@@ -263,8 +263,8 @@ def _sgm_to_diffusers(names: list[str], unet_config: Any) -> dict[str, str]:
                 flat = new
         renamed[f"lora_unet_{flat}"] = name
     # The helper moves keys between dicts; feed it the names as keys and read back the values.
-    mapped = _maybe_map_sgm_blocks_to_diffusers(dict(zip(renamed, renamed, strict=True)),
-                                                unet_config)
+    mapped: dict[str, str] = _maybe_map_sgm_blocks_to_diffusers(  # type: ignore[no-untyped-call]
+        dict(zip(renamed, renamed, strict=True)), unet_config)
     paths: dict[str, str] = {}
     for new_key, old_key in mapped.items():
         flat = new_key.removeprefix("lora_unet_")
