@@ -62,7 +62,7 @@ def test_one_axis_sweep_and_bad_sweeps(stack: RunningStack) -> None:
                                      {"param": "scheduler", "values": ["Euler", "Nope"]}]},
              "axes.1.values.1"),
             ({"base": BASE, "axes": [{"param": "seed", "values": list(range(9))},
-                                     {"param": "steps", "values": list(range(1, 9))}]}, "body"),
+                                     {"param": "steps", "values": list(range(1, 9))}]}, "axes"),
             ({"base": BASE, "axes": [{"param": "width", "values": [64]}]}, "axes.0.param"),
         ]
         before = len(client.get("/v1/jobs", params={"kind": "sweep"}).json()["items"])
