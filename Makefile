@@ -67,6 +67,7 @@ bench: install redis-server
 	$(PY) bench/pipeline_cache.py
 	$(PY) bench/tagger.py
 	$(PY) bench/train.py
+	$(PY) bench/real_models.py
 
 clean:
 	rm -rf .loomis out

@@ -27,6 +27,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -288,6 +289,130 @@ def _build_sd15(staging: Path) -> None:
     (staging / "build.json").write_text(json.dumps(info, indent=2))
 
 
+# --- any family at real size, from the component configs shipped in configs/ -------------------
+
+CONFIGS = Path(__file__).parent / "configs"
+# Real-size models the benchmark builds: family config folder and the precision on disk
+# (what the public weights ship in).
+CONFIG_MODELS: dict[str, tuple[str, torch.dtype]] = {
+    "sdxl": ("sdxl", torch.float16),
+    "flux-dev": ("flux-dev", torch.bfloat16),
+    "flux-schnell": ("flux-schnell", torch.bfloat16),
+}
+
+
+def _random_(module: torch.nn.Module, *, dtype: torch.dtype, generator: torch.Generator) -> int:
+    """Give a module built on the meta device random weights in ``dtype``; returns the
+    parameter count.
+
+    Drawn straight in the target precision, one tensor at a time, so a 12B-parameter Flux
+    never exists in float32. Weights get a fan-in scaled normal (activations keep their
+    scale through deep stacks), biases zeros, norm scales ones. Buffers were built for real.
+    """
+    count = 0
+    with torch.no_grad():
+        for owner in module.modules():
+            for name, param in list(owner.named_parameters(recurse=False)):
+                if param.ndim >= 2:
+                    fan_in = param[0].numel()
+                    value = torch.empty(param.shape, dtype=dtype).normal_(
+                        0.0, fan_in ** -0.5, generator=generator)
+                elif name == "bias":
+                    value = torch.zeros(param.shape, dtype=dtype)
+                else:
+                    value = torch.ones(param.shape, dtype=dtype)
+                owner.register_parameter(name, torch.nn.Parameter(value, requires_grad=False))
+                count += value.numel()
+    module.to(dtype)  # the buffers
+    return count
+
+
+def _component(config: Path, name: str, library: str, class_name: str, *, dtype: torch.dtype,
+               generator: torch.Generator, staging: Path) -> tuple[Any, int]:
+    """One pipeline component at the size its config says (random weights, real buffers)."""
+    from accelerate import init_empty_weights
+
+    folder = config / name
+    if library == "transformers" and class_name.startswith("CLIPTokenizer"):
+        write_padded_clip_tokenizer(staging / name)
+        import transformers
+
+        settings_file = folder / "tokenizer_config.json"
+        settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
+        overrides = {key: settings[key] for key in ("pad_token", "model_max_length")
+                     if key in settings}
+        return getattr(transformers, class_name).from_pretrained(staging / name, **overrides), 0
+    if library == "transformers" and class_name.startswith("T5Tokenizer"):
+        from transformers import T5TokenizerFast
+
+        pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+        pieces += [(chr(code), -3.0) for code in range(ord("!"), ord("~") + 1)]
+        return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=512), 0
+    module_lib = __import__(library)
+    cls = getattr(module_lib, class_name)
+    if "Scheduler" in class_name:
+        return cls.from_pretrained(folder), 0
+    if library == "diffusers":
+        with init_empty_weights():
+            model = cls.from_config(cls.load_config(folder))
+    else:
+        with init_empty_weights():
+            model = cls(cls.config_class.from_pretrained(folder))
+    return model, _random_(model, dtype=dtype, generator=generator)
+
+
+def build_from_configs(config: Path, staging: Path, *, dtype: torch.dtype) -> dict[str, int]:
+    """A whole pipeline at the sizes of ``config`` (a diffusers folder of configs), saved
+    with ``save_pretrained`` into ``staging``; returns parameters per component."""
+    import diffusers
+
+    index = json.loads((config / "model_index.json").read_text())
+    generator = torch.Generator().manual_seed(REALSIZE_SEED)
+    parts: dict[str, Any] = {}
+    params: dict[str, int] = {}
+    for name, entry in index.items():
+        if name.startswith("_") or not isinstance(entry, list):
+            continue
+        if entry[0] is None:
+            parts[name] = None
+            continue
+        parts[name], count = _component(config, name, entry[0], entry[1], dtype=dtype,
+                                        generator=generator, staging=staging)
+        if count:
+            params[name] = count
+    pipe = getattr(diffusers, index["_class_name"])(**parts)
+    pipe.save_pretrained(staging, safe_serialization=True)
+    return params
+
+
+def _build_config_model(staging: Path, *, kind: str) -> None:
+    family, dtype = CONFIG_MODELS[kind]
+    started = time.perf_counter()
+    params = build_from_configs(CONFIGS / family, staging / "diffusers", dtype=dtype)
+    folder_bytes = sum(p.stat().st_size for p in (staging / "diffusers").rglob("*") if p.is_file())
+    info = {
+        "name": f"{kind}-realsize", "version": _VERSION, "dtype": str(dtype).removeprefix("torch."),
+        "parameters": params, "build_s": round(time.perf_counter() - started, 2),
+        "folder_bytes": folder_bytes,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+    (staging / "build.json").write_text(json.dumps(info, indent=2))
+
+
+def ensure_real_model(kind: str, cache_dir: Path | None = None) -> RealSizeModel:
+    """``sd15``, ``sdxl``, ``flux-dev`` or ``flux-schnell`` at real size, built on first use.
+    Only SD1.5 also gets a single-file checkpoint (``single_file`` of the others is absent)."""
+    if kind == "sd15":
+        return ensure_real_sd15(cache_dir)
+    if kind not in CONFIG_MODELS:
+        raise KeyError(f"no real-size builder for {kind!r}; known: sd15, {', '.join(CONFIG_MODELS)}")
+    cache = cache_dir if cache_dir is not None else realsize_cache_dir()
+    name = f"{kind}-realsize-v{_VERSION}"
+    root = build_into_cache(name, cache, builders={name: partial(_build_config_model, kind=kind)},
+                            is_built=_is_built)
+    return RealSizeModel.at(root, f"{kind}-realsize")
+
+
 def _is_built(root: Path) -> bool:
     return (root / "build.json").exists()
 
@@ -316,9 +441,10 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--cache-dir", type=Path, default=None)
+    parser.add_argument("--model", default="sd15", choices=["sd15", *CONFIG_MODELS])
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    model = ensure_real_sd15(args.cache_dir)
+    model = ensure_real_model(args.model, args.cache_dir)
     report = {"folder": str(model.folder), "single_file": str(model.single_file),
               "ready_s": round(time.perf_counter() - started, 2), "build": model.build_info()}
     sys.stdout.write(json.dumps(report) + "\n")
