@@ -257,14 +257,16 @@ def _build_sd15(staging: Path) -> None:
     started = time.perf_counter()
     torch.manual_seed(REALSIZE_SEED)
     # Each part is drawn in float32 (PyTorch's initialisers), then kept as float16 only.
-    unet = UNet2DConditionModel(**SD15_UNET_CONFIG).to(torch.float16)
-    vae = AutoencoderKL(**SD15_VAE_CONFIG).to(torch.float16)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT_CONFIG)).to(torch.float16)
+    unet: Any = UNet2DConditionModel(**SD15_UNET_CONFIG)
+    vae: Any = AutoencoderKL(**SD15_VAE_CONFIG)
+    text_encoder: Any = CLIPTextModel(CLIPTextConfig(**SD15_TEXT_CONFIG))
+    for part in (unet, vae, text_encoder):
+        part.to(torch.float16)
     built_s = time.perf_counter() - started
     model = RealSizeModel.at(staging, SD15_NAME)
     tokenizer_dir = model.folder / "tokenizer"
     write_padded_clip_tokenizer(tokenizer_dir)
-    pipe = StableDiffusionPipeline(
+    pipe: Any = StableDiffusionPipeline(
         unet=unet, vae=vae, text_encoder=text_encoder,
         tokenizer=CLIPTokenizer.from_pretrained(tokenizer_dir),
         scheduler=PNDMScheduler(**SD15_SCHEDULER_CONFIG), safety_checker=None,
@@ -343,7 +345,7 @@ def _component(config: Path, name: str, library: str, class_name: str, *, dtype:
                      if key in settings}
         return getattr(transformers, class_name).from_pretrained(staging / name, **overrides), 0
     if library == "transformers" and class_name.startswith("T5Tokenizer"):
-        from transformers import T5TokenizerFast
+        from transformers import T5TokenizerFast  # type: ignore[attr-defined]
 
         pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
         pieces += [(chr(code), -3.0) for code in range(ord("!"), ord("~") + 1)]
