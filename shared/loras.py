@@ -301,7 +301,7 @@ _SD_CROSS_KV = re.compile(r"attn2[._]to_[kv]$")
 # Every tensor of an sd-scripts SD1.5/SDXL file the worker can place (services/generator/loras.py).
 _KOHYA_SD_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 _KOHYA_SD_APPLIED = re.compile(
-    r"^lora_(?:unet|te|te1|te2)_[^.]+\.(?:lora_down\.weight|lora_up\.weight|alpha|dora_scale)$")
+    r"^lora_(?:unet|te|te1|te2)_[^.]+\.(?:lora_down\.weight|lora_up\.weight|alpha)$")
 _FLUX_ATTN_IN = re.compile(
     r"(?:attn\.to_[qk]|(?:img|txt)_attn[._]qkv|single_blocks[._]\d+[._]linear1|attn_to_[qk])$"
 )
@@ -442,6 +442,13 @@ def _check_kohya_sd_names(tensors: Iterable[str]) -> None:
     for name in sorted(tensors):
         if _KOHYA_SD_APPLIED.match(name):
             continue
+        if name.endswith(".dora_scale"):
+            # Applying the low-rank part without the magnitude would give other pixels than
+            # the ones it was trained for: refused, not silently half-applied.
+            raise LoraRejected(
+                f"This LoRA holds {name!r}, a DoRA magnitude vector; DoRA adapters cannot be "
+                "applied faithfully here. Export it as a plain LoRA (without DoRA).",
+                code="not_a_lora")
         if name.endswith(".lora_mid.weight"):
             raise LoraRejected(
                 f"This LoRA holds {name!r}, a LyCORIS LoCon 'lora_mid' weight (a convolution "

@@ -155,7 +155,7 @@ VARIANTS: list[tuple[str, dict[str, Any], bool]] = [
     ("unet-mlp-proj", {"unet": ("ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")}, False),
     ("unet-resnets", {"unet": UNET_RESNET, "alpha": 2.0}, False),
     ("te-mlp-only", {"text_encoder": ("fc1", "fc2"), "alpha": 2.0}, False),
-    ("te-mlp-with-dora", {"text_encoder": ("fc1",), "dora": True}, False),
+    ("te-mlp-with-dora", {"text_encoder": ("fc1",), "dora": True}, True),
     ("locon-cp", {"unet": ("to_q",), "lora_mid": True}, True),
     ("stray-tensor", {"text_encoder": ("q_proj",), "stray": True}, True),
 ]
