@@ -241,3 +241,42 @@ def test_single_file_draws_the_folders_pixels(real_stack: RunningStack) -> None:
         assert np.array_equal(images_of(from_file)[0], images_of(from_folder)[0])
         # Different weights files, different hashes: a manifest names what drew the pixels.
         assert from_file["result"]["model"]["sha256"] != from_folder["result"]["model"]["sha256"]
+
+
+def test_config_builder_makes_a_flux_the_worker_loads(tmp_path: Path) -> None:
+    """The builder the benchmark uses for SDXL and FLUX.1 at real size, run on FLUX.1-dev's
+    shipped configs shrunk to a few MB: every component class, tokenizer and scheduler it
+    names is built, saved, loaded by the generator's PipelineCache and draws an image."""
+    import shutil
+
+    from services.generator.pipelines import PipelineCache
+    from services.generator.realsize import CONFIGS, build_from_configs
+    from shared.models import ModelPreset
+
+    config = tmp_path / "config"
+    shutil.copytree(CONFIGS / "flux-dev", config)
+    shrink = {
+        "transformer": {"num_layers": 1, "num_single_layers": 1, "attention_head_dim": 16,
+                        "num_attention_heads": 2, "joint_attention_dim": 32,
+                        "pooled_projection_dim": 32, "axes_dims_rope": [4, 4, 8]},
+        "text_encoder": {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1,
+                         "num_attention_heads": 2, "projection_dim": 32},
+        "text_encoder_2": {"d_model": 32, "d_kv": 8, "d_ff": 37, "num_layers": 1,
+                           "num_heads": 2},
+        "vae": {"block_out_channels": [8, 8, 8, 8], "norm_num_groups": 4, "layers_per_block": 1},
+    }
+    for name, changes in shrink.items():
+        path = config / name / "config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    params = build_from_configs(config, tmp_path / "model", dtype=torch.bfloat16)
+    assert set(params) == {"transformer", "text_encoder", "text_encoder_2", "vae"}
+    preset = ModelPreset(name="flux-shrunk", family="flux", source=str(tmp_path / "model"))
+    cache = PipelineCache(registry=ModelRegistry([preset]), cache_dir=tmp_path / "cache",
+                          device="cpu")
+    loaded = cache.get("flux-shrunk")
+    assert type(loaded.pipe).__name__ == "FluxPipeline" and loaded.dtype == "float32"
+    with torch.inference_mode():
+        image = loaded.pipe(prompt="a lighthouse", num_inference_steps=1, width=64, height=64,
+                            max_sequence_length=32, generator=torch.Generator().manual_seed(0),
+                            output_type="np").images[0]
+    assert image.shape == (64, 64, 3) and np.isfinite(image).all()
