@@ -13,6 +13,7 @@ from pathlib import Path
 
 from shared.loras import LoraRejected, read_safetensors_header
 from shared.models import ModelFamily
+from shared.text import control_character, printable
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +72,8 @@ def checkpoint_family(path: Path) -> ModelFamily:
         kind = path.suffix or "files without a suffix"
         raise NotAModel(f"only .safetensors checkpoints are loaded, not {kind} (pickle files "
                         "run code when opened)")
+    if not path.is_file():  # a FIFO would block the scan (and startup) forever, /dev/zero too
+        raise NotAModel("it is not a regular file")
     try:
         with path.open("rb") as fh:
             tensors, _ = read_safetensors_header(fh)
@@ -84,7 +87,7 @@ def folder_family(path: Path) -> ModelFamily:
     try:
         index = json.loads((path / "model_index.json").read_text())
         class_name = index["_class_name"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
         raise NotAModel(f"its model_index.json cannot be read: {exc}") from None
     family = PIPELINE_FAMILIES.get(class_name) if isinstance(class_name, str) else None
     if family is None:
@@ -105,6 +108,7 @@ def scan_models_dir(root: Path) -> list[tuple[str, ModelFamily, Path]]:
     if not root.is_dir():
         logger.warning("models folder %s does not exist; no models scanned from it", root)
         return found
+    taken: dict[str, Path] = {}
     for path in sorted(root.iterdir()):
         if path.name.startswith("."):
             continue
@@ -112,9 +116,22 @@ def scan_models_dir(root: Path) -> list[tuple[str, ModelFamily, Path]]:
             if path.is_dir():
                 if not (path / "model_index.json").is_file():
                     continue
-                found.append((path.name, folder_family(path), path))
+                name, family = path.name, folder_family(path)
             elif path.suffix.lower() in CHECKPOINT_SUFFIXES:
-                found.append((path.stem, checkpoint_family(path), path))
+                name, family = path.stem, checkpoint_family(path)
+            else:
+                continue
+            if (bad := control_character(name)) is not None:
+                # Requests refuse such a model name, and a name that is not UTF-8 (a surrogate
+                # here) cannot even be sent in a JSON response: listing it would break them.
+                raise NotAModel(f"its name has a control character or bytes that are not "
+                                f"UTF-8 ({bad}); rename it")
+            if name in taken:
+                raise NotAModel(f"{taken[name].name!r} in the same folder is already the "
+                                f"preset {name!r}; rename one of them")
         except (NotAModel, OSError) as exc:
-            logger.warning("skipping %s in the models folder: %s", path.name, exc)
+            logger.warning("skipping %r in the models folder: %s", printable(path.name), exc)
+            continue
+        taken[name] = path
+        found.append((name, family, path))
     return found

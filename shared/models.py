@@ -6,11 +6,14 @@ before anything is queued. Workers resolve the same preset to weights on disk.
 
 from __future__ import annotations
 
+import logging
 import tomllib
 from enum import StrEnum
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
+
+logger = logging.getLogger(__name__)
 
 
 class ModelFamily(StrEnum):
@@ -271,6 +274,9 @@ class ModelRegistry:
 
             models_dir = models_dir.resolve()
             for name, family, path in scan_models_dir(models_dir):
+                if origins.get(name) == PresetOrigin.BUILTIN:
+                    logger.warning("%s in the models folder replaces the built-in preset %r",
+                                   path.name, name)
                 presets[name] = scanned_preset(name, family, path)
                 origins[name] = PresetOrigin.MODELS_DIR
         if models_file is not None:

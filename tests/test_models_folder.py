@@ -99,6 +99,54 @@ def test_models_file_overrides_a_scanned_preset(tmp_path: Path) -> None:
     assert registry.origins["mine"] == PresetOrigin.MODELS_FILE
 
 
+def test_hostile_entries_are_skipped_and_the_listing_stays_sendable(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Each of these once stopped the gateway from starting (a RecursionError escaping the
+    scan, a FIFO blocking it forever) or made GET /v1/models — and every 'unknown model'
+    422, which lists the names — a 500 (a file name that is not UTF-8 cannot be encoded)."""
+    import os
+
+    from services.gateway.models.schemas import WeightsFormat
+    from services.gateway.models.service import list_models
+
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "deep").mkdir()
+    (models / "deep" / "model_index.json").write_text("[" * 100_000 + "]" * 100_000)
+    os.mkfifo(models / "fifo.safetensors")
+    (models / "devzero.safetensors").symlink_to("/dev/zero")
+    for name in (os.fsdecode(b"bad\xff.safetensors"), "ctl\x01.safetensors", "two\nlines.safetensors"):
+        _fake_checkpoint(models / name, SD15_KEYS)
+    (models / "twin").mkdir()  # a folder and a file with the same stem: one preset, said so
+    (models / "twin" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    _fake_checkpoint(models / "twin.safetensors", SD15_KEYS)
+    _fake_checkpoint(models / "UPPER.SAFETENSORS", SD15_KEYS)
+    (models / "dir.safetensors").mkdir()  # a diffusers folder whose name ends in .safetensors
+    (models / "dir.safetensors" / "model_index.json").write_text(
+        '{"_class_name": "StableDiffusionPipeline"}')
+    _fake_checkpoint(models / "tiny-sd15.safetensors", SD15_KEYS)
+
+    with caplog.at_level("WARNING"):
+        registry = ModelRegistry.load(models_dir=models)
+    scanned = {name for name, origin in registry.origins.items()
+               if origin == PresetOrigin.MODELS_DIR}
+    assert scanned == {"twin", "UPPER", "dir.safetensors", "tiny-sd15"}
+    assert registry.get("twin").source.endswith("twin")  # type: ignore[union-attr]
+    log = caplog.text
+    for said in ("'deep'", "'fifo.safetensors'", "not a regular file", "'bad?.safetensors'",
+                 "'ctl?.safetensors'", "'two?lines.safetensors'", "not UTF-8",
+                 "'twin' in the same folder is already the preset 'twin'",
+                 "replaces the built-in preset 'tiny-sd15'"):
+        assert said in log, said
+
+    page = list_models(registry=registry, model_cache=tmp_path, default_model="tiny-sd15")
+    page.model_dump_json()  # every name and source encodes
+    shown = {model.name: (model.format, model.weights_present) for model in page.items}
+    assert shown["UPPER"] == (WeightsFormat.SINGLE_FILE, True)
+    assert shown["dir.safetensors"] == (WeightsFormat.DIFFUSERS_FOLDER, True)
+
+
 def _synthetic_bpe() -> str:
     """A file shaped like CLIP's bpe_simple_vocab_16e6.txt: a version line, then merges."""
     merges = [f"t{i} x{i}" for i in range(CLIP_VOCAB_SIZE - 2 * 256 - 2)]

@@ -22,9 +22,11 @@ def weights_format(source: str) -> WeightsFormat:
     if source.startswith("builtin:"):
         return WeightsFormat.BUILTIN
     path = Path(source)
-    if path.suffix == ".safetensors":
+    if path.is_dir():  # a folder may be named x.safetensors; the scan takes it for what it holds
+        return WeightsFormat.DIFFUSERS_FOLDER
+    if path.suffix.lower() == ".safetensors":  # the scan takes MODEL.SAFETENSORS too
         return WeightsFormat.SINGLE_FILE
-    if path.is_dir() or source.startswith(("/", "./", "../")):
+    if source.startswith(("/", "./", "../")):
         return WeightsFormat.DIFFUSERS_FOLDER
     return WeightsFormat.HUB
 
