@@ -347,9 +347,13 @@ def cmd_loras_import(args: argparse.Namespace) -> int:
     except LookupError as exc:
         print(f"error: {exc.args[0]}", file=sys.stderr)
         return 1
+    from shared.text import printable
+
     for result in results:
         suffix = f" [{result.lora_id}]" if result.lora_id else ""
-        print(f"{result.status:8}  {result.file}: {result.message}{suffix}")
+        # A file name may hold bytes that are not UTF-8 (which a UTF-8 terminal cannot print)
+        # or a line break (which would forge a report line): shown with '?' instead.
+        print(f"{result.status:8}  {printable(result.file)}: {printable(result.message)}{suffix}")
     counts = {status: sum(r.status == status for r in results)
               for status in ("imported", "exists", "refused")}
     print(f"{counts['imported']} imported, {counts['exists']} already there, "

@@ -319,6 +319,42 @@ def test_loras_import_takes_good_files_reports_bad_ones_and_is_idempotent(
     assert unknown.returncode == 1 and "no tenant 'nobody'" in unknown.stderr
 
 
+def test_loras_import_reports_hostile_files_one_line_each(
+    model_cache: Path, tmp_path: Path,
+) -> None:
+    """A file name that is not UTF-8 once ended the report in a UnicodeEncodeError traceback on
+    a UTF-8 terminal (after importing), a name with a line break forged a report line, and a
+    broken link or a FIFO was skipped without a word."""
+    import os
+
+    from tests.conftest import create_key
+
+    folder = tmp_path / "Lora"
+    folder.mkdir()
+    lora = make_lora("sd15", cache_dir=model_cache, seed=7)
+    (folder / os.fsdecode(b"caf\xe9.safetensors")).write_bytes(lora)  # Latin-1 name
+    (folder / "two\nrefused x.safetensors").write_bytes(b"not a lora")
+    (folder / "gone.safetensors").symlink_to(tmp_path / "nowhere.safetensors")
+    os.mkfifo(folder / "fifo.safetensors")
+    (folder / "subfolder").mkdir()  # not reported: webui folders have them
+    database_url = f"sqlite+aiosqlite:///{tmp_path / 'loomis.db'}"
+    create_key(database_url, "carol")
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8", "LOOMIS_DB__URL": database_url,
+           "LOOMIS_STORAGE__BACKEND": "local", "LOOMIS_STORAGE__LOCAL_ROOT": str(tmp_path / "s3"),
+           "LOOMIS_GENERATOR__MODEL_CACHE": str(model_cache)}
+    result = subprocess.run(
+        [sys.executable, "-m", "services.cli", "loras", "import", str(folder), "--tenant",
+         "carol", "--base-model", "tiny-sd15"], env=env, capture_output=True, text=True,
+        timeout=120)
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[-1] == "1 imported, 0 already there, 3 refused", result.stdout
+    assert any(line.startswith("imported  caf?.safetensors: caf_") for line in lines)
+    assert any(line.startswith("refused   two?refused x.safetensors: ") for line in lines)
+    for name in ("gone.safetensors", "fifo.safetensors"):
+        assert f"refused   {name}: not a regular file" in result.stdout, result.stdout
+
+
 def test_models_schema_describes_every_field() -> None:
     from services.gateway.app import create_app
 

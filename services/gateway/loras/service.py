@@ -171,7 +171,11 @@ async def import_lora_file(
 ) -> ImportResult:
     """One file of a webui ``models/Lora`` folder, checked exactly as an upload is; a file
     the tenant already has (same SHA-256 and base model) is not stored twice."""
-    with path.open("rb") as file:
+    try:
+        opened = path.open("rb")
+    except OSError as exc:  # unreadable, or gone since the folder was listed
+        return ImportResult(path.name, "refused", f"cannot be read: {exc.strerror}")
+    with opened as file:
         try:
             info = await asyncio.to_thread(inspect_lora, file)
         except LoraRejected as exc:
@@ -208,7 +212,11 @@ async def import_lora_folder(
     sidecars = {".png", ".jpg", ".jpeg", ".webp", ".json", ".txt", ".info", ".yaml"}
     results = []
     for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or not path.is_file() or path.suffix.lower() in sidecars:
+        if path.name.startswith(".") or path.is_dir() or path.suffix.lower() in sidecars:
+            continue
+        if not path.is_file():  # said, not skipped: the user expected a LoRA there
+            results.append(ImportResult(path.name, "refused", "not a regular file (a broken "
+                                        "link, a FIFO or a device)"))
             continue
         results.append(await import_lora_file(session=session, store=store, registry=registry,
                                               tenant=tenant, path=path, base_model=base_model))
