@@ -666,13 +666,27 @@ KOHYA_SAMPLERS: tuple[str, ...] = (
     "dpmsingle", "k_lms", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a",
 )
 # kohya sampler -> the Loomis scheduler (shared.models.SCHEDULERS) built from the same diffusers
-# class with the same settings; None where Loomis has none: "dpmsolver" is DPMSolverMultistep
-# with algorithm_type="dpmsolver" (not ++), "dpmsingle" the single-step solver, "dpm_2*" KDPM2.
-KOHYA_TO_LOOMIS_SCHEDULER: Mapping[str, str | None] = MappingProxyType({
+# class with the same settings as kohya's sample_images: "dpmsolver" is DPMSolverMultistep with
+# algorithm_type="dpmsolver" (not ++), "dpmsingle" the single-step solver, "dpm_2*" KDPM2.
+KOHYA_TO_LOOMIS_SCHEDULER: Mapping[str, str] = MappingProxyType({
     "ddim": "DDIM", "pndm": "PNDM", "lms": "LMS", "k_lms": "LMS", "euler": "Euler", "k_euler": "Euler",
     "euler_a": "Euler a", "k_euler_a": "Euler a", "heun": "Heun", "dpmsolver++": "DPM++ 2M",
-    "dpmsolver": None, "dpmsingle": None, "dpm_2": None, "k_dpm_2": None, "dpm_2_a": None, "k_dpm_2_a": None,
+    "dpmsolver": "DPM 2M", "dpmsingle": "DPM++ 2S", "dpm_2": "DPM2", "k_dpm_2": "DPM2",
+    "dpm_2_a": "DPM2 a", "k_dpm_2_a": "DPM2 a",
 })
+
+
+def kohya_sampler(value: str) -> str:
+    """A kohya sampler name as kohya reads it (case-insensitive), or :class:`ConfigError`
+    saying which ones there are."""
+    name = value.strip().lower()
+    if name not in KOHYA_SAMPLERS:
+        close = difflib.get_close_matches(name, KOHYA_SAMPLERS, n=3)
+        hint = (f"; did you mean {' or '.join(close)}?" if close
+                else f"; kohya has {', '.join(KOHYA_SAMPLERS)}")
+        raise ConfigError(f"unknown sampler {value!r}{hint}", field="")
+    return name
+
 
 # kohya's sample_images defaults for what a prompt line leaves out.
 SAMPLE_DEFAULT_SIZE = 512
@@ -720,13 +734,10 @@ def _sample_float(value: str, option: str, line: int) -> float:
 
 
 def _sample_sampler(value: str, option: str, line: int) -> str:
-    name = value.lower()
-    if name not in KOHYA_SAMPLERS:
-        close = difflib.get_close_matches(name, KOHYA_SAMPLERS, n=3)
-        hint = (f"; did you mean {' or '.join(close)}?" if close
-                else f"; kohya has {', '.join(KOHYA_SAMPLERS)}")
-        raise ConfigError(f"unknown sampler {value!r}{hint}", field=option, line=line)
-    return name
+    try:
+        return kohya_sampler(value)
+    except ConfigError as exc:
+        raise ConfigError(exc.message, field=option, line=line) from exc
 
 
 _SAMPLE_OPTIONS: dict[str, tuple[str, Callable[[str, str, int], object]]] = {

@@ -46,6 +46,12 @@ SCHEDULERS: dict[str, tuple[str, dict[str, object]]] = {
     "Heun": ("HeunDiscreteScheduler", {}),
     "LMS": ("LMSDiscreteScheduler", {}),
     "PNDM": ("PNDMScheduler", {"skip_prk_steps": True}),  # as SD ships it; PRK needs many steps
+    # The rest of kohya's sample samplers (shared.kohya.KOHYA_TO_LOOMIS_SCHEDULER), built as
+    # kohya builds them: DPM-Solver (not ++) multistep, the single-step solver, KDPM2.
+    "DPM 2M": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver"}),
+    "DPM++ 2S": ("DPMSolverSinglestepScheduler", {}),
+    "DPM2": ("KDPM2DiscreteScheduler", {}),
+    "DPM2 a": ("KDPM2AncestralDiscreteScheduler", {}),
     "FlowMatch Euler": ("FlowMatchEulerDiscreteScheduler", {}),
 }
 _UNET_SCHEDULERS = tuple(name for name in SCHEDULERS if name != "FlowMatch Euler")

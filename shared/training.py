@@ -30,6 +30,7 @@ from shared.kohya import (
     RESOLUTION_MULTIPLE,
     ConfigError,
     bucketing_problems,
+    kohya_sampler,
     parse_sample_prompts,
 )
 from shared.loras import LORA_NAME_RULE, LoraName
@@ -224,7 +225,18 @@ class SampleOptions(_Options):
                                       "this many steps.")
     every_n_epochs: int | None = Field(default=None, ge=1, description="Render the sample prompts every "
                                        "this many epochs.")
-    sampler: str = Field(default="ddim", description="A kohya sampler name (ddim, euler_a, …).")
+    sampler: str = Field(default="ddim", description="kohya's `--sample_sampler`: the sampler of "
+                         "lines without `--ss` (ddim, pndm, lms, euler, euler_a, heun, dpm_2, "
+                         "dpm_2_a, dpmsolver, dpmsolver++, dpmsingle, k_lms, k_euler, k_euler_a, "
+                         "k_dpm_2, k_dpm_2_a; case-insensitive).")
+
+    @field_validator("sampler")
+    @classmethod
+    def _kohya_sampler(cls, sampler: str) -> str:
+        try:
+            return kohya_sampler(sampler)
+        except ConfigError as exc:
+            raise ValueError(exc.message) from exc
 
     @field_validator("prompts")
     @classmethod

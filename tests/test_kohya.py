@@ -416,6 +416,11 @@ def test_bad_sample_values_name_the_line(line: str, option: str) -> None:
 def test_sampler_mapping_covers_kohya_and_names_loomis_schedulers() -> None:
     assert set(KOHYA_TO_LOOMIS_SCHEDULER) == set(KOHYA_SAMPLERS)
     assert len(KOHYA_SAMPLERS) == 16
-    assert all(name in SCHEDULERS for name in KOHYA_TO_LOOMIS_SCHEDULER.values() if name is not None)
+    assert all(name in SCHEDULERS for name in KOHYA_TO_LOOMIS_SCHEDULER.values())
     assert KOHYA_TO_LOOMIS_SCHEDULER["k_euler_a"] == "Euler a"
     assert KOHYA_TO_LOOMIS_SCHEDULER["dpmsolver++"] == "DPM++ 2M"
+    # built as kohya's sample_images builds them
+    assert SCHEDULERS[KOHYA_TO_LOOMIS_SCHEDULER["dpmsolver"]] == (
+        "DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver"})
+    assert SCHEDULERS[KOHYA_TO_LOOMIS_SCHEDULER["dpmsingle"]][0] == "DPMSolverSinglestepScheduler"
+    assert SCHEDULERS[KOHYA_TO_LOOMIS_SCHEDULER["k_dpm_2_a"]][0] == "KDPM2AncestralDiscreteScheduler"

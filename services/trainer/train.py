@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from shared.models import SCHEDULERS
+
 logger = logging.getLogger(__name__)
 
 OptimizerName = Literal["AdamW", "AdamW8bit", "Lion", "Lion8bit", "SGDNesterov", "Prodigy", "Adafactor"]
@@ -80,6 +82,8 @@ class SamplePrompt:
     seed: int = 0
     scale: float = 7.0
     steps: int = 20
+    # a shared.models.SCHEDULERS name (kohya's sampler, mapped); None keeps the model's own
+    scheduler: str | None = None
 
 
 @dataclass
@@ -788,8 +792,10 @@ class LoraTrainer:
         self._train_mode(False)
         # Leave the global generator as training left it: a run with previews repeats one without.
         rng_state = torch.get_rng_state()
+        own_scheduler = self._pipe.scheduler
         try:
             for index, spec in enumerate(self.cfg.sample_prompts):
+                self._pipe.scheduler = self._sample_scheduler(own_scheduler, spec.scheduler)
                 generator = torch.Generator(self.device).manual_seed(spec.seed)
                 with self._autocast():
                     image = self._pipe(
@@ -801,8 +807,20 @@ class LoraTrainer:
                     ).images[0]
                 on_sample(step, index, image)
         finally:
+            self._pipe.scheduler = own_scheduler
             torch.set_rng_state(rng_state)
             self._train_mode(True)
+
+    @staticmethod
+    def _sample_scheduler(own: Any, name: str | None) -> Any:
+        """A fresh scheduler per image (they keep per-run state), on the model's own beta
+        schedule and prediction type, as kohya's sample_images builds its sampler."""
+        import diffusers
+
+        if name is None:
+            return type(own).from_config(own.config)
+        class_name, extra = SCHEDULERS[name]
+        return getattr(diffusers, class_name).from_config(own.config, **extra)
 
     # ------------------------------------------------------------------ the loop
 

@@ -30,7 +30,7 @@ from shared.errors import (
     OptimizerUnavailable,
 )
 from shared.events import JobEvents
-from shared.kohya import ConfigError, parse_sample_prompts
+from shared.kohya import KOHYA_TO_LOOMIS_SCHEDULER, ConfigError, parse_sample_prompts
 from shared.loras import inspect_lora
 from shared.models import ModelRegistry
 from shared.queue import TRAIN_TASK, TRAINER_QUEUE
@@ -99,10 +99,14 @@ async def _run(ctx: dict[str, Any], task: TrainingTask, *, queued_s: float) -> d
                                      repeats=example.repeats, is_reg=example.is_reg,
                                      bucket=example.bucket, dataset_dir=example.subset))
 
+    parsed = parse_sample_prompts(spec.samples.prompts)
+    # kohya's sampler per line: its own `--ss`, else samples.sampler (--sample_sampler)
+    samplers = [p.sampler or spec.samples.sampler for p in parsed]
     prompts = [SamplePrompt(prompt=p.prompt, negative=p.negative, width=p.width, height=p.height,
                             seed=p.seed if p.seed is not None else spec.optim.seed,
-                            scale=p.scale, steps=p.steps)
-               for p in parse_sample_prompts(spec.samples.prompts)]
+                            scale=p.scale, steps=p.steps,
+                            scheduler=KOHYA_TO_LOOMIS_SCHEDULER[sampler])
+               for p, sampler in zip(parsed, samplers, strict=True)]
     data_opts, net, optim, diff = spec.data, spec.network, spec.optim, spec.diffusion
     resolution = data_opts.resolution if isinstance(data_opts.resolution, int) else max(
         data_opts.resolution)
@@ -157,7 +161,8 @@ async def _run(ctx: dict[str, Any], task: TrainingTask, *, queued_s: float) -> d
         key = f"{task.output_prefix}samples/step-{step:06d}-{index}.png"
         await store.put(key, buffer.getvalue(), content_type="image/png")
         await events.emit(task.job_id, "sample", allowed_from=RUNNING,
-                          data={"step": step, "index": index, "key": key})
+                          data={"step": step, "index": index, "key": key,
+                                "sampler": samplers[index], "scheduler": prompts[index].scheduler})
 
     def on_sample(step: int, index: int, image: Image.Image) -> None:
         call(put_sample(step, index, image))
