@@ -517,7 +517,7 @@ class ArtifactRef(BaseModel):
 
     key: str = Field(description="Storage key of the object, under the job's prefix.")
     kind: Literal["image", "manifest", "contact_sheet", "metadata", "results", "lora", "sample",
-                  "checkpoint"] = Field(description="What the object is.")
+                  "checkpoint", "metrics", "loss_curve"] = Field(description="What the object is.")
     index: int | None = Field(default=None, description="Images: position in the job's output; null for "
                               "other kinds.")
     content_type: str = Field(description="MIME type of the object.")

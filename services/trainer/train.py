@@ -862,6 +862,7 @@ class LoraTrainer:
         self._progress = _Progress()
         self._session_id = str(random.SystemRandom().randrange(2**31))
         self._recent: deque[float] = deque(maxlen=max(1, steps_per_epoch))
+        self.last_step_loss, self.last_step_time_s = 0.0, 0.0
 
         self._load()
         if cfg.cache_latents:
@@ -930,6 +931,8 @@ class LoraTrainer:
                 losses.append(step_loss)
                 self._recent.append(step_loss)
                 step_times.append(time.perf_counter())
+                # this step alone (not the running average on_step gets), for the loss curve
+                self.last_step_loss, self.last_step_time_s = step_loss, step_times[-1] - step_times[-2]
                 if on_step is not None:
                     elapsed = step_times[-1] - step_times[0]
                     rate = (len(step_times) - 1) / elapsed if elapsed > 0 else 0.0

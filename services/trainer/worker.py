@@ -9,8 +9,10 @@ stored under ``loras/{tenant}/{id}/`` and the gateway registers it from the term
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
+import json
 import logging
 import tarfile
 import tempfile
@@ -22,6 +24,13 @@ from arq.worker import Worker, func
 from PIL import Image
 
 from services.jobrunner import RUNNING, common_startup, make_worker, run_job, run_worker
+from services.trainer.curve import (
+    CURVE_FILE,
+    METRICS_FILE,
+    loss_curve_png,
+    metrics_json,
+    read_metrics,
+)
 from shared.errors import (
     InvalidJobSpec,
     JobCanceled,
@@ -147,13 +156,34 @@ async def _run(ctx: dict[str, Any], task: TrainingTask, *, queued_s: float) -> d
         return asyncio.run_coroutine_threadsafe(coro, loop).result()
 
     abandoned = threading.Event()
+    # every step of the run (a resumed run starts from what the earlier attempt stored), for
+    # the metrics document and loss curve written at each checkpoint and at the end
+    points: list[dict[str, Any]] = []
+    trainer: Any = None
 
     def on_step(step: int, total: int, epoch: int, loss: float, lr: float, its: float,
                 eta: float) -> None:
+        step_loss, step_time = trainer.last_step_loss, trainer.last_step_time_s
+        points.append({"step": step, "epoch": epoch, "loss": step_loss, "avr_loss": loss,
+                       "lr": lr, "step_time_s": round(step_time, 4)})
         call(events.emit(task.job_id, "progress", allowed_from=RUNNING, data={
             "step": step, "total_steps": total, "epoch": epoch, "loss": round(loss, 6),
+            "step_loss": step_loss, "step_time_s": round(step_time, 4),
             "lr": lr, "it_per_s": round(its, 3), "eta_s": round(eta, 1),
             "progress": round(step / max(total, 1), 4)}))
+
+    async def put_metrics() -> list[dict[str, Any]]:
+        snapshot = list(points)
+        stored = []
+        for name, data, kind, content_type in (
+                (METRICS_FILE, metrics_json(snapshot), "metrics", "application/json"),
+                (CURVE_FILE, await asyncio.to_thread(loss_curve_png, snapshot), "loss_curve",
+                 "image/png")):
+            key = f"{task.output_prefix}{name}"
+            await store.put(key, data, content_type=content_type)
+            stored.append({"key": key, "kind": kind, "content_type": content_type,
+                           "size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+        return stored
 
     async def put_sample(step: int, index: int, image: Image.Image) -> None:
         buffer = io.BytesIO()
@@ -174,6 +204,7 @@ async def _run(ctx: dict[str, Any], task: TrainingTask, *, queued_s: float) -> d
             key = f"{task.output_prefix}state/step-{step:06d}.tar"
             await store.put(key, await asyncio.to_thread(_tar, state_dir),
                             content_type="application/x-tar")
+        await put_metrics()
 
     def on_checkpoint(step: int, lora: bytes, state_dir: Path | None) -> None:
         call(put_checkpoint(step, lora, state_dir))
@@ -188,6 +219,9 @@ async def _run(ctx: dict[str, Any], task: TrainingTask, *, queued_s: float) -> d
         if own:  # this job ran before and died: continue it, not the run it came from
             resume_key = own
         resume_dir = None
+        if own:
+            with contextlib.suppress(NotFound):
+                points.extend(read_metrics(await store.get(f"{task.output_prefix}{METRICS_FILE}")))
         if resume_key:
             resume_dir = await asyncio.to_thread(
                 _untar, await store.get(resume_key), work_dir / "resume")
@@ -199,6 +233,10 @@ async def _run(ctx: dict[str, Any], task: TrainingTask, *, queued_s: float) -> d
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
         trainer = LoraTrainer(model_dir=model_dir, cfg=cfg, device=device)
+        if resume_dir is not None:  # steps the saved state is past are kept, later ones redone
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                done = int(json.loads((resume_dir / "trainer.json").read_text())["step"])
+                points[:] = [p for p in points if p["step"] <= done]
         try:
             result = await asyncio.to_thread(
                 trainer.train, examples, work_dir=work_dir / "run", on_step=on_step,
@@ -213,10 +251,11 @@ async def _run(ctx: dict[str, Any], task: TrainingTask, *, queued_s: float) -> d
     lora_bytes = result.lora_bytes
     await store.put(task.lora_key, lora_bytes, content_type="application/octet-stream")
     sha = hashlib.sha256(lora_bytes).hexdigest()
+    curve = await put_metrics()
     return {
         "artifacts": [{"key": task.lora_key, "kind": "lora",
                        "content_type": "application/octet-stream", "size": len(lora_bytes),
-                       "sha256": sha}],
+                       "sha256": sha}, *curve],
         "result": {"timings": {"queue_wait_s": round(queued_s, 4)}, "steps": result.steps,
                    "epochs": result.epochs, "final_loss": result.final_loss,
                    "lora": {"id": task.lora_id, "name": spec.name,

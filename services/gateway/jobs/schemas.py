@@ -18,7 +18,8 @@ class JobError(BaseModel):
 
 class ArtifactOut(BaseModel):
     kind: str = Field(examples=["image"], description="image, manifest, contact_sheet, metadata, results, "
-                      "lora, sample or checkpoint.")
+                      "lora, sample, checkpoint, metrics (a training's per-step JSON) or loss_curve "
+                      "(its PNG).")
     index: int | None = Field(default=None, description="Images: position in the job's output (sweeps: row "
                               "x columns + column); null for other kinds.")
     url: str = Field(description="Presigned download URL, valid for a limited time.")
@@ -88,6 +89,10 @@ class ProgressData(BaseModel):
     epoch: int | None = Field(default=None, description="Trainings: the current epoch.")
     loss: float | None = Field(default=None, description="Trainings: running average loss.")
     lr: float | None = Field(default=None, description="Trainings: the current learning rate.")
+    step_loss: float | None = Field(default=None, description="Trainings: this step's loss "
+                                    "alone.")
+    step_time_s: float | None = Field(default=None, description="Trainings: seconds since the "
+                                      "previous step ended.")
     it_per_s: float | None = Field(default=None, description="Trainings: steps per second.")
     eta_s: float | None = Field(default=None, description="Trainings: seconds left, estimated.")
     resumed_from: str | None = Field(default=None, description="Trainings: the saved state "

@@ -9,6 +9,8 @@ from services.gateway.jobs.idempotency import IdempotencyKeyDep
 from services.gateway.jobs.schemas import JobOut
 from services.gateway.jobs.service import job_out
 from services.gateway.problems import PROBLEM_RESPONSES
+from services.gateway.trainings.plan import plan_training, training_metrics
+from services.gateway.trainings.schemas import TrainingMetrics, TrainingPlan
 from services.gateway.trainings.service import submit_training
 from shared.training import TrainingSpec
 
@@ -31,3 +33,24 @@ async def create_training(
     if not created:
         response.headers["Idempotent-Replayed"] = "true"
     return job_out(job, store=state.store)
+
+
+@router.post("/plan", response_model=TrainingPlan, summary="Plan a training without running it")
+async def plan(spec: TrainingSpec, session: SessionDep, tenant: TenantDep,
+               state: StateDep) -> TrainingPlan:
+    """What `POST /v1/trainings` with the same body would run, as kohya's `--debug_dataset`
+    shows it: subsets with their repeats, buckets with their images, steps per epoch and in
+    all, and warnings (images smaller than their bucket, buckets smaller than a batch,
+    captions without the trigger). It reads what the dataset's records hold, never its
+    images, and a body the submission would refuse is the same 422 here."""
+    return await plan_training(session=session, state=state, tenant=tenant, spec=spec)
+
+
+@router.get("/{job_id}/metrics", response_model=TrainingMetrics,
+            summary="A training's loss, learning rate and step time per step")
+async def metrics(job_id: str, session: SessionDep, tenant: TenantDep,
+                  state: StateDep) -> TrainingMetrics:
+    """Every step of the run so far (not only the latest progress event), to draw the loss
+    curve from; the finished job also has it as `metrics` (JSON) and `loss_curve` (PNG)
+    artifacts."""
+    return await training_metrics(session=session, state=state, tenant=tenant, job_id=job_id)
