@@ -215,6 +215,7 @@ class IngestResult:
     ignored: list[IgnoredEntry]
     renamed: list[tuple[str, str]]  # (original_path, stored_path) where names clashed
     config_toml: str | None = None
+    config_field: str | None = None  # how errors name the kept config: "zip:<path>" or "files[i]"
     metadata: dict[str, Any] | None = None
 
 
@@ -286,11 +287,12 @@ def ingest(
     if not candidates:
         raise _fail("zip" if zips and not files else "files", "the upload holds no images")
 
-    config_toml = _first_config(configs, ignored)
+    config_toml, config_field = _first_config(configs, ignored)
     metadata = _first_metadata(metadatas, ignored)
     items, subsets, duplicates, renamed = _build_items(candidates, limits)
     return IngestResult(items=items, subsets=subsets, duplicates=duplicates, ignored=ignored,
-                        renamed=renamed, config_toml=config_toml, metadata=metadata)
+                        renamed=renamed, config_toml=config_toml, config_field=config_field,
+                        metadata=metadata)
 
 
 def _safe_path(raw: str, *, field_name: str) -> str:
@@ -573,22 +575,27 @@ def _one_line(text: str) -> str:
     return _NEWLINES_RE.sub(" ", text).strip()
 
 
-def _first_config(configs: list[_Entry], ignored: list[IgnoredEntry]) -> str | None:
-    """Keep the first dataset config that parses as TOML, for the trainer to read later."""
-    kept: str | None = None
+def _first_config(configs: list[_Entry], ignored: list[IgnoredEntry]) -> tuple[str | None, str | None]:
+    """Keep the first dataset config, and how errors name it, for the trainer to read later.
+
+    One that is not TOML is refused rather than skipped: the user meant it to shape training,
+    and a dataset that silently trains without it is the worse surprise.
+    """
+    kept: tuple[str | None, str | None] = (None, None)
     for entry in configs:
-        reason = "another dataset config was kept"
-        if kept is None:
-            try:
-                text = entry.data.decode("utf-8-sig")
-                _refuse_control_characters(entry, text, what="the dataset config")
-                _refuse_control_characters(entry, tomllib.loads(text), what="the dataset config")
-            except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-                reason = f"not a valid TOML file: {exc}"
-            else:
-                kept = text
-                continue
-        ignored.append(IgnoredEntry(source=entry.source, path=entry.path, reason=reason))
+        if kept[0] is not None:
+            ignored.append(IgnoredEntry(source=entry.source, path=entry.path,
+                                        reason="another dataset config was kept"))
+            continue
+        try:
+            text = entry.data.decode("utf-8-sig")
+            _refuse_control_characters(entry, text, what="the dataset config")
+            _refuse_control_characters(entry, tomllib.loads(text), what="the dataset config")
+        except UnicodeDecodeError as exc:
+            raise _fail(entry.field, f"the dataset config {entry.path!r} is not UTF-8 text") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise _fail(entry.field, f"the dataset config {entry.path!r} is not valid TOML: {exc}") from exc
+        kept = (text, entry.field)
     return kept
 
 

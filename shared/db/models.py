@@ -181,7 +181,8 @@ class Dataset(Base):
     name: Mapped[str] = mapped_column(String(100))
     caption_extension: Mapped[str] = mapped_column(String(20), default=".caption")
     min_side: Mapped[int] = mapped_column(Integer, default=512)
-    # [{name, repeats, identifier, class_token, is_reg}] in kohya terms.
+    # {"subsets": [{name, repeats, identifier, class_token, is_reg}], "dataset_config": the
+    # kohya TOML the upload brought, or null} in kohya terms.
     subsets: Mapped[dict[str, Any]] = mapped_column(default=dict)
     # What the upload reported beyond the items: duplicates, ignored entries, renames.
     upload_report: Mapped[dict[str, Any]] = mapped_column(default=dict)

@@ -17,7 +17,12 @@ class DatasetOut(BaseModel):
                                    "`.caption`.")
     min_side: int = Field(description="Training resolution: smaller images are flagged `small`.")
     report: dict[str, Any] = Field(description="Subsets, counts, sizes, aspect ratios, "
-                                   "captions present/missing, tag frequency, flags.")
+                                   "captions present/missing, tag frequency, flags; "
+                                   "`dataset_config`: what the uploaded TOML's datasets and "
+                                   "subsets train with (null without one).")
+    dataset_config: str | None = Field(default=None, description="The kohya `dataset_config.toml` "
+                                       "the upload brought, as uploaded; a training that names this "
+                                       "dataset without its own `dataset_config` uses it.")
     upload: dict[str, Any] = Field(description="Duplicates dropped, entries ignored, renames.")
     created_at: datetime = Field(description="When it was created (RFC 3339, UTC).")
     links: dict[str, str] = Field(description="Related URLs: `self`, `items`, `export`, `tag`.")

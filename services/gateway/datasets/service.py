@@ -6,6 +6,7 @@ import asyncio
 import io
 import logging
 import posixpath
+from typing import Any
 
 from PIL import Image, ImageOps
 from sqlalchemy import delete, select
@@ -26,11 +27,13 @@ from shared.datasets import (
 )
 from shared.db.models import Dataset, DatasetItem, Tenant, new_id, utcnow
 from shared.errors import NotFound, ValidationFailed
+from shared.kohya import ConfigError, DatasetConfig, parse_dataset_config
 from shared.storage import ObjectStore
 
 logger = logging.getLogger(__name__)
 
 THUMB_SIDE = 256
+MAX_DATASET_CONFIG_CHARS = 100_000  # the bound on a training request's dataset_config
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp",
                  "bmp": "image/bmp"}
 
@@ -50,6 +53,51 @@ def _thumbnail(data: bytes) -> bytes:
 
 def subsets_of(dataset: Dataset) -> dict[str, SubsetInfo]:
     return {s["name"]: SubsetInfo(**s) for s in dataset.subsets.get("subsets", [])}
+
+
+def image_dir_folder(image_dir: str | None) -> str:
+    """The subset folder a kohya ``image_dir`` names: its last component, from a relative,
+    absolute or Windows path alike (``C:\\train\\img\\10_sks dog`` is ``10_sks dog``)."""
+    return posixpath.basename((image_dir or "").replace("\\", "/").rstrip("/"))
+
+
+def stored_dataset_config(dataset: Dataset) -> str | None:
+    """The ``dataset_config.toml`` the dataset's upload brought, checked when it was stored."""
+    text = dataset.subsets.get("dataset_config")
+    return text if isinstance(text, str) else None
+
+
+def check_dataset_config(text: str, *, field: str, subsets: list[SubsetInfo]) -> DatasetConfig:
+    """Hold an uploaded TOML to what a request's ``dataset_config`` is held to, and its
+    ``image_dir`` values to this upload's folders: a training that names the dataset will use it."""
+    def refuse(message: str) -> ValidationFailed:
+        return ValidationFailed([{"field": field, "message": f"the dataset config: {message}"}])
+
+    if len(text) > MAX_DATASET_CONFIG_CHARS:
+        raise refuse(f"longer than {MAX_DATASET_CONFIG_CHARS} characters")
+    try:
+        config = parse_dataset_config(text)
+    except ConfigError as exc:
+        raise refuse(str(exc)) from exc
+    folders = {s.folder for s in subsets} | {s.name for s in subsets}
+    for d_index, kohya_dataset in enumerate(config.datasets):
+        for s_index, subset in enumerate(kohya_dataset.subsets):
+            if image_dir_folder(subset.image_dir) not in folders:
+                raise refuse(f"datasets.{d_index}.subsets.{s_index}.image_dir: "
+                             f"{subset.image_dir!r} names no folder of this upload "
+                             f"({', '.join(sorted(s.folder for s in subsets))})")
+    return config
+
+
+def config_summary(config: DatasetConfig) -> list[dict[str, Any]]:
+    """What each ``[[datasets]]`` will train with, as the report shows it."""
+    return [{
+        "resolution": list(d.resolution) if d.resolution else None, "batch_size": d.batch_size,
+        "enable_bucket": d.enable_bucket, "min_bucket_reso": d.min_bucket_reso,
+        "max_bucket_reso": d.max_bucket_reso, "bucket_reso_steps": d.bucket_reso_steps,
+        "subsets": [{"image_dir": s.image_dir, "num_repeats": s.num_repeats, "is_reg": s.is_reg,
+                     "class_tokens": s.class_tokens, "mode": s.mode.value} for s in d.subsets],
+    } for d in config.datasets]
 
 
 def item_tags(item: DatasetItem) -> list[str]:
@@ -73,12 +121,16 @@ async def create_dataset(
     result: IngestResult = await asyncio.to_thread(
         ingest, files=files, zips=zips, caption_extensions=extensions,
         limits=IngestLimits(min_side=min_side))
+    if result.config_toml is not None:
+        check_dataset_config(result.config_toml, field=result.config_field or "zip",
+                             subsets=result.subsets)
     dataset_id = new_id()
     prefix = dataset_prefix(tenant.id, dataset_id)
     dataset = Dataset(
         id=dataset_id, tenant_id=tenant.id, name=name, caption_extension=caption_extension,
         min_side=min_side,
-        subsets={"subsets": [vars(s).copy() for s in result.subsets]},
+        subsets={"subsets": [vars(s).copy() for s in result.subsets],
+                 "dataset_config": result.config_toml},
         upload_report={
             "duplicates": [{"kept": k, "dropped": d} for k, d in result.duplicates],
             "ignored": [{"source": i.source, "path": i.path, "reason": i.reason}
@@ -155,10 +207,14 @@ def dataset_out(dataset: Dataset, items: list[DatasetItem]) -> DatasetOut:
                              caption=i.caption, tags=item_tags(i), flags=tuple(item_flags(i)))
                  for i in items]
     report = build_report(summaries, duplicates=len(dataset.upload_report.get("duplicates", [])))
+    config_text = stored_dataset_config(dataset)
     base = f"/v1/datasets/{dataset.id}"
     return DatasetOut(
         id=dataset.id, name=dataset.name, caption_extension=dataset.caption_extension,
-        min_side=dataset.min_side, report=dict(report), upload=dataset.upload_report,
+        min_side=dataset.min_side,
+        report={**report, "dataset_config": (config_summary(parse_dataset_config(config_text))
+                                              if config_text else None)},
+        dataset_config=config_text, upload=dataset.upload_report,
         created_at=dataset.created_at,
         links={"self": base, "items": f"{base}/items", "export": f"{base}/export",
                "tag": "/v1/taggings"},

@@ -3,19 +3,34 @@ so the trainer worker gets a plain list and kohya's rules are checked before a j
 
 from __future__ import annotations
 
-import posixpath
 from collections import Counter
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.gateway.datasets.service import dataset_items, get_dataset, item_tags, subsets_of
+from services.gateway.datasets.service import (
+    dataset_items,
+    get_dataset,
+    image_dir_folder,
+    item_tags,
+    stored_dataset_config,
+    subsets_of,
+)
 from services.gateway.deps import GatewayState
 from services.gateway.generations.service import create_and_enqueue, find_replay, request_hash
 from shared.db.models import Dataset, DatasetItem, Job, Tenant, new_id
 from shared.errors import NotFound, ValidationFailed
-from shared.kohya import ConfigError, assign_bucket, epoch_plan, make_buckets, parse_dataset_config
+from shared.kohya import (
+    ConfigError,
+    KohyaSubset,
+    SubsetMode,
+    assign_bucket,
+    epoch_plan,
+    make_buckets,
+    parse_dataset_config,
+)
 from shared.models import ModelFamily
 from shared.queue import TRAIN_TASK, TRAINER_QUEUE
 from shared.specs import JobKind
@@ -36,8 +51,14 @@ def _invalid(field: str, message: str) -> ValidationFailed:
     return ValidationFailed([{"field": field, "message": message}])
 
 
-def _caption(item: DatasetItem, class_tokens: str | None) -> str:
-    """kohya's order: a caption file wins, then (DreamBooth) the class tokens, then tags."""
+def _caption(item: DatasetItem, class_tokens: str | None, subset: KohyaSubset | None = None) -> str:
+    """kohya's order: a caption file wins, then (DreamBooth) the class tokens, then tags.
+
+    A fine-tuning subset (``metadata_file``) trains on the metadata's caption *and* tags, as
+    kohya's fine-tuning dataset joins them: ``caption, tag1, tag2``.
+    """
+    if subset is not None and subset.mode is SubsetMode.FINE_TUNING:
+        return ", ".join(part for part in (item.caption or "", ", ".join(item_tags(item))) if part)
     if item.caption:
         return item.caption
     if class_tokens:
@@ -61,8 +82,7 @@ async def _examples(
             raise _invalid(field, exc.message) from exc
         for kohya_dataset in config.datasets:
             for subset in kohya_dataset.subsets:
-                folder = posixpath.basename((subset.image_dir or "").rstrip("/"))
-                overrides[folder] = subset
+                overrides[image_dir_folder(subset.image_dir)] = subset
     sources: list[tuple[Dataset, bool]] = []
     sources.append((await get_dataset(session=session, tenant=tenant,
                                       dataset_id=spec.dataset_id), False))
@@ -88,7 +108,7 @@ async def _examples(
             if tokens and not is_reg and tokens not in triggers:
                 triggers.append(tokens)
             examples.append(TrainingExample(
-                key=item.key, caption=_caption(item, tokens), repeats=repeats, is_reg=is_reg,
+                key=item.key, caption=_caption(item, tokens, override), repeats=repeats, is_reg=is_reg,
                 subset=info.folder, bucket=assign_bucket(item.width, item.height, buckets,
                                                          steps=data.bucket_reso_steps)))
             counter = frequency.setdefault(info.folder, Counter())
@@ -131,6 +151,29 @@ async def _resume_key(*, session: AsyncSession, state: GatewayState, tenant: Ten
     return latest
 
 
+async def resolve_dataset_config(*, session: AsyncSession, tenant: Tenant,
+                                 spec: TrainingSpec) -> TrainingSpec:
+    """A training that names a dataset without its own ``dataset_config`` uses the TOML the
+    dataset's upload brought, held to this request's options as if it had been sent with it;
+    the job's spec then shows the config it trained with."""
+    if spec.dataset_config is not None:
+        return spec
+    try:
+        dataset = await get_dataset(session=session, tenant=tenant, dataset_id=spec.dataset_id)
+    except NotFound:
+        return spec  # the dataset's own error comes from resolving its images
+    text = stored_dataset_config(dataset)
+    if text is None:
+        return spec
+    try:
+        return TrainingSpec.model_validate({**spec.model_dump(mode="json"), "dataset_config": text})
+    except ValidationError as exc:
+        problems = "; ".join(
+            ".".join(str(p) for p in error["loc"] if p != "dataset_config") + ": " + error["msg"]
+            for error in exc.errors())
+        raise _invalid("dataset_id", f"the dataset's dataset_config.toml: {problems}") from exc
+
+
 async def submit_training(
     *, session: AsyncSession, state: GatewayState, tenant: Tenant, spec: TrainingSpec,
     idempotency_key: str | None,
@@ -148,6 +191,7 @@ async def submit_training(
     optimizer_error = check_optimizer(spec, set(state.settings.trainer.extra_optimizers))
     if optimizer_error:
         raise ValidationFailed([optimizer_error])
+    spec = await resolve_dataset_config(session=session, tenant=tenant, spec=spec)
     try:
         examples, triggers, frequency = await _examples(session=session, tenant=tenant, spec=spec)
     except NotFound as exc:
