@@ -753,6 +753,11 @@ class TaggingSpec(RequestModel):
                                        "cleaning, after the other two; null skips it.")
     write_caption_files: bool = Field(default=False, description="Also store `<image>.caption` "
                                       "files beside the images.")
+    prefix_trigger: bool = Field(default=True, description="Put a DreamBooth subset's identifier "
+                                 "and class (`sks dog` of folder `10_sks dog`) first in the captions "
+                                 "and tags this job writes, unless already there: in kohya a caption "
+                                 "replaces the class tokens, so without it training never sees the "
+                                 "trigger. Captions the job does not write are left as they are.")
 
     @model_validator(mode="after")
     def _something(self) -> TaggingSpec:
@@ -767,6 +772,7 @@ class TaggingItem(BaseModel):
     path: str
     caption: str | None = None
     tags: list[str] = Field(default_factory=list)
+    trigger: str | None = None  # its DreamBooth subset's identifier and class
 
 
 class TaggingTask(BaseModel):

@@ -219,3 +219,25 @@ def merge_metadata(
             raise TypeError(f"tags for {key!r} must be a list of tags, not one string")
         merged.setdefault(key, {})["tags"] = join_tags(tag_list)
     return merged
+
+
+def has_trigger(text: str, trigger: str) -> bool:
+    """Whether ``trigger`` is in a caption as whole words (``sks dog`` is in "a sks  Dog, run",
+    not in "sks doggy"), whatever its case and spacing: what the text encoder will see."""
+    words = " ".join(trigger.split())
+    if not words:
+        return False
+    pattern = r"(?<!\w)" + r"\s+".join(re.escape(w) for w in words.split(" ")) + r"(?!\w)"
+    return re.search(pattern, text, re.IGNORECASE) is not None
+
+
+def with_trigger(text: str, trigger: str) -> str:
+    """A caption with a DreamBooth subset's identifier and class first (``sks dog, a dog on
+    grass``), as kohya users write them by hand: in kohya a caption file replaces the class
+    tokens, so a generated caption without them trains a LoRA its trigger does not trigger.
+    A caption that already has the trigger is kept as it is."""
+    text = text.strip()
+    if has_trigger(text, trigger):
+        return text
+    trigger = " ".join(trigger.split())
+    return f"{trigger}, {text}" if text else trigger

@@ -7,6 +7,7 @@ packages) are checked here, before a job exists.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -36,6 +37,7 @@ from shared.kohya import (
 from shared.loras import LORA_NAME_RULE, LoraName
 from shared.specs import MAX_SEED
 from shared.storage import ObjectStore
+from shared.tagging import has_trigger
 from shared.text import MULTILINE, RequestModel
 
 LrScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine",
@@ -342,11 +344,46 @@ class TrainingTask(BaseModel):
     examples: list[TrainingExample]
     model_sha256: str = ""
     trigger_words: list[str] = Field(default_factory=list)
+    # what the gateway found wrong with the captions (a trigger they lack), for the job to say
+    warnings: list[str] = Field(default_factory=list)
     tag_frequency: dict[str, dict[str, int]] = Field(default_factory=dict)
     output_prefix: str  # training/{tenant}/{job}/
     lora_id: str  # the id the finished LoRA is registered under
     lora_key: str
     resume_state_key: str | None = None
+
+
+def trained_triggers(examples: Sequence[TrainingExample],
+                     candidates: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The trigger words training will actually see, and a warning per subset whose captions
+    lack them.
+
+    ``candidates`` are the DreamBooth class tokens (``sks dog``). kohya trains on a caption
+    file as it is, so a subset whose images have captions without the tokens never shows them
+    to the model: reporting them would promise a trigger that does nothing. A word counts when
+    it is in at least one training (not regularisation) caption, with the subset's
+    ``caption_prefix``/``caption_suffix`` around it as kohya adds them.
+    """
+    fed: dict[str, list[str]] = {}
+    for example in examples:
+        if example.is_reg:
+            continue
+        options = getattr(example, "options", None)
+        parts = (getattr(options, "caption_prefix", None), example.caption,
+                 getattr(options, "caption_suffix", None))
+        fed.setdefault(example.subset, []).append(" ".join(p for p in parts if p))
+    seen = [word for word in candidates
+            if any(has_trigger(caption, word) for captions in fed.values() for caption in captions)]
+    warnings = []
+    for subset, captions in fed.items():
+        lacking = sum(not any(has_trigger(c, word) for word in candidates) for c in captions)
+        if candidates and lacking:
+            warnings.append(
+                f"{lacking} of {len(captions)} captions of subset {subset!r} lack the trigger "
+                f"({' or '.join(repr(w) for w in candidates)}): in kohya a caption replaces the "
+                "class tokens, so training does not see it there; tag the dataset again "
+                "(prefix_trigger puts it first) or write it into the captions")
+    return seen, warnings
 
 
 async def latest_state(store: ObjectStore, output_prefix: str) -> str | None:

@@ -28,7 +28,14 @@ from shared.queue import TAG_TASK, TAGGER_QUEUE
 from shared.settings import Settings, get_settings
 from shared.specs import ArtifactRef, JobKind, TaggingItem, TaggingTask
 from shared.storage import ObjectStore
-from shared.tagging import clean_caption, clean_tags, format_tags, merge_metadata
+from shared.tagging import (
+    clean_caption,
+    clean_tags,
+    format_tags,
+    has_trigger,
+    merge_metadata,
+    with_trigger,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -188,6 +195,9 @@ async def _run(ctx: dict[str, Any], task: TaggingTask, *, queued_s: float) -> di
                 results[item.id]["tags"] = new
             await progress("tag")
         timings["tag_s"] = round(time.perf_counter() - t0, 4)
+    # what the models wrote (cleaning may also rewrite an uploaded caption: that one stays
+    # the user's, trigger or not, as kohya trains on a caption file as it is)
+    generated = {i: {"caption", "tags"} & set(r) for i, r in results.items()}
     if spec.clean is not None:
         clean = spec.clean
         for item in task.items:
@@ -206,6 +216,18 @@ async def _run(ctx: dict[str, Any], task: TaggingTask, *, queued_s: float) -> di
                 if cleaned_tags != tags[item.id] or "tags" in results[item.id]:
                     tags[item.id] = cleaned_tags
                     results[item.id]["tags"] = cleaned_tags
+
+    if spec.prefix_trigger:  # after cleaning, so a replacement cannot take the trigger out
+        for item in task.items:
+            if not item.trigger:
+                continue
+            if "caption" in generated[item.id]:
+                captions[item.id] = results[item.id]["caption"] = with_trigger(
+                    captions[item.id] or "", item.trigger)
+            if "tags" in generated[item.id] and not any(has_trigger(t, item.trigger)
+                                                     for t in tags[item.id]):
+                tags[item.id] = results[item.id]["tags"] = [" ".join(item.trigger.split()),
+                                                            *tags[item.id]]
 
     # kohya fine-tuning metadata for the whole dataset, keyed like the export's metadata.json.
     keys = {item.id: item.path.rsplit(".", 1)[0] for item in task.items}

@@ -95,6 +95,9 @@ async def _run(ctx: dict[str, Any], task: TrainingTask, *, queued_s: float) -> d
     spec = task.spec
     loop = asyncio.get_running_loop()
     model_dir, model_hash = await asyncio.to_thread(_model_dir, ctx, spec.base_model)
+    if task.warnings:  # said while it runs, not only once it is over
+        await events.emit(task.job_id, "progress", allowed_from=RUNNING,
+                          data={"warnings": task.warnings})
 
     examples = []
     for example in task.examples:
@@ -259,7 +262,8 @@ async def _run(ctx: dict[str, Any], task: TrainingTask, *, queued_s: float) -> d
         "result": {"timings": {"queue_wait_s": round(queued_s, 4)}, "steps": result.steps,
                    "epochs": result.epochs, "final_loss": result.final_loss,
                    "lora": {"id": task.lora_id, "name": spec.name,
-                            "trigger_words": task.trigger_words}},
+                            "trigger_words": task.trigger_words},
+                   "warnings": task.warnings},
         "register_lora": {
             "id": task.lora_id, "name": spec.name, "family": "sd15",
             "base_model": spec.base_model, "key": task.lora_key, "sha256": sha,

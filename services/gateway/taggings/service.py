@@ -5,7 +5,13 @@ from __future__ import annotations
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.gateway.datasets.service import dataset_items, dataset_prefix, get_dataset, item_tags
+from services.gateway.datasets.service import (
+    dataset_items,
+    dataset_prefix,
+    get_dataset,
+    item_tags,
+    subsets_of,
+)
 from services.gateway.deps import GatewayState
 from services.gateway.generations.service import create_and_enqueue, find_replay, request_hash
 from shared.db.models import Job, Tenant
@@ -26,8 +32,11 @@ async def submit_tagging(
     items = await dataset_items(session=session, dataset=dataset)
     if not items:
         raise ValidationFailed([{"field": "dataset_id", "message": "the dataset has no images"}])
+    subsets = subsets_of(dataset)
+    # A training subset's trigger (`10_sks dog`); regularisation images are the class alone.
+    triggers = {name: info.class_tokens for name, info in subsets.items() if not info.is_reg}
     queued_items = [TaggingItem(id=i.id, key=i.key, path=i.path, caption=i.caption,
-                                tags=item_tags(i)) for i in items]
+                                tags=item_tags(i), trigger=triggers.get(i.subset)) for i in items]
     prefix = dataset_prefix(tenant.id, dataset.id)
     return await create_and_enqueue(
         session=session, state=state, tenant=tenant, kind=JobKind.TAGGING,

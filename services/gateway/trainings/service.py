@@ -40,6 +40,7 @@ from shared.training import (
     TrainingTask,
     check_optimizer,
     latest_state,
+    trained_triggers,
 )
 
 
@@ -193,9 +194,11 @@ async def submit_training(
         raise ValidationFailed([optimizer_error])
     spec = await resolve_dataset_config(session=session, tenant=tenant, spec=spec)
     try:
-        examples, triggers, frequency = await _examples(session=session, tenant=tenant, spec=spec)
+        examples, candidates, frequency = await _examples(session=session, tenant=tenant, spec=spec)
     except NotFound as exc:
         raise _invalid("dataset_id", exc.detail) from exc
+    # only words training will see are reported as the LoRA's triggers
+    triggers, warnings = trained_triggers(examples, candidates)
     resume_key = (await _resume_key(session=session, state=state, tenant=tenant,
                                     job_id=spec.resume_from) if spec.resume_from else None)
     lora_id = new_id()
@@ -206,7 +209,7 @@ async def submit_training(
         queue=TRAINER_QUEUE,
         payload=lambda job_id: TrainingTask(
             job_id=job_id, tenant_id=tenant.id, spec=spec, examples=examples,
-            trigger_words=triggers, tag_frequency=frequency,
+            trigger_words=triggers, warnings=warnings, tag_frequency=frequency,
             output_prefix=training_prefix(tenant.id, job_id), lora_id=lora_id,
             lora_key=f"loras/{tenant.id}/{lora_id}/1.safetensors",
             resume_state_key=resume_key).model_dump(mode="json"),
