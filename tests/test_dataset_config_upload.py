@@ -75,11 +75,14 @@ def _lora_metadata(stack: RunningStack, lora_id: str) -> dict[str, str]:
     return metadata
 
 
+def _body(dataset_id: str) -> dict[str, object]:
+    return {"name": "sks-dog", "base_model": "tiny-sd15", "dataset_id": dataset_id,
+            "network": {"rank": 4, "alpha": 4},
+            "optim": {"learning_rate": 0.001, "max_train_steps": 2, "seed": 1}}
+
+
 def _train(client: object, dataset_id: str) -> dict:  # type: ignore[type-arg]
-    response = client.post("/v1/trainings", json={  # type: ignore[attr-defined]
-        "name": "sks-dog", "base_model": "tiny-sd15", "dataset_id": dataset_id,
-        "network": {"rank": 4, "alpha": 4},
-        "optim": {"learning_rate": 0.001, "max_train_steps": 2, "seed": 1}})
+    response = client.post("/v1/trainings", json=_body(dataset_id))  # type: ignore[attr-defined]
     assert response.status_code == 202, response.text
     job: dict = wait_terminal(client, response.json()["id"], timeout=180)  # type: ignore[type-arg]
     assert job["status"] == "succeeded", job
@@ -99,6 +102,9 @@ def test_a_zips_dataset_config_is_kept_shown_and_trained_with(stack: RunningStac
         again = client.get(f"/v1/datasets/{dataset['id']}").json()
         assert again["dataset_config"] == TOML and again["report"]["dataset_config"] == [shown]
 
+        plan = client.post("/v1/trainings/plan", json=_body(dataset["id"]))
+        assert plan.status_code == 200, plan.text
+        assert [(s["folder"], s["num_repeats"]) for s in plan.json()["subsets"]] == [("2_sks dog", 3)]
         job = _train(client, dataset["id"])
         assert job["spec"]["dataset_config"] == TOML  # the resolved spec names what trained
         meta = _lora_metadata(stack, job["result"]["lora"]["id"])

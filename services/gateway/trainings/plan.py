@@ -19,7 +19,12 @@ from services.gateway.trainings.schemas import (
     TrainingMetrics,
     TrainingPlan,
 )
-from services.gateway.trainings.service import _examples, _invalid, training_prefix
+from services.gateway.trainings.service import (
+    _examples,
+    _invalid,
+    resolve_dataset_config,
+    training_prefix,
+)
 from shared.db.models import DatasetItem, Job, JobEventRow, Tenant
 from shared.errors import NotFound, ValidationFailed
 from shared.models import ModelFamily
@@ -48,6 +53,7 @@ async def plan_training(*, session: AsyncSession, state: GatewayState, tenant: T
     """The run a submission would start, counted as the trainer counts it, from what SQL
     holds about the dataset (captions, sizes, buckets): no image is read."""
     _check_trainable(state=state, spec=spec)  # as a submission would, before the dataset
+    spec = await resolve_dataset_config(session=session, tenant=tenant, spec=spec)
     try:
         examples, triggers, _ = await _examples(session=session, tenant=tenant, spec=spec)
     except NotFound as exc:
