@@ -27,13 +27,15 @@ The trainer is the worker's own ``services.trainer.LoraTrainer`` on CPU, trained
    the resumed one also restores adapter, optimizer, scheduler and RNG state) to their first
    finished step, and to their end: finishing the remaining K/2 steps from the state vs.
    running all K from scratch. The resumed losses are checked against the fresh run's.
+4. The cost of ``POST /v1/trainings/plan`` on a ``--plan-images`` dataset (four image shapes,
+   several buckets) on a stack of its own, against a GET of the same dataset in the same run.
 
 Load, restore, save and latent-caching times come from a ``LoraTrainer`` subclass that wraps
 its private ``_load``, ``_load_state``, ``_save_state`` and ``_cache_latents``.
 
     HF_HUB_OFFLINE=1 python bench/train.py [--images 8] [--size 64] [--steps 30] [--rounds 3]
         [--warmup 2] [--memory-steps 10] [--memory-runs 2] [--resume-steps 12] [--repeats 3]
-        [--threads 1] [--model-cache DIR]
+        [--plan-images 1000] [--plan-rounds 15] [--threads 1] [--model-cache DIR]
 """
 
 from __future__ import annotations
@@ -224,6 +226,78 @@ def spawn_memory(variant: str, args: argparse.Namespace, model_dir: Path) -> dic
     return result
 
 
+def plan_zip(count: int) -> bytes:
+    """``count`` small PNGs of four shapes (so they fall in several buckets) in ``10_sks dog``."""
+    import io
+    import zipfile
+
+    shapes = [(64, 64), (64, 128), (128, 64), (96, 64)]
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for index in range(count):  # each a distinct colour: the upload drops duplicates
+            image = Image.new("RGB", shapes[index % len(shapes)],
+                              (index % 256, index // 256 % 256, 90))
+            png = io.BytesIO()
+            image.save(png, format="PNG")
+            archive.writestr(f"img/10_sks dog/{index:05d}.png", png.getvalue())
+    return buffer.getvalue()
+
+
+def measure_plan(workdir: Path, images: int, rounds: int) -> dict[str, Any]:
+    """POST /v1/trainings/plan on an ``images``-image dataset vs GET of that dataset (the
+    baseline: one authenticated read of the same rows), alternating, on a stack of its own
+    (gateway and Redis; the plan needs no worker). Wall times per request, from the client."""
+    import asyncio
+
+    import httpx
+
+    from services.devstack import Stack, free_port
+    from services.gateway.auth.service import provision_api_key
+
+    stack = Stack(data_dir=workdir / "plan-stack", port=free_port(),
+                  env={"LOOMIS_LOG_LEVEL": "WARNING"})
+    stack.start(worker=False)
+    try:
+        url = f"sqlite+aiosqlite:///{(stack.data_dir / 'loomis.db').resolve()}"
+        key = asyncio.run(provision_api_key(database_url=url, tenant_name="bench"))
+        with httpx.Client(base_url=stack.url, timeout=300,
+                          headers={"Authorization": f"Bearer {key}"}) as client:
+            created = client.post("/v1/datasets", data={"name": "plan", "min_side": "64"},
+                                  files=[("zip", ("d.zip", plan_zip(images), "application/zip"))])
+            created.raise_for_status()
+            dataset_id = created.json()["id"]
+            body = {"name": "plan-bench", "base_model": MODEL, "dataset_id": dataset_id,
+                    "data": {"resolution": 128, "batch_size": 4, "min_bucket_reso": 64,
+                             "max_bucket_reso": 256, "bucket_reso_steps": 64},
+                    "optim": {"max_train_epochs": 2}}
+
+            def timed(request: Any) -> tuple[float, httpx.Response]:
+                started = time.perf_counter()
+                response = request()
+                elapsed = time.perf_counter() - started
+                response.raise_for_status()
+                return elapsed, response
+
+            def get() -> httpx.Response:
+                return client.get(f"/v1/datasets/{dataset_id}")
+
+            def plan() -> httpx.Response:
+                return client.post("/v1/trainings/plan", json=body)
+
+            timed(get), timed(plan)  # warm-up: imports, connection, caches
+            gets, plans = [], []
+            for _ in range(rounds):
+                gets.append(timed(get)[0])
+                elapsed, response = timed(plan)
+                plans.append(elapsed)
+            result = response.json()
+    finally:
+        stack.stop()
+    return {"get": statistics.median(gets), "plan": statistics.median(plans),
+            "images": sum(s["images"] for s in result["subsets"]),
+            "buckets": len(result["buckets"]), "total_steps": result["total_steps"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=8, help="synthetic training images")
@@ -239,6 +313,10 @@ def main() -> None:
     parser.add_argument("--resume-steps", type=int, default=12,
                         help="K: the run length in the resume comparison, the state is saved at K/2")
     parser.add_argument("--repeats", type=int, default=3, help="fresh/resumed run pairs")
+    parser.add_argument("--plan-images", type=int, default=1000,
+                        help="dataset size for the POST /v1/trainings/plan timing")
+    parser.add_argument("--plan-rounds", type=int, default=15,
+                        help="alternating dataset GET / plan pairs")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (1: steadier on a busy 2-core machine)")
     parser.add_argument("--model-cache", type=Path, default=None,
@@ -374,6 +452,15 @@ def main() -> None:
     out(f"check: resumed losses equal the uninterrupted run's steps {half + 1}-{k} exactly: "
         f"{'yes' if resume_exact and from_state_steps else 'NO'}")
 
+    plan = measure_plan(workdir, args.plan_images, args.plan_rounds)
+    out()
+    out(f"4. POST /v1/trainings/plan on a {args.plan_images}-image dataset vs GET of the same "
+        f"dataset (baseline); {args.plan_rounds} alternating pairs; ms, medians")
+    out(f"{'GET /v1/datasets/{id} (baseline)':36} {ms(plan['get'])}")
+    out(f"{'POST /v1/trainings/plan':36} {ms(plan['plan'])}")
+    out(f"plan: {plan['images']} images in {plan['buckets']} buckets, {plan['total_steps']} steps; "
+        f"{plan['plan'] / plan['get']:.2f}x the dataset GET")
+
     out()
     out("summary")
     out(f"  cache_latents at {args.size}px: {cached_step * 1000:.1f} ms/step vs {enc * 1000:.1f} ms "
@@ -386,6 +473,10 @@ def main() -> None:
         f"({resumed_first / fresh_first:.2f}x); remaining {k - half} steps from the state in "
         f"{resumed_total:.2f} s vs {fresh_total:.2f} s for all {k} ({resumed_total / fresh_total:.2f}x); "
         f"exact resume: {'yes' if resume_exact else 'NO'}")
+    out(f"  plan of a {args.plan_images}-image dataset: {plan['plan'] * 1000:.0f} ms vs "
+        f"{plan['get'] * 1000:.0f} ms for a GET of it ({plan['plan'] / plan['get']:.2f}x)")
+    if plan["images"] != args.plan_images:
+        sys.exit(1)
     if not (resume_exact and from_state_steps and same_loss):
         sys.exit(1)
 
