@@ -107,6 +107,10 @@ class KohyaSubset:
     alpha_mask: bool = False
     cache_info: bool = False
     custom_attributes: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), hash=False)
+    # key -> the dotted path its value came from (the subset, its dataset or [general]), so a
+    # rule about an inherited value names the line the user wrote
+    sources: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), hash=False,
+                                       compare=False)
 
     @property
     def mode(self) -> SubsetMode:
@@ -143,6 +147,8 @@ class KohyaDataset:
     network_multiplier: float = 1.0
     validation_seed: int | None = None
     validation_split: float = 0.0
+    sources: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), hash=False,
+                                       compare=False)
 
     @property
     def is_fine_tuning(self) -> bool:
@@ -401,7 +407,9 @@ def _dataset(inherited: _Layer, table: Mapping[str, Any], path: str) -> KohyaDat
             " put these subsets in separate [[datasets]]",
             field=f"{path}.subsets.{index}" + (".metadata_file" if fine_tuning[index] else ""),
         )
-    dataset = KohyaDataset(subsets=subsets, **{k: v for k, (v, _) in merged.items() if k in _DATASET_KEYS})
+    own_keys = {k: v for k, v in merged.items() if k in _DATASET_KEYS}
+    dataset = KohyaDataset(subsets=subsets, **{k: v for k, (v, _) in own_keys.items()},
+                           sources=MappingProxyType({k: p for k, (_, p) in own_keys.items()}))
     _check_bucketing(dataset, merged)
     return dataset
 
@@ -428,7 +436,8 @@ def _subset(inherited: _Layer, table: Mapping[str, Any], path: str) -> KohyaSubs
         raise ConfigError("a subset needs image_dir (or metadata_file for fine-tuning)",
                           field=f"{path}.image_dir")
     merged = {**inherited, **own}
-    return KohyaSubset(**{k: v for k, (v, _) in merged.items() if k in _SUBSET_KEYS})
+    return KohyaSubset(**{k: v for k, (v, _) in merged.items() if k in _SUBSET_KEYS},
+                       sources=MappingProxyType({k: p for k, (_, p) in merged.items() if k in _SUBSET_KEYS}))
 
 
 def subset_from_folder(folder: str, *, image_dir: str | None = None) -> KohyaSubset:

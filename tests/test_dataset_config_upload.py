@@ -142,3 +142,21 @@ def test_a_bad_dataset_config_in_a_zip_is_a_422_naming_the_file(
         assert error["field"] == "zip:conf/dataset_config.toml"
         assert message in error["message"]
         assert stack.s3_keys("datasets/") == before  # nothing stored
+
+
+def test_a_stored_config_that_does_not_fit_the_request_is_a_422_on_dataset_id(
+        stack: RunningStack) -> None:
+    toml = TOML.replace("resolution = 64\n", "")  # inherits the request's resolution
+    with stack.client() as client:
+        dataset = _upload(client, {"dataset_config.toml": toml.encode()}).json()
+        jobs_before = client.get("/v1/jobs").json()
+        response = client.post("/v1/trainings", json=_body(dataset["id"]))  # 512 px by default
+        assert response.status_code == 422, response.text
+        (error,) = response.json()["errors"]
+        assert error["field"] == "dataset_id"
+        assert "dataset_config.toml" in error["message"]
+        assert "data.resolution" in error["message"] and "max_bucket_reso 128" in error["message"]
+        assert client.get("/v1/jobs").json() == jobs_before
+        fits = client.post("/v1/trainings/plan", json={**_body(dataset["id"]),
+                                                       "data": {"resolution": 64, "min_bucket_reso": 64}})
+        assert fits.status_code == 200, fits.text

@@ -86,6 +86,20 @@ class SamplePrompt:
     scheduler: str | None = None
 
 
+@dataclass(frozen=True)
+class SubsetOptions:
+    """One kohya subset's caption handling and augmentation."""
+
+    shuffle_caption: bool = False
+    keep_tokens: int = 0
+    caption_separator: str = ","
+    caption_prefix: str | None = None
+    caption_suffix: str | None = None
+    caption_dropout_rate: float = 0.0
+    flip_aug: bool = False
+    color_aug: bool = False
+
+
 @dataclass
 class TrainExample:
     """An image and its caption; ``bucket`` is its (width, height) training size.
@@ -100,6 +114,12 @@ class TrainExample:
     is_reg: bool = False
     bucket: tuple[int, int] | None = None
     dataset_dir: str = ""
+    # kohya's per-[[datasets]] batching (None: the TrainConfig's) and per-subset caption and
+    # augmentation options (None: the TrainConfig's); batches never mix datasets
+    dataset: int = 0
+    batch_size: int | None = None
+    resolution: tuple[int, int] | None = None
+    options: SubsetOptions | None = None
 
     def subset(self) -> str:
         return self.dataset_dir or f"{self.repeats}_{'reg' if self.is_reg else 'img'}"
@@ -212,6 +232,7 @@ class _Item:
     example: int
     bucket: tuple[int, int]
     is_reg: bool
+    dataset: int = 0
 
 
 @dataclass
@@ -407,7 +428,8 @@ class LoraTrainer:
             bucket = example.bucket or default
             if bucket[0] % 8 or bucket[1] % 8 or min(bucket) < 8:
                 raise TrainingRefused(f"bucket {bucket} of example {index} is not a multiple of 8")
-            items.extend(_Item(index, bucket, example.is_reg) for _ in range(max(1, example.repeats)))
+            items.extend(_Item(index, bucket, example.is_reg, example.dataset)
+                         for _ in range(max(1, example.repeats)))
         if not items:
             raise TrainingRefused("no training examples")
         return items
@@ -416,27 +438,42 @@ class LoraTrainer:
         """This epoch's batches: same-size images together, in an order fixed by seed and epoch,
         so a resumed run needs only the position within the epoch."""
         generator = torch.Generator().manual_seed(_seed_from(self.seed, epoch))
-        by_bucket: dict[tuple[int, int], list[_Item]] = {}
+        by_bucket: dict[tuple[int, tuple[int, int]], list[_Item]] = {}
         for item in self._all_items:
-            by_bucket.setdefault(item.bucket, []).append(item)
+            by_bucket.setdefault((item.dataset, item.bucket), []).append(item)
         batches: list[list[_Item]] = []
-        for bucket in sorted(by_bucket):
-            members = by_bucket[bucket]
+        for key in sorted(by_bucket):
+            members = by_bucket[key]
             order = torch.randperm(len(members), generator=generator).tolist()
             shuffled = [members[i] for i in order]
-            size = self.cfg.batch_size
+            size = self._examples[members[0].example].batch_size or self.cfg.batch_size
             batches.extend(shuffled[i:i + size] for i in range(0, len(shuffled), size))
         order = torch.randperm(len(batches), generator=generator).tolist()
         return [batches[i] for i in order]
 
-    def _caption(self, caption: str) -> str:
+    def _options(self, example: TrainExample) -> SubsetOptions:
         cfg = self.cfg
-        if cfg.caption_dropout_rate > 0 and self._py_rng.random() < cfg.caption_dropout_rate:
+        return example.options or SubsetOptions(
+            shuffle_caption=cfg.shuffle_caption, keep_tokens=cfg.keep_tokens,
+            caption_dropout_rate=cfg.caption_dropout_rate, flip_aug=cfg.flip_aug, color_aug=cfg.color_aug)
+
+    def _caption(self, caption: str, options: SubsetOptions | None = None) -> str:
+        """The text one step trains on, as kohya's ``process_caption``: prefix and suffix
+        added, then dropped whole at ``caption_dropout_rate``, else its tags shuffled after the
+        first ``keep_tokens`` (split at ``caption_separator``, joined with ", ")."""
+        cfg = self.cfg
+        options = options or SubsetOptions(shuffle_caption=cfg.shuffle_caption, keep_tokens=cfg.keep_tokens,
+                                           caption_dropout_rate=cfg.caption_dropout_rate)
+        if options.caption_prefix:
+            caption = options.caption_prefix + " " + caption
+        if options.caption_suffix:
+            caption = caption + " " + options.caption_suffix
+        if options.caption_dropout_rate > 0 and self._py_rng.random() < options.caption_dropout_rate:
             return ""
-        if not cfg.shuffle_caption:
+        if not options.shuffle_caption:
             return caption
-        tokens = [token.strip() for token in caption.split(",") if token.strip()]
-        fixed, rest = tokens[:cfg.keep_tokens], tokens[cfg.keep_tokens:]
+        tokens = [token.strip() for token in caption.split(options.caption_separator) if token.strip()]
+        fixed, rest = tokens[:options.keep_tokens], tokens[options.keep_tokens:]
         self._py_rng.shuffle(rest)
         return ", ".join(fixed + rest)
 
@@ -505,10 +542,11 @@ class LoraTrainer:
             images = []
             for item in batch:
                 image = self._fitted[(item.example, item.bucket)]
-                if self.cfg.color_aug:
+                options = self._options(self._examples[item.example])
+                if options.color_aug:
                     image = self._color_aug(image)
                 pixels = _to_tensor(image)
-                if self.cfg.flip_aug and torch.rand((), generator=gen).item() < 0.5:
+                if options.flip_aug and torch.rand((), generator=gen).item() < 0.5:
                     pixels = pixels.flip(-1)
                 images.append(pixels)
             mean, std = (part.cpu() for part in self._encode(torch.stack(images)))
@@ -568,7 +606,8 @@ class LoraTrainer:
         num_timesteps = self.noise_scheduler.config.num_train_timesteps
         timesteps = torch.randint(0, num_timesteps, (latents.shape[0],), generator=self._gen).to(self.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        captions = [self._caption(examples[item.example].caption) for item in batch]
+        captions = [self._caption(examples[item.example].caption, self._options(examples[item.example]))
+                    for item in batch]
         with self._autocast():
             hidden = self._text_embeddings(captions)
             prediction = self._pipe.unet(noisy, timesteps, hidden).sample
@@ -620,6 +659,33 @@ class LoraTrainer:
         bucket_info = {"buckets": {str(i): {"resolution": list(size), "count": count}
                                    for i, (size, count) in enumerate(sorted(buckets.items()))},
                        "mean_img_ar_error": 0.0}
+        # a dataset config's own batch size and resolution, where all its datasets agree (kohya
+        # lists each in ss_datasets)
+        batch_sizes = {example.batch_size or cfg.batch_size for example in examples}
+        batch_size = batch_sizes.pop() if len(batch_sizes) == 1 else cfg.batch_size
+        resolutions = {example.resolution or (cfg.resolution, cfg.resolution) for example in examples}
+        resolution = resolutions.pop() if len(resolutions) == 1 else (cfg.resolution, cfg.resolution)
+        datasets_meta: list[dict[str, object]] = []
+        for number in sorted({example.dataset for example in examples}):
+            members = [example for example in examples if example.dataset == number]
+            in_dataset = [item for item in self._all_items if item.dataset == number]
+            first = members[0]
+            datasets_meta.append({
+                "is_dreambooth": True, "batch_size_per_device": first.batch_size or cfg.batch_size,
+                "num_train_images": sum(1 for item in in_dataset if not item.is_reg),
+                "num_reg_images": sum(1 for item in in_dataset if item.is_reg),
+                "resolution": list(first.resolution or (cfg.resolution, cfg.resolution)),
+                "bucket_info": {"buckets": {str(i): {"resolution": list(size), "count": count}
+                                            for i, (size, count) in enumerate(sorted(
+                                                Counter(item.bucket for item in in_dataset).items()))}},
+                "subsets": [{"image_dir": name, "num_repeats": example.repeats, "is_reg": example.is_reg,
+                             **({"shuffle_caption": example.options.shuffle_caption,
+                                 "keep_tokens": example.options.keep_tokens,
+                                 "caption_dropout_rate": example.options.caption_dropout_rate,
+                                 "flip_aug": example.options.flip_aug,
+                                 "color_aug": example.options.color_aug} if example.options else {})}
+                            for name, example in {e.subset(): e for e in members}.items()],
+            })
         unet_lr = cfg.unet_lr if cfg.unet_lr is not None else cfg.learning_rate
         te_lr = cfg.text_encoder_lr if cfg.text_encoder_lr is not None else cfg.learning_rate
         now = time.time()
@@ -649,8 +715,8 @@ class LoraTrainer:
             "ss_num_epochs": self._num_epochs,
             "ss_epoch": epoch,
             "ss_steps": step,
-            "ss_batch_size_per_device": cfg.batch_size,
-            "ss_total_batch_size": cfg.batch_size * cfg.gradient_accumulation_steps,
+            "ss_batch_size_per_device": batch_size,
+            "ss_total_batch_size": batch_size * cfg.gradient_accumulation_steps,
             "ss_gradient_accumulation_steps": cfg.gradient_accumulation_steps,
             "ss_gradient_checkpointing": cfg.gradient_checkpointing,
             "ss_max_train_steps": self._total_steps,
@@ -663,7 +729,7 @@ class LoraTrainer:
             "ss_v2": False,
             "ss_base_model_version": "sd_v1",
             "ss_v_parameterization": cfg.v_parameterization or None,
-            "ss_resolution": f"({cfg.resolution}, {cfg.resolution})",
+            "ss_resolution": f"({resolution[0]}, {resolution[1]})",
             "ss_enable_bucket": len(buckets) > 1 or any(example.bucket for example in examples),
             "ss_bucket_info": json.dumps(bucket_info),
             "ss_clip_skip": cfg.clip_skip,
@@ -685,13 +751,15 @@ class LoraTrainer:
             "ss_sd_model_hash": cfg.base_model_hash,
             "ss_new_sd_model_hash": cfg.base_model_hash,
             "ss_dataset_dirs": json.dumps(dirs),
+            "ss_datasets": (json.dumps(datasets_meta)
+                            if any(example.options or example.batch_size for example in examples) else None),
             "ss_tag_frequency": json.dumps({name: dict(counter) for name, counter in tags.items()}),
             "ss_training_comment": cfg.training_comment or None,
             "modelspec.sai_model_spec": "1.0.0",
             "modelspec.architecture": "stable-diffusion-v1/lora",
             "modelspec.implementation": "diffusers",
             "modelspec.title": cfg.output_name,
-            "modelspec.resolution": f"{cfg.resolution}x{cfg.resolution}",
+            "modelspec.resolution": f"{resolution[0]}x{resolution[1]}",
             "modelspec.date": datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%dT%H:%M:%S"),
         }
         return {key: str(value) for key, value in values.items() if value is not None}
@@ -844,6 +912,11 @@ class LoraTrainer:
         cfg = self.cfg
         work_dir = Path(work_dir)
         work_dir.mkdir(parents=True, exist_ok=True)
+        self._examples = list(examples)
+        if cfg.cache_latents and any(e.options and (e.options.flip_aug or e.options.color_aug)
+                                     for e in examples):
+            raise TrainingRefused("cache_latents cannot be combined with a subset's flip_aug or color_aug: "
+                                  "cached latents are encoded once, so augmentations would never apply")
         self._all_items = self._items(examples)
         self._fitted = {(item.example, item.bucket): _fit(examples[item.example].image, item.bucket)
                         for item in self._all_items}

@@ -167,6 +167,14 @@ async def resolve_dataset_config(*, session: AsyncSession, tenant: Tenant,
     if text is None:
         return spec
     try:
+        parse_dataset_config(text, defaults={"resolution": list(spec.data.size),
+                                             "batch_size": spec.data.batch_size})
+    except ConfigError as exc:
+        where = (f"with this request's data.{exc.field.removeprefix('defaults.')}"
+                 if exc.field.startswith("defaults.") else exc.field)
+        raise _invalid("dataset_id", f"the dataset's dataset_config.toml: {where}: "
+                       f"{exc.message}") from exc
+    try:
         return TrainingSpec.model_validate({**spec.model_dump(mode="json"), "dataset_config": text})
     except ValidationError as exc:
         problems = "; ".join(
