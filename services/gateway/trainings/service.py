@@ -4,7 +4,6 @@ so the trainer worker gets a plain list and kohya's rules are checked before a j
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
 
 from pydantic import ValidationError
 from sqlalchemy import select
@@ -24,6 +23,7 @@ from shared.db.models import Dataset, DatasetItem, Job, Tenant, new_id
 from shared.errors import NotFound, ValidationFailed
 from shared.kohya import (
     ConfigError,
+    KohyaDataset,
     KohyaSubset,
     SubsetMode,
     assign_bucket,
@@ -35,6 +35,7 @@ from shared.models import ModelFamily
 from shared.queue import TRAIN_TASK, TRAINER_QUEUE
 from shared.specs import JobKind
 from shared.training import (
+    SubsetOptions,
     TrainingExample,
     TrainingSpec,
     TrainingTask,
@@ -72,7 +73,7 @@ async def _examples(
 ) -> tuple[list[TrainingExample], list[str], dict[str, dict[str, int]]]:
     data = spec.data
     resolution = data.size
-    overrides: dict[str, Any] = {}
+    overrides: dict[str, tuple[int, KohyaDataset, KohyaSubset]] = {}
     if spec.dataset_config is not None:
         try:
             config = parse_dataset_config(spec.dataset_config, defaults={
@@ -81,9 +82,11 @@ async def _examples(
             # a TOML syntax error has no key to name: the field is the document itself
             field = ".".join(part for part in ("dataset_config", exc.field) if part)
             raise _invalid(field, exc.message) from exc
-        for kohya_dataset in config.datasets:
+        for index, kohya_dataset in enumerate(config.datasets):
             for subset in kohya_dataset.subsets:
-                overrides[image_dir_folder(subset.image_dir)] = subset
+                overrides[image_dir_folder(subset.image_dir)] = (index, kohya_dataset, subset)
+    # each [[datasets]] trains at its own resolution and buckets, as kohya's do
+    dataset_buckets = [kohya_dataset.buckets() for kohya_dataset in config.datasets] if overrides else []
     sources: list[tuple[Dataset, bool]] = []
     sources.append((await get_dataset(session=session, tenant=tenant,
                                       dataset_id=spec.dataset_id), False))
@@ -100,18 +103,28 @@ async def _examples(
         subsets = subsets_of(dataset)
         for item in await dataset_items(session=session, dataset=dataset):
             info = subsets[item.subset]
-            override = overrides.get(info.folder) or overrides.get(info.name)
-            if overrides and override is None:
+            entry = overrides.get(info.folder) or overrides.get(info.name)
+            if overrides and entry is None:
                 continue  # a TOML selects the subsets it names
+            override = entry[2] if entry is not None else None
             repeats = override.num_repeats if override is not None else info.repeats
             is_reg = forced_reg or (override.is_reg if override is not None else info.is_reg)
             tokens = (override.class_tokens if override is not None else info.class_tokens)
             if tokens and not is_reg and tokens not in triggers:
                 triggers.append(tokens)
-            examples.append(TrainingExample(
-                key=item.key, caption=_caption(item, tokens, override), repeats=repeats, is_reg=is_reg,
-                subset=info.folder, bucket=assign_bucket(item.width, item.height, buckets,
-                                                         steps=data.bucket_reso_steps)))
+            if entry is None:
+                examples.append(TrainingExample(
+                    key=item.key, caption=_caption(item, tokens), repeats=repeats, is_reg=is_reg,
+                    subset=info.folder, bucket=assign_bucket(item.width, item.height, buckets,
+                                                             steps=data.bucket_reso_steps)))
+            else:
+                index, kohya_dataset, subset = entry
+                examples.append(TrainingExample(
+                    key=item.key, caption=_caption(item, tokens, subset), repeats=repeats,
+                    is_reg=is_reg, subset=info.folder, dataset=index, batch_size=kohya_dataset.batch_size,
+                    resolution=kohya_dataset.resolution, options=_subset_options(subset),
+                    bucket=assign_bucket(item.width, item.height, dataset_buckets[index],
+                                         steps=kohya_dataset.bucket_reso_steps)))
             counter = frequency.setdefault(info.folder, Counter())
             counter.update(item_tags(item))
     examples = _balance_regularisation(examples, batch_size=data.batch_size)
@@ -119,6 +132,14 @@ async def _examples(
         raise _invalid("dataset_id", "no training images (a dataset_config selects subsets by "
                        "their folder name, e.g. `image_dir = \"10_sks dog\"`)")
     return examples, triggers, {k: dict(v) for k, v in frequency.items()}
+
+
+def _subset_options(subset: KohyaSubset) -> SubsetOptions:
+    return SubsetOptions(
+        shuffle_caption=subset.shuffle_caption, keep_tokens=subset.keep_tokens,
+        caption_separator=subset.caption_separator, caption_prefix=subset.caption_prefix,
+        caption_suffix=subset.caption_suffix, caption_dropout_rate=subset.caption_dropout_rate,
+        flip_aug=subset.flip_aug, color_aug=subset.color_aug)
 
 
 def _balance_regularisation(examples: list[TrainingExample], *,
