@@ -71,10 +71,9 @@ async def plan_training(*, session: AsyncSession, state: GatewayState, tenant: T
     tiny: Counter[str] = Counter()
     untriggered: Counter[str] = Counter()
     for example in examples:
-        dataset = int(getattr(example, "dataset", 0))
-        side = getattr(example, "resolution", None) or data.size
-        bucket = tuple(example.bucket) if example.bucket else tuple(side)
-        batch_sizes[dataset] = getattr(example, "batch_size", None) or data.batch_size
+        dataset = example.dataset
+        bucket = example.bucket or example.resolution or data.size
+        batch_sizes[dataset] = example.batch_size or data.batch_size
         repeats = max(1, example.repeats)
         bucket_images[(dataset, bucket[0], bucket[1])] += 1
         bucket_items[(dataset, bucket[0], bucket[1])] += repeats
