@@ -15,8 +15,8 @@ from tests.conftest import RunningStack, wait_terminal
 
 pytestmark = pytest.mark.parametrize("stack", ["sqlite"], indirect=True)
 
-BUCKETS = {"resolution": 128, "batch_size": 2, "enable_bucket": True, "min_bucket_reso": 64, "max_bucket_reso": 128,
-           "bucket_reso_steps": 64}
+BUCKETS = {"resolution": 128, "batch_size": 2, "enable_bucket": True, "min_bucket_reso": 64,
+           "max_bucket_reso": 128, "bucket_reso_steps": 64}
 
 
 def two_bucket_zip() -> bytes:
