@@ -68,7 +68,9 @@ def test_control_characters_are_refused_in_every_request_model(
 def test_multiline_fields_keep_tabs_and_line_breaks() -> None:
     assert not _errors(GenerationSpec, {"prompt": "a fox\nin snow", "negative_prompt": "a\r\n\tb"})
     assert not _errors(TrainingSpec, {**TRAINING, "samples": {"prompts": "a dog\n# note\n"},
-                                      "dataset_config": "[general]\n\tshuffle_caption = true\n"})
+                                      "dataset_config": "[general]\n\tshuffle_caption = true\r\n"
+                                                        "[[datasets]]\n\t[[datasets.subsets]]\n"
+                                                        "\timage_dir = 'img/1_dog'\n"})
     assert not _errors(ItemPatch, {"caption": "line one\nline two"})
     assert not _errors(SweepSpec, {"base": {"prompt": "a"},
                                    "axes": [{"param": "prompt", "values": ["a\nb", "c"]}]})
