@@ -43,7 +43,8 @@ def test_worker_killed_mid_job_is_rerun_once(
             assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "running"
 
             running.stack.start_worker("generator-2")
-            done = wait_terminal(client, job["id"], timeout=120)  # a fresh worker starts and the 20 s lease lapses: slow when loaded
+            # A fresh worker starts and the 20 s lease lapses: slow on a loaded machine.
+            done = wait_terminal(client, job["id"], timeout=120)
         assert done["status"] == "succeeded", done
         assert done["attempts"] == 2
         tenant_prefix = next(a for a in done["artifacts"] if a["kind"] == "image")
