@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from shared.models import SCHEDULERS
+from shared.training import SubsetOptions  # the same model the gateway validates
 
 logger = logging.getLogger(__name__)
 
@@ -84,20 +85,6 @@ class SamplePrompt:
     steps: int = 20
     # a shared.models.SCHEDULERS name (kohya's sampler, mapped); None keeps the model's own
     scheduler: str | None = None
-
-
-@dataclass(frozen=True)
-class SubsetOptions:
-    """One kohya subset's caption handling and augmentation."""
-
-    shuffle_caption: bool = False
-    keep_tokens: int = 0
-    caption_separator: str = ","
-    caption_prefix: str | None = None
-    caption_suffix: str | None = None
-    caption_dropout_rate: float = 0.0
-    flip_aug: bool = False
-    color_aug: bool = False
 
 
 @dataclass

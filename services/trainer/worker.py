@@ -88,7 +88,7 @@ def _model_dir(ctx: dict[str, Any], base_model: str) -> tuple[Path, str]:
 
 
 async def _run(ctx: dict[str, Any], task: TrainingTask, *, queued_s: float) -> dict[str, Any]:
-    from services.trainer.train import LoraTrainer, SamplePrompt, SubsetOptions, TrainConfig, TrainExample
+    from services.trainer.train import LoraTrainer, SamplePrompt, TrainConfig, TrainExample
 
     events: JobEvents = ctx["events"]
     store: ObjectStore = ctx["store"]
@@ -112,8 +112,7 @@ async def _run(ctx: dict[str, Any], task: TrainingTask, *, queued_s: float) -> d
                                      bucket=example.bucket, dataset_dir=example.subset,
                                      dataset=example.dataset, batch_size=example.batch_size,
                                      resolution=example.resolution,
-                                     options=(SubsetOptions(**example.options.model_dump())
-                                              if example.options is not None else None)))
+                                     options=example.options))
 
     parsed = parse_sample_prompts(spec.samples.prompts)
     # kohya's sampler per line: its own `--ss`, else samples.sampler (--sample_sampler)

@@ -22,37 +22,24 @@ from services.gateway.trainings.schemas import (
 from services.gateway.trainings.service import (
     _examples,
     _invalid,
+    check_trainable,
     resolve_dataset_config,
     training_prefix,
 )
 from shared.db.models import DatasetItem, Job, JobEventRow, Tenant
-from shared.errors import NotFound, ValidationFailed
-from shared.models import ModelFamily
+from shared.errors import NotFound
 from shared.specs import JobKind, JobStatus
-from shared.training import TrainingSpec, check_optimizer
+from shared.training import TrainingSpec
 
 # what the trainer worker trains for when the spec names neither steps nor epochs
 DEFAULT_MAX_TRAIN_STEPS = 1600
-
-
-def _check_trainable(*, state: GatewayState, spec: TrainingSpec) -> None:
-    """What a submission and its plan both refuse before reading the dataset."""
-    preset = state.registry.get(spec.base_model)
-    if preset is None:
-        raise _invalid("base_model", f"unknown model {spec.base_model!r}")
-    if preset.family != ModelFamily.SD15:
-        raise _invalid("base_model", "LoRA training supports SD1.5-family models in this "
-                       f"version; {preset.name} is {preset.family.value}")
-    optimizer_error = check_optimizer(spec, set(state.settings.trainer.extra_optimizers))
-    if optimizer_error:
-        raise ValidationFailed([optimizer_error])
 
 
 async def plan_training(*, session: AsyncSession, state: GatewayState, tenant: Tenant,
                         spec: TrainingSpec) -> TrainingPlan:
     """The run a submission would start, counted as the trainer counts it, from what SQL
     holds about the dataset (captions, sizes, buckets): no image is read."""
-    _check_trainable(state=state, spec=spec)  # as a submission would, before the dataset
+    check_trainable(state=state, spec=spec)  # as a submission would, before the dataset
     spec = await resolve_dataset_config(session=session, tenant=tenant, spec=spec)
     try:
         examples, triggers, _ = await _examples(session=session, tenant=tenant, spec=spec)

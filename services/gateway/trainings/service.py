@@ -204,14 +204,8 @@ async def resolve_dataset_config(*, session: AsyncSession, tenant: Tenant,
         raise _invalid("dataset_id", f"the dataset's dataset_config.toml: {problems}") from exc
 
 
-async def submit_training(
-    *, session: AsyncSession, state: GatewayState, tenant: Tenant, spec: TrainingSpec,
-    idempotency_key: str | None,
-) -> tuple[Job, bool]:
-    digest = request_hash(spec)
-    if idempotency_key and (existing := await find_replay(
-            session=session, tenant=tenant, key=idempotency_key, digest=digest)):
-        return existing, False
+def check_trainable(*, state: GatewayState, spec: TrainingSpec) -> None:
+    """What a submission and its plan both refuse before reading the dataset."""
     preset = state.registry.get(spec.base_model)
     if preset is None:
         raise _invalid("base_model", f"unknown model {spec.base_model!r}")
@@ -221,6 +215,17 @@ async def submit_training(
     optimizer_error = check_optimizer(spec, set(state.settings.trainer.extra_optimizers))
     if optimizer_error:
         raise ValidationFailed([optimizer_error])
+
+
+async def submit_training(
+    *, session: AsyncSession, state: GatewayState, tenant: Tenant, spec: TrainingSpec,
+    idempotency_key: str | None,
+) -> tuple[Job, bool]:
+    digest = request_hash(spec)
+    if idempotency_key and (existing := await find_replay(
+            session=session, tenant=tenant, key=idempotency_key, digest=digest)):
+        return existing, False
+    check_trainable(state=state, spec=spec)
     spec = await resolve_dataset_config(session=session, tenant=tenant, spec=spec)
     try:
         examples, candidates, frequency = await _examples(session=session, tenant=tenant, spec=spec)
