@@ -8,6 +8,7 @@ packages) are checked here, before a job exists.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -147,8 +148,9 @@ class DiffusionOptions(_Options):
                                         "gamma (5 is usual); unset turns it off.")
     clip_skip: int = Field(default=1, ge=1, le=12, description="Use the text encoder's n-th layer from the "
                            "end (2 for many anime models).")
-    max_token_length: Literal[75, 150, 225] = Field(default=75, description="Caption tokens; only 75 is "
-                                                    "built (150 and 225 are a 422).")
+    max_token_length: Literal[75, 150, 225] = Field(default=75, description="Caption tokens the text "
+                                                    "encoder reads; 150 and 225 are read in 75-token "
+                                                    "chunks, as kohya does.")
     v_parameterization: bool = Field(default=False, description="v-prediction loss, for v-prediction base "
                                      "models.")
     cache_latents: bool = Field(default=False, description="Encode each image with the VAE once instead of "
@@ -156,13 +158,6 @@ class DiffusionOptions(_Options):
     cache_latents_to_disk: bool = Field(default=False, description="With cache_latents: also keep them on "
                                         "the worker's disk, reused by later runs on the same images and "
                                         "VAE.")
-
-    @model_validator(mode="after")
-    def _built(self) -> DiffusionOptions:
-        if self.max_token_length != 75:  # accepted by kohya, not built here yet: refused
-            raise _errors_at("DiffusionOptions", [(("max_token_length",), "above 75 is not "
-                                                   "supported yet", self.max_token_length)])
-        return self
 
 
 class DataOptions(_Options):
@@ -197,8 +192,8 @@ class DataOptions(_Options):
                                         "empty caption.")
     flip_aug: bool = Field(default=False, description="Random horizontal flips (not with cache_latents).")
     color_aug: bool = Field(default=False, description="Random hue changes (not with cache_latents).")
-    random_crop: bool = Field(default=False, description="kohya's random crop: not built yet, so true is "
-                              "refused with a 422.")
+    random_crop: bool = Field(default=False, description="Crop what sticks out of an image's bucket at a "
+                              "random offset each step instead of centred (not with cache_latents).")
 
     @property
     def size(self) -> tuple[int, int]:
@@ -213,9 +208,6 @@ class DataOptions(_Options):
                 resolution=self.size, enable_bucket=self.enable_bucket,
                 min_bucket_reso=self.min_bucket_reso, max_bucket_reso=self.max_bucket_reso,
                 bucket_reso_steps=self.bucket_reso_steps)]
-        if self.random_crop:  # accepted by kohya, not built here yet: refused, not ignored
-            errors.append((("random_crop",), "not supported yet (images are centre-cropped to "
-                           "their bucket)", True))
         if errors:
             raise _errors_at("DataOptions", errors)
         return self
@@ -271,7 +263,7 @@ class SaveOptions(_Options):
 # TOML keys the parser reads but training does not apply yet, with the value that changes
 # nothing: any other value is a 422 naming the key, never accepted and ignored.
 _UNBUILT_SUBSET_KEYS: dict[str, object] = {
-    "random_crop": False, "face_crop_aug_range": None, "caption_dropout_every_n_epochs": 0,
+    "face_crop_aug_range": None, "caption_dropout_every_n_epochs": 0,
     "caption_tag_dropout_rate": 0.0, "token_warmup_min": 1, "token_warmup_step": 0.0,
     "alpha_mask": False, "enable_wildcard": False, "secondary_separator": None,
     "keep_tokens_separator": "",
@@ -405,6 +397,7 @@ class SubsetOptions(BaseModel):
     caption_dropout_rate: float = 0.0
     flip_aug: bool = False
     color_aug: bool = False
+    random_crop: bool = False
 
 
 class TrainingExample(BaseModel):
@@ -442,37 +435,51 @@ class TrainingTask(BaseModel):
     resume_state_key: str | None = None
 
 
+@dataclass(frozen=True)
+class TriggerGap:
+    """A subset whose training captions lack every trigger word, for a warning."""
+
+    subset: str
+    lacking: int
+    captions: int
+    candidates: tuple[str, ...]
+
+    @property
+    def message(self) -> str:
+        return (f"{self.lacking} of {self.captions} captions of subset {self.subset!r} lack the "
+                f"trigger ({' or '.join(repr(w) for w in self.candidates)}): in kohya a caption "
+                "replaces the class tokens, so training does not see it there; tag the dataset "
+                "again (prefix_trigger puts it first) or write it into the captions")
+
+
 def trained_triggers(examples: Sequence[TrainingExample],
-                     candidates: Sequence[str]) -> tuple[list[str], list[str]]:
-    """The trigger words training will actually see, and a warning per subset whose captions
-    lack them.
+                     candidates: Sequence[str]) -> tuple[list[str], list[TriggerGap]]:
+    """The trigger words training will actually see, and each subset whose captions lack them.
 
     ``candidates`` are the DreamBooth class tokens (``sks dog``). kohya trains on a caption
     file as it is, so a subset whose images have captions without the tokens never shows them
     to the model: reporting them would promise a trigger that does nothing. A word counts when
     it is in at least one training (not regularisation) caption, with the subset's
-    ``caption_prefix``/``caption_suffix`` around it as kohya adds them.
+    ``caption_prefix``/``caption_suffix`` around it as kohya adds them. The gateway's job
+    submission and its plan share this, so the plan shows what the job will report.
     """
     fed: dict[str, list[str]] = {}
     for example in examples:
         if example.is_reg:
             continue
-        options = getattr(example, "options", None)
-        parts = (getattr(options, "caption_prefix", None), example.caption,
-                 getattr(options, "caption_suffix", None))
+        options = example.options
+        parts = (options.caption_prefix if options else None, example.caption,
+                 options.caption_suffix if options else None)
         fed.setdefault(example.subset, []).append(" ".join(p for p in parts if p))
     seen = [word for word in candidates
             if any(has_trigger(caption, word) for captions in fed.values() for caption in captions)]
-    warnings = []
+    gaps = []
     for subset, captions in fed.items():
         lacking = sum(not any(has_trigger(c, word) for word in candidates) for c in captions)
         if candidates and lacking:
-            warnings.append(
-                f"{lacking} of {len(captions)} captions of subset {subset!r} lack the trigger "
-                f"({' or '.join(repr(w) for w in candidates)}): in kohya a caption replaces the "
-                "class tokens, so training does not see it there; tag the dataset again "
-                "(prefix_trigger puts it first) or write it into the captions")
-    return seen, warnings
+            gaps.append(TriggerGap(subset=subset, lacking=lacking, captions=len(captions),
+                                   candidates=tuple(candidates)))
+    return seen, gaps
 
 
 async def latest_state(store: ObjectStore, output_prefix: str) -> str | None:

@@ -44,6 +44,7 @@ batch_size = 1
   class_tokens = 'wide view'
   num_repeats = 1
   flip_aug = true
+  random_crop = true
 """
 
 
@@ -72,7 +73,8 @@ def test_each_dataset_trains_at_its_own_resolution_buckets_and_batch_size(stack:
             ("zip", ("d.zip", _zip(), "application/zip"))]).json()["id"]
         response = client.post("/v1/trainings", json={
             "name": "toml-lora", "dataset_id": dataset_id, "dataset_config": DOC_TOML,
-            "network": {"rank": 4}, "optim": {"max_train_epochs": 1, "seed": 1}})
+            "network": {"rank": 4}, "optim": {"max_train_epochs": 1, "seed": 1},
+            "diffusion": {"max_token_length": 150}})
         assert response.status_code == 202, response.text
         job = wait_terminal(client, response.json()["id"], timeout=240)
         assert job["status"] == "succeeded", job
@@ -91,6 +93,8 @@ def test_each_dataset_trains_at_its_own_resolution_buckets_and_batch_size(stack:
     assert second["bucket_info"]["buckets"]["0"] == {"resolution": [128, 64], "count": 2}
     assert first["subsets"][0]["shuffle_caption"] is True and first["subsets"][0]["keep_tokens"] == 1
     assert second["subsets"][0]["flip_aug"] is True and first["subsets"][0]["flip_aug"] is False
+    assert second["subsets"][0]["random_crop"] is True and first["subsets"][0]["random_crop"] is False
+    assert metadata["ss_max_token_length"] == "150"
     assert metadata["ss_num_batches_per_epoch"] == "4"
 
 

@@ -43,12 +43,16 @@ def test_training_spec_refuses_what_kohya_refuses() -> None:
     assert check_optimizer(spec, {"Prodigy"}) is None
 
 
-def test_options_not_built_yet_are_refused_not_ignored() -> None:
+def test_random_crop_and_long_captions_are_accepted_and_kept_apart_from_cached_latents() -> None:
     base = {"name": "x", "dataset_id": "d", "optim": {"max_train_steps": 10}}
-    with pytest.raises(ValidationError, match="random_crop"):
-        TrainingSpec.model_validate({**base, "data": {"random_crop": True}})
+    spec = TrainingSpec.model_validate({**base, "data": {"random_crop": True},
+                                        "diffusion": {"max_token_length": 225}})
+    assert spec.data.random_crop and spec.diffusion.max_token_length == 225
     with pytest.raises(ValidationError, match="max_token_length"):
-        TrainingSpec.model_validate({**base, "diffusion": {"max_token_length": 150}})
+        TrainingSpec.model_validate({**base, "diffusion": {"max_token_length": 100}})
+    with pytest.raises(ValidationError, match="random_crop"):
+        TrainingSpec.model_validate({**base, "data": {"random_crop": True},
+                                     "diffusion": {"cache_latents": True}})
 
 
 def _error_fields(body: dict) -> dict[str, str]:  # type: ignore[type-arg]
@@ -75,7 +79,6 @@ BASE = {"name": "x", "dataset_id": "d", "optim": {"max_train_steps": 10}}
     ({"bucket_reso_steps": 12}, "data.bucket_reso_steps", "multiple of 8"),
     ({"bucket_reso_steps": 512}, "data.min_bucket_reso", "multiple of bucket_reso_steps"),
     ({"min_bucket_reso": 1024, "max_bucket_reso": 512}, "data.min_bucket_reso", "above"),
-    ({"random_crop": True}, "data.random_crop", "not supported"),
 ])
 def test_resolution_and_buckets_are_bounded_at_their_field(data: dict, field: str,  # type: ignore[type-arg]
                                                            words: str) -> None:
@@ -95,9 +98,9 @@ def test_in_bounds_resolutions_are_accepted() -> None:
 
 def test_every_error_is_reported_at_its_own_path() -> None:
     errors = _error_fields({"name": "x", "network": {"rank": 0},
-                            "diffusion": {"max_token_length": 150}, "data": {"random_crop": True}})
+                            "diffusion": {"max_token_length": 100}, "data": {"resolution": 63}})
     assert {"dataset_id", "network.rank", "optim.max_train_steps", "diffusion.max_token_length",
-            "data.random_crop"} <= set(errors)
+            "data.resolution"} <= set(errors)
     assert "body" not in errors and "" not in errors
     assert _error_fields({**BASE, "diffusion": {"cache_latents": True},
                           "data": {"flip_aug": True}}).keys() == {"diffusion.cache_latents"}

@@ -147,7 +147,8 @@ def test_training_errors_name_every_field_at_its_path(stack: RunningStack) -> No
         assert "body" not in no_length
         assert _fields(client.post("/v1/trainings", json={
             "name": "x", "dataset_id": "d", "optim": {"max_train_steps": 1},
-            "data": {"random_crop": True}})) == {"data.random_crop"}
+            "data": {"random_crop": True}, "diffusion": {"cache_latents": True}})) == {
+                "diffusion.cache_latents"}
         assert _fields(client.post("/v1/trainings", json={
             "name": "x", "dataset_id": "d", "optim": {"max_train_steps": 1},
             "samples": {"prompts": "a photo --ss eulr"}})) == {"samples.prompts"}

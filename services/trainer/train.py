@@ -152,6 +152,8 @@ class TrainConfig:
     latents_cache_dir: Path | None = None
     flip_aug: bool = False
     color_aug: bool = False
+    random_crop: bool = False
+    max_token_length: int = 75  # 150 and 225: kohya's 75-token chunks, concatenated
     shuffle_caption: bool = False
     keep_tokens: int = 0
     caption_dropout_rate: float = 0.0
@@ -172,11 +174,14 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.rank < 1:
             raise TrainingRefused(f"rank (network_dim) must be at least 1, not {self.rank}")
-        if self.cache_latents and (self.flip_aug or self.color_aug):
+        if self.cache_latents and (self.flip_aug or self.color_aug or self.random_crop):
             # As sd-scripts documents: a cached latent is of one fixed image, augmentations
             # would never reach it.
-            raise TrainingRefused("cache_latents cannot be combined with flip_aug or color_aug: cached "
-                             "latents are encoded once, so augmentations would never apply")
+            raise TrainingRefused("cache_latents cannot be combined with flip_aug, color_aug or "
+                                  "random_crop: cached latents are encoded once, so augmentations "
+                                  "would never apply")
+        if self.max_token_length not in (75, 150, 225):
+            raise TrainingRefused(f"max_token_length must be 75, 150 or 225, not {self.max_token_length}")
         if self.optimizer not in _OPTIMIZERS:
             raise TrainingRefused(f"unknown optimizer {self.optimizer!r}; known: {', '.join(_OPTIMIZERS)}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
@@ -230,15 +235,30 @@ class _Progress:
     started_at: float = field(default_factory=time.time)
 
 
-def _fit(image: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """Scale to cover ``size`` and centre-crop, as sd-scripts does without random_crop."""
+def _cover(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Scale to cover ``size`` keeping the aspect ratio; what sticks out is cropped per use."""
     image = image.convert("RGB")
     width, height = size
     scale = max(width / image.width, height / image.height)
     resized = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
-    image = image.resize(resized, Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BICUBIC)
-    left, top = (resized[0] - width) // 2, (resized[1] - height) // 2
-    return image.crop((left, top, left + width, top + height))
+    return image.resize(resized, Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BICUBIC)
+
+
+def _crop(image: Image.Image, size: tuple[int, int], generator: torch.Generator | None = None) -> Image.Image:
+    """The ``size`` window of a covering image: centred, as sd-scripts trims without
+    ``random_crop``, or at an offset drawn from ``generator`` (kohya's ``random_crop``)."""
+    spare_x, spare_y = image.width - size[0], image.height - size[1]
+    if generator is None:
+        left, top = spare_x // 2, spare_y // 2
+    else:
+        left = int(torch.randint(0, spare_x + 1, (), generator=generator))
+        top = int(torch.randint(0, spare_y + 1, (), generator=generator))
+    return image.crop((left, top, left + size[0], top + size[1]))
+
+
+def _fit(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Scale to cover ``size`` and centre-crop, as sd-scripts does without random_crop."""
+    return _crop(_cover(image, size), size)
 
 
 def _to_tensor(image: Image.Image) -> torch.Tensor:
@@ -442,7 +462,8 @@ class LoraTrainer:
         cfg = self.cfg
         return example.options or SubsetOptions(
             shuffle_caption=cfg.shuffle_caption, keep_tokens=cfg.keep_tokens,
-            caption_dropout_rate=cfg.caption_dropout_rate, flip_aug=cfg.flip_aug, color_aug=cfg.color_aug)
+            caption_dropout_rate=cfg.caption_dropout_rate, flip_aug=cfg.flip_aug, color_aug=cfg.color_aug,
+            random_crop=cfg.random_crop)
 
     def _caption(self, caption: str, options: SubsetOptions | None = None) -> str:
         """The text one step trains on, as kohya's ``process_caption``: prefix and suffix
@@ -528,8 +549,9 @@ class LoraTrainer:
         else:
             images = []
             for item in batch:
-                image = self._fitted[(item.example, item.bucket)]
                 options = self._options(self._examples[item.example])
+                image = (_crop(self._covered[(item.example, item.bucket)], item.bucket, gen)
+                         if options.random_crop else self._fitted[(item.example, item.bucket)])
                 if options.color_aug:
                     image = self._color_aug(image)
                 pixels = _to_tensor(image)
@@ -564,22 +586,48 @@ class LoraTrainer:
             noise = noise / noise.std()
         return noise
 
+    def _token_chunks(self, captions: list[str]) -> torch.Tensor:
+        """Token ids ``(batch, chunks, model_max_length)``, as kohya's ``get_input_ids``.
+
+        With ``max_token_length`` 150 or 225 a caption is tokenized to that length plus BOS and
+        EOS, then cut into 75-token pieces, each wrapped in BOS ... EOS so the text encoder
+        (built for 77 positions) can read it.
+        """
+        tokenizer = self._pipe.tokenizer
+        window = tokenizer.model_max_length  # 77: BOS, 75 tokens, EOS
+        length = self.cfg.max_token_length + 2
+        ids: torch.Tensor = tokenizer(captions, padding="max_length", max_length=length, truncation=True,
+                                      return_tensors="pt").input_ids
+        if length <= window:
+            return ids[:, None, :]
+        inner = window - 2
+        chunks = [torch.cat([ids[:, :1], ids[:, start:start + inner], ids[:, -1:]], dim=1)
+                  for start in range(1, length - 1, inner)]
+        return torch.stack(chunks, dim=1)
+
     def _text_embeddings(self, captions: list[str]) -> torch.Tensor:
+        """The UNet's conditioning; for long captions kohya's concatenation of the chunks'
+        states: the first BOS, each chunk's 75 token states, the last EOS."""
         pipe = self._pipe
-        tokens = pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                                truncation=True, return_tensors="pt").input_ids.to(self.device)
+        chunked = self._token_chunks(captions)
+        batch, count, window = chunked.shape
+        tokens = chunked.reshape(batch * count, window).to(self.device)
         grad: AbstractContextManager[Any] = nullcontext() if self.cfg.train_text_encoder else torch.no_grad()
         with grad:
             skip = self.cfg.clip_skip or 1
             if skip == 1:
                 hidden: torch.Tensor = pipe.text_encoder(tokens)[0]
+            else:
+                output = pipe.text_encoder(tokens, output_hidden_states=True)
+                encoder = pipe.text_encoder
+                norm = encoder.text_model.final_layer_norm if hasattr(encoder, "text_model") \
+                    else encoder.final_layer_norm
+                hidden = norm(output.hidden_states[-skip])
+            if count == 1:
                 return hidden
-            output = pipe.text_encoder(tokens, output_hidden_states=True)
-            encoder = pipe.text_encoder
-            norm = encoder.text_model.final_layer_norm if hasattr(encoder, "text_model") \
-                else encoder.final_layer_norm
-            skipped: torch.Tensor = norm(output.hidden_states[-skip])
-            return skipped
+            states = hidden.reshape(batch, count, window, -1)
+            return torch.cat([states[:, 0, :1], *(states[:, i, 1:-1] for i in range(count)),
+                              states[:, -1, -1:]], dim=1)
 
     def _autocast(self) -> AbstractContextManager[Any]:
         if self._autocast_dtype is None:
@@ -670,7 +718,8 @@ class LoraTrainer:
                                  "keep_tokens": example.options.keep_tokens,
                                  "caption_dropout_rate": example.options.caption_dropout_rate,
                                  "flip_aug": example.options.flip_aug,
-                                 "color_aug": example.options.color_aug} if example.options else {})}
+                                 "color_aug": example.options.color_aug,
+                                 "random_crop": example.options.random_crop} if example.options else {})}
                             for name, example in {e.subset(): e for e in members}.items()],
             })
         unet_lr = cfg.unet_lr if cfg.unet_lr is not None else cfg.learning_rate
@@ -731,6 +780,8 @@ class LoraTrainer:
             "ss_cache_latents": cfg.cache_latents,
             "ss_flip_aug": cfg.flip_aug,
             "ss_color_aug": cfg.color_aug,
+            "ss_random_crop": cfg.random_crop,
+            "ss_max_token_length": cfg.max_token_length if cfg.max_token_length != 75 else None,
             "ss_shuffle_caption": cfg.shuffle_caption,
             "ss_keep_tokens": cfg.keep_tokens,
             "ss_caption_dropout_rate": cfg.caption_dropout_rate,
@@ -900,13 +951,17 @@ class LoraTrainer:
         work_dir = Path(work_dir)
         work_dir.mkdir(parents=True, exist_ok=True)
         self._examples = list(examples)
-        if cfg.cache_latents and any(e.options and (e.options.flip_aug or e.options.color_aug)
-                                     for e in examples):
-            raise TrainingRefused("cache_latents cannot be combined with a subset's flip_aug or color_aug: "
-                                  "cached latents are encoded once, so augmentations would never apply")
+        if cfg.cache_latents and any(e.options and (e.options.flip_aug or e.options.color_aug
+                                                    or e.options.random_crop) for e in examples):
+            raise TrainingRefused("cache_latents cannot be combined with a subset's flip_aug, color_aug "
+                                  "or random_crop: cached latents are encoded once, so augmentations "
+                                  "would never apply")
         self._all_items = self._items(examples)
-        self._fitted = {(item.example, item.bucket): _fit(examples[item.example].image, item.bucket)
-                        for item in self._all_items}
+        # each image scaled once to cover its bucket; cropped once (centre) or, for a
+        # random_crop subset, at a new offset each time a batch uses it
+        self._covered = {(item.example, item.bucket): _cover(examples[item.example].image, item.bucket)
+                         for item in self._all_items}
+        self._fitted = {key: _crop(image, key[1]) for key, image in self._covered.items()}
         self._batches_per_epoch = len(self._epoch_batches(0))
         steps_per_epoch = math.ceil(self._batches_per_epoch / cfg.gradient_accumulation_steps)
         if cfg.max_train_epochs is not None:

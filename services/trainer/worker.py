@@ -147,7 +147,8 @@ async def _run(ctx: dict[str, Any], task: TrainingTask, *, queued_s: float) -> d
         v_parameterization=diff.v_parameterization, cache_latents=diff.cache_latents,
         latents_cache_dir=(ctx["settings"].model_cache / "latents"
                            if diff.cache_latents_to_disk else None),
-        flip_aug=data_opts.flip_aug, color_aug=data_opts.color_aug,
+        flip_aug=data_opts.flip_aug, color_aug=data_opts.color_aug, random_crop=data_opts.random_crop,
+        max_token_length=diff.max_token_length,
         shuffle_caption=data_opts.shuffle_caption, keep_tokens=data_opts.keep_tokens,
         caption_dropout_rate=data_opts.caption_dropout_rate, sample_prompts=prompts,
         sample_every_n_steps=spec.samples.every_n_steps,

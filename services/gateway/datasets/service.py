@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.gateway.datasets.schemas import DatasetOut, ItemOut, ItemPage, ItemPatch
 from shared.datasets import (
+    DEFAULT_SUBSET,
     ExportItem,
     IngestLimits,
     IngestResult,
@@ -61,13 +62,23 @@ def image_dir_folder(image_dir: str | None) -> str:
     return posixpath.basename((image_dir or "").replace("\\", "/").rstrip("/"))
 
 
+def plain_folder(subset: str, path: str) -> str | None:
+    """The folder of an image outside kohya's ``<repeats>_<name>`` folders, for a TOML's
+    ``image_dir`` to name: kohya's TOML mode takes any folder (``C:\\hoge``), and such images
+    are stored in the default subset with their path."""
+    if subset != DEFAULT_SUBSET:
+        return None
+    return posixpath.basename(posixpath.dirname(path)) or None
+
+
 def stored_dataset_config(dataset: Dataset) -> str | None:
     """The ``dataset_config.toml`` the dataset's upload brought, checked when it was stored."""
     text = dataset.subsets.get("dataset_config")
     return text if isinstance(text, str) else None
 
 
-def check_dataset_config(text: str, *, field: str, subsets: list[SubsetInfo]) -> DatasetConfig:
+def check_dataset_config(text: str, *, field: str, subsets: list[SubsetInfo],
+                         plain_folders: set[str] | None = None) -> DatasetConfig:
     """Hold an uploaded TOML to what a request's ``dataset_config`` is held to, and its
     ``image_dir`` values to this upload's folders: a training that names the dataset will use it."""
     def refuse(message: str) -> ValidationFailed:
@@ -79,13 +90,13 @@ def check_dataset_config(text: str, *, field: str, subsets: list[SubsetInfo]) ->
         config = parse_dataset_config(text)
     except ConfigError as exc:
         raise refuse(str(exc)) from exc
-    folders = {s.folder for s in subsets} | {s.name for s in subsets}
+    folders = {s.folder for s in subsets} | {s.name for s in subsets} | (plain_folders or set())
     for d_index, kohya_dataset in enumerate(config.datasets):
         for s_index, subset in enumerate(kohya_dataset.subsets):
             if image_dir_folder(subset.image_dir) not in folders:
                 raise refuse(f"datasets.{d_index}.subsets.{s_index}.image_dir: "
                              f"{subset.image_dir!r} names no folder of this upload "
-                             f"({', '.join(sorted(s.folder for s in subsets))})")
+                             f"({', '.join(sorted(folders - {DEFAULT_SUBSET}))})")
     return config
 
 
@@ -123,7 +134,9 @@ async def create_dataset(
         limits=IngestLimits(min_side=min_side))
     if result.config_toml is not None:
         check_dataset_config(result.config_toml, field=result.config_field or "zip",
-                             subsets=result.subsets)
+                             subsets=result.subsets, plain_folders={
+                                 folder for item in result.items
+                                 if (folder := plain_folder(item.subset, item.path))})
     dataset_id = new_id()
     prefix = dataset_prefix(tenant.id, dataset_id)
     dataset = Dataset(

@@ -29,7 +29,7 @@ from services.gateway.trainings.service import (
 from shared.db.models import DatasetItem, Job, JobEventRow, Tenant
 from shared.errors import NotFound
 from shared.specs import JobKind, JobStatus
-from shared.training import TrainingSpec
+from shared.training import TrainingSpec, trained_triggers
 
 # what the trainer worker trains for when the spec names neither steps nor epochs
 DEFAULT_MAX_TRAIN_STEPS = 1600
@@ -42,7 +42,7 @@ async def plan_training(*, session: AsyncSession, state: GatewayState, tenant: T
     check_trainable(state=state, spec=spec)  # as a submission would, before the dataset
     spec = await resolve_dataset_config(session=session, tenant=tenant, spec=spec)
     try:
-        examples, triggers, _ = await _examples(session=session, tenant=tenant, spec=spec)
+        examples, candidates, _ = await _examples(session=session, tenant=tenant, spec=spec)
     except NotFound as exc:
         raise _invalid("dataset_id", exc.detail) from exc
     data, optim = spec.data, spec.optim
@@ -56,7 +56,6 @@ async def plan_training(*, session: AsyncSession, state: GatewayState, tenant: T
     bucket_items: Counter[tuple[int, int, int]] = Counter()
     batch_sizes: dict[int, int] = {}
     tiny: Counter[str] = Counter()
-    untriggered: Counter[str] = Counter()
     for example in examples:
         dataset = example.dataset
         bucket = example.bucket or example.resolution or data.size
@@ -72,9 +71,6 @@ async def plan_training(*, session: AsyncSession, state: GatewayState, tenant: T
         width, height = sizes.get(example.key, (0, 0))
         if width < bucket[0] or height < bucket[1]:
             tiny[example.subset] += 1
-        caption = example.caption.lower()
-        if not example.is_reg and triggers and not any(t.lower() in caption for t in triggers):
-            untriggered[example.subset] += 1
     batch_size = data.batch_size
     buckets = [PlanBucket(dataset=d, width=w, height=h, images=bucket_images[(d, w, h)],
                           items=items, batch_size=batch_sizes[d],
@@ -93,13 +89,13 @@ async def plan_training(*, session: AsyncSession, state: GatewayState, tenant: T
     warnings += [PlanWarning(code="unbalanced_buckets", message=(
         f"bucket {b.width}x{b.height} has {b.items} item(s), fewer than batch_size "
         f"{b.batch_size}: its batch is partial")) for b in buckets if b.items < b.batch_size]
-    warnings += [PlanWarning(code="trigger_missing", subset=folder, message=(
-        f"{count} caption(s) of {folder!r} contain none of the trigger words "
-        f"{', '.join(triggers)}: training never sees the trigger in them"))
-        for folder, count in untriggered.items()]
+    # the words the job would report, and the captions that lack them, as the job says it
+    triggers, gaps = trained_triggers(examples, candidates)
+    warnings += [PlanWarning(code="trigger_missing", subset=gap.subset, message=gap.message)
+                 for gap in gaps]
     for (folder, is_reg), entry in subsets.items():
-        if not is_reg and triggers:
-            entry.class_tokens = next((t for t in triggers if t in folder), None)
+        if not is_reg and candidates:
+            entry.class_tokens = next((t for t in candidates if t in folder), None)
     return TrainingPlan(
         subsets=list(subsets.values()), buckets=buckets, batch_size=batch_size,
         gradient_accumulation_steps=optim.gradient_accumulation_steps,

@@ -14,6 +14,7 @@ from services.gateway.datasets.service import (
     get_dataset,
     image_dir_folder,
     item_tags,
+    plain_folder,
     stored_dataset_config,
     subsets_of,
 )
@@ -103,7 +104,11 @@ async def _examples(
         subsets = subsets_of(dataset)
         for item in await dataset_items(session=session, dataset=dataset):
             info = subsets[item.subset]
+            folder = info.folder
             entry = overrides.get(info.folder) or overrides.get(info.name)
+            if entry is None and overrides and (plain := plain_folder(item.subset, item.path)):
+                entry = overrides.get(plain)  # a TOML's image_dir may name any folder
+                folder = plain if entry is not None else folder
             if overrides and entry is None:
                 continue  # a TOML selects the subsets it names
             override = entry[2] if entry is not None else None
@@ -115,17 +120,17 @@ async def _examples(
             if entry is None:
                 examples.append(TrainingExample(
                     key=item.key, caption=_caption(item, tokens), repeats=repeats, is_reg=is_reg,
-                    subset=info.folder, bucket=assign_bucket(item.width, item.height, buckets,
+                    subset=folder, bucket=assign_bucket(item.width, item.height, buckets,
                                                              steps=data.bucket_reso_steps)))
             else:
                 index, kohya_dataset, subset = entry
                 examples.append(TrainingExample(
                     key=item.key, caption=_caption(item, tokens, subset), repeats=repeats,
-                    is_reg=is_reg, subset=info.folder, dataset=index, batch_size=kohya_dataset.batch_size,
+                    is_reg=is_reg, subset=folder, dataset=index, batch_size=kohya_dataset.batch_size,
                     resolution=kohya_dataset.resolution, options=_subset_options(subset),
                     bucket=assign_bucket(item.width, item.height, dataset_buckets[index],
                                          steps=kohya_dataset.bucket_reso_steps)))
-            counter = frequency.setdefault(info.folder, Counter())
+            counter = frequency.setdefault(folder, Counter())
             counter.update(item_tags(item))
     examples = _balance_regularisation(examples, batch_size=data.batch_size)
     if not any(not e.is_reg for e in examples):
@@ -139,7 +144,7 @@ def _subset_options(subset: KohyaSubset) -> SubsetOptions:
         shuffle_caption=subset.shuffle_caption, keep_tokens=subset.keep_tokens,
         caption_separator=subset.caption_separator, caption_prefix=subset.caption_prefix,
         caption_suffix=subset.caption_suffix, caption_dropout_rate=subset.caption_dropout_rate,
-        flip_aug=subset.flip_aug, color_aug=subset.color_aug)
+        flip_aug=subset.flip_aug, color_aug=subset.color_aug, random_crop=subset.random_crop)
 
 
 def _balance_regularisation(examples: list[TrainingExample], *,
@@ -232,7 +237,7 @@ async def submit_training(
     except NotFound as exc:
         raise _invalid("dataset_id", exc.detail) from exc
     # only words training will see are reported as the LoRA's triggers
-    triggers, warnings = trained_triggers(examples, candidates)
+    triggers, gaps = trained_triggers(examples, candidates)
     resume_key = (await _resume_key(session=session, state=state, tenant=tenant,
                                     job_id=spec.resume_from) if spec.resume_from else None)
     lora_id = new_id()
@@ -243,7 +248,7 @@ async def submit_training(
         queue=TRAINER_QUEUE,
         payload=lambda job_id: TrainingTask(
             job_id=job_id, tenant_id=tenant.id, spec=spec, examples=examples,
-            trigger_words=triggers, warnings=warnings, tag_frequency=frequency,
+            trigger_words=triggers, warnings=[gap.message for gap in gaps], tag_frequency=frequency,
             output_prefix=training_prefix(tenant.id, job_id), lora_id=lora_id,
             lora_key=f"loras/{tenant.id}/{lora_id}/1.safetensors",
             resume_state_key=resume_key).model_dump(mode="json"),

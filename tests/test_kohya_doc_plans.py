@@ -1,0 +1,125 @@
+"""kohya's documented dataset configs, verbatim, planned over HTTP on a real dataset.
+
+The three examples of sd-scripts' dataset-config documentation (class+identifier, captions,
+fine-tuning) and its inheritance example (two ``[[datasets]]`` at different resolutions and
+batch sizes) are posted as ``dataset_config`` with their ``C:\\hoge``-style paths; the
+dataset's folders carry those names. Each plan must show what kohya computes per dataset:
+regularisation images balanced to the training items, one bucket list per dataset, batches
+that never mix buckets or datasets, and the steps that follow. The expected figures are worked
+out by hand in the comments, from kohya's rules, not by calling Loomis's own bucket code.
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import RunningStack
+from tests.test_kohya import CAPTIONS_TOML, CLASS_TOKENS_TOML, FINE_TUNING_TOML, INHERITANCE_TOML
+
+pytestmark = pytest.mark.parametrize("stack", ["sqlite"], indirect=True)
+
+# folder -> image sizes; `hoge` has 3 square and 2 landscape (3:2) images, each captioned
+FOLDERS = {"hoge": [(64, 64)] * 3 + [(96, 64)] * 2, "reg": [(64, 64)] * 8,
+           "fuga": [(64, 64)] * 2, "piyo": [(64, 64)] * 3}
+
+
+def _zip(config: str | None = None) -> bytes:
+    rng = np.random.default_rng(11)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for folder, sizes in FOLDERS.items():
+            for index, (width, height) in enumerate(sizes):
+                out = io.BytesIO()
+                Image.fromarray((rng.random((height, width, 3)) * 255).astype(np.uint8)).save(out, "PNG")
+                archive.writestr(f"{folder}/{index}.png", out.getvalue())
+                if folder == "hoge":
+                    archive.writestr(f"{folder}/{index}.caption", "hoge girl, smiling")
+        if config is not None:
+            archive.writestr("dataset_config.toml", config)
+    return buffer.getvalue()
+
+
+def _plan(client: Any, dataset_id: str, toml: str | None) -> dict[str, Any]:
+    body = {"name": "doc", "dataset_id": dataset_id, "optim": {"max_train_epochs": 2}}
+    response = client.post("/v1/trainings/plan", json={
+        **body, **({"dataset_config": toml} if toml is not None else {})})
+    assert response.status_code == 200, response.text
+    plan: dict[str, Any] = response.json()
+    return plan
+
+
+def _buckets(plan: dict[str, Any]) -> list[tuple[int, int, int, int, int, int, int]]:
+    return [(b["dataset"], b["width"], b["height"], b["images"], b["items"], b["batch_size"],
+             b["batches"]) for b in plan["buckets"]]
+
+
+def test_the_documentations_examples_plan_as_kohya_counts_them(stack: RunningStack) -> None:
+    with stack.client() as client:
+        response = client.post("/v1/datasets", data={"name": "kohya-doc", "min_side": "64"},
+                               files=[("zip", ("d.zip", _zip(), "application/zip"))])
+        assert response.status_code == 201, response.text
+        dataset_id = response.json()["id"]
+
+        # class+identifier: resolution 512, batch 4, buckets on (256..1024 px by 64).
+        # hoge: 5 images x 10 repeats = 50 items: 3 square -> 512x512 (30 items), 2 at 3:2 ->
+        # 640x384, the bucket of closest aspect (20 items). reg: 8 images are repeated until
+        # they match the 50 training items (6 or 7 times each), all square. Batches of 4 per
+        # bucket: 512x512 has 80 items (20 batches), 640x384 has 20 (5): 25 steps an epoch.
+        plan = _plan(client, dataset_id, CLASS_TOKENS_TOML)
+        assert _buckets(plan) == [(0, 512, 512, 11, 80, 4, 20), (0, 640, 384, 2, 20, 4, 5)]
+        assert [(s["folder"], s["is_reg"], s["images"], s["items"]) for s in plan["subsets"]] == [
+            ("hoge", False, 5, 50), ("reg", True, 8, 50)]
+        assert (plan["steps_per_epoch"], plan["epochs"], plan["total_steps"]) == (25, 2, 50)
+        assert plan["trigger_words"] == ["hoge girl"]  # the captions carry it
+
+        # captions: the same images and counts; hoge is read from its .caption files, so it
+        # has no class tokens and the run has no trigger word
+        plan = _plan(client, dataset_id, CAPTIONS_TOML)
+        assert _buckets(plan) == [(0, 512, 512, 11, 80, 4, 20), (0, 640, 384, 2, 20, 4, 5)]
+        assert (plan["steps_per_epoch"], plan["total_steps"]) == (25, 50)
+        assert plan["trigger_words"] == []
+
+        # fine-tuning: no bucketing ([general] leaves enable_bucket false), so piyo's 3 images
+        # are all trained at 512x512, in one batch of up to 4
+        plan = _plan(client, dataset_id, FINE_TUNING_TOML)
+        assert _buckets(plan) == [(0, 512, 512, 3, 3, 4, 1)]
+        assert (plan["steps_per_epoch"], plan["total_steps"]) == (1, 2)
+
+        # inheritance: dataset 0 at 512 wide x 768 high, batch 2: hoge 5 x 3 repeats + fuga
+        # 2 x 1 = 17 items -> 9 batches; dataset 1 at 768x768, batch 1: piyo's 3 -> 3 batches.
+        # The datasets never share a batch: 12 steps an epoch (one list of 20 items in batches
+        # of 2 would have been 10).
+        plan = _plan(client, dataset_id, INHERITANCE_TOML)
+        assert _buckets(plan) == [(0, 512, 768, 7, 17, 2, 9), (1, 768, 768, 3, 3, 1, 3)]
+        assert (plan["batches_per_epoch"], plan["steps_per_epoch"], plan["total_steps"]) == (12, 12, 24)
+
+        # the documentation's own Italian translation renames the tables: a 422 naming them
+        translated = CLASS_TOKENS_TOML.replace("[general]", "[generale]")
+        response = client.post("/v1/trainings/plan", json={
+            "name": "doc", "dataset_id": dataset_id, "dataset_config": translated,
+            "optim": {"max_train_epochs": 2}})
+        assert response.status_code == 422
+        (error,) = response.json()["errors"]
+        assert error["field"] == "dataset_config.generale" and "general" in error["message"]
+
+
+def test_a_zip_may_bring_the_documentations_config_with_its_own_folder_names(stack: RunningStack) -> None:
+    """kohya's TOML mode takes any folder name; the upload keeps the TOML and plans with it."""
+    with stack.client() as client:
+        response = client.post("/v1/datasets", data={"name": "kohya-doc-zip", "min_side": "64"},
+                               files=[("zip", ("d.zip", _zip(CLASS_TOKENS_TOML), "application/zip"))])
+        assert response.status_code == 201, response.text
+        plan = _plan(client, response.json()["id"], None)
+        assert _buckets(plan) == [(0, 512, 512, 11, 80, 4, 20), (0, 640, 384, 2, 20, 4, 5)]
+        wrong = CLASS_TOKENS_TOML.replace("C:\\hoge", "C:\\nowhere")
+        response = client.post("/v1/datasets", data={"name": "kohya-doc-bad", "min_side": "64"},
+                               files=[("zip", ("d.zip", _zip(wrong), "application/zip"))])
+        assert response.status_code == 422, response.text
+        (error,) = response.json()["errors"]
+        assert "nowhere" in error["message"] and "hoge" in error["message"]
