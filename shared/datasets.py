@@ -190,6 +190,7 @@ class IngestedItem:
     height: int
     caption: str | None
     flags: tuple[str, ...] = ()
+    caption_file: str | None = None  # the extension of the caption file read (kohya reads one)
 
     @property
     def data(self) -> bytes:
@@ -244,6 +245,7 @@ class _Budget:
 class _Candidate:
     entry: _Entry
     caption: str | None
+    caption_file: str | None = None
 
 
 def _fail(field_name: str, message: str, *, status: int = 422) -> ValidationFailed:
@@ -536,10 +538,12 @@ def _pair(
         found = captions.get(key, {})
         chosen = next((found[ext] for ext in caption_extensions if ext in found), None)
         text = None
+        chosen_ext = next((ext for ext in caption_extensions if ext in found), None)
         if chosen is not None:
             used.add(id(chosen))
             text = _read_caption(chosen)
-        candidates.append(_Candidate(entry=image, caption=text))
+        candidates.append(_Candidate(entry=image, caption=text,
+                                     caption_file=chosen_ext if text is not None else None))
     for key, by_ext in captions.items():
         for caption in by_ext.values():
             if id(caption) not in used:
@@ -636,7 +640,8 @@ def _build_items(
             first = kept[index]
             dropped.append((index, entry.path))
             if first[0].caption is None and candidate.caption is not None:
-                kept[index] = (_Candidate(entry=first[0].entry, caption=candidate.caption), *first[1:])
+                kept[index] = (_Candidate(entry=first[0].entry, caption=candidate.caption,
+                                          caption_file=candidate.caption_file), *first[1:])
             continue
         # Only the checks are wanted (header pixel count, full decode, format): the original
         # bytes are what gets stored. A 1-bit conversion makes decode_image's PNG re-encode of
@@ -665,7 +670,7 @@ def _build_items(
         items.append(IngestedItem(
             path=path, subset=subset, filename=posixpath.basename(path), sha256=digest,
             load=candidate.entry.load, format=fmt, width=width, height=height,
-            caption=candidate.caption, flags=flags,
+            caption=candidate.caption, flags=flags, caption_file=candidate.caption_file,
         ))
     ordered = sorted(subsets.values(), key=lambda s: (s.is_reg, s.name))
     duplicates = [(items[index].path, path) for index, path in dropped]

@@ -12,6 +12,7 @@ out by hand in the comments, from kohya's rules, not by calling Loomis's own buc
 from __future__ import annotations
 
 import io
+import json
 import zipfile
 from typing import Any
 
@@ -19,7 +20,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import RunningStack
+from tests.conftest import RunningStack, wait_terminal
+from tests.test_dataset_config_upload import _lora_metadata
 from tests.test_kohya import CAPTIONS_TOML, CLASS_TOKENS_TOML, FINE_TUNING_TOML, INHERITANCE_TOML
 
 pytestmark = pytest.mark.parametrize("stack", ["sqlite"], indirect=True)
@@ -98,6 +100,9 @@ def test_the_documentations_examples_plan_as_kohya_counts_them(stack: RunningSta
         plan = _plan(client, dataset_id, INHERITANCE_TOML)
         assert _buckets(plan) == [(0, 512, 768, 7, 17, 2, 9), (1, 768, 768, 3, 3, 1, 3)]
         assert (plan["batches_per_epoch"], plan["steps_per_epoch"], plan["total_steps"]) == (12, 12, 24)
+        # hoge reads .txt files there: kohya never opens its .caption files, and the plan says so
+        assert [(w["code"], w["subset"]) for w in plan["warnings"]
+                if w["code"] == "captions_unread"] == [("captions_unread", "hoge")]
 
         # the documentation's own Italian translation renames the tables: a 422 naming them
         translated = CLASS_TOKENS_TOML.replace("[general]", "[generale]")
@@ -123,3 +128,28 @@ def test_a_zip_may_bring_the_documentations_config_with_its_own_folder_names(sta
         assert response.status_code == 422, response.text
         (error,) = response.json()["errors"]
         assert "nowhere" in error["message"] and "hoge" in error["message"]
+
+
+def test_a_subsets_caption_extension_decides_which_captions_train(stack: RunningStack) -> None:
+    """kohya opens only ``<image><caption_extension>``: `.caption` files under a subset that
+    reads `.txt` never reach training, which then trains on the class tokens."""
+    toml = ("[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = 'C:\\\\hoge'\n"
+            "class_tokens = 'zxq cat'\ncaption_extension = '{ext}'\n")
+    with stack.client() as client:
+        response = client.post("/v1/datasets", data={"name": "kohya-ext", "min_side": "64"},
+                               files=[("zip", ("d.zip", _zip(), "application/zip"))])
+        dataset_id = response.json()["id"]
+        frequencies = {}
+        for ext in (".caption", ".txt"):
+            response = client.post("/v1/trainings", json={
+                "name": f"ext{ext.strip('.')}", "dataset_id": dataset_id,
+                "dataset_config": toml.format(ext=ext), "network": {"rank": 4},
+                "optim": {"max_train_steps": 1, "seed": 1}})
+            assert response.status_code == 202, response.text
+            job = wait_terminal(client, response.json()["id"], timeout=180)
+            assert job["status"] == "succeeded", job
+            metadata = _lora_metadata(stack, job["result"]["lora"]["id"])
+            frequencies[ext] = (json.loads(metadata["ss_tag_frequency"]),
+                                job["result"]["lora"]["trigger_words"])
+        assert frequencies[".caption"] == ({"hoge": {"hoge girl": 5, "smiling": 5}}, [])
+        assert frequencies[".txt"] == ({"hoge": {"zxq cat": 5}}, ["zxq cat"])

@@ -119,6 +119,19 @@ def item_flags(item: DatasetItem) -> list[str]:
     return list(item.flags.get("flags", []))
 
 
+def caption_file(item: DatasetItem, dataset: Dataset) -> str:
+    """The extension of the caption file kohya would find this caption in: the uploaded one,
+    else the dataset's own ``caption_extension``, which its export writes captions as (a
+    tagging job's or an edited caption)."""
+    ext = item.flags.get("caption_file")
+    return ext if isinstance(ext, str) else dataset.caption_extension
+
+
+def without_caption_file(flags: dict[str, Any]) -> dict[str, Any]:
+    """An item's flags once its caption no longer comes from the uploaded file."""
+    return {key: value for key, value in flags.items() if key != "caption_file"}
+
+
 async def create_dataset(
     *, session: AsyncSession, store: ObjectStore, tenant: Tenant, name: str,
     files: list[tuple[str, Upload]], zips: list[tuple[str, Upload]], caption_extension: str,
@@ -170,7 +183,9 @@ async def create_dataset(
                 path=ingested.path, filename=ingested.filename, key=key, thumb_key=thumb_key,
                 sha256=ingested.sha256, format=ingested.format, width=ingested.width,
                 height=ingested.height, caption=ingested.caption, tags={"tags": []},
-                flags={"flags": list(ingested.flags)}, created_at=utcnow(), updated_at=utcnow(),
+                flags={"flags": list(ingested.flags),
+                       **({"caption_file": ingested.caption_file} if ingested.caption_file else {})},
+                created_at=utcnow(), updated_at=utcnow(),
             ))
         _apply_uploaded_metadata(rows, result, subsets={s.name: s for s in result.subsets})
         session.add(dataset)
@@ -265,6 +280,7 @@ async def patch_item(*, session: AsyncSession, dataset: Dataset, item_id: str,
         raise NotFound(f"item {item_id} not found in dataset {dataset.id}", code="item_not_found")
     if patch.caption is not None:
         item.caption = " ".join(patch.caption.split()) or None
+        item.flags = without_caption_file(item.flags)
     if patch.tags is not None:
         cleaned = list(dict.fromkeys(t.strip() for t in patch.tags if t.strip()))
         if any("," in t for t in cleaned):

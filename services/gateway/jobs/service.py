@@ -206,6 +206,7 @@ async def _apply_item_results(*, session: AsyncSession, job_id: str,
             flags.pop("error", None)
         if "caption" in outcome:
             row.caption = outcome["caption"]
+            flags.pop("caption_file", None)  # the tagger's caption, no longer the uploaded file
         if "tags" in outcome:
             row.tags = {"tags": list(outcome["tags"])}
         row.flags = flags

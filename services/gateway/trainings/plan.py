@@ -42,7 +42,7 @@ async def plan_training(*, session: AsyncSession, state: GatewayState, tenant: T
     check_trainable(state=state, spec=spec)  # as a submission would, before the dataset
     spec = await resolve_dataset_config(session=session, tenant=tenant, spec=spec)
     try:
-        examples, candidates, _ = await _examples(session=session, tenant=tenant, spec=spec)
+        examples, candidates, _, notes = await _examples(session=session, tenant=tenant, spec=spec)
     except NotFound as exc:
         raise _invalid("dataset_id", exc.detail) from exc
     data, optim = spec.data, spec.optim
@@ -89,6 +89,8 @@ async def plan_training(*, session: AsyncSession, state: GatewayState, tenant: T
     warnings += [PlanWarning(code="unbalanced_buckets", message=(
         f"bucket {b.width}x{b.height} has {b.items} item(s), fewer than batch_size "
         f"{b.batch_size}: its batch is partial")) for b in buckets if b.items < b.batch_size]
+    warnings += [PlanWarning(code="captions_unread", subset=folder, message=note)
+                 for folder, note in notes]
     # the words the job would report, and the captions that lack them, as the job says it
     triggers, gaps = trained_triggers(examples, candidates)
     warnings += [PlanWarning(code="trigger_missing", subset=gap.subset, message=gap.message)

@@ -54,8 +54,9 @@ class PlanBucket(BaseModel):
 
 
 class PlanWarning(BaseModel):
-    code: str = Field(description="Stable code: `tiny_images`, `unbalanced_buckets` or "
-                      "`trigger_missing`.")
+    code: str = Field(description="Stable code: `tiny_images`, `unbalanced_buckets`, "
+                      "`trigger_missing` or `captions_unread` (caption files of another "
+                      "extension than a dataset_config subset's `caption_extension`).")
     message: str = Field(description="What was found, with counts, for a person.")
     subset: str | None = Field(default=None, description="The subset folder concerned, when "
                                "it is about one.")

@@ -10,6 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.gateway.datasets.service import (
+    caption_file,
     dataset_items,
     get_dataset,
     image_dir_folder,
@@ -54,15 +55,18 @@ def _invalid(field: str, message: str) -> ValidationFailed:
     return ValidationFailed([{"field": field, "message": message}])
 
 
-def _caption(item: DatasetItem, class_tokens: str | None, subset: KohyaSubset | None = None) -> str:
+def _caption(item: DatasetItem, class_tokens: str | None, subset: KohyaSubset | None = None,
+             *, read: bool = True) -> str:
     """kohya's order: a caption file wins, then (DreamBooth) the class tokens, then tags.
 
     A fine-tuning subset (``metadata_file``) trains on the metadata's caption *and* tags, as
-    kohya's fine-tuning dataset joins them: ``caption, tag1, tag2``.
+    kohya's fine-tuning dataset joins them: ``caption, tag1, tag2``. ``read`` is false when the
+    caption is in a file of another extension than the subset's ``caption_extension``: kohya
+    never opens it.
     """
     if subset is not None and subset.mode is SubsetMode.FINE_TUNING:
         return ", ".join(part for part in (item.caption or "", ", ".join(item_tags(item))) if part)
-    if item.caption:
+    if item.caption and read:
         return item.caption
     if class_tokens:
         return class_tokens
@@ -71,7 +75,9 @@ def _caption(item: DatasetItem, class_tokens: str | None, subset: KohyaSubset | 
 
 async def _examples(
     *, session: AsyncSession, tenant: Tenant, spec: TrainingSpec,
-) -> tuple[list[TrainingExample], list[str], dict[str, dict[str, int]]]:
+) -> tuple[list[TrainingExample], list[str], dict[str, dict[str, int]], list[tuple[str, str]]]:
+    """The images a training sees, with kohya's captions; the class tokens that could be
+    triggers; tag counts per folder; and (folder, note) on captions kohya would not read."""
     data = spec.data
     resolution = data.size
     overrides: dict[str, tuple[int, KohyaDataset, KohyaSubset]] = {}
@@ -100,6 +106,7 @@ async def _examples(
     examples: list[TrainingExample] = []
     triggers: list[str] = []
     frequency: dict[str, Counter[str]] = {}
+    unread: Counter[tuple[str, str, str]] = Counter()  # (folder, file extension, subset's)
     for dataset, forced_reg in sources:
         subsets = subsets_of(dataset)
         for item in await dataset_items(session=session, dataset=dataset):
@@ -124,8 +131,12 @@ async def _examples(
                                                              steps=data.bucket_reso_steps)))
             else:
                 index, kohya_dataset, subset = entry
+                found, wanted = caption_file(item, dataset), subset.effective_caption_extension
+                read = found == wanted or subset.mode is SubsetMode.FINE_TUNING
+                if item.caption and not read:
+                    unread[(folder, found, wanted)] += 1
                 examples.append(TrainingExample(
-                    key=item.key, caption=_caption(item, tokens, subset), repeats=repeats,
+                    key=item.key, caption=_caption(item, tokens, subset, read=read), repeats=repeats,
                     is_reg=is_reg, subset=folder, dataset=index, batch_size=kohya_dataset.batch_size,
                     resolution=kohya_dataset.resolution, options=_subset_options(subset),
                     bucket=assign_bucket(item.width, item.height, dataset_buckets[index],
@@ -136,7 +147,11 @@ async def _examples(
     if not any(not e.is_reg for e in examples):
         raise _invalid("dataset_id", "no training images (a dataset_config selects subsets by "
                        "their folder name, e.g. `image_dir = \"10_sks dog\"`)")
-    return examples, triggers, {k: dict(v) for k, v in frequency.items()}
+    notes = [(folder, f"{count} caption(s) of {folder!r} are {found} files but its dataset_config "
+                      f"subset reads {wanted} (caption_extension): kohya does not open them, so "
+                      "those images train on the class tokens, or on their tags without any")
+             for (folder, found, wanted), count in unread.items()]
+    return examples, triggers, {k: dict(v) for k, v in frequency.items()}, notes
 
 
 def _subset_options(subset: KohyaSubset) -> SubsetOptions:
@@ -233,7 +248,8 @@ async def submit_training(
     check_trainable(state=state, spec=spec)
     spec = await resolve_dataset_config(session=session, tenant=tenant, spec=spec)
     try:
-        examples, candidates, frequency = await _examples(session=session, tenant=tenant, spec=spec)
+        examples, candidates, frequency, notes = await _examples(session=session, tenant=tenant,
+                                                                 spec=spec)
     except NotFound as exc:
         raise _invalid("dataset_id", exc.detail) from exc
     # only words training will see are reported as the LoRA's triggers
@@ -248,7 +264,8 @@ async def submit_training(
         queue=TRAINER_QUEUE,
         payload=lambda job_id: TrainingTask(
             job_id=job_id, tenant_id=tenant.id, spec=spec, examples=examples,
-            trigger_words=triggers, warnings=[gap.message for gap in gaps], tag_frequency=frequency,
+            trigger_words=triggers, warnings=[note for _, note in notes] + [g.message for g in gaps],
+            tag_frequency=frequency,
             output_prefix=training_prefix(tenant.id, job_id), lora_id=lora_id,
             lora_key=f"loras/{tenant.id}/{lora_id}/1.safetensors",
             resume_state_key=resume_key).model_dump(mode="json"),
