@@ -1,44 +1,26 @@
-"""Text-to-image submissions: validate, record, enqueue — in that order."""
+"""Generation submissions: everything checked before a job exists (inputs stored, presets
+applied, LoRAs found); recording and enqueueing is ``services.gateway.jobs.submission``'s."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
-from collections.abc import Callable
-from typing import Any
-
-from pydantic import BaseModel
-from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.gateway.control.service import check_openpose_photo
 from services.gateway.deps import GatewayState
-from services.gateway.jobs.service import apply_event
+from services.gateway.jobs.submission import create_and_enqueue, find_replay, request_hash
 from services.gateway.loras.service import resolve_loras
 from services.gateway.uploads.service import resolve_inputs
-from shared.db.models import Job, Tenant, utcnow
-from shared.errors import Conflict, ServiceUnavailable
+from shared.db.models import Job, Tenant
 from shared.models import ControlType
-from shared.queue import GENERATE_TASK, GENERATOR_QUEUE, enqueue
+from shared.queue import GENERATE_TASK
 from shared.specs import (
     GenerationSpec,
     GenerationTask,
     JobKind,
-    JobStatus,
     LoraRef,
     SafetyPolicy,
     resolve_generation,
 )
-
-logger = logging.getLogger(__name__)
-
-
-def request_hash(spec: BaseModel) -> str:
-    """Hash of what the client sent (not of server-filled fields such as a drawn seed)."""
-    sent = spec.model_dump(mode="json", exclude_unset=True)
-    return hashlib.sha256(json.dumps(sent, sort_keys=True).encode()).hexdigest()
 
 
 def safety_policy(tenant: Tenant) -> SafetyPolicy | None:
@@ -46,20 +28,6 @@ def safety_policy(tenant: Tenant) -> SafetyPolicy | None:
         return SafetyPolicy(action=tenant.safety_action,  # type: ignore[arg-type]
                             threshold=tenant.safety_threshold)
     return None
-
-
-async def find_replay(
-    *, session: AsyncSession, tenant: Tenant, key: str, digest: str
-) -> Job | None:
-    job = await session.scalar(
-        select(Job).where(Job.tenant_id == tenant.id, Job.idempotency_key == key)
-    )
-    if job is not None and job.request_hash != digest:
-        raise Conflict(
-            "this Idempotency-Key was used with a different request body",
-            code="idempotency_key_reused",
-        )
-    return job
 
 
 async def prepare_generation(
@@ -104,49 +72,3 @@ async def submit_generation(
             job_id=job_id, tenant_id=tenant.id, spec=resolved, inputs=inputs, loras=loras,
             safety=safety_policy(tenant)).model_dump(mode="json"),
     )
-
-
-async def create_and_enqueue(
-    *, session: AsyncSession, state: GatewayState, tenant: Tenant, kind: JobKind,
-    spec: dict[str, Any], digest: str, idempotency_key: str | None, task_name: str,
-    payload: Callable[[str], dict[str, Any]], queue: str = GENERATOR_QUEUE,
-) -> tuple[Job, bool]:
-    """Commit the job row, then enqueue it; a queue failure ends the job in ``failed``."""
-    job = Job(
-        tenant_id=tenant.id, kind=kind.value, status=JobStatus.QUEUED.value,
-        spec=spec, idempotency_key=idempotency_key,
-        request_hash=digest, result={}, progress=0.0, last_seq=0, attempts=0,
-        cancel_requested=False, created_at=utcnow(),
-    )
-    session.add(job)
-    try:
-        await session.commit()
-    except IntegrityError:
-        # A concurrent request with the same key won the race: answer as its replay.
-        await session.rollback()
-        if idempotency_key and (
-            existing := await find_replay(session=session, tenant=tenant, key=idempotency_key,
-                                      digest=digest)
-        ):
-            return existing, False
-        raise
-    try:
-        await state.events.create(job.id, tenant_id=tenant.id)
-        queued = await state.events.emit(job.id, "queued", allowed_from=(JobStatus.QUEUED,),
-                                         data={"queue": queue})
-        await enqueue(state.redis, queue=queue, task=task_name, job_id=job.id,
-                      payload=payload(job.id))
-    except Exception as exc:
-        logger.exception("enqueue failed", extra={"job_id": job.id})
-        job.status = JobStatus.FAILED.value
-        job.error_code = "queue_unavailable"
-        job.error_message = "the job could not be queued; submit it again"
-        job.finished_at = utcnow()
-        await session.commit()
-        raise ServiceUnavailable("the job queue is unavailable; try again",
-                                 code="queue_unavailable") from exc
-    if queued.event is not None:
-        await apply_event(session=session, event=queued.event)
-        await session.commit()
-        await session.refresh(job)
-    return job, True

@@ -5,13 +5,8 @@ from __future__ import annotations
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.gateway.deps import GatewayState
-from services.gateway.generations.service import (
-    create_and_enqueue,
-    find_replay,
-    prepare_generation,
-    request_hash,
-    safety_policy,
-)
+from services.gateway.generations.service import prepare_generation, safety_policy
+from services.gateway.jobs.submission import create_and_enqueue, find_replay, request_hash
 from shared.db.models import Job, Tenant
 from shared.errors import ValidationFailed
 from shared.queue import SWEEP_TASK

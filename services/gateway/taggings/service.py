@@ -13,7 +13,7 @@ from services.gateway.datasets.service import (
     subsets_of,
 )
 from services.gateway.deps import GatewayState
-from services.gateway.generations.service import create_and_enqueue, find_replay, request_hash
+from services.gateway.jobs.submission import create_and_enqueue, find_replay, request_hash
 from shared.db.models import Job, Tenant
 from shared.errors import ValidationFailed
 from shared.queue import TAG_TASK, TAGGER_QUEUE

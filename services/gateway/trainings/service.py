@@ -20,7 +20,7 @@ from services.gateway.datasets.service import (
     subsets_of,
 )
 from services.gateway.deps import GatewayState
-from services.gateway.generations.service import create_and_enqueue, find_replay, request_hash
+from services.gateway.jobs.submission import create_and_enqueue, find_replay, request_hash
 from shared.db.models import Dataset, DatasetItem, Job, Tenant, new_id
 from shared.errors import NotFound, ValidationFailed
 from shared.kohya import (
