@@ -552,8 +552,6 @@ class GenerationManifest(BaseModel):
     nsfw_content_detected: list[bool] | None = None
 
 
-SWEEP_PARAMS = ("guidance_scale", "steps", "seed", "scheduler", "strength", "prompt",
-                "negative_prompt")
 MAX_SWEEP_CELLS = 64
 
 

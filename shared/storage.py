@@ -173,7 +173,7 @@ class S3Store(ObjectStore):
 
     async def get(self, key: str) -> bytes:
         response = await self._call("get_object", Bucket=self.bucket, Key=key)
-        return await asyncio.to_thread(response["Body"].read)  # type: ignore[no-any-return]
+        return await asyncio.to_thread(response["Body"].read)
 
     async def list(self, prefix: str) -> list[str]:
         keys: list[str] = []

@@ -16,10 +16,9 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Any
 
 from pydantic import (
-    AfterValidator,
     BaseModel,
     ConfigDict,
     ValidationError,
@@ -71,9 +70,6 @@ def check_text(text: str, *, multiline: bool = False) -> str:
 def _check_single_line(text: str) -> str:
     return check_text(text)
 
-
-# For parameters outside a RequestModel (form fields); inside one the model checks every field.
-SingleLineText = Annotated[str, AfterValidator(_check_single_line)]
 
 
 Loc = tuple[str | int, ...]

@@ -424,11 +424,9 @@ class TrainingTask(BaseModel):
     tenant_id: str
     spec: TrainingSpec
     examples: list[TrainingExample]
-    model_sha256: str = ""
     trigger_words: list[str] = Field(default_factory=list)
     # what the gateway found wrong with the captions (a trigger they lack), for the job to say
     warnings: list[str] = Field(default_factory=list)
-    tag_frequency: dict[str, dict[str, int]] = Field(default_factory=dict)
     output_prefix: str  # training/{tenant}/{job}/
     lora_id: str  # the id the finished LoRA is registered under
     lora_key: str

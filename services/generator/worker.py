@@ -122,7 +122,7 @@ async def startup(ctx: dict[str, Any]) -> None:
 async def _put(store: ObjectStore, key: str, data: bytes, content_type: str) -> ArtifactRef:
     await store.put(key, data, content_type=content_type)
     kind = {"image/png": "image"}.get(content_type, "manifest")
-    return ArtifactRef(key=key, kind=kind, content_type=content_type,  # type: ignore[arg-type]
+    return ArtifactRef(key=key, kind=kind, content_type=content_type,
                        size=len(data), sha256=hashlib.sha256(data).hexdigest())
 
 

@@ -240,7 +240,7 @@ async def _run(ctx: dict[str, Any], task: TaggingTask, *, queued_s: float) -> di
         data = json.dumps(payload, indent=2, ensure_ascii=False).encode()
         key = task.output_prefix + name
         await store.put(key, data, content_type="application/json")
-        artifacts.append(ArtifactRef(key=key, kind=kind, content_type="application/json",  # type: ignore[arg-type]
+        artifacts.append(ArtifactRef(key=key, kind=kind, content_type="application/json",
                                      size=len(data), sha256=hashlib.sha256(data).hexdigest()))
     if spec.write_caption_files:
         for item in task.items:

@@ -24,7 +24,7 @@ import shutil
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -1101,11 +1101,5 @@ class LoraTrainer:
         return lr
 
 
-def iter_state_dirs(work_dir: Path) -> Iterator[Path]:
-    """Saved states under ``work_dir``, oldest step first."""
-    found = [path for path in Path(work_dir).glob("state-*") if path.name.removeprefix("state-").isdigit()]
-    yield from sorted(found, key=lambda path: int(path.name.removeprefix("state-")))
-
-
 __all__ = ["LoraTrainer", "OptimizerUnavailable", "SamplePrompt", "TrainConfig", "TrainExample",
-           "TrainResult", "TrainingRefused", "iter_state_dirs", "optimizer_available"]
+           "TrainResult", "TrainingRefused", "optimizer_available"]

@@ -200,7 +200,7 @@ class EventConsumer:
         parked.update({"entry_id": _text(entry_id), "error": reason[:2000],
                        "attempts": str(attempts), "consumer": self.name,
                        "parked_at": datetime.now(UTC).isoformat()})
-        await self.redis.xadd(self.dead_letter_stream, parked,  # type: ignore[arg-type]
+        await self.redis.xadd(self.dead_letter_stream, parked,
                               maxlen=100_000, approximate=True)
         self.parked += 1
         logger.error("event %s (job %s) parked in %s after %d attempt(s): %s", _text(entry_id),

@@ -25,7 +25,7 @@ from shared.specs import (
 
 def safety_policy(tenant: Tenant) -> SafetyPolicy | None:
     if tenant.safety_action in ("blur", "withhold"):
-        return SafetyPolicy(action=tenant.safety_action,  # type: ignore[arg-type]
+        return SafetyPolicy(action=tenant.safety_action,
                             threshold=tenant.safety_threshold)
     return None
 

@@ -42,7 +42,7 @@ async def plan_training(*, session: AsyncSession, state: GatewayState, tenant: T
     check_trainable(state=state, spec=spec)  # as a submission would, before the dataset
     spec = await resolve_dataset_config(session=session, tenant=tenant, spec=spec)
     try:
-        examples, candidates, _, notes = await _examples(session=session, tenant=tenant, spec=spec)
+        examples, candidates, notes = await _examples(session=session, tenant=tenant, spec=spec)
     except NotFound as exc:
         raise _invalid("dataset_id", exc.detail) from exc
     data, optim = spec.data, spec.optim

@@ -75,9 +75,9 @@ def _caption(item: DatasetItem, class_tokens: str | None, subset: KohyaSubset | 
 
 async def _examples(
     *, session: AsyncSession, tenant: Tenant, spec: TrainingSpec,
-) -> tuple[list[TrainingExample], list[str], dict[str, dict[str, int]], list[tuple[str, str]]]:
+) -> tuple[list[TrainingExample], list[str], list[tuple[str, str]]]:
     """The images a training sees, with kohya's captions; the class tokens that could be
-    triggers; tag counts per folder; and (folder, note) on captions kohya would not read."""
+    triggers; and (folder, note) on captions kohya would not read."""
     data = spec.data
     resolution = data.size
     overrides: dict[str, tuple[int, KohyaDataset, KohyaSubset]] = {}
@@ -105,7 +105,6 @@ async def _examples(
                if data.enable_bucket else [resolution])
     examples: list[TrainingExample] = []
     triggers: list[str] = []
-    frequency: dict[str, Counter[str]] = {}
     unread: Counter[tuple[str, str, str]] = Counter()  # (folder, file extension, subset's)
     for dataset, forced_reg in sources:
         subsets = subsets_of(dataset)
@@ -141,8 +140,6 @@ async def _examples(
                     resolution=kohya_dataset.resolution, options=_subset_options(subset),
                     bucket=assign_bucket(item.width, item.height, dataset_buckets[index],
                                          steps=kohya_dataset.bucket_reso_steps)))
-            counter = frequency.setdefault(folder, Counter())
-            counter.update(item_tags(item))
     examples = _balance_regularisation(examples, batch_size=data.batch_size)
     if not any(not e.is_reg for e in examples):
         raise _invalid("dataset_id", "no training images (a dataset_config selects subsets by "
@@ -151,7 +148,7 @@ async def _examples(
                       f"subset reads {wanted} (caption_extension): kohya does not open them, so "
                       "those images train on the class tokens, or on their tags without any")
              for (folder, found, wanted), count in unread.items()]
-    return examples, triggers, {k: dict(v) for k, v in frequency.items()}, notes
+    return examples, triggers, notes
 
 
 def _subset_options(subset: KohyaSubset) -> SubsetOptions:
@@ -248,8 +245,7 @@ async def submit_training(
     check_trainable(state=state, spec=spec)
     spec = await resolve_dataset_config(session=session, tenant=tenant, spec=spec)
     try:
-        examples, candidates, frequency, notes = await _examples(session=session, tenant=tenant,
-                                                                 spec=spec)
+        examples, candidates, notes = await _examples(session=session, tenant=tenant, spec=spec)
     except NotFound as exc:
         raise _invalid("dataset_id", exc.detail) from exc
     # only words training will see are reported as the LoRA's triggers
@@ -265,7 +261,6 @@ async def submit_training(
         payload=lambda job_id: TrainingTask(
             job_id=job_id, tenant_id=tenant.id, spec=spec, examples=examples,
             trigger_words=triggers, warnings=[note for _, note in notes] + [g.message for g in gaps],
-            tag_frequency=frequency,
             output_prefix=training_prefix(tenant.id, job_id), lora_id=lora_id,
             lora_key=f"loras/{tenant.id}/{lora_id}/1.safetensors",
             resume_state_key=resume_key).model_dump(mode="json"),
