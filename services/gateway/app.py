@@ -22,6 +22,7 @@ from services.gateway.generations.routes import router as generations_router
 from services.gateway.health.routes import router as health_router
 from services.gateway.jobs.routes import document_event_stream
 from services.gateway.jobs.routes import router as jobs_router
+from services.gateway.jobs.schemas import document_results
 from services.gateway.loras.routes import router as loras_router
 from services.gateway.models.routes import router as models_router
 from services.gateway.problems import install_problem_handlers
@@ -111,7 +112,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = document_event_stream(generate_openapi())
+            app.openapi_schema = document_results(document_event_stream(generate_openapi()))
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

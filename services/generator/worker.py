@@ -42,6 +42,7 @@ from services.jobrunner import RUNNING, common_startup, make_worker, run_job, ru
 from shared.errors import JobCanceled, JobFailure, LoomisError, NotFound
 from shared.events import JobEvents
 from shared.models import ModelRegistry, canonical_scheduler
+from shared.outcomes import GenerationOutcome, GenerationResult, SweepOutcome, SweepResult
 from shared.queue import GENERATE_TASK, GENERATOR_QUEUE, PREPROCESS_TASK, SWEEP_TASK
 from shared.settings import Settings, get_settings
 from shared.specs import (
@@ -342,10 +343,11 @@ async def _run(ctx: dict[str, Any], task: GenerationTask, *, queued_s: float) ->
     if safety:
         summary["safety"] = safety
         summary["withheld"] = [s["index"] for s in safety if s["action"] == "withhold"]
-    outcome = {"artifacts": [r.model_dump() for r in [*refs, manifest_ref]], "result": summary}
+    outcome = GenerationOutcome(artifacts=[*refs, manifest_ref],
+                                result=GenerationResult.model_validate(summary))
     if spec.scheduler != task.spec.scheduler:  # onto the job's recorded spec too
-        outcome["spec_filled"] = {"scheduler": spec.scheduler}
-    return outcome
+        outcome.spec_filled = {"scheduler": spec.scheduler}
+    return outcome.event_data()
 
 
 async def preprocess_control(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:
@@ -491,11 +493,12 @@ async def _run_sweep(ctx: dict[str, Any], task: SweepTask, *, queued_s: float) -
                 "created_at": datetime.now(UTC).isoformat()}
     manifest_ref = await _put(store, manifest_key(task.tenant_id, task.job_id),
                               json.dumps(manifest, indent=2).encode(), "application/json")
-    return {"artifacts": [r.model_dump() for r in [*refs, sheet_ref, meta_ref, manifest_ref]],
-            "result": {"timings": timings, "cells": len(cells), "columns": n_cols,
-                       "rows": len(rows.values) if rows else 1,
-                       "model": {"name": loaded.preset.name, "sha256": loaded.sha256},
-                       **({"safety": safety} if safety else {})}}
+    return SweepOutcome(artifacts=[*refs, sheet_ref, meta_ref, manifest_ref],
+                        result=SweepResult.model_validate({
+                            "timings": timings, "cells": len(cells), "columns": n_cols,
+                            "rows": len(rows.values) if rows else 1,
+                            "model": {"name": loaded.preset.name, "sha256": loaded.sha256},
+                            **({"safety": safety} if safety else {})})).event_data()
 
 
 def build_worker(settings: Settings | None = None) -> Worker:

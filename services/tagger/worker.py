@@ -24,6 +24,7 @@ from PIL import Image
 from services.jobrunner import RUNNING, common_startup, make_worker, run_job, run_worker
 from shared.errors import JobCanceled, ModelUnavailable, NotFound
 from shared.events import JobEvents
+from shared.outcomes import TaggingOutcome
 from shared.queue import TAG_TASK, TAGGER_QUEUE
 from shared.settings import Settings, get_settings
 from shared.specs import ArtifactRef, JobKind, TaggingItem, TaggingTask
@@ -250,14 +251,14 @@ async def _run(ctx: dict[str, Any], task: TaggingTask, *, queued_s: float) -> di
                                 (text + "\n").encode(), content_type="text/plain")
     failed = sorted(i for i, r in results.items() if "error" in r)
     timings["total_s"] = round(time.perf_counter() - started, 4)
-    return {
+    return TaggingOutcome.model_validate({
         "artifacts": [a.model_dump() for a in artifacts],
         "result": {"timings": timings, "images": len(task.items),
                    "captioned": sum("caption" in r for r in results.values()),
                    "tagged": sum("tags" in r for r in results.values()),
                    "failed": [{"item": i, "error": results[i]["error"]} for i in failed]},
         "dataset_items": {i: r for i, r in results.items() if r},
-    }
+    }).event_data()
 
 
 async def tag_dataset(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:

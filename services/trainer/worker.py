@@ -42,6 +42,7 @@ from shared.events import JobEvents
 from shared.kohya import KOHYA_TO_LOOMIS_SCHEDULER, ConfigError, parse_sample_prompts
 from shared.loras import inspect_lora
 from shared.models import ModelRegistry
+from shared.outcomes import TrainingOutcome
 from shared.queue import TRAIN_TASK, TRAINER_QUEUE
 from shared.settings import Settings, get_settings
 from shared.specs import JobKind
@@ -259,7 +260,7 @@ async def _run(ctx: dict[str, Any], task: TrainingTask, *, queued_s: float) -> d
     await store.put(task.lora_key, lora_bytes, content_type="application/octet-stream")
     sha = hashlib.sha256(lora_bytes).hexdigest()
     curve = await put_metrics()
-    return {
+    return TrainingOutcome.model_validate({
         "artifacts": [{"key": task.lora_key, "kind": "lora",
                        "content_type": "application/octet-stream", "size": len(lora_bytes),
                        "sha256": sha}, *curve],
@@ -275,7 +276,7 @@ async def _run(ctx: dict[str, Any], task: TrainingTask, *, queued_s: float) -> d
             # Its layer widths, as an upload's are, so using it on another model is a 422.
             "info": {**inspect_lora(lora_bytes).record(), "trigger_words": task.trigger_words,
                      "training_job": task.job_id, "steps": result.steps}},
-    }
+    }).event_data()
 
 
 async def _run_refusals_as_ours(ctx: dict[str, Any], task: TrainingTask, *,

@@ -5,9 +5,25 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, WithJsonSchema
 
+from shared.outcomes import RESULTS
 from shared.specs import ArtifactRef, JobKind, JobStatus
+
+# A job's result is what its worker reported, stored as sent; documented as its kind's model
+# (the components are added by :func:`document_results`).
+JobResult = Annotated[dict[str, Any], WithJsonSchema({"anyOf": [
+    {"$ref": f"#/components/schemas/{model.__name__}"} for model in RESULTS.values()]})]
+
+
+def document_results(spec: dict[str, Any]) -> dict[str, Any]:
+    """Put each kind's result model (and the models it nests) into the OpenAPI components."""
+    schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+    for model in RESULTS.values():
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(schema.pop("$defs", {}))
+        schemas[model.__name__] = schema
+    return spec
 
 
 class JobError(BaseModel):
@@ -44,7 +60,9 @@ class JobOut(BaseModel):
                                    "message. Null unless failed.")
     artifacts: list[ArtifactOut] = Field(default_factory=list, description="What the job wrote, each with "
                                          "a presigned download URL.")
-    result: dict[str, Any] = Field(default_factory=dict, description="Timings and worker facts.")
+    result: JobResult = Field(default_factory=dict, description="What the job reported when it "
+                              "succeeded, by kind: GenerationResult, SweepResult, TaggingResult "
+                              "or TrainingResult (empty until then).")
     attempts: int = Field(description="Runs so far: more than 1 when a worker died and the job was "
                           "delivered again.")
     created_at: datetime = Field(description="When the job was submitted (RFC 3339, UTC).")
@@ -109,10 +127,9 @@ class SucceededData(BaseModel):
     artifacts: list[ArtifactRef] = Field(default_factory=list, description="Every object the "
                                          "job wrote (storage keys; `GET /v1/jobs/{id}` gives "
                                          "download URLs).")
-    result: dict[str, Any] = Field(default_factory=dict, description="What the job reports: "
-                                   "timings, the model and its hash, seeds, safety verdicts; "
-                                   "trainings: the registered LoRA; the same as the job's "
-                                   "`result`.")
+    result: JobResult = Field(default_factory=dict, description="What the job reports: "
+                              "timings, the model and its hash, seeds, safety verdicts; "
+                              "trainings: the registered LoRA; the same as the job's `result`.")
     spec_filled: dict[str, Any] | None = Field(default=None, description="Spec fields only the "
                                                "worker could choose (e.g. the model's default "
                                                "scheduler).")

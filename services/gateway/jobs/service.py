@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -13,14 +14,25 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.gateway.jobs.schemas import ArtifactOut, JobError, JobOut, JobPage
+from services.gateway.taggings.outcome import write_item_results
+from services.gateway.trainings.outcome import register_trained_lora
 from shared.db.models import Artifact, Job, JobEventRow, Tenant, utcnow
 from shared.errors import BadRequest, Conflict, NotFound
 from shared.events import JobEvent, JobEvents
-from shared.specs import TERMINAL_STATUSES, ArtifactRef, JobKind, JobStatus
+from shared.outcomes import Outcome, parse_outcome
+from shared.specs import TERMINAL_STATUSES, JobKind, JobStatus
 from shared.storage import ObjectStore
 from shared.text import control_character
 
 _TERMINAL = [s.value for s in TERMINAL_STATUSES]
+_KINDS = {kind.value for kind in JobKind}
+
+# Each kind's domain takes what a succeeded job of that kind made; webhooks and subjects hook
+# in here too.
+ON_SUCCEEDED: dict[JobKind, Callable[[AsyncSession, Job, Outcome], Awaitable[None]]] = {
+    JobKind.TRAINING: register_trained_lora,
+    JobKind.TAGGING: write_item_results,
+}
 
 
 async def get_job(*, session: AsyncSession, tenant: Tenant, job_id: str) -> Job:
@@ -125,12 +137,14 @@ async def apply_event(*, session: AsyncSession, event: JobEvent) -> bool:
     cancel route, the SSE terminal write) then takes the two locks in the same order, which
     PostgreSQL needs to avoid a deadlock when two of them apply the same event at once.
     """
-    await session.execute(select(Job.id).where(Job.id == event.job_id).with_for_update())
+    kind = await session.scalar(select(Job.kind).where(Job.id == event.job_id).with_for_update())
+    # A succeeded event carries its kind's typed outcome; a malformed one raises here, before
+    # anything is written, and the consumer parks it and fails the job.
+    outcome = (parse_outcome(JobKind(kind), event.data)
+               if event.status is JobStatus.SUCCEEDED and kind in _KINDS else None)
     # A tagging job's per-image results ride on its terminal event; they go to the dataset's
     # items, not into the job's event log.
-    item_results = event.data.get("dataset_items")
     stored_data = {k: v for k, v in event.data.items() if k != "dataset_items"}
-    new_lora = event.data.get("register_lora")
     inserted = await session.execute(
         _insert_ignoring_duplicates(session, JobEventRow).values(
             job_id=event.job_id, seq=event.seq, type=event.type, status=event.status.value,
@@ -169,64 +183,19 @@ async def apply_event(*, session: AsyncSession, event: JobEvent) -> bool:
     )
     if changed.rowcount == 0:  # type: ignore[attr-defined]
         return False
-    if event.status is JobStatus.SUCCEEDED and isinstance(item_results, dict):
-        await _apply_item_results(session=session, job_id=event.job_id, results=item_results)
-    if event.status is JobStatus.SUCCEEDED and isinstance(new_lora, dict):
-        await _register_lora(session=session, job_id=event.job_id, lora=new_lora)
-    if event.status is JobStatus.SUCCEEDED:
-        tenant_id = await session.scalar(select(Job.tenant_id).where(Job.id == event.job_id))
-        for raw in data.get("artifacts", []):
-            ref = ArtifactRef.model_validate(raw)
+    if outcome is not None:
+        job = await session.get(Job, event.job_id)
+        assert job is not None  # locked above
+        for ref in outcome.artifacts:
             await session.execute(
                 _insert_ignoring_duplicates(session, Artifact).values(
-                    job_id=event.job_id, tenant_id=tenant_id, **ref.model_dump()
+                    job_id=event.job_id, tenant_id=job.tenant_id, **ref.model_dump()
                 )
             )
+        handler = ON_SUCCEEDED.get(JobKind(job.kind))
+        if handler is not None:  # the job's own domain takes what the job made
+            await handler(session, job, outcome)
     return True
-
-
-async def _apply_item_results(*, session: AsyncSession, job_id: str,
-                              results: dict[str, Any]) -> None:
-    """Captions, tags and per-image errors from a tagging job, onto the job's dataset items."""
-    from shared.db.models import DatasetItem
-
-    job = await session.get(Job, job_id)
-    dataset_id = (job.spec or {}).get("dataset_id") if job is not None else None
-    if job is None or not dataset_id:
-        return
-    rows = await session.scalars(select(DatasetItem).where(
-        DatasetItem.dataset_id == dataset_id, DatasetItem.tenant_id == job.tenant_id,
-        DatasetItem.id.in_(list(results))))
-    for row in rows:
-        outcome = results[row.id]
-        flags = dict(row.flags)
-        if "error" in outcome:
-            flags["error"] = str(outcome["error"])
-        else:
-            flags.pop("error", None)
-        if "caption" in outcome:
-            row.caption = outcome["caption"]
-            flags.pop("caption_file", None)  # the tagger's caption, no longer the uploaded file
-        if "tags" in outcome:
-            row.tags = {"tags": list(outcome["tags"])}
-        row.flags = flags
-        row.updated_at = utcnow()
-
-
-async def _register_lora(*, session: AsyncSession, job_id: str, lora: dict[str, Any]) -> None:
-    """A finished training's LoRA becomes the tenant's, usable in generations at once."""
-    from shared.db.models import Lora
-
-    job = await session.get(Job, job_id)
-    if job is None or await session.get(Lora, str(lora["id"])) is not None:
-        return
-    session.add(Lora(
-        id=str(lora["id"]), tenant_id=job.tenant_id, name=str(lora["name"])[:100],
-        family=str(lora["family"]), base_model=str(lora["base_model"]), key=str(lora["key"]),
-        sha256=str(lora["sha256"]), size=int(lora["size"]), format="kohya",
-        rank=int(lora["rank"]), info=dict(lora.get("info") or {}), source="training",
-        created_at=utcnow(),
-    ))
 
 
 async def cancel_job(

@@ -1,0 +1,173 @@
+"""What a job of each kind reports when it succeeds: the data of its terminal ``succeeded`` event.
+
+Workers build these models and the gateway reads them back, so the contract between the two is
+one class per kind instead of dictionaries both sides had to agree on by hand. The gateway
+stores ``result`` as the job's result and hands the whole outcome to the job's own domain
+(a training registers its LoRA, a tagging writes its items); the ``*Result`` models are also
+the job's ``result`` schema in OpenAPI.
+
+Every field of a result is optional and unknown fields are kept (``extra="allow"``): a result
+is a report, older workers and tests send less, and a newer worker may say more without the
+gateway refusing the job's end. :meth:`Outcome.event_data` dumps only what the worker set, so
+the stored result is what the worker said, with no invented nulls.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from shared.specs import ArtifactRef, JobKind
+
+
+class _Report(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class ModelUsed(_Report):
+    name: str | None = Field(default=None, description="The preset the job ran on.")
+    sha256: str | None = Field(default=None, description="Hash of its weights, as loaded.")
+
+
+class GenerationResult(_Report):
+    """A generation's report (``result`` of a generation job)."""
+
+    timings: dict[str, float] | None = Field(default=None, description="Seconds per phase: queue "
+                                             "wait, load, inference, encode, store, total.")
+    seeds: list[int] | None = Field(default=None, description="The seed of each image.")
+    scheduler: str | None = Field(default=None, description="The scheduler that ran.")
+    model: ModelUsed | None = Field(default=None, description="The model and its weights' hash.")
+    device: str | None = Field(default=None, description="cuda, mps or cpu.")
+    dtype: str | None = Field(default=None, description="Compute precision.")
+    dtype_note: str | None = Field(default=None, description="Why the precision differs from "
+                                   "the one asked for, when it does.")
+    pipeline: str | None = Field(default=None, description="The diffusers pipeline class.")
+    loras: list[dict[str, Any]] | None = Field(default=None, description="LoRAs applied, with "
+                                               "their weights.")
+    prompt_encoding: str | None = Field(default=None, description="How the prompt was "
+                                        "encoded (plain, weighted, chunked).")
+    batch_jobs: int | None = Field(default=None, description="Jobs rendered in the same batch.")
+    nsfw_content_detected: list[bool] | None = Field(default=None, description="diffusers' own "
+                                                     "checker, when a pipeline ran it.")
+    safety: list[dict[str, Any]] | None = Field(default=None, description="Safety verdict per "
+                                                "image.")
+    withheld: list[int] | None = Field(default=None, description="Indexes of withheld images.")
+
+
+class SweepResult(_Report):
+    """A sweep's report."""
+
+    timings: dict[str, float] | None = Field(default=None, description="Seconds per phase.")
+    cells: int | None = Field(default=None, description="Images rendered (one per cell).")
+    columns: int | None = Field(default=None, description="Cells per row of the contact sheet.")
+    rows: int | None = Field(default=None, description="Rows of the contact sheet.")
+    model: ModelUsed | None = Field(default=None, description="The model and its weights' hash.")
+    safety: list[dict[str, Any]] | None = Field(default=None, description="Safety verdict per "
+                                                "cell.")
+
+
+class FailedItem(_Report):
+    item: str = Field(description="The dataset item's id.")
+    error: str = Field(description="Why it failed.")
+
+
+class TaggingResult(_Report):
+    """A tagging job's report; the captions and tags themselves are on the dataset's items."""
+
+    timings: dict[str, float] | None = Field(default=None, description="Seconds per phase.")
+    images: int | None = Field(default=None, description="Images the job was given.")
+    captioned: int | None = Field(default=None, description="Images that got a caption.")
+    tagged: int | None = Field(default=None, description="Images that got tags.")
+    failed: list[FailedItem] | None = Field(default=None, description="Images that failed, each "
+                                            "with its error; the others keep their results.")
+
+
+class TrainedLora(_Report):
+    id: str = Field(description="The registered LoRA's id: use it in a generation's `loras`.")
+    name: str = Field(description="Its name.")
+    trigger_words: list[str] = Field(default_factory=list, description="Words its training "
+                                     "captions carried.")
+
+
+class TrainingResult(_Report):
+    """A training's report."""
+
+    timings: dict[str, float] | None = Field(default=None, description="Seconds per phase.")
+    steps: int | None = Field(default=None, description="Optimizer steps trained.")
+    epochs: int | None = Field(default=None, description="Epochs trained.")
+    final_loss: float | None = Field(default=None, description="kohya's running average loss "
+                                     "at the last step.")
+    lora: TrainedLora | None = Field(default=None, description="The LoRA it registered.")
+    warnings: list[str] | None = Field(default=None, description="What the gateway found "
+                                       "wrong with the captions (a trigger they lack).")
+
+
+class ItemResult(_Report):
+    """One dataset item's outcome in a tagging job."""
+
+    caption: str | None = None
+    tags: list[str] | None = None
+    error: str | None = None
+
+
+class LoraRegistration(BaseModel):
+    """The LoRA a training made, for the gateway to register as the tenant's."""
+
+    id: str
+    name: str
+    family: str
+    base_model: str
+    key: str
+    sha256: str
+    size: int
+    rank: int
+    info: dict[str, Any] = Field(default_factory=dict)
+
+
+class Outcome(BaseModel):
+    """The data of a ``succeeded`` event."""
+
+    artifacts: list[ArtifactRef] = Field(default_factory=list)
+    spec_filled: dict[str, Any] | None = None
+
+    def event_data(self) -> dict[str, Any]:
+        data = self.model_dump(mode="json", exclude_unset=True)
+        # artifacts whole, nulls included: clients read `index`, `width` on every one
+        data["artifacts"] = [artifact.model_dump(mode="json") for artifact in self.artifacts]
+        return data
+
+
+class GenerationOutcome(Outcome):
+    result: GenerationResult = Field(default_factory=GenerationResult)
+
+
+class SweepOutcome(Outcome):
+    result: SweepResult = Field(default_factory=SweepResult)
+
+
+class TaggingOutcome(Outcome):
+    result: TaggingResult = Field(default_factory=TaggingResult)
+    # per item id; the gateway writes them onto the dataset's items, not into the event log
+    dataset_items: dict[str, ItemResult] = Field(default_factory=dict)
+
+
+class TrainingOutcome(Outcome):
+    result: TrainingResult = Field(default_factory=TrainingResult)
+    register_lora: LoraRegistration | None = None
+
+
+OUTCOMES: dict[JobKind, type[Outcome]] = {
+    JobKind.GENERATION: GenerationOutcome, JobKind.SWEEP: SweepOutcome,
+    JobKind.TAGGING: TaggingOutcome, JobKind.TRAINING: TrainingOutcome,
+}
+RESULTS: dict[JobKind, type[BaseModel]] = {
+    JobKind.GENERATION: GenerationResult, JobKind.SWEEP: SweepResult,
+    JobKind.TAGGING: TaggingResult, JobKind.TRAINING: TrainingResult,
+}
+
+
+def parse_outcome(kind: JobKind, data: dict[str, Any]) -> Outcome:
+    """A succeeded event's data as its kind's outcome (a ``ValidationError`` when a worker sent
+    what no worker should: the event consumer then parks the event and fails the job)."""
+    return OUTCOMES[kind].model_validate(data)
