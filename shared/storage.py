@@ -21,25 +21,8 @@ from typing import Any, BinaryIO
 from urllib.parse import quote, urlencode
 
 from shared.errors import NotFound, StorageUnavailable
+from shared.keys import staging_key
 from shared.settings import Settings
-
-
-def output_key(tenant_id: str, job_id: str, index: int) -> str:
-    return f"outputs/{tenant_id}/{job_id}/{index}.png"
-
-
-def manifest_key(tenant_id: str, job_id: str) -> str:
-    return f"outputs/{tenant_id}/{job_id}/manifest.json"
-
-
-def upload_key(tenant_id: str, upload_id: str) -> str:
-    """Input images are content-addressed per tenant: the same image is stored once."""
-    return f"inputs/{tenant_id}/uploads/{upload_id}.png"
-
-
-def job_prefix(tenant_id: str, job_id: str) -> str:
-    return f"outputs/{tenant_id}/{job_id}/"
-
 
 _COPY_CHUNK = 1024 * 1024
 
@@ -53,10 +36,6 @@ def _transfer_config() -> Any:
                             max_concurrency=2, use_threads=True)
     config.max_in_memory_upload_chunks = 2  # s3transfer's option; boto3 does not pass it on
     return config
-
-
-def _tmp_key(key: str) -> str:
-    return f"tmp/{uuid.uuid4().hex}/{key.rsplit('/', 1)[-1]}"
 
 
 class ObjectStore(ABC):
@@ -145,7 +124,7 @@ class S3Store(ObjectStore):
 
     async def put(self, key: str, data: bytes, *, content_type: str) -> None:
         await self.ensure_bucket()
-        tmp = _tmp_key(key)
+        tmp = staging_key(key)
         await self._call("put_object", Bucket=self.bucket, Key=tmp, Body=data,
                          ContentType=content_type)
         try:

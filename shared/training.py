@@ -25,6 +25,7 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from shared.keys import training_state_prefix, training_state_step
 from shared.kohya import (
     MAX_BUCKET_RESO_STEPS,
     MAX_RESOLUTION,
@@ -482,5 +483,5 @@ def trained_triggers(examples: Sequence[TrainingExample],
 
 async def latest_state(store: ObjectStore, output_prefix: str) -> str | None:
     """The newest resumable state a training job saved (written whole: temp key, then copy)."""
-    keys = [k for k in await store.list(f"{output_prefix}state/") if k.endswith(".tar")]
-    return max(keys, key=lambda k: int(k.rsplit("step-", 1)[1].split(".")[0])) if keys else None
+    keys = [k for k in await store.list(training_state_prefix(output_prefix)) if k.endswith(".tar")]
+    return max(keys, key=training_state_step) if keys else None

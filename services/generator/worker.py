@@ -41,6 +41,14 @@ from services.generator.render import (
 from services.jobrunner import RUNNING, common_startup, make_worker, run_job, run_worker
 from shared.errors import JobCanceled, JobFailure, LoomisError, NotFound
 from shared.events import JobEvents
+from shared.keys import (
+    contact_sheet_key,
+    job_prefix,
+    manifest_key,
+    output_key,
+    sweep_metadata_key,
+    upload_key,
+)
 from shared.models import ModelRegistry, canonical_scheduler
 from shared.outcomes import GenerationOutcome, GenerationResult, SweepOutcome, SweepResult
 from shared.queue import GENERATE_TASK, GENERATOR_QUEUE, PREPROCESS_TASK, SWEEP_TASK
@@ -56,13 +64,7 @@ from shared.specs import (
     PreprocessTask,
     SweepTask,
 )
-from shared.storage import (
-    ObjectStore,
-    job_prefix,
-    manifest_key,
-    output_key,
-    upload_key,
-)
+from shared.storage import ObjectStore
 
 logger = logging.getLogger(__name__)
 
@@ -475,15 +477,15 @@ async def _run_sweep(ctx: dict[str, Any], task: SweepTask, *, queued_s: float) -
         row_axis=rows.param if rows else "", col_axis=cols.param)
     buffer = io.BytesIO()
     sheet.save(buffer, format="PNG")
-    prefix = job_prefix(task.tenant_id, task.job_id)
-    sheet_ref = await _put(store, prefix + "contact_sheet.png", buffer.getvalue(), "image/png")
+    sheet_ref = await _put(store, contact_sheet_key(task.tenant_id, task.job_id),
+                           buffer.getvalue(), "image/png")
     sheet_ref = sheet_ref.model_copy(update={"kind": "contact_sheet", "width": sheet.width,
                                              "height": sheet.height})
     metadata = {"job_id": task.job_id, "title": task.sweep.title,
                 "axes": [a.model_dump(mode="json") for a in task.sweep.axes],
                 "columns": n_cols, "rows": len(rows.values) if rows else 1,
                 "model": loaded.describe(), "cells": cell_meta, "safety": safety}
-    meta_ref = await _put(store, prefix + "sweep.json",
+    meta_ref = await _put(store, sweep_metadata_key(task.tenant_id, task.job_id),
                           json.dumps(metadata, indent=2).encode(), "application/json")
     meta_ref = meta_ref.model_copy(update={"kind": "metadata"})
     manifest = {"job_id": task.job_id, "tenant_id": task.tenant_id,

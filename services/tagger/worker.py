@@ -24,6 +24,7 @@ from PIL import Image
 from services.jobrunner import RUNNING, common_startup, make_worker, run_job, run_worker
 from shared.errors import JobCanceled, ModelUnavailable, NotFound
 from shared.events import JobEvents
+from shared.keys import caption_key, tagging_metadata_key, tagging_results_key
 from shared.outcomes import TaggingOutcome
 from shared.queue import TAG_TASK, TAGGER_QUEUE
 from shared.settings import Settings, get_settings
@@ -236,10 +237,9 @@ async def _run(ctx: dict[str, Any], task: TaggingTask, *, queued_s: float) -> di
         {}, captions={keys[i]: c for i, c in captions.items() if c},
         tags={keys[i]: t for i, t in tags.items() if t})
     artifacts: list[ArtifactRef] = []
-    for name, payload, kind in (("metadata.json", metadata, "metadata"),
-                                ("results.json", results, "results")):
+    for key, payload, kind in ((tagging_metadata_key(task.output_prefix), metadata, "metadata"),
+                               (tagging_results_key(task.output_prefix), results, "results")):
         data = json.dumps(payload, indent=2, ensure_ascii=False).encode()
-        key = task.output_prefix + name
         await store.put(key, data, content_type="application/json")
         artifacts.append(ArtifactRef(key=key, kind=kind, content_type="application/json",
                                      size=len(data), sha256=hashlib.sha256(data).hexdigest()))
@@ -247,7 +247,7 @@ async def _run(ctx: dict[str, Any], task: TaggingTask, *, queued_s: float) -> di
         for item in task.items:
             text = captions[item.id] or ", ".join(tags[item.id])
             if text:
-                await store.put(item.key.rsplit(".", 1)[0] + task.caption_extension,
+                await store.put(caption_key(item.key, task.caption_extension),
                                 (text + "\n").encode(), content_type="text/plain")
     failed = sorted(i for i, r in results.items() if "error" in r)
     timings["total_s"] = round(time.perf_counter() - started, 4)

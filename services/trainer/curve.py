@@ -15,8 +15,6 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-METRICS_FILE = "metrics.json"
-CURVE_FILE = "loss_curve.png"
 _SIZE = (800, 400)
 _MARGIN = (60, 20, 20, 40)  # left, top, right, bottom
 

@@ -24,13 +24,7 @@ from arq.worker import Worker, func
 from PIL import Image
 
 from services.jobrunner import RUNNING, common_startup, make_worker, run_job, run_worker
-from services.trainer.curve import (
-    CURVE_FILE,
-    METRICS_FILE,
-    loss_curve_png,
-    metrics_json,
-    read_metrics,
-)
+from services.trainer.curve import loss_curve_png, metrics_json, read_metrics
 from shared.errors import (
     InvalidJobSpec,
     JobCanceled,
@@ -39,6 +33,14 @@ from shared.errors import (
     OptimizerUnavailable,
 )
 from shared.events import JobEvents
+from shared.keys import (
+    training_checkpoint_key,
+    training_curve_key,
+    training_metrics_key,
+    training_sample_key,
+    training_state_key,
+    training_tmp_prefix,
+)
 from shared.kohya import KOHYA_TO_LOOMIS_SCHEDULER, ConfigError, parse_sample_prompts
 from shared.loras import inspect_lora
 from shared.models import ModelRegistry
@@ -183,11 +185,11 @@ async def _run(ctx: dict[str, Any], task: TrainingTask, *, queued_s: float) -> d
     async def put_metrics() -> list[dict[str, Any]]:
         snapshot = list(points)
         stored = []
-        for name, data, kind, content_type in (
-                (METRICS_FILE, metrics_json(snapshot), "metrics", "application/json"),
-                (CURVE_FILE, await asyncio.to_thread(loss_curve_png, snapshot), "loss_curve",
-                 "image/png")):
-            key = f"{task.output_prefix}{name}"
+        for key, data, kind, content_type in (
+                (training_metrics_key(task.output_prefix), metrics_json(snapshot), "metrics",
+                 "application/json"),
+                (training_curve_key(task.output_prefix),
+                 await asyncio.to_thread(loss_curve_png, snapshot), "loss_curve", "image/png")):
             await store.put(key, data, content_type=content_type)
             stored.append({"key": key, "kind": kind, "content_type": content_type,
                            "size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
@@ -196,7 +198,7 @@ async def _run(ctx: dict[str, Any], task: TrainingTask, *, queued_s: float) -> d
     async def put_sample(step: int, index: int, image: Image.Image) -> None:
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
-        key = f"{task.output_prefix}samples/step-{step:06d}-{index}.png"
+        key = training_sample_key(task.output_prefix, step, index)
         await store.put(key, buffer.getvalue(), content_type="image/png")
         await events.emit(task.job_id, "sample", allowed_from=RUNNING,
                           data={"step": step, "index": index, "key": key,
@@ -206,10 +208,10 @@ async def _run(ctx: dict[str, Any], task: TrainingTask, *, queued_s: float) -> d
         call(put_sample(step, index, image))
 
     async def put_checkpoint(step: int, lora: bytes, state_dir: Path | None) -> None:
-        await store.put(f"{task.output_prefix}checkpoints/step-{step:06d}.safetensors", lora,
+        await store.put(training_checkpoint_key(task.output_prefix, step), lora,
                         content_type="application/octet-stream")
         if state_dir is not None:
-            key = f"{task.output_prefix}state/step-{step:06d}.tar"
+            key = training_state_key(task.output_prefix, step)
             await store.put(key, await asyncio.to_thread(_tar, state_dir),
                             content_type="application/x-tar")
         await put_metrics()
@@ -229,7 +231,7 @@ async def _run(ctx: dict[str, Any], task: TrainingTask, *, queued_s: float) -> d
         resume_dir = None
         if own:
             with contextlib.suppress(NotFound):
-                points.extend(read_metrics(await store.get(f"{task.output_prefix}{METRICS_FILE}")))
+                points.extend(read_metrics(await store.get(training_metrics_key(task.output_prefix))))
         if resume_key:
             resume_dir = await asyncio.to_thread(
                 _untar, await store.get(resume_key), work_dir / "resume")
@@ -299,7 +301,7 @@ async def train_lora(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, 
     task = TrainingTask.model_validate(payload)
     settings: Settings = ctx["settings"]
     return await run_job(
-        ctx, job_id=task.job_id, cleanup_prefix=f"{task.output_prefix}tmp/",
+        ctx, job_id=task.job_id, cleanup_prefix=training_tmp_prefix(task.output_prefix),
         timeout_s=settings.trainer.job_timeout_s, max_tries=settings.trainer.max_tries,
         log_extra={"job_id": task.job_id, "tenant": task.tenant_id},
         body=lambda queued_s: _run_refusals_as_ours(ctx, task, queued_s=queued_s),

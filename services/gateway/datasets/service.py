@@ -28,6 +28,7 @@ from shared.datasets import (
 )
 from shared.db.models import Dataset, DatasetItem, Tenant, new_id, utcnow
 from shared.errors import NotFound, ValidationFailed
+from shared.keys import dataset_item_key, dataset_prefix, dataset_thumb_key
 from shared.kohya import ConfigError, DatasetConfig, parse_dataset_config
 from shared.storage import ObjectStore
 
@@ -37,10 +38,6 @@ THUMB_SIDE = 256
 MAX_DATASET_CONFIG_CHARS = 100_000  # the bound on a training request's dataset_config
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp",
                  "bmp": "image/bmp"}
-
-
-def dataset_prefix(tenant_id: str, dataset_id: str) -> str:
-    return f"datasets/{tenant_id}/{dataset_id}/"
 
 
 def _thumbnail(data: bytes) -> bytes:
@@ -171,8 +168,8 @@ async def create_dataset(
     try:
         for ingested in result.items:
             item_id = new_id()
-            key = prefix + ingested.path
-            thumb_key = f"{prefix}.thumbs/{item_id}.jpg"
+            key = dataset_item_key(tenant.id, dataset_id, ingested.path)
+            thumb_key = dataset_thumb_key(tenant.id, dataset_id, item_id)
             data = await asyncio.to_thread(ingested.load)
             await store.put(key, data, content_type=CONTENT_TYPES.get(ingested.format, "image/png"))
             await store.put(thumb_key, await asyncio.to_thread(_thumbnail, data),

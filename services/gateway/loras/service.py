@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from services.gateway.loras.schemas import LoraOut
 from shared.db.models import Lora, Tenant, new_id, utcnow
 from shared.errors import NotFound, ValidationFailed
+from shared.keys import lora_key, lora_prefix
 from shared.loras import (
     LoraInfo,
     LoraRejected,
@@ -26,10 +27,6 @@ from shared.specs import LoraRef, LoraUse
 from shared.storage import ObjectStore
 
 MAX_LORA_BYTES = 2 * 1024**3
-
-
-def lora_key(tenant_id: str, lora_id: str, version: int = 1) -> str:
-    return f"loras/{tenant_id}/{lora_id}/{version}.safetensors"
 
 
 def lora_out(lora: Lora) -> LoraOut:
@@ -81,7 +78,7 @@ async def create_lora(
     try:
         await session.commit()
     except Exception:
-        await store.delete_prefix(f"loras/{tenant.id}/{lora_id}/")  # nothing half-registered
+        await store.delete_prefix(lora_prefix(tenant.id, lora_id))  # nothing half-registered
         raise
     return lora
 
@@ -106,7 +103,7 @@ async def delete_lora(*, session: AsyncSession, store: ObjectStore, tenant: Tena
     lora = await get_lora(session=session, tenant=tenant, lora_id=lora_id)
     await session.delete(lora)
     await session.commit()
-    await store.delete_prefix(f"loras/{tenant.id}/{lora_id}/")
+    await store.delete_prefix(lora_prefix(tenant.id, lora_id))
 
 
 async def resolve_loras(

@@ -7,7 +7,6 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.gateway.datasets.service import (
     dataset_items,
-    dataset_prefix,
     get_dataset,
     item_tags,
     subsets_of,
@@ -16,6 +15,7 @@ from services.gateway.deps import GatewayState
 from services.gateway.jobs.submission import create_and_enqueue, find_replay, request_hash
 from shared.db.models import Job, Tenant
 from shared.errors import ValidationFailed
+from shared.keys import tagging_prefix
 from shared.queue import TAG_TASK, TAGGER_QUEUE
 from shared.specs import JobKind, TaggingItem, TaggingSpec, TaggingTask
 
@@ -37,7 +37,6 @@ async def submit_tagging(
     triggers = {name: info.class_tokens for name, info in subsets.items() if not info.is_reg}
     queued_items = [TaggingItem(id=i.id, key=i.key, path=i.path, caption=i.caption,
                                 tags=item_tags(i), trigger=triggers.get(i.subset)) for i in items]
-    prefix = dataset_prefix(tenant.id, dataset.id)
     return await create_and_enqueue(
         session=session, state=state, tenant=tenant, kind=JobKind.TAGGING,
         spec={**spec.model_dump(mode="json"), "images": len(items)}, digest=digest,
@@ -45,5 +44,5 @@ async def submit_tagging(
         payload=lambda job_id: TaggingTask(
             job_id=job_id, tenant_id=tenant.id, spec=spec, items=queued_items,
             caption_extension=dataset.caption_extension,
-            output_prefix=f"{prefix}taggings/{job_id}/").model_dump(mode="json"),
+            output_prefix=tagging_prefix(tenant.id, dataset.id, job_id)).model_dump(mode="json"),
     )

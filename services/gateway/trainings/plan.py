@@ -24,10 +24,10 @@ from services.gateway.trainings.service import (
     _invalid,
     check_trainable,
     resolve_dataset_config,
-    training_prefix,
 )
 from shared.db.models import DatasetItem, Job, JobEventRow, Tenant
 from shared.errors import NotFound
+from shared.keys import training_metrics_key, training_prefix
 from shared.specs import JobKind, JobStatus
 from shared.training import TrainingSpec, trained_triggers
 
@@ -116,7 +116,7 @@ async def training_metrics(*, session: AsyncSession, state: GatewayState, tenant
         raise NotFound(f"training job {job_id} not found", code="job_not_found")
     by_step: dict[int, dict[str, Any]] = {}
     with contextlib.suppress(NotFound):
-        stored = await state.store.get(f"{training_prefix(tenant.id, job_id)}metrics.json")
+        stored = await state.store.get(training_metrics_key(training_prefix(tenant.id, job_id)))
         with contextlib.suppress(ValueError, AttributeError, TypeError):
             for point in json.loads(stored).get("steps", []):
                 if isinstance(point, dict) and isinstance(point.get("step"), int):

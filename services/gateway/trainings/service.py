@@ -23,6 +23,7 @@ from services.gateway.deps import GatewayState
 from services.gateway.jobs.submission import create_and_enqueue, find_replay, request_hash
 from shared.db.models import Dataset, DatasetItem, Job, Tenant, new_id
 from shared.errors import NotFound, ValidationFailed
+from shared.keys import lora_key, training_prefix
 from shared.kohya import (
     ConfigError,
     KohyaDataset,
@@ -45,10 +46,6 @@ from shared.training import (
     latest_state,
     trained_triggers,
 )
-
-
-def training_prefix(tenant_id: str, job_id: str) -> str:
-    return f"training/{tenant_id}/{job_id}/"
 
 
 def _invalid(field: str, message: str) -> ValidationFailed:
@@ -262,6 +259,6 @@ async def submit_training(
             job_id=job_id, tenant_id=tenant.id, spec=spec, examples=examples,
             trigger_words=triggers, warnings=[note for _, note in notes] + [g.message for g in gaps],
             output_prefix=training_prefix(tenant.id, job_id), lora_id=lora_id,
-            lora_key=f"loras/{tenant.id}/{lora_id}/1.safetensors",
+            lora_key=lora_key(tenant.id, lora_id),
             resume_state_key=resume_key).model_dump(mode="json"),
     )

@@ -28,8 +28,9 @@ from shared.images import (
     mask_is_empty,
     render_mask,
 )
+from shared.keys import upload_key
 from shared.specs import GenerationMode, GenerationSpec
-from shared.storage import ObjectStore, upload_key
+from shared.storage import ObjectStore
 
 UPLOAD_PREFIX = "upload:"
 JOB_PREFIX = "job:"
