@@ -31,7 +31,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     DEBIAN_FRONTEND=noninteractive \
     PATH=/opt/venv/bin:$PATH \
     LOOMIS_DATA_DIR=/data \
-    LOOMIS_GENERATOR__MODEL_CACHE=/models
+    LOOMIS_MODELS__CACHE_DIR=/models
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3.11 python3.11-venv ca-certificates \
  && rm -rf /var/lib/apt/lists/* \

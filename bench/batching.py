@@ -103,7 +103,7 @@ def image_of(job: dict[str, Any]) -> np.ndarray:
 def measure_stack(workdir: Path, model_cache: Path, name: str, env: dict[str, str],
                   args: argparse.Namespace) -> dict[str, Any]:
     stack = Stack(data_dir=workdir / f"stack-{name}", port=free_port(), env={
-        "LOOMIS_GENERATOR__MODEL_CACHE": str(model_cache),
+        "LOOMIS_MODELS__CACHE_DIR": str(model_cache),
         "LOOMIS_GENERATOR__BATCH_WINDOW_S": str(args.window),
         "LOOMIS_LOG_LEVEL": "WARNING",
         **env,
@@ -168,7 +168,7 @@ def main() -> None:
 
     workdir = Path(tempfile.mkdtemp(prefix="loomis-bench-"))
     model_cache = workdir / "models"
-    from services.generator.tiny import ensure_tiny_model
+    from services.models.tiny.diffusion import ensure_tiny_model
 
     ensure_tiny_model("tiny-sd15", model_cache)
     print(f"tiny-sd15 at {args.size}x{args.size}, {args.steps} steps; {args.repeats} bursts of "

@@ -35,7 +35,7 @@ import torch  # noqa: E402
 from services.generator.loras import LoraAdapterCache, LoraFiles  # noqa: E402
 from services.generator.pipelines import PipelineCache  # noqa: E402
 from services.generator.render import PreparedInputs, render  # noqa: E402
-from services.generator.tiny import ensure_tiny_model  # noqa: E402
+from services.models.tiny.diffusion import ensure_tiny_model  # noqa: E402
 from shared.models import ModelRegistry  # noqa: E402
 from shared.specs import GenerationSpec, LoraRef, resolve_generation  # noqa: E402
 from tests.lora_files import make_lora  # noqa: E402

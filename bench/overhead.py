@@ -66,7 +66,7 @@ def one_job(client: LoomisClient, seed: int) -> tuple[float, float]:
 
 def measure_stack(workdir: Path, model_cache: Path, poll_delay: float, jobs: int) -> dict:
     stack = Stack(data_dir=workdir / f"stack-{poll_delay}", port=free_port(), env={
-        "LOOMIS_GENERATOR__MODEL_CACHE": str(model_cache),
+        "LOOMIS_MODELS__CACHE_DIR": str(model_cache),
         "LOOMIS_GENERATOR__POLL_DELAY_S": str(poll_delay),
         "LOOMIS_LOG_LEVEL": "WARNING",
     })
@@ -112,7 +112,7 @@ def main() -> None:
 
     workdir = Path(tempfile.mkdtemp(prefix="loomis-bench-"))
     model_cache = workdir / "models"
-    from services.generator.tiny import ensure_tiny_model
+    from services.models.tiny.diffusion import ensure_tiny_model
 
     model_dir = ensure_tiny_model("tiny-sd15", model_cache)
     print(f"tiny-sd15 at 64x64, 1 step; {args.jobs} jobs per configuration; work dir {workdir}")

@@ -258,8 +258,8 @@ def main() -> None:
         out(json.dumps(result))
         return
 
-    from services.generator.pipelines import weights_hash
-    from services.generator.tiny import ensure_tiny_model
+    from services.models.tiny.diffusion import ensure_tiny_model
+    from services.models.weights import weights_hash
 
     model_cache = args.model_cache or Path(tempfile.mkdtemp(prefix="loomis-bench-pipes-")) / "models"
     for name in (MODEL, INPAINT, CANNY):

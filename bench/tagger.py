@@ -26,8 +26,8 @@ from PIL import Image, ImageDraw
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from services.models.tiny.tagging import ensure_tagger_model  # noqa: E402
 from services.tagger.models import Captioner, Tagger  # noqa: E402
-from services.tagger.tiny import ensure_tagger_model  # noqa: E402
 
 
 def rss_mib() -> float:

@@ -333,7 +333,7 @@ def main() -> None:
         memory_child(args)
         return
 
-    from services.generator.tiny import ensure_tiny_model
+    from services.models.tiny.diffusion import ensure_tiny_model
 
     workdir = Path(tempfile.mkdtemp(prefix="loomis-bench-train-"))
     model_cache = args.model_cache or workdir / "models"

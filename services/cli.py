@@ -329,8 +329,8 @@ def cmd_loras_import(args: argparse.Namespace) -> int:
             store = build_store(settings)
             if isinstance(store, S3Store):
                 await store.ensure_bucket()
-            registry = ModelRegistry.load(settings.generator.models_file,
-                                          settings.generator.models_dir)
+            registry = ModelRegistry.load(settings.models.models_file,
+                                          settings.models.models_dir)
             async with make_sessionmaker(engine)() as session:
                 tenant = await session.scalar(select(Tenant).where(Tenant.name == args.tenant))
                 if tenant is None:
@@ -377,7 +377,7 @@ def cmd_models_list(_args: argparse.Namespace) -> int:
     from shared.settings import Settings
 
     settings = Settings()
-    registry = ModelRegistry.load(settings.generator.models_file, settings.generator.models_dir)
+    registry = ModelRegistry.load(settings.models.models_file, settings.models.models_dir)
     page = list_models(registry=registry, model_cache=settings.model_cache,
                        default_model=settings.generator.default_model)
     for model in page.items:

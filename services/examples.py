@@ -36,7 +36,7 @@ def photo_png(size: int = 64) -> bytes:
 
 def _lora_modules() -> dict[str, tuple[int, int]]:
     """tiny-sd15's attention projections in kohya naming, with (in, out) widths."""
-    from services.generator.tiny import tiny_sd15_unet
+    from services.models.tiny.diffusion import tiny_sd15_unet
 
     unet = tiny_sd15_unet()
     modules: dict[str, tuple[int, int]] = {}

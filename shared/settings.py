@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -78,23 +78,48 @@ class GatewaySettings(BaseModel):
     consumer_batch: int = 100
 
 
-class GeneratorSettings(BaseModel):
-    """The text-to-image worker."""
+class ModelSettings(BaseModel):
+    """Where models come from, for the gateway and every worker alike.
 
-    default_model: str = "tiny-sd15"
-    model_cache: Path | None = Field(default=None, description="Empty: <data_dir>/models.")
+    These were ``LOOMIS_GENERATOR__*`` settings while only the generator loaded models; the
+    old names still work (see :data:`LEGACY_GENERATOR_MODEL_FIELDS`).
+    """
+
+    cache_dir: Path | None = Field(
+        default=None,
+        description="Built tiny models, hub snapshots (hub/), weight hashes. Empty: "
+        "<data_dir>/models. Was LOOMIS_GENERATOR__MODEL_CACHE.")
+    allow_downloads: bool = Field(
+        default=False,
+        description="Let workers fetch hub ids missing from the cache. "
+        "Was LOOMIS_GENERATOR__ALLOW_DOWNLOADS.")
     models_file: Path | None = Field(
-        default=None, description="TOML file adding or overriding model presets."
-    )
+        default=None,
+        description="TOML file adding or overriding model presets. "
+        "Was LOOMIS_GENERATOR__MODELS_FILE.")
     models_dir: Path | None = Field(
         default=None,
         description="A folder scanned like a webui's models/Stable-diffusion: each "
         "<name>.safetensors checkpoint and each diffusers folder in it is a preset named after "
-        "it (family from the file). Gateway, generators and trainers must see the same folder.",
+        "it (family from the file). Gateway, generators and trainers must see the same folder. "
+        "Was LOOMIS_GENERATOR__MODELS_DIR.",
     )
-    allow_downloads: bool = Field(
-        default=False, description="Let from_pretrained fetch hub ids missing from the cache."
-    )
+
+
+# Model settings that used to live under ``generator`` and are still read from there (the
+# LOOMIS_GENERATOR__* variables of existing deployments); a new name set too wins.
+LEGACY_GENERATOR_MODEL_FIELDS = {
+    "model_cache": "cache_dir",
+    "allow_downloads": "allow_downloads",
+    "models_file": "models_file",
+    "models_dir": "models_dir",
+}
+
+
+class GeneratorSettings(BaseModel):
+    """The text-to-image worker."""
+
+    default_model: str = "tiny-sd15"
     device: str = Field(default="auto", description="auto, cpu, cuda, cuda:1, mps")
     poll_delay_s: float = Field(
         default=0.05,
@@ -213,10 +238,32 @@ class Settings(BaseSettings):
     redis: RedisSettings = RedisSettings()
     storage: StorageSettings = StorageSettings()
     gateway: GatewaySettings = GatewaySettings()
+    models: ModelSettings = ModelSettings()
     generator: GeneratorSettings = GeneratorSettings()
     tagger: TaggerSettings = TaggerSettings()
     trainer: TrainerSettings = TrainerSettings()
     worker: WorkerSettings = WorkerSettings()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_legacy_model_settings(cls, data: Any) -> Any:
+        """Existing deployments set LOOMIS_GENERATOR__MODEL_CACHE and friends; keep them working."""
+        if not isinstance(data, dict) or not isinstance(data.get("generator"), dict):
+            return data
+        generator = data["generator"]
+        legacy = {new: generator[old] for old, new in LEGACY_GENERATOR_MODEL_FIELDS.items()
+                  if old in generator}
+        if not legacy:
+            return data
+        models = data.get("models")
+        if isinstance(models, BaseModel):
+            models = models.model_dump(exclude_unset=True)
+        return {
+            **data,
+            "generator": {key: value for key, value in generator.items()
+                          if key not in LEGACY_GENERATOR_MODEL_FIELDS},
+            "models": {**legacy, **(models or {})},
+        }
 
     @model_validator(mode="after")
     def _refuse_default_secrets(self) -> Settings:
@@ -239,7 +286,7 @@ class Settings(BaseSettings):
 
     @property
     def model_cache(self) -> Path:
-        return (self.generator.model_cache or self.data_dir / "models").resolve()
+        return (self.models.cache_dir or self.data_dir / "models").resolve()
 
     @property
     def public_url(self) -> str:

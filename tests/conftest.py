@@ -164,7 +164,7 @@ def launch_stack(
     env = {
         "LOOMIS_ENV": "test",
         "LOOMIS_DB__URL": database_url,
-        "LOOMIS_GENERATOR__MODEL_CACHE": str(model_cache),
+        "LOOMIS_MODELS__CACHE_DIR": str(model_cache),
         "LOOMIS_GATEWAY__CONSUMER_CLAIM_IDLE_MS": "2000",
         "LOOMIS_GATEWAY__CONSUMER_MAX_ATTEMPTS": "3",
         **s3.env(bucket),

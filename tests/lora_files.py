@@ -160,7 +160,7 @@ def make_lora(family: str, *, cache_dir: Path, rank: int = 4, seed: int = 0,
     import diffusers
     import transformers
 
-    from services.generator.tiny import ensure_tiny_model
+    from services.models.tiny.diffusion import ensure_tiny_model
 
     if fmt not in ("peft", "kohya"):
         raise ValueError(f"unknown LoRA format {fmt!r}; use 'peft' or 'kohya'")

@@ -240,7 +240,7 @@ def test_openpose_from_photo_is_unavailable_without_controlnet_aux(tmp_path: Pat
 
 @pytest.fixture(scope="module")
 def depth_cache(model_cache: Path) -> Path:
-    from services.generator.tiny import ensure_tiny_model
+    from services.models.tiny.diffusion import ensure_tiny_model
 
     ensure_tiny_model("tiny-dpt", model_cache)
     return model_cache

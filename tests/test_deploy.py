@@ -229,7 +229,7 @@ def container_env(deployment: dict[str, Any]) -> dict[str, str]:
 
 def test_settings_env_names_walk_nested_models() -> None:
     assert {"LOOMIS_ENV", "LOOMIS_REDIS__URL", "LOOMIS_DB__URL", "LOOMIS_STORAGE__BACKEND",
-            "LOOMIS_GATEWAY__SIGNING_SECRET", "LOOMIS_GENERATOR__MODEL_CACHE"} <= VALID_ENV_NAMES
+            "LOOMIS_GATEWAY__SIGNING_SECRET", "LOOMIS_MODELS__CACHE_DIR"} <= VALID_ENV_NAMES
     # Only leaves, and only with the double-underscore delimiter.
     assert "LOOMIS_REDIS" not in VALID_ENV_NAMES
     assert "LOOMIS_REDIS_URL" not in VALID_ENV_NAMES
@@ -310,7 +310,7 @@ def test_compose_worker_reserves_a_gpu_and_mounts_the_model_cache(worker: str) -
     assert service["image"] == compose["services"]["generator"]["image"]  # one worker image
     devices = service["deploy"]["resources"]["reservations"]["devices"]
     assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
-    cache = compose_env(service)["LOOMIS_GENERATOR__MODEL_CACHE"]
+    cache = compose_env(service)["LOOMIS_MODELS__CACHE_DIR"]
     mounts = {v.split(":")[1]: v.split(":")[0] for v in service["volumes"]}
     assert cache in mounts, f"model cache {cache} is not on a volume"
     assert mounts[cache] in compose["volumes"], "model cache should be a named volume"
@@ -519,7 +519,7 @@ def test_k8s_env_loads_into_settings(deployment: str, monkeypatch: pytest.Monkey
     assert settings.db.url.startswith("postgresql+asyncpg://")
     assert settings.storage.backend == "s3"
     assert settings.redis.url.startswith("redis://")
-    assert str(settings.generator.model_cache) == "/models"
+    assert str(settings.models.cache_dir) == "/models"
 
 
 def test_k8s_gateway_deployment() -> None:
@@ -578,7 +578,7 @@ def test_k8s_worker_mounts_the_model_cache_claim(worker: str) -> None:
     claim = k8s_find("PersistentVolumeClaim", MODEL_CACHE_CLAIM)
     volumes = {v["name"]: v for v in pod_spec(deployment)["volumes"]}
     mounts = {m["mountPath"]: m for m in only_container(deployment)["volumeMounts"]}
-    cache = container_env(deployment)["LOOMIS_GENERATOR__MODEL_CACHE"]
+    cache = container_env(deployment)["LOOMIS_MODELS__CACHE_DIR"]
     assert cache in mounts
     volume = volumes[mounts[cache]["name"]]
     assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]

@@ -251,7 +251,7 @@ def test_loomis_up_restarts_what_dies_and_keeps_the_rest(
 
     port = free_port()
     env = {**os.environ, "LOOMIS_DATA_DIR": str(tmp_path / "data"), "LOOMIS_ENV": "test",
-           "LOOMIS_GENERATOR__MODEL_CACHE": str(model_cache), "HF_HUB_OFFLINE": "1"}
+           "LOOMIS_MODELS__CACHE_DIR": str(model_cache), "HF_HUB_OFFLINE": "1"}
     env = {k: v for k, v in env.items() if k not in ("LOOMIS_DB__URL", "LOOMIS_REDIS__URL")}
     out = (tmp_path / "up.log").open("wb")
     up = subprocess.Popen(

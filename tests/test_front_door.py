@@ -177,7 +177,7 @@ def _loomis_up(tmp_path: Path, model_cache: Path, *,
                sigint_ignored: bool = False) -> Iterator[dict[str, Any]]:
     port = free_port()
     env = _clean_env(LOOMIS_DATA_DIR=str(tmp_path / "data"), LOOMIS_GATEWAY__PORT=str(port),
-                     LOOMIS_GENERATOR__MODEL_CACHE=str(model_cache))
+                     LOOMIS_MODELS__CACHE_DIR=str(model_cache))
     log = (tmp_path / "up.log").open("w")
 
     def ignore_sigint() -> None:  # what `loomis up &` in a non-interactive shell inherits

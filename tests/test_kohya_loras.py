@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import save
 
 from services.generator.loras import convert_kohya_lora
-from services.generator.tiny import ensure_tiny_model
+from services.models.tiny.diffusion import ensure_tiny_model
 from shared.loras import LoraRejected, inspect_lora
 from tests.conftest import RunningStack
 from tests.test_loras_e2e import upload_lora

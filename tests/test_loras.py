@@ -23,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load as reference_load
 
-from services.generator.tiny import ensure_tiny_model
+from services.models.tiny.diffusion import ensure_tiny_model
 from shared.loras import DTYPE_SIZES, LoraRejected, check_lora_for_model, inspect_lora
 from shared.models import ModelFamily, ModelPreset, ModelRegistry
 from tests.lora_files import FAMILIES, make_lora, make_pickle_lora
@@ -363,7 +363,7 @@ def test_preset_widths_are_the_models_own() -> None:
     from diffusers import FluxTransformer2DModel, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from services.generator.tiny import tiny_flux_transformer, tiny_sd15_unet, tiny_sdxl_unet
+    from services.models.tiny.diffusion import tiny_flux_transformer, tiny_sd15_unet, tiny_sdxl_unet
 
     def clip(hidden: int, inner: int, layers: int = 1) -> set[int]:
         config = CLIPTextConfig(hidden_size=hidden, intermediate_size=inner, projection_dim=hidden,

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from services.generator.loras import LoraAdapterCache, LoraFiles
-from services.generator.pipelines import PipelineCache, weights_hash
+from services.generator.pipelines import PipelineCache
 from services.generator.render import PreparedInputs, render
-from services.generator.tiny import ensure_tiny_model
+from services.models.tiny.diffusion import ensure_tiny_model
+from services.models.weights import weights_hash
 from shared.errors import ModelUnavailable
 from shared.models import ModelPreset, ModelRegistry
 from shared.specs import GenerationSpec

@@ -189,7 +189,7 @@ def _ldm_checkpoint(folder: Path, target: Path) -> Path:
 def models_stack(tmp_path_factory: pytest.TempPathFactory, s3_server: S3Server,
                  model_cache: Path) -> Iterator[RunningStack]:
     """A stack whose gateway and generator see a models folder and a models file."""
-    from services.generator.tiny import ensure_tiny_model
+    from services.models.tiny.diffusion import ensure_tiny_model
 
     tmp = tmp_path_factory.mktemp("models-stack")
     tiny = ensure_tiny_model("tiny-sd15", model_cache)
@@ -206,8 +206,8 @@ def models_stack(tmp_path_factory: pytest.TempPathFactory, s3_server: S3Server,
         'lora_dim = 32\n')
     running = launch_stack(tmp, database_url=f"sqlite+aiosqlite:///{tmp / 'loomis.db'}",
                            s3=s3_server, model_cache=model_cache, extra_env={
-                               "LOOMIS_GENERATOR__MODELS_DIR": str(models),
-                               "LOOMIS_GENERATOR__MODELS_FILE": str(models_file)})
+                               "LOOMIS_MODELS__MODELS_DIR": str(models),
+                               "LOOMIS_MODELS__MODELS_FILE": str(models_file)})
     yield running
     running.stack.stop()
     running.redis.stop()
@@ -341,7 +341,7 @@ def test_loras_import_reports_hostile_files_one_line_each(
     create_key(database_url, "carol")
     env = {**os.environ, "PYTHONIOENCODING": "utf-8", "LOOMIS_DB__URL": database_url,
            "LOOMIS_STORAGE__BACKEND": "local", "LOOMIS_STORAGE__LOCAL_ROOT": str(tmp_path / "s3"),
-           "LOOMIS_GENERATOR__MODEL_CACHE": str(model_cache)}
+           "LOOMIS_MODELS__CACHE_DIR": str(model_cache)}
     result = subprocess.run(
         [sys.executable, "-m", "services.cli", "loras", "import", str(folder), "--tenant",
          "carol", "--base-model", "tiny-sd15"], env=env, capture_output=True, text=True,
@@ -372,7 +372,7 @@ def test_single_file_without_tokenizer_or_of_another_family_says_what_to_do(
     tmp_path: Path, model_cache: Path,
 ) -> None:
     from services.generator.pipelines import PipelineCache
-    from services.generator.tiny import ensure_tiny_model
+    from services.models.tiny.diffusion import ensure_tiny_model
     from shared.errors import ModelUnavailable
     from shared.models import ModelPreset
 

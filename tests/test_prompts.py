@@ -20,7 +20,7 @@ from services.generator.prompts import (
     parse_prompt_weights,
     supports_prompt_weighting,
 )
-from services.generator.tiny import ensure_tiny_model
+from services.models.tiny.diffusion import ensure_tiny_model
 
 R = 1.1
 S = 1 / 1.1

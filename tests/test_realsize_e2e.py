@@ -3,7 +3,7 @@
 The model is SD1.5's real architecture with random float16 weights (an 860M-parameter UNet,
 the real VAE, CLIP ViT-L/14), built once per machine (``services/generator/realsize.py``,
 ~1 minute, then reused) as a diffusers folder and as a single-file checkpoint in the original
-key layout. Both are registered through ``LOOMIS_GENERATOR__MODELS_FILE`` like an operator
+key layout. Both are registered through ``LOOMIS_MODELS__MODELS_FILE`` like an operator
 would, on a stack of their own with one generator holding one model at a time, and asked for
 64x64 images with one denoising step: what the tiny models prove, at the sizes people run.
 """
@@ -74,7 +74,7 @@ def real_stack(real_sd15: dict[str, object], tmp_path_factory: pytest.TempPathFa
     running = launch_stack(
         tmp, database_url=f"sqlite+aiosqlite:///{tmp / 'loomis.db'}", s3=s3_server,
         model_cache=model_cache,
-        extra_env={"LOOMIS_GENERATOR__MODELS_FILE": str(models),
+        extra_env={"LOOMIS_MODELS__MODELS_FILE": str(models),
                    "LOOMIS_GENERATOR__MAX_LOADED_MODELS": "1"},
     )
     yield running
@@ -175,7 +175,7 @@ def test_ldm_layout_is_what_diffusers_reads_back() -> None:
     )
 
     from services.generator.realsize import diffusers_to_ldm
-    from services.generator.tiny import _sd_vae, tiny_sd15_unet
+    from services.models.tiny.diffusion import _sd_vae, tiny_sd15_unet
 
     unet, vae = tiny_sd15_unet(), _sd_vae()
     unet_state, vae_state = unet.state_dict(), vae.state_dict()

@@ -19,8 +19,8 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from services.models.tiny.tagging import BUILDERS, WD14_IMAGE_SIZE, WD14_TAGS, ensure_tagger_model
 from services.tagger.models import Captioner, ImageFailed, Tagger, TagResult, wd14_pixels
-from services.tagger.tiny import BUILDERS, WD14_IMAGE_SIZE, WD14_TAGS, ensure_tagger_model
 from shared.tagging import TagOptions, clean_caption, clean_tags, format_tags, merge_metadata
 
 

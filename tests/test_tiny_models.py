@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from services.generator.tiny import BUILDERS, ensure_tiny_model
+from services.models.tiny.diffusion import BUILDERS, ensure_tiny_model
 from shared.models import BUILTIN_PRESETS, ControlType
 
 # Raised inside diffusers' own FluxControlNetModel, nothing we can act on.

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load
 
-from services.generator.tiny import ensure_tiny_model
+from services.models.tiny.diffusion import ensure_tiny_model
 from services.trainer import (
     LoraTrainer,
     OptimizerUnavailable,

@@ -68,8 +68,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                            maxlen=settings.redis.events_maxlen, ttl_s=settings.redis.job_ttl_s)
         app.state.loomis = GatewayState(
             settings=settings,
-            registry=ModelRegistry.load(settings.generator.models_file,
-                                        settings.generator.models_dir),
+            registry=ModelRegistry.load(settings.models.models_file,
+                                        settings.models.models_dir),
             sessionmaker=sessionmaker, redis=redis, events=events, store=store,
         )
         consumer = EventConsumer(

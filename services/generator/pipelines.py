@@ -1,9 +1,10 @@
 """Loading diffusers pipelines once per process and keeping them warm.
 
-Every source ends up as ``from_pretrained(<directory>)``: built-in tiny models are built into
-the model cache first, hub ids are resolved to a snapshot directory (downloaded only when
-settings allow), and local directories are used as they are. A single-file checkpoint is read
-by ``from_single_file`` with local configs instead (``singlefile.py``).
+Every source ends up as ``from_pretrained(<directory>)`` once ``services.models.sources`` has
+made local files of it, as for every worker: built-in tiny models are built into the model
+cache first, hub ids are resolved to a snapshot directory (downloaded only when settings
+allow), and local directories are used as they are. A single-file checkpoint is read by
+``from_single_file`` with local configs instead (``singlefile.py``).
 """
 
 from __future__ import annotations
@@ -11,9 +12,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
-import hashlib
 import inspect
-import json
 import logging
 import sys
 import threading
@@ -26,23 +25,13 @@ from typing import Any
 import torch
 
 from services.generator.singlefile import load_single_file
-from services.generator.tiny import ensure_tiny_model
+from services.models.device import pick_device
+from services.models.sources import ModelSources
+from services.models.weights import listed_components, model_index
 from shared.errors import ModelUnavailable
 from shared.models import SCHEDULERS, ModelPreset, ModelRegistry
 
 logger = logging.getLogger(__name__)
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".gguf")
-
-
-def pick_device(wanted: str) -> str:
-    if wanted != "auto":
-        return wanted
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
 
 
 def pick_dtype(preset_dtype: str, device: str) -> torch.dtype:
@@ -63,29 +52,6 @@ def dtype_note(preset_dtype: str, dtype: torch.dtype) -> str | None:
         return None
     return (f"the preset asks for {preset_dtype}; this worker's device runs it as {ran} "
             "(half precision is used on GPUs only)")
-
-
-# diffusers' NSFW checker blacks out a flagged image and the job would still succeed with
-# nothing saying why; Loomis filters per tenant instead (services/generator/safety.py), and
-# the checker costs ~1.3 GB and ~1 s per image. The feature extractor only feeds it.
-_SAFETY_COMPONENTS = ("safety_checker", "feature_extractor")
-# The file names diffusers (first) and transformers save a component's weights under, in the
-# order from_pretrained looks for them; variants (``*.fp16.safetensors``) are not read
-# without ``variant=``, and root-level single-file checkpoints never are.
-_WEIGHT_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")
-_WEIGHT_FORMATS = (".safetensors", ".bin")
-
-
-def model_index(folder: Path) -> dict[str, Any]:
-    index = folder / "model_index.json"
-    return json.loads(index.read_text()) if index.is_file() else {}
-
-
-def listed_components(index: dict[str, Any]) -> list[str]:
-    """The components ``model_index.json`` asks to load (``[null, null]`` entries are off)."""
-    return [name for name, value in index.items()
-            if not name.startswith("_") and isinstance(value, list) and len(value) == 2
-            and value[0] is not None]
 
 
 def without_safety_checker(index: dict[str, Any]) -> dict[str, Any]:
@@ -125,68 +91,6 @@ def _failed_component(path: Path, index: dict[str, Any], exc: Exception, *, mode
             weights = "no weights" if "no file named" in message else "cannot load it"
             return f"component `{name}` of model {model!r}: {weights} in {path / name}"
     return f"cannot load {model!r} from {path}"
-
-
-def component_weight_files(folder: Path) -> list[Path]:
-    """The weight files ``from_pretrained`` reads from one component folder (shards by their
-    index), or nothing for a component without weights (tokenizer, scheduler)."""
-    for suffix in _WEIGHT_FORMATS:
-        for stem in _WEIGHT_STEMS:
-            sharded = folder / f"{stem}{suffix}.index.json"
-            if sharded.is_file():
-                shards = set(json.loads(sharded.read_text())["weight_map"].values())
-                return [sharded, *sorted(folder / shard for shard in shards)]
-            single = folder / f"{stem}{suffix}"
-            if single.is_file():
-                return [single]
-    return []
-
-
-def loaded_weight_files(path: Path, components: list[str] | None = None) -> list[Path]:
-    """The weight files a pipeline loads from ``path``: a single file, each component's own
-    files for a diffusers folder, else (a bare model folder) what its root holds."""
-    if path.is_file():
-        return [path]
-    if components is None:
-        components = [name for name in listed_components(model_index(path))
-                      if name not in _SAFETY_COMPONENTS]
-    if components:
-        return [file for name in sorted(components)
-                for file in component_weight_files(path / name)]
-    return component_weight_files(path)
-
-
-def _file_sha256(path: Path, sidecar_dir: Path) -> str:
-    """A file's SHA-256, cached by (path, size, mtime): a real model is GBs, and presets that
-    share files (a base and its inpainting variant's VAE) hash them once."""
-    stat = path.stat()
-    resolved = str(path.resolve())
-    key = [resolved, stat.st_size, stat.st_mtime_ns]
-    sidecar = sidecar_dir / (hashlib.sha1(resolved.encode()).hexdigest() + ".json")
-    if sidecar.exists():
-        cached = json.loads(sidecar.read_text())
-        if cached.get("key") == key:
-            return str(cached["sha256"])
-    with path.open("rb") as fh:
-        digest = hashlib.file_digest(fh, "sha256").hexdigest()
-    sidecar_dir.mkdir(parents=True, exist_ok=True)
-    sidecar.write_text(json.dumps({"key": key, "sha256": digest}))
-    return digest
-
-
-def weights_hash(path: Path, sidecar_dir: Path, components: list[str] | None = None) -> str:
-    """SHA-256 over the weight files the pipeline loads (names and contents), not over every
-    file in the folder: a cloned repository also holds multi-GB single-file checkpoints and
-    fp16 variants that are never read."""
-    root = path.parent if path.is_file() else path
-    files = loaded_weight_files(path, components)
-    if not files:  # nothing we recognise: every weight file, as before
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(f"{file.relative_to(root).as_posix()}\0"
-                      f"{_file_sha256(file, sidecar_dir)}\n".encode())
-    return digest.hexdigest()
 
 
 def release_memory(device: str) -> None:
@@ -389,7 +293,7 @@ class PipelineCache:
         self.registry = registry
         self.cache_dir = cache_dir
         self.device = pick_device(device)
-        self.allow_downloads = allow_downloads
+        self.sources = ModelSources(cache_dir=cache_dir, allow_downloads=allow_downloads)
         self.max_loaded = max(1, max_loaded)
         self.max_bytes = max_bytes  # 0: no byte budget
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
@@ -430,36 +334,10 @@ class PipelineCache:
 
     def resolve_source(self, source: str) -> Path:
         """A companion's source (ControlNet, inpainting UNet) to a local directory."""
-        return self._resolve_source(source, name=source, revision=None)[0]
+        return self.sources.path(source)
 
     def _resolve(self, preset: ModelPreset) -> tuple[Path, str | None]:
-        return self._resolve_source(preset.source, name=preset.name, revision=preset.revision)
-
-    def _resolve_source(self, source: str, *, name: str,
-                        revision: str | None) -> tuple[Path, str | None]:
-        if source.startswith("builtin:"):
-            return ensure_tiny_model(source.removeprefix("builtin:"), self.cache_dir), None
-        if Path(source).is_dir():
-            return Path(source), None
-        if Path(source).is_file():  # a single-file checkpoint
-            return Path(source), None
-        if source.endswith(".safetensors") or source.startswith(("/", "./", "../")):
-            raise ModelUnavailable(f"weights for {name!r}: {source} does not exist")
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-        try:
-            path = Path(snapshot_download(
-                source, revision=revision, cache_dir=self.cache_dir / "hub",
-                local_files_only=not self.allow_downloads,
-            ))
-        except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as exc:
-            hint = "" if self.allow_downloads else (
-                " (downloads are off: put the weights in the model cache or set "
-                "LOOMIS_GENERATOR__ALLOW_DOWNLOADS=true)")
-            raise ModelUnavailable(f"weights for {name!r} ({source}) are not available"
-                                   f"{hint}") from exc
-        return path, path.name
+        return self.sources.resolve(preset.source, name=preset.name, revision=preset.revision)
 
     def _load(self, preset: ModelPreset) -> LoadedModel:
         from diffusers import DiffusionPipeline
@@ -491,7 +369,7 @@ class PipelineCache:
         pipe.set_progress_bar_config(disable=True)
         loaded_components = [name for name, module in pipe.components.items()
                              if module is not None]
-        sha = weights_hash(path, self.cache_dir / ".hashes", loaded_components)
+        sha = self.sources.weights_hash(path, loaded_components)
         elapsed = time.perf_counter() - started
         logger.info("loaded model %s in %.2fs", preset.name, elapsed, extra={"model": preset.name})
         return LoadedModel(

@@ -33,8 +33,8 @@ from typing import Any
 
 import torch
 
-from services.generator.tiny import write_char_tokenizer
-from services.modelcache import build_into_cache
+from services.models.cache import build_into_cache
+from services.models.tiny.diffusion import write_char_tokenizer
 
 REALSIZE_SEED = 0
 SD15_NAME = "sd15-realsize"

@@ -96,10 +96,10 @@ async def startup(ctx: dict[str, Any]) -> None:
     """Build the shared clients once; warm the default model so the first job does not wait."""
     settings = common_startup(ctx)
     ctx["cache"] = PipelineCache(
-        registry=ModelRegistry.load(settings.generator.models_file,
-                                    settings.generator.models_dir),
+        registry=ModelRegistry.load(settings.models.models_file,
+                                    settings.models.models_dir),
         cache_dir=settings.model_cache, device=settings.generator.device,
-        allow_downloads=settings.generator.allow_downloads,
+        allow_downloads=settings.models.allow_downloads,
         max_loaded=settings.generator.max_loaded_models,
         max_bytes=settings.generator.max_model_bytes,
     )

@@ -1,7 +1,7 @@
 """Captioning (BLIP) and tagging (WD14) models, loaded once per process and run in batches.
 
 Both take a model folder laid out as the real models ship: a BLIP snapshot
-(Salesforce/blip-image-captioning-large or a tiny one from ``services.tagger.tiny``) loads with
+(Salesforce/blip-image-captioning-large or a tiny one from ``services.models.tiny.tagging``) loads with
 ``from_pretrained``; a WD14 tagger is a folder holding ``model.onnx`` and ``selected_tags.csv``
 (any of SmilingWolf's wd-v1-4 / wd-*-tagger-v3 models). Tiny and real models go through the
 same code.

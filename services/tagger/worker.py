@@ -22,7 +22,9 @@ from arq.worker import Worker, func
 from PIL import Image
 
 from services.jobrunner import RUNNING, common_startup, make_worker, run_job, run_worker
-from shared.errors import JobCanceled, ModelUnavailable, NotFound
+from services.models.device import pick_device
+from services.models.sources import ModelSources
+from shared.errors import JobCanceled, NotFound
 from shared.events import JobEvents
 from shared.keys import caption_key, tagging_metadata_key, tagging_results_key
 from shared.outcomes import TaggingOutcome
@@ -47,32 +49,16 @@ class TaggerModels:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.sources = ModelSources(cache_dir=settings.model_cache,
+                                    allow_downloads=settings.models.allow_downloads)
         self._captioner: Any = None
         self._tagger: Any = None
 
     def _resolve(self, source: str) -> Path:
-        if source.startswith("builtin:"):
-            from services.tagger.tiny import ensure_tagger_model
-
-            return ensure_tagger_model(source.removeprefix("builtin:"), self.settings.model_cache)
-        if Path(source).is_dir():
-            return Path(source)
-        from huggingface_hub import snapshot_download
-
-        try:
-            return Path(snapshot_download(
-                source, cache_dir=self.settings.model_cache / "hub",
-                local_files_only=not self.settings.generator.allow_downloads))
-        except Exception as exc:  # hub errors come in many types; all mean "not here"
-            raise ModelUnavailable(f"tagger model {source!r} is not in the model cache") from exc
+        return self.sources.path(source)
 
     def device(self) -> str:
-        wanted = self.settings.tagger.device
-        if wanted != "auto":
-            return wanted
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return pick_device(self.settings.tagger.device, mps=False)
 
     def captioner(self) -> Any:
         if self._captioner is None:

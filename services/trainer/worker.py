@@ -24,6 +24,8 @@ from arq.worker import Worker, func
 from PIL import Image
 
 from services.jobrunner import RUNNING, common_startup, make_worker, run_job, run_worker
+from services.models.device import pick_device
+from services.models.sources import ModelSources
 from services.trainer.curve import loss_curve_png, metrics_json, read_metrics
 from shared.errors import (
     InvalidJobSpec,
@@ -58,8 +60,9 @@ logger = logging.getLogger(__name__)
 
 async def startup(ctx: dict[str, Any]) -> None:
     settings = common_startup(ctx)
-    ctx["registry"] = ModelRegistry.load(settings.generator.models_file,
-                                         settings.generator.models_dir)
+    ctx["registry"] = ModelRegistry.load(settings.models.models_file, settings.models.models_dir)
+    ctx["sources"] = ModelSources(cache_dir=settings.model_cache,
+                                  allow_downloads=settings.models.allow_downloads)
 
 
 def _tar(directory: Path) -> bytes:
@@ -77,17 +80,13 @@ def _untar(data: bytes, target: Path) -> Path:
 
 
 def _model_dir(ctx: dict[str, Any], base_model: str) -> tuple[Path, str]:
-    from services.generator.pipelines import PipelineCache, weights_hash
-
-    settings: Settings = ctx["settings"]
+    sources: ModelSources = ctx["sources"]
     preset = ctx["registry"].get(base_model)
     if preset is None:
         raise JobFailure(f"model {base_model!r} is not in this worker's registry",
                          code="model_unavailable")
-    cache = PipelineCache(registry=ctx["registry"], cache_dir=settings.model_cache,
-                          allow_downloads=settings.generator.allow_downloads)
-    path = cache.resolve_source(preset.source)
-    return path, weights_hash(path, settings.model_cache / ".hashes")
+    path = sources.path(preset.source)
+    return path, sources.weights_hash(path)
 
 
 async def _run(ctx: dict[str, Any], task: TrainingTask, *, queued_s: float) -> dict[str, Any]:
@@ -237,11 +236,7 @@ async def _run(ctx: dict[str, Any], task: TrainingTask, *, queued_s: float) -> d
                 _untar, await store.get(resume_key), work_dir / "resume")
             await events.emit(task.job_id, "progress", allowed_from=RUNNING,
                               data={"resumed_from": resume_key})
-        device = ctx["settings"].trainer.device
-        if device == "auto":
-            import torch
-
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = pick_device(ctx["settings"].trainer.device, mps=False)
         trainer = LoraTrainer(model_dir=model_dir, cfg=cfg, device=device)
         if resume_dir is not None:  # steps the saved state is past are kept, later ones redone
             with contextlib.suppress(OSError, ValueError, KeyError):

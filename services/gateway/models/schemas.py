@@ -34,8 +34,8 @@ class ModelOut(BaseModel):
                         "and which options apply.")
     description: str = Field(description="What the preset is, for people.")
     origin: ModelOrigin = Field(description="Where the preset comes from: `builtin` (shipped "
-                                "with Loomis), `models_file` (LOOMIS_GENERATOR__MODELS_FILE) or "
-                                "`models_dir` (found in LOOMIS_GENERATOR__MODELS_DIR).")
+                                "with Loomis), `models_file` (LOOMIS_MODELS__MODELS_FILE) or "
+                                "`models_dir` (found in LOOMIS_MODELS__MODELS_DIR).")
     source: str = Field(examples=["stabilityai/stable-diffusion-xl-base-1.0"],
                         description="The weights as the operator configured them: "
                         "`builtin:<name>`, a hub id, or a path; for a model found in the "

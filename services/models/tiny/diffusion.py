@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from services.modelcache import build_into_cache
+from services.models.cache import build_into_cache
 from shared.models import ControlType
 
 TINY_SEED = 0

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from services.modelcache import build_into_cache
+from services.models.cache import build_into_cache
 
 TINY_SEED = 0
 # A folder holding one of these is a whole model: builds land in the cache by one atomic rename.
