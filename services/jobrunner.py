@@ -24,7 +24,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from services.arqworker import LeasedWorker, resilient_redis_settings
 from shared.errors import JobCanceled, LoomisError, StorageUnavailable, unexpected_failure
 from shared.events import JobEvents
-from shared.logs import configure_logging
+from shared.logs import configure_logging, job_context
 from shared.settings import Settings, get_settings
 from shared.specs import JobStatus
 from shared.storage import ObjectStore, build_store
@@ -38,6 +38,18 @@ async def run_job(
     ctx: dict[str, Any], *, job_id: str, cleanup_prefix: str, timeout_s: float, max_tries: int,
     log_extra: dict[str, Any], body: Callable[[float], Awaitable[dict[str, Any]]],
     kind: str = "job",
+) -> dict[str, Any]:
+    """:func:`_run_job` with the job bound to every log line written while it runs."""
+    with job_context(**{**log_extra, "job_id": job_id, "kind": kind}):
+        return await _run_job(ctx, job_id=job_id, cleanup_prefix=cleanup_prefix,
+                              timeout_s=timeout_s, max_tries=max_tries, log_extra=log_extra,
+                              body=body, kind=kind)
+
+
+async def _run_job(
+    ctx: dict[str, Any], *, job_id: str, cleanup_prefix: str, timeout_s: float, max_tries: int,
+    log_extra: dict[str, Any], body: Callable[[float], Awaitable[dict[str, Any]]],
+    kind: str,
 ) -> dict[str, Any]:
     """Running -> succeeded | failed | canceled around ``body``, whatever it raises.
 
