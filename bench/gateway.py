@@ -170,8 +170,16 @@ wrk.headers["Content-Type"] = "application/json"
 """
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process, all its threads (aiosqlite's too): on a shared machine
+    req/s moves with the neighbours, CPU per request much less."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_wrk(url: str, *, seconds: int, connections: int, threads: int,
-            headers: dict[str, str], body: dict[str, Any] | None, workdir: Path) -> dict[str, float]:
+            headers: dict[str, str], body: dict[str, Any] | None, workdir: Path,
+            server_pid: int | None = None) -> dict[str, float]:
     argv = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s",
             "--latency", "--timeout", "10s"]
     for name, value in headers.items():
@@ -180,7 +188,10 @@ def run_wrk(url: str, *, seconds: int, connections: int, threads: int,
         script = workdir / "post.lua"
         script.write_text(POST_LUA.format(body=json.dumps(body)))
         argv += ["-s", str(script)]
+    cpu_before = cpu_seconds(server_pid) if server_pid else 0.0
     out = subprocess.run(argv + [url], capture_output=True, text=True, check=True).stdout
+    cpu = cpu_seconds(server_pid) - cpu_before if server_pid else 0.0
+    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
 
     def latency_ms(q: str) -> float:
@@ -190,6 +201,7 @@ def run_wrk(url: str, *, seconds: int, connections: int, threads: int,
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     failed = re.search(r"Socket errors: .*", out)
     return {"rps": rps, "p50": latency_ms("50"), "p99": latency_ms("99"),
+            "cpu_ms": 1000 * cpu / max(total, 1),
             "non2xx": float(errors.group(1)) if errors else 0.0,
             "socket_errors": 1.0 if failed else 0.0}
 
@@ -224,23 +236,25 @@ def bench_backend(name: str, database_url: str, *, s3_url: str, args: argparse.N
         wait_port(baseline_port)
         auth = {"Authorization": f"Bearer {key}"}
         gw, bl = stack.url, f"http://127.0.0.1:{baseline_port}"
-        cases: list[tuple[str, str, dict[str, str], dict[str, Any] | None]] = [
-            ("GET /healthz", f"{gw}/healthz", {}, None),
-            ("GET /v1/jobs/{id}", f"{gw}/v1/jobs/{job_id}", auth, None),
-            ("GET /v1/jobs", f"{gw}/v1/jobs", auth, None),
-            ("POST /v1/generations", f"{gw}/v1/generations", auth, SPEC),
-            ("baseline: one SQL read", f"{bl}/read", {}, None),
-            ("baseline: insert + enqueue", f"{bl}/write", {}, SPEC),
+        gateway_pid = stack.children[-1].popen.pid
+        cases: list[tuple[str, str, dict[str, str], dict[str, Any] | None, int]] = [
+            ("GET /healthz", f"{gw}/healthz", {}, None, gateway_pid),
+            ("GET /v1/jobs/{id}", f"{gw}/v1/jobs/{job_id}", auth, None, gateway_pid),
+            ("GET /v1/jobs", f"{gw}/v1/jobs", auth, None, gateway_pid),
+            ("POST /v1/generations", f"{gw}/v1/generations", auth, SPEC, gateway_pid),
+            ("baseline: one SQL read", f"{bl}/read", {}, None, baseline.pid),
+            ("baseline: insert + enqueue", f"{bl}/write", {}, SPEC, baseline.pid),
         ]
-        for label, url, headers, body in cases:
+        for label, url, headers, body, pid in cases:
             # a short warm-up: first requests pay connection set-up and lazy imports
             run_wrk(url, seconds=1, connections=args.connections, threads=args.threads,
                     headers=headers, body=body, workdir=workdir)
             figures = run_wrk(url, seconds=args.seconds, connections=args.connections,
-                              threads=args.threads, headers=headers, body=body, workdir=workdir)
+                              threads=args.threads, headers=headers, body=body, workdir=workdir,
+                              server_pid=pid)
             results.append((label, figures))
             print(f"  {name:8} {label:28} {figures['rps']:8.0f} req/s   p50 {figures['p50']:7.1f} ms"
-                  f"   p99 {figures['p99']:7.1f} ms"
+                  f"   p99 {figures['p99']:7.1f} ms   server CPU {figures['cpu_ms']:5.2f} ms/req"
                   + (f"   NON-2xx {figures['non2xx']:.0f}" if figures["non2xx"] else ""),
                   flush=True)
     finally:

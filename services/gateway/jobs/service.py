@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import joinedload
 
 from services.gateway.jobs.schemas import ArtifactOut, JobError, JobOut, JobPage
 from shared.db.models import Artifact, Job, JobEventRow, Tenant, utcnow
@@ -25,7 +26,11 @@ _TERMINAL = [s.value for s in TERMINAL_STATUSES]
 
 async def get_job(*, session: AsyncSession, tenant: Tenant, job_id: str) -> Job:
     """Another tenant's job is reported as missing, not forbidden: its existence is private."""
-    job = await session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant.id))
+    # the artifacts joined in: one round trip, not the relationship's second select-in query
+    job = (await session.execute(
+        select(Job).options(joinedload(Job.artifacts))
+        .where(Job.id == job_id, Job.tenant_id == tenant.id)
+    )).unique().scalar_one_or_none()
     if job is None:
         raise NotFound(f"job {job_id} not found", code="job_not_found")
     return job
@@ -125,7 +130,10 @@ async def apply_event(*, session: AsyncSession, event: JobEvent) -> bool:
     cancel route, the SSE terminal write) then takes the two locks in the same order, which
     PostgreSQL needs to avoid a deadlock when two of them apply the same event at once.
     """
-    await session.execute(select(Job.id).where(Job.id == event.job_id).with_for_update())
+    if session.get_bind().dialect.name != "sqlite":
+        # SQLite has no row locks (its one write lock comes with the first write below), and
+        # the read would only open a transaction that then has to upgrade to a writer.
+        await session.execute(select(Job.id).where(Job.id == event.job_id).with_for_update())
     # A tagging job's per-image results ride on its terminal event; they go to the dataset's
     # items, not into the job's event log.
     item_results = event.data.get("dataset_items")
