@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install lock demo test lint bench up redis-server curl-jq clean
+.PHONY: install lock demo test lint bench up redis-server curl-jq wrk clean
 
 # requirements/cpu.txt pins every package of the environment (see `make lock`); the venv is
 # installed from it exactly, then checked: `pip check` and tests/test_lock.py catch drift.
@@ -53,6 +53,13 @@ curl-jq:
 	  SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq curl jq >/dev/null; }
 
+# bench/gateway.py drives the gateway with wrk.
+wrk:
+	@command -v wrk >/dev/null 2>&1 || { \
+	  echo "wrk missing: installing it with apt"; \
+	  SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq wrk >/dev/null; }
+
 test: install redis-server curl-jq
 	$(PY) -m pytest
 
@@ -60,8 +67,9 @@ lint: install
 	$(VENV)/bin/ruff check services shared tests bench
 	$(VENV)/bin/mypy services shared
 
-bench: install redis-server
+bench: install redis-server wrk
 	$(PY) bench/overhead.py
+	$(PY) bench/gateway.py
 	$(PY) bench/lora_swap.py
 	$(PY) bench/batching.py
 	$(PY) bench/pipeline_cache.py

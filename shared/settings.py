@@ -25,6 +25,11 @@ class DatabaseSettings(BaseModel):
     )
     auto_migrate: bool = Field(default=True, description="Run Alembic migrations at gateway start.")
     echo: bool = False
+    # SQLAlchemy's 5 + 10 made a gateway under a few dozen concurrent requests open and close
+    # a connection (on SQLite: a thread and its PRAGMAs) for every request past the fifth.
+    pool_size: int = Field(default=20, ge=1, description="Connections the gateway keeps open.")
+    max_overflow: int = Field(default=20, ge=0,
+                              description="Extra connections opened under load, closed after.")
 
 
 class RedisSettings(BaseModel):

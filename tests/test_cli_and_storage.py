@@ -109,6 +109,24 @@ def test_s3_presigned_url_downloads_over_http(s3_server: S3Server) -> None:
     assert response.headers["content-type"] == "image/png"
 
 
+@pytest.mark.parametrize("endpoint", ["http://127.0.0.1:5000", "https://s3.example.com",
+                                      "http://s3.example.com:80", "http://minio:9000/sub"])
+def test_s3_presigner_signs_what_botocore_signs(endpoint: str) -> None:
+    """The gateway signs URLs itself for speed; for the same instant they must be botocore's."""
+    from datetime import UTC, datetime
+
+    store = S3Store(bucket="bkt-1", endpoint_url=endpoint, region="eu-west-1",
+                    access_key_id="AKID", secret_access_key="sec/ret+", presign_expires_s=60,
+                    create_bucket=False)
+    assert store.presigner is not None
+    for key in ("outputs/t/j/0.png", "in puts/ü/a+b=c&d~e!'()*.png", "x//y"):
+        expected = store.client.generate_presigned_url(
+            "get_object", Params={"Bucket": "bkt-1", "Key": key}, ExpiresIn=900)
+        stamp = parse_qs(urlparse(expected).query)["X-Amz-Date"][0]
+        now = datetime.strptime(stamp, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+        assert store.presigner.presign_get("bkt-1", key, expires_s=900, now=now) == expected
+
+
 def test_local_store_refuses_paths_outside_its_root(tmp_path: Path) -> None:
     store = LocalStore(tmp_path / "objects", public_url="http://x", secret="s",
                        presign_expires_s=60)

@@ -12,6 +12,7 @@ from arq import create_pool
 from arq.connections import RedisSettings as ArqRedisSettings
 from fastapi import Depends, FastAPI
 
+from services.gateway.auth.service import ApiKeyLookups
 from services.gateway.control.routes import router as control_router
 from services.gateway.datasets.routes import router as datasets_router
 from services.gateway.deps import GatewayState, refuse_control_characters_in_url
@@ -56,7 +57,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = make_engine(settings.database_url, echo=settings.db.echo)
+        engine = make_engine(settings.database_url, echo=settings.db.echo,
+                             pool_size=settings.db.pool_size,
+                             max_overflow=settings.db.max_overflow)
         if settings.db.auto_migrate:
             await migrate(engine)
         redis = await create_pool(ArqRedisSettings.from_dsn(settings.redis.url))
@@ -71,6 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             registry=ModelRegistry.load(settings.models.models_file,
                                         settings.models.models_dir),
             sessionmaker=sessionmaker, redis=redis, events=events, store=store,
+            api_keys=ApiKeyLookups(engine),
         )
         consumer = EventConsumer(
             redis=redis, sessionmaker=sessionmaker, stream=settings.redis.events_stream,

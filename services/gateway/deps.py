@@ -10,7 +10,7 @@ from fastapi import Depends, Header, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from services.gateway.auth.service import authenticate
+from services.gateway.auth.service import ApiKeyLookups, authenticate
 from shared.db.models import Tenant
 from shared.errors import ValidationFailed
 from shared.events import JobEvents
@@ -30,11 +30,15 @@ class GatewayState:
     redis: Any  # arq.ArqRedis: a redis.asyncio.Redis that can also enqueue jobs
     events: JobEvents
     store: ObjectStore
+    api_keys: ApiKeyLookups
 
 
-def refuse_control_characters_in_url(request: Request) -> None:
+async def refuse_control_characters_in_url(request: Request) -> None:
     """Ids and cursors from the URL reach SQL as text like any field; a ``%00`` in one would
-    be a 500 on PostgreSQL, so path and query values get the same check as bodies."""
+    be a 500 on PostgreSQL, so path and query values get the same check as bodies.
+
+    ``async`` although it never awaits, as ``get_state`` below: FastAPI runs a plain ``def``
+    dependency in its thread pool, a thread hop per request for a few microseconds of work."""
     errors: list[dict[str, str]] = []
     params = [("path", k, v) for k, v in request.path_params.items()]
     params += [("query", k, v) for k, v in request.query_params.multi_items()]
@@ -49,7 +53,7 @@ def refuse_control_characters_in_url(request: Request) -> None:
         raise ValidationFailed(errors)
 
 
-def get_state(request: Request) -> GatewayState:
+async def get_state(request: Request) -> GatewayState:
     return request.app.state.loomis  # type: ignore[no-any-return]
 
 
@@ -74,11 +78,11 @@ bearer_auth = HTTPBearer(
 
 
 async def get_tenant(
-    session: SessionDep,
+    state: StateDep,
     _credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer_auth)],
     authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> Tenant:
-    return await authenticate(session=session, authorization=authorization)
+    return await authenticate(lookups=state.api_keys, authorization=authorization)
 
 
 TenantDep = Annotated[Tenant, Depends(get_tenant)]

@@ -12,13 +12,22 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
-def make_engine(url: str, *, echo: bool = False) -> AsyncEngine:
-    kwargs: dict[str, Any] = {"echo": echo, "pool_pre_ping": True}
+def make_engine(url: str, *, echo: bool = False, pool_size: int = 5,
+                max_overflow: int = 10) -> AsyncEngine:
+    # A pre-ping is a round trip per checkout; a SQLite file has no server to lose the
+    # connection, so only server databases pay for it.
+    kwargs: dict[str, Any] = {"echo": echo, "pool_pre_ping": not url.startswith("sqlite")}
+    if not url.endswith(":memory:"):
+        kwargs.update(pool_size=pool_size, max_overflow=max_overflow)
     if url.startswith("sqlite"):
         db_path = url.split("///", 1)[-1]
         if db_path and db_path != ":memory:":
             Path(db_path).parent.mkdir(parents=True, exist_ok=True)
         kwargs["connect_args"] = {"timeout": 30}
+        # The pool's reset is a ROLLBACK, one more trip through aiosqlite's thread, after the
+        # session already ended its transaction; the "reset" hook below rolls back only a
+        # connection that is still inside one.
+        kwargs["pool_reset_on_return"] = None
     engine = create_async_engine(url, **kwargs)
     if url.startswith("sqlite"):
         # WAL lets the API read while the event consumer writes; foreign keys are off by default.
@@ -29,6 +38,11 @@ def make_engine(url: str, *, echo: bool = False) -> AsyncEngine:
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute("PRAGMA busy_timeout=30000")
             cursor.close()
+
+        @event.listens_for(engine.sync_engine, "reset")
+        def _rollback_if_open(dbapi_conn: Any, _record: Any, _state: Any) -> None:
+            if dbapi_conn.driver_connection.in_transaction:
+                dbapi_conn.rollback()
 
     return engine
 

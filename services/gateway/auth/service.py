@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import secrets
 
 from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.orm import make_transient_to_detached
 
 from shared.db.models import ApiKey, Tenant, utcnow
 from shared.errors import Unauthorized
@@ -41,16 +43,85 @@ async def key_is_valid(*, session: AsyncSession, raw: str) -> bool:
     return key is not None and key.revoked_at is None
 
 
-async def authenticate(*, session: AsyncSession, authorization: str | None) -> Tenant:
+class ApiKeyLookups:
+    """Key checks shared by concurrent requests; nothing is cached.
+
+    A revoked key must fail on the very next request, whichever process revoked it (``loomis
+    keys revoke`` only writes the database), so no answer outlives its query. Instead, the
+    requests that arrive while a lookup is in flight wait for the next one, which answers all
+    of them in one statement: every request is still checked by a read that began after it
+    arrived, yet under load one round trip authenticates dozens of requests.
+    """
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self._waiting: dict[str, list[asyncio.Future[Tenant | None]]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def tenant(self, key_hash: str) -> Tenant | None:
+        """The active key's tenant, or None for an unknown or revoked key."""
+        future: asyncio.Future[Tenant | None] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(key_hash, []).append(future)
+        if self._task is None:
+            self._task = asyncio.create_task(self._drain(), name="api-key-lookups")
+        return await future
+
+    async def _drain(self) -> None:
+        try:
+            while self._waiting:
+                batch, self._waiting = self._waiting, {}
+                try:
+                    found = await self._lookup(list(batch))
+                except BaseException as exc:
+                    for futures in batch.values():
+                        for future in futures:
+                            if future.done():
+                                continue
+                            if isinstance(exc, asyncio.CancelledError):
+                                future.cancel()
+                            else:
+                                future.set_exception(exc)
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                for key_hash, futures in batch.items():
+                    row = found.get(key_hash)
+                    for future in futures:
+                        if not future.done():
+                            future.set_result(None if row is None else _detached_tenant(row))
+        finally:
+            self._task = None
+
+    async def _lookup(self, hashes: list[str]) -> dict[str, dict[str, object]]:
+        query = (
+            select(ApiKey.key_hash, Tenant.id, Tenant.name, Tenant.created_at,
+                   Tenant.safety_action, Tenant.safety_threshold)
+            .join(Tenant, Tenant.id == ApiKey.tenant_id)
+            .where(ApiKey.key_hash.in_(hashes), ApiKey.revoked_at.is_(None))
+        )
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).mappings().all()
+        return {row["key_hash"]: {k: v for k, v in row.items() if k != "key_hash"}
+                for row in rows}
+
+
+def _detached_tenant(row: dict[str, object]) -> Tenant:
+    """A Tenant as if loaded and its session closed: readable, never inserted by accident."""
+    tenant = Tenant(**row)
+    make_transient_to_detached(tenant)
+    return tenant
+
+
+async def authenticate(*, lookups: ApiKeyLookups, authorization: str | None) -> Tenant:
     if not authorization:
         raise Unauthorized("missing Authorization: Bearer <api key>", code="missing_api_key")
     scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("use Authorization: Bearer <api key>", code="invalid_api_key")
-    key = await session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(token.strip())))
-    if key is None or key.revoked_at is not None:
+    tenant = await lookups.tenant(hash_key(token.strip()))
+    if tenant is None:
         raise Unauthorized("unknown or revoked API key", code="invalid_api_key")
-    return key.tenant
+    return tenant
 
 
 async def provision_api_key(*, database_url: str, tenant_name: str, name: str = "") -> str:

@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import joinedload
 
 from services.gateway.jobs.schemas import ArtifactOut, JobError, JobOut, JobPage
 from services.gateway.taggings.outcome import write_item_results
@@ -37,7 +38,11 @@ ON_SUCCEEDED: dict[JobKind, Callable[[AsyncSession, Job, Outcome], Awaitable[Non
 
 async def get_job(*, session: AsyncSession, tenant: Tenant, job_id: str) -> Job:
     """Another tenant's job is reported as missing, not forbidden: its existence is private."""
-    job = await session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant.id))
+    # the artifacts joined in: one round trip, not the relationship's second select-in query
+    job = (await session.execute(
+        select(Job).options(joinedload(Job.artifacts))
+        .where(Job.id == job_id, Job.tenant_id == tenant.id)
+    )).unique().scalar_one_or_none()
     if job is None:
         raise NotFound(f"job {job_id} not found", code="job_not_found")
     return job
@@ -137,7 +142,14 @@ async def apply_event(*, session: AsyncSession, event: JobEvent) -> bool:
     cancel route, the SSE terminal write) then takes the two locks in the same order, which
     PostgreSQL needs to avoid a deadlock when two of them apply the same event at once.
     """
-    kind = await session.scalar(select(Job.kind).where(Job.id == event.job_id).with_for_update())
+    kind: str | None = None
+    if session.get_bind().dialect.name != "sqlite":
+        kind = await session.scalar(
+            select(Job.kind).where(Job.id == event.job_id).with_for_update())
+    elif event.status is JobStatus.SUCCEEDED:
+        # SQLite has no row locks (its one write lock comes with the first write below): only a
+        # succeeded event, once per job, needs the kind before writing
+        kind = await session.scalar(select(Job.kind).where(Job.id == event.job_id))
     # A succeeded event carries its kind's typed outcome; a malformed one raises here, before
     # anything is written, and the consumer parks it and fails the job.
     outcome = (parse_outcome(JobKind(kind), event.data)

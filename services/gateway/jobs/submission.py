@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm.attributes import set_committed_value
 
 from services.gateway.deps import GatewayState
 from services.gateway.jobs.service import apply_event
@@ -90,7 +91,15 @@ async def create_and_enqueue(
         raise ServiceUnavailable("the job queue is unavailable; try again",
                                  code="queue_unavailable") from exc
     if queued.event is not None:
-        await apply_event(session=session, event=queued.event)
+        applied = await apply_event(session=session, event=queued.event)
         await session.commit()
-        await session.refresh(job)
+        if applied:
+            # The queued event was the job's first change: the row is what this session
+            # wrote plus that event, so it is set here rather than read back (two selects).
+            set_committed_value(job, "status", queued.event.status.value)
+            set_committed_value(job, "last_seq", queued.event.seq)
+            set_committed_value(job, "artifacts", [])
+            session.expire(job, ["updated_at"])
+        else:
+            await session.refresh(job)
     return job, True
