@@ -15,14 +15,14 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from PIL import Image
 
 from services.generator.artifacts import put_artifact
-from services.generator.batching import Batcher, BatchItem
+from services.generator.batching import BatchItem
+from services.generator.context import GeneratorContext
 from services.generator.control import PreprocessError
-from services.generator.loras import LoraFiles
 from services.generator.pipelines import LoadedModel
 from services.generator.render import (
     PreparedInputs,
@@ -35,11 +35,9 @@ from services.generator.render import (
 )
 from services.jobrunner import RUNNING
 from shared.errors import JobCanceled, JobFailure, NotFound
-from shared.events import JobEvents
 from shared.keys import manifest_key, output_key
 from shared.models import canonical_scheduler
 from shared.outcomes import GenerationOutcome, GenerationResult
-from shared.settings import Settings
 from shared.specs import ArtifactRef, GenerationManifest, GenerationSpec, GenerationTask, LoraRef
 from shared.storage import ObjectStore
 
@@ -62,8 +60,8 @@ async def load_inputs(store: ObjectStore, inputs: dict[str, str]) -> dict[str, I
 
 
 async def _fetch_loras(ctx: dict[str, Any], loras: list[LoraRef]) -> None:
-    files: LoraFiles = ctx["lora_files"]
-    store: ObjectStore = ctx["store"]
+    files = GeneratorContext.of(ctx).lora_files
+    store = GeneratorContext.of(ctx).store
     for lora in loras:
         if files.has(lora.sha256):
             continue
@@ -84,8 +82,8 @@ def run_batch(ctx: dict[str, Any], items: list[BatchItem], on_step: Any) -> list
     specs = [j.task.spec for j in jobs]
     prepared = [j.prepared for j in jobs]
     combined = render(loaded, specs, prepared, loras=jobs[0].task.loras,
-                      lora_cache=ctx["lora_cache"], on_step=on_step,
-                      exact=ctx["settings"].generator.batch_exact)
+                      lora_cache=GeneratorContext.of(ctx).lora_cache, on_step=on_step,
+                      exact=GeneratorContext.of(ctx).settings.generator.batch_exact)
     results: list[RenderResult] = []
     offset = 0
     for job in jobs:
@@ -141,21 +139,23 @@ async def render_task(
     progress: Callable[[int, int], Awaitable[None]],
 ) -> Rendered:
     """Load, prepare inputs, render (through the batcher) and filter one spec's images."""
-    events: JobEvents = ctx["events"]
-    store: ObjectStore = ctx["store"]
-    settings: Settings = ctx["settings"]
+    events = GeneratorContext.of(ctx).events
+    store = GeneratorContext.of(ctx).store
+    settings = GeneratorContext.of(ctx).settings
     spec = task.spec
     loop = asyncio.get_running_loop()
 
     t0 = time.perf_counter()
-    async with ctx["render_slot"]:
-        loaded: LoadedModel = await asyncio.to_thread(ctx["cache"].get, spec.model)
+    async with GeneratorContext.of(ctx).render_slot:
+        # a queued spec is resolved (the gateway names its model); the cache reports a missing one
+        loaded: LoadedModel = await asyncio.to_thread(GeneratorContext.of(ctx).cache.get,
+                                                      cast(str, spec.model))
     raw = await load_inputs(store, task.inputs)
     await _fetch_loras(ctx, task.loras)
     try:
         prepared = await asyncio.to_thread(
             prepare_inputs, spec, raw, model_cache=settings.model_cache,
-            resolve=ctx["cache"].resolve_source, depth_model=settings.generator.depth_model)
+            resolve=GeneratorContext.of(ctx).cache.resolve_source, depth_model=settings.generator.depth_model)
     except PreprocessError as exc:
         raise JobFailure(str(exc), code="preprocess_failed") from exc
     model_ready_s = time.perf_counter() - t0
@@ -172,7 +172,7 @@ async def render_task(
             raise JobCanceled()
         asyncio.run_coroutine_threadsafe(step_hook(step, total), loop).result()
 
-    batcher: Batcher = ctx["batcher"]
+    batcher = GeneratorContext.of(ctx).batcher
     item = BatchItem(key=_batch_key(loaded, task), payload=_Job(task, loaded, prepared),
                      on_step=on_step)
     try:
@@ -184,7 +184,7 @@ async def render_task(
     safety: list[dict[str, Any]] = []
     if task.safety is not None:
         verdicts = await asyncio.to_thread(
-            ctx["safety"].apply, result.images, threshold=task.safety.threshold,
+            GeneratorContext.of(ctx).safety.apply, result.images, threshold=task.safety.threshold,
             action=task.safety.action)
         images = [v.image for v in verdicts]
         safety = [{"index": i, "score": round(v.score, 4), "flagged": v.flagged,
@@ -204,8 +204,8 @@ def as_run(spec: GenerationSpec, *, scheduler: str) -> GenerationSpec:
 
 
 async def run_generation(ctx: dict[str, Any], task: GenerationTask, *, queued_s: float) -> dict[str, Any]:
-    events: JobEvents = ctx["events"]
-    store: ObjectStore = ctx["store"]
+    events = GeneratorContext.of(ctx).events
+    store = GeneratorContext.of(ctx).store
     spec = task.spec
     timings: dict[str, float] = {"queue_wait_s": round(queued_s, 4)}
 
@@ -239,7 +239,8 @@ async def run_generation(ctx: dict[str, Any], task: GenerationTask, *, queued_s:
     timings["upload_s"] = round(time.perf_counter() - t1, 4)
     manifest = GenerationManifest(
         job_id=task.job_id, tenant_id=task.tenant_id, spec=spec, model=loaded.describe(),
-        scheduler=result.scheduler, seeds=result.seeds, images=refs, versions=ctx["versions"],
+        scheduler=result.scheduler, seeds=result.seeds, images=refs,
+        versions=GeneratorContext.of(ctx).versions,
         device=loaded.device, timings=timings, created_at=datetime.now(UTC),
         pipeline=result.pipeline, inputs=task.inputs, loras=result.loras, safety=safety,
         prompt_encoding=result.prompt_encoding,

@@ -13,15 +13,14 @@ from typing import Any
 from PIL import Image
 
 from services.generator.artifacts import put_artifact
+from services.generator.context import GeneratorContext
 from services.generator.generation import as_run, render_task
 from services.generator.pipelines import LoadedModel
 from services.generator.render import a1111_parameters, encode_png
 from services.jobrunner import RUNNING
-from shared.events import JobEvents
 from shared.keys import contact_sheet_key, manifest_key, output_key, sweep_metadata_key
 from shared.outcomes import SweepOutcome, SweepResult
 from shared.specs import ArtifactRef, GenerationTask, SweepTask
-from shared.storage import ObjectStore
 
 
 def _label(param: str, value: object, limit: int = 48) -> str:
@@ -34,8 +33,8 @@ def _label(param: str, value: object, limit: int = 48) -> str:
 async def run_sweep(ctx: dict[str, Any], task: SweepTask, *, queued_s: float) -> dict[str, Any]:
     from services.generator.sheet import contact_sheet
 
-    store: ObjectStore = ctx["store"]
-    events: JobEvents = ctx["events"]
+    store = GeneratorContext.of(ctx).store
+    events = GeneratorContext.of(ctx).events
     timings: dict[str, float] = {"queue_wait_s": round(queued_s, 4), "pipeline_s": 0.0}
     cells = task.cells
     images: list[Image.Image | None] = []
@@ -100,7 +99,7 @@ async def run_sweep(ctx: dict[str, Any], task: SweepTask, *, queued_s: float) ->
     meta_ref = meta_ref.model_copy(update={"kind": "metadata"})
     manifest = {"job_id": task.job_id, "tenant_id": task.tenant_id,
                 "sweep": task.sweep.model_dump(mode="json"), "model": loaded.describe(),
-                "versions": ctx["versions"], "device": loaded.device, "timings": timings,
+                "versions": GeneratorContext.of(ctx).versions, "device": loaded.device, "timings": timings,
                 "artifacts": [r.model_dump() for r in [*refs, sheet_ref, meta_ref]],
                 "created_at": datetime.now(UTC).isoformat()}
     manifest_ref = await put_artifact(store, manifest_key(task.tenant_id, task.job_id),

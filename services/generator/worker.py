@@ -16,9 +16,9 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from arq.worker import Worker, func
-from PIL import Image
 
 from services.generator.batching import Batcher
+from services.generator.context import GeneratorContext, LazySafetyFilter
 from services.generator.control import PreprocessError
 from services.generator.generation import load_inputs, run_batch, run_generation
 from services.generator.loras import LoraAdapterCache, LoraFiles
@@ -26,30 +26,15 @@ from services.generator.pipelines import PipelineCache
 from services.generator.render import control_image
 from services.generator.sweeps import run_sweep
 from services.jobrunner import common_startup, make_worker, run_job, run_worker
+from services.workerctx import CONTEXT_KEY
 from shared.errors import JobFailure, LoomisError
-from shared.events import JobEvents
 from shared.keys import job_prefix, upload_key
 from shared.models import ModelRegistry
 from shared.queue import GENERATE_TASK, GENERATOR_QUEUE, PREPROCESS_TASK, SWEEP_TASK
 from shared.settings import Settings, get_settings
 from shared.specs import GenerationTask, JobKind, JobStatus, PreprocessTask, SweepTask
-from shared.storage import ObjectStore
 
 logger = logging.getLogger(__name__)
-
-
-class LazySafetyFilter:
-    """The classifier loads on the first job of a tenant that has the filter on."""
-
-    def __init__(self) -> None:
-        self._filter: Any = None
-
-    def apply(self, images: list[Image.Image], *, threshold: float, action: str) -> list[Any]:
-        if self._filter is None:
-            from services.generator.safety import SafetyFilter
-
-            self._filter = SafetyFilter()
-        return self._filter.apply(images, threshold=threshold, action=action)  # type: ignore[no-any-return]
 
 
 def library_versions() -> dict[str, str]:
@@ -64,30 +49,33 @@ def library_versions() -> dict[str, str]:
 
 async def startup(ctx: dict[str, Any]) -> None:
     """Build the shared clients once; warm the default model so the first job does not wait."""
-    settings = common_startup(ctx)
-    ctx["cache"] = PipelineCache(
-        registry=ModelRegistry.load(settings.models.models_file,
-                                    settings.models.models_dir),
-        cache_dir=settings.model_cache, device=settings.generator.device,
-        allow_downloads=settings.models.allow_downloads,
-        max_loaded=settings.generator.max_loaded_models,
-        max_bytes=settings.generator.max_model_bytes,
+    base = common_startup(ctx)
+    base.versions = library_versions()
+    settings = base.settings
+    lora_files = LoraFiles(settings.model_cache / "loras")
+    render_slot = asyncio.Lock()
+    context = GeneratorContext.extend(
+        base,
+        cache=PipelineCache(
+            registry=ModelRegistry.load(settings.models.models_file,
+                                        settings.models.models_dir),
+            cache_dir=settings.model_cache, device=settings.generator.device,
+            allow_downloads=settings.models.allow_downloads,
+            max_loaded=settings.generator.max_loaded_models,
+            max_bytes=settings.generator.max_model_bytes,
+        ),
+        lora_files=lora_files,
+        lora_cache=LoraAdapterCache(lora_files, max_loaded=settings.generator.max_loaded_loras),
+        render_slot=render_slot,
+        batcher=Batcher(lambda items, on_step: run_batch(ctx, items, on_step),
+                        max_size=settings.generator.batch_size,
+                        window_s=settings.generator.batch_window_s,
+                        slot=render_slot),
+        safety=LazySafetyFilter(),
     )
-    ctx["lora_files"] = LoraFiles(settings.model_cache / "loras")
-    ctx["lora_cache"] = LoraAdapterCache(ctx["lora_files"],
-                                         max_loaded=settings.generator.max_loaded_loras)
-    # One pipeline call at a time per worker (one GPU): arq may hand us batch_size jobs at
-    # once, but only to group them; loading another model also waits for the slot, so a
-    # model is never evicted while it renders.
-    ctx["render_slot"] = asyncio.Lock()
-    ctx["batcher"] = Batcher(lambda items, on_step: run_batch(ctx, items, on_step),
-                             max_size=settings.generator.batch_size,
-                             window_s=settings.generator.batch_window_s,
-                             slot=ctx["render_slot"])
-    ctx["safety"] = LazySafetyFilter()
-    ctx["versions"] = library_versions()
+    ctx[CONTEXT_KEY] = context
     try:
-        await asyncio.to_thread(ctx["cache"].get, settings.generator.default_model)
+        await asyncio.to_thread(context.cache.get, settings.generator.default_model)
     except LoomisError as exc:
         logger.warning("default model not preloaded: %s", exc.detail)
 
@@ -96,8 +84,8 @@ async def preprocess_control(ctx: dict[str, Any], payload: dict[str, Any]) -> di
     """A control image for the gateway's preview endpoint, stored as the tenant's upload."""
 
     task = PreprocessTask.model_validate(payload)
-    store: ObjectStore = ctx["store"]
-    settings: Settings = ctx["settings"]
+    store = GeneratorContext.of(ctx).store
+    settings = GeneratorContext.of(ctx).settings
     spec = task.spec
     try:
         image = None
@@ -106,7 +94,7 @@ async def preprocess_control(ctx: dict[str, Any], payload: dict[str, Any]) -> di
         result = await asyncio.to_thread(
             control_image, spec.type.value, image, size=(task.width, task.height),
             low=spec.low_threshold, high=spec.high_threshold, keypoints=spec.keypoints,
-            model_cache=settings.model_cache, resolve=ctx["cache"].resolve_source,
+            model_cache=settings.model_cache, resolve=GeneratorContext.of(ctx).cache.resolve_source,
             depth_model=settings.generator.depth_model)
     except (PreprocessError, JobFailure) as exc:
         return {"error": str(exc), "field": "keypoints" if spec.keypoints else "image"}
@@ -125,7 +113,7 @@ async def preprocess_control(ctx: dict[str, Any], payload: dict[str, Any]) -> di
 
 async def generate(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:
     """The arq task. Returns a small summary; the real outcome is the job's terminal event."""
-    events: JobEvents = ctx["events"]
+    events = GeneratorContext.of(ctx).events
     task = GenerationTask.model_validate(payload)
     if not task.spec.is_resolved():
         await events.emit(task.job_id, "failed", to=JobStatus.FAILED, data={"error": {
@@ -133,8 +121,8 @@ async def generate(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, An
         return {"status": "failed"}
     return await run_job(
         ctx, job_id=task.job_id, cleanup_prefix=job_prefix(task.tenant_id, task.job_id),
-        timeout_s=ctx["settings"].generator.job_timeout_s,
-        max_tries=ctx["settings"].generator.max_tries,
+        timeout_s=GeneratorContext.of(ctx).settings.generator.job_timeout_s,
+        max_tries=GeneratorContext.of(ctx).settings.generator.max_tries,
         log_extra={"job_id": task.job_id, "tenant": task.tenant_id, "model": task.spec.model},
         body=lambda queued_s: run_generation(ctx, task, queued_s=queued_s), kind=JobKind.GENERATION.value,
     )
@@ -145,8 +133,8 @@ async def sweep(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:
     task = SweepTask.model_validate(payload)
     return await run_job(
         ctx, job_id=task.job_id, cleanup_prefix=job_prefix(task.tenant_id, task.job_id),
-        timeout_s=ctx["settings"].generator.job_timeout_s,
-        max_tries=ctx["settings"].generator.max_tries,
+        timeout_s=GeneratorContext.of(ctx).settings.generator.job_timeout_s,
+        max_tries=GeneratorContext.of(ctx).settings.generator.max_tries,
         log_extra={"job_id": task.job_id, "tenant": task.tenant_id,
                    "model": task.sweep.base.model},
         body=lambda queued_s: run_sweep(ctx, task, queued_s=queued_s), kind=JobKind.SWEEP.value,
