@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -22,12 +21,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.arqworker import LeasedWorker, resilient_redis_settings
+from services.workerctx import CONTEXT_KEY, WorkerContext, common_context, worker_context
 from shared.errors import JobCanceled, LoomisError, StorageUnavailable, unexpected_failure
-from shared.events import JobEvents
 from shared.logs import configure_logging, job_context
 from shared.settings import Settings, get_settings
 from shared.specs import JobStatus
-from shared.storage import ObjectStore, build_store
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +55,8 @@ async def _run_job(
     what the job wrote, storage errors retry, anything else fails with a code, never a
     traceback, and a job is never left ``running``.
     """
-    events: JobEvents = ctx["events"]
+    context = worker_context(ctx)
+    events = context.events
     attempt = int(ctx.get("job_try", 1))
     if attempt > max_tries:
         await events.emit(job_id, "failed", to=JobStatus.FAILED, data={"error": {
@@ -66,13 +65,13 @@ async def _run_job(
         return {"status": "failed"}
 
     started = await events.emit(job_id, "running", to=JobStatus.RUNNING,
-                                data={"attempt": attempt, "worker": ctx["worker_name"]})
+                                data={"attempt": attempt, "worker": context.worker_name})
     if started.event is None:
         logger.info("skipping job in state %s", started.previous, extra=log_extra)
         return {"status": started.previous or "unknown"}
     enqueued_ms = ctx.get("enqueue_time")
     queued_s = (time.time() - enqueued_ms.timestamp()) if isinstance(enqueued_ms, datetime) else 0.0
-    store: ObjectStore = ctx["store"]
+    store = context.store
     try:
         if await events.cancel_requested(job_id):
             raise JobCanceled()
@@ -122,15 +121,12 @@ async def _run_job(
     return {"status": "succeeded"}
 
 
-def common_startup(ctx: dict[str, Any]) -> Settings:
-    """The clients every worker shares, built once in arq's startup hook and kept in ``ctx``."""
-    settings: Settings = ctx.get("settings") or get_settings()
-    ctx["settings"] = settings
-    ctx["events"] = JobEvents(ctx["redis"], stream=settings.redis.events_stream,
-                              maxlen=settings.redis.events_maxlen, ttl_s=settings.redis.job_ttl_s)
-    ctx["store"] = build_store(settings)
-    ctx["worker_name"] = socket.gethostname()
-    return settings
+def common_startup(ctx: dict[str, Any]) -> WorkerContext:
+    """The clients every worker shares, built once in arq's startup hook and kept in ``ctx``
+    (a worker with fields of its own stores its subclass over it)."""
+    context = common_context(ctx)
+    ctx[CONTEXT_KEY] = context
+    return context
 
 
 def make_worker(

@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from services.trainer.train import LoraTrainer, SubsetOptions, TrainConfig, _crop, _to_tensor
+from services.trainer.data import crop as _crop
+from services.trainer.data import to_tensor as _to_tensor
+from services.trainer.train import LoraTrainer, SubsetOptions, TrainConfig
 from tests.test_trainer_loop import _config, _examples, model_dir, one_torch_thread  # noqa: F401
 
 

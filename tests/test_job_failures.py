@@ -10,7 +10,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from services.jobrunner import run_job
+from services.workerctx import CONTEXT_KEY, WorkerContext
 from shared.events import JobEvents, decode_event
+from shared.settings import get_settings
 from shared.specs import JobStatus
 from shared.storage import LocalStore
 from tests.conftest import redis_server
@@ -31,7 +33,9 @@ async def job_ctx(tmp_path: Path) -> AsyncIterator[dict[str, Any]]:
         await events.create("j", tenant_id="t")
         store = LocalStore(tmp_path / "store", public_url="http://x", secret="s",
                            presign_expires_s=60)
-        yield {"events": events, "store": store, "worker_name": "w", "redis": redis}
+        context = WorkerContext(settings=get_settings(), events=events, store=store, worker_name="w")
+        # the typed context run_job reads, and its clients by name for the tests' own checks
+        yield {CONTEXT_KEY: context, "events": events, "store": store, "redis": redis}
     finally:
         await redis.aclose()
         server.stop()

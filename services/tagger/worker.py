@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,8 @@ from PIL import Image
 from services.jobrunner import RUNNING, common_startup, make_worker, run_job, run_worker
 from services.models.device import pick_device
 from services.models.sources import ModelSources
+from services.workerctx import CONTEXT_KEY, WorkerContext
 from shared.errors import JobCanceled, NotFound
-from shared.events import JobEvents
 from shared.keys import caption_key, tagging_metadata_key, tagging_results_key
 from shared.outcomes import TaggingOutcome
 from shared.queue import TAG_TASK, TAGGER_QUEUE
@@ -76,9 +77,14 @@ class TaggerModels:
         return self._tagger
 
 
+@dataclass
+class TaggerContext(WorkerContext):
+    models: TaggerModels = field(kw_only=True)
+
+
 async def startup(ctx: dict[str, Any]) -> None:
-    settings = common_startup(ctx)
-    ctx["models"] = TaggerModels(settings)
+    base = common_startup(ctx)
+    ctx[CONTEXT_KEY] = TaggerContext.extend(base, models=TaggerModels(base.settings))
 
 
 def _batches(items: list[Any], size: int) -> list[list[Any]]:
@@ -112,9 +118,8 @@ async def _readable(
 
 
 async def _run(ctx: dict[str, Any], task: TaggingTask, *, queued_s: float) -> dict[str, Any]:
-    events: JobEvents = ctx["events"]
-    store: ObjectStore = ctx["store"]
-    models: TaggerModels = ctx["models"]
+    context = TaggerContext.of(ctx)
+    events, store, models = context.events, context.store, context.models
     spec = task.spec
     started = time.perf_counter()
     results: dict[str, dict[str, Any]] = {item.id: {} for item in task.items}
@@ -250,7 +255,7 @@ async def _run(ctx: dict[str, Any], task: TaggingTask, *, queued_s: float) -> di
 async def tag_dataset(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:
     """The arq task; the outcome is the job's terminal event."""
     task = TaggingTask.model_validate(payload)
-    settings: Settings = ctx["settings"]
+    settings = WorkerContext.of(ctx).settings
     return await run_job(
         ctx, job_id=task.job_id, cleanup_prefix=task.output_prefix,
         timeout_s=settings.tagger.job_timeout_s, max_tries=settings.tagger.max_tries,

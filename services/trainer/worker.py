@@ -17,6 +17,7 @@ import logging
 import tarfile
 import tempfile
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from services.jobrunner import RUNNING, common_startup, make_worker, run_job, ru
 from services.models.device import pick_device
 from services.models.sources import ModelSources
 from services.trainer.curve import loss_curve_png, metrics_json, read_metrics
+from services.workerctx import CONTEXT_KEY, WorkerContext
 from shared.errors import (
     InvalidJobSpec,
     JobCanceled,
@@ -34,7 +36,6 @@ from shared.errors import (
     NotFound,
     OptimizerUnavailable,
 )
-from shared.events import JobEvents
 from shared.keys import (
     training_checkpoint_key,
     training_curve_key,
@@ -50,7 +51,6 @@ from shared.outcomes import TrainingOutcome
 from shared.queue import TRAIN_TASK, TRAINER_QUEUE
 from shared.settings import Settings, get_settings
 from shared.specs import JobKind
-from shared.storage import ObjectStore
 from shared.training import TrainingTask, latest_state
 
 logger = logging.getLogger(__name__)
@@ -58,11 +58,19 @@ logger = logging.getLogger(__name__)
 
 
 
+@dataclass
+class TrainerContext(WorkerContext):
+    registry: ModelRegistry = field(kw_only=True)
+    sources: ModelSources = field(kw_only=True)
+
+
 async def startup(ctx: dict[str, Any]) -> None:
-    settings = common_startup(ctx)
-    ctx["registry"] = ModelRegistry.load(settings.models.models_file, settings.models.models_dir)
-    ctx["sources"] = ModelSources(cache_dir=settings.model_cache,
-                                  allow_downloads=settings.models.allow_downloads)
+    base = common_startup(ctx)
+    settings = base.settings
+    ctx[CONTEXT_KEY] = TrainerContext.extend(
+        base, registry=ModelRegistry.load(settings.models.models_file, settings.models.models_dir),
+        sources=ModelSources(cache_dir=settings.model_cache,
+                             allow_downloads=settings.models.allow_downloads))
 
 
 def _tar(directory: Path) -> bytes:
@@ -80,8 +88,9 @@ def _untar(data: bytes, target: Path) -> Path:
 
 
 def _model_dir(ctx: dict[str, Any], base_model: str) -> tuple[Path, str]:
-    sources: ModelSources = ctx["sources"]
-    preset = ctx["registry"].get(base_model)
+    context = TrainerContext.of(ctx)
+    sources = context.sources
+    preset = context.registry.get(base_model)
     if preset is None:
         raise JobFailure(f"model {base_model!r} is not in this worker's registry",
                          code="model_unavailable")
@@ -92,8 +101,8 @@ def _model_dir(ctx: dict[str, Any], base_model: str) -> tuple[Path, str]:
 async def _run(ctx: dict[str, Any], task: TrainingTask, *, queued_s: float) -> dict[str, Any]:
     from services.trainer.train import LoraTrainer, SamplePrompt, TrainConfig, TrainExample
 
-    events: JobEvents = ctx["events"]
-    store: ObjectStore = ctx["store"]
+    context = TrainerContext.of(ctx)
+    events, store = context.events, context.store
     spec = task.spec
     loop = asyncio.get_running_loop()
     model_dir, model_hash = await asyncio.to_thread(_model_dir, ctx, spec.base_model)
@@ -147,7 +156,7 @@ async def _run(ctx: dict[str, Any], task: TrainingTask, *, queued_s: float) -> d
         multires_noise_discount=diff.multires_noise_discount, min_snr_gamma=diff.min_snr_gamma,
         clip_skip=diff.clip_skip if diff.clip_skip > 1 else None,
         v_parameterization=diff.v_parameterization, cache_latents=diff.cache_latents,
-        latents_cache_dir=(ctx["settings"].model_cache / "latents"
+        latents_cache_dir=(context.settings.model_cache / "latents"
                            if diff.cache_latents_to_disk else None),
         flip_aug=data_opts.flip_aug, color_aug=data_opts.color_aug, random_crop=data_opts.random_crop,
         max_token_length=diff.max_token_length,
@@ -236,7 +245,7 @@ async def _run(ctx: dict[str, Any], task: TrainingTask, *, queued_s: float) -> d
                 _untar, await store.get(resume_key), work_dir / "resume")
             await events.emit(task.job_id, "progress", allowed_from=RUNNING,
                               data={"resumed_from": resume_key})
-        device = pick_device(ctx["settings"].trainer.device, mps=False)
+        device = pick_device(TrainerContext.of(ctx).settings.trainer.device, mps=False)
         trainer = LoraTrainer(model_dir=model_dir, cfg=cfg, device=device)
         if resume_dir is not None:  # steps the saved state is past are kept, later ones redone
             with contextlib.suppress(OSError, ValueError, KeyError):
@@ -294,7 +303,7 @@ async def _run_refusals_as_ours(ctx: dict[str, Any], task: TrainingTask, *,
 async def train_lora(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:
     """The arq task; the outcome is the job's terminal event."""
     task = TrainingTask.model_validate(payload)
-    settings: Settings = ctx["settings"]
+    settings = TrainerContext.of(ctx).settings
     return await run_job(
         ctx, job_id=task.job_id, cleanup_prefix=training_tmp_prefix(task.output_prefix),
         timeout_s=settings.trainer.job_timeout_s, max_tries=settings.trainer.max_tries,

@@ -1,0 +1,64 @@
+"""Preview images during training, as kohya's ``--sample_prompts``: rendered by the very pipeline
+being trained, each with a fresh scheduler and its own seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+
+from shared.models import SCHEDULERS
+
+
+@dataclass(frozen=True)
+class SamplePrompt:
+    """One preview image rendered during training (kohya's ``--sample_prompts`` line)."""
+
+    prompt: str
+    negative: str = ""
+    width: int = 512
+    height: int = 512
+    seed: int = 0
+    scale: float = 7.0
+    steps: int = 20
+    # a shared.models.SCHEDULERS name (kohya's sampler, mapped); None keeps the model's own
+    scheduler: str | None = None
+
+
+def sample_scheduler(own: Any, name: str | None) -> Any:
+    """A fresh scheduler per image (they keep per-run state), on the model's own beta
+    schedule and prediction type, as kohya's sample_images builds its sampler."""
+    import diffusers
+
+    if name is None:
+        return type(own).from_config(own.config)
+    class_name, extra = SCHEDULERS[name]
+    return getattr(diffusers, class_name).from_config(own.config, **extra)
+
+
+@torch.no_grad()
+def render_samples(pipe: Any, prompts: Sequence[SamplePrompt], *, device: torch.device,
+                   clip_skip: int | None, autocast: Callable[[], AbstractContextManager[Any]],
+                   on_image: Callable[[int, Image.Image], None]) -> None:
+    """Render each prompt with ``pipe``, handing ``on_image(index, image)`` each; the pipeline's
+    own scheduler is put back however it ends."""
+    own_scheduler = pipe.scheduler
+    try:
+        for index, spec in enumerate(prompts):
+            pipe.scheduler = sample_scheduler(own_scheduler, spec.scheduler)
+            generator = torch.Generator(device).manual_seed(spec.seed)
+            with autocast():
+                image = pipe(
+                    spec.prompt, negative_prompt=spec.negative or None, width=spec.width,
+                    height=spec.height, num_inference_steps=spec.steps, guidance_scale=spec.scale,
+                    generator=generator,
+                    clip_skip=(clip_skip - 1) if clip_skip and clip_skip > 1 else None,
+                ).images[0]
+            on_image(index, image)
+    finally:
+        pipe.scheduler = own_scheduler
