@@ -95,7 +95,7 @@ async def create_dataset(request: Request, session: SessionDep, tenant: TenantDe
 async def list_datasets(session: SessionDep, tenant: TenantDep) -> DatasetPage:
     from sqlalchemy import select
 
-    from shared.db.models import Dataset
+    from services.gateway.db.models import Dataset
 
     rows = list(await session.scalars(select(Dataset).where(Dataset.tenant_id == tenant.id)
                                       .order_by(Dataset.created_at.desc())))

@@ -13,6 +13,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.gateway.datasets.schemas import DatasetOut, ItemOut, ItemPage, ItemPatch
+from services.gateway.db.models import Dataset, DatasetItem, Tenant, new_id, utcnow
 from shared.datasets import (
     DEFAULT_SUBSET,
     ExportItem,
@@ -26,7 +27,6 @@ from shared.datasets import (
     ingest,
     metadata_key,
 )
-from shared.db.models import Dataset, DatasetItem, Tenant, new_id, utcnow
 from shared.errors import NotFound, ValidationFailed
 from shared.keys import dataset_item_key, dataset_prefix, dataset_thumb_key
 from shared.kohya import ConfigError, DatasetConfig, parse_dataset_config

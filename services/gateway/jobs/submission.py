@@ -20,9 +20,9 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from services.gateway.db.models import Job, Tenant, utcnow
 from services.gateway.deps import GatewayState
 from services.gateway.jobs.service import apply_event
-from shared.db.models import Job, Tenant, utcnow
 from shared.errors import Conflict, ServiceUnavailable
 from shared.queue import GENERATOR_QUEUE, enqueue
 from shared.specs import JobKind, JobStatus

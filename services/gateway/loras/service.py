@@ -10,8 +10,8 @@ from typing import BinaryIO
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from services.gateway.db.models import Lora, Tenant, new_id, utcnow
 from services.gateway.loras.schemas import LoraOut
-from shared.db.models import Lora, Tenant, new_id, utcnow
 from shared.errors import NotFound, ValidationFailed
 from shared.keys import lora_key, lora_prefix
 from shared.loras import (

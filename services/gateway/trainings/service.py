@@ -19,9 +19,9 @@ from services.gateway.datasets.service import (
     stored_dataset_config,
     subsets_of,
 )
+from services.gateway.db.models import Dataset, DatasetItem, Job, Tenant, new_id
 from services.gateway.deps import GatewayState
 from services.gateway.jobs.submission import create_and_enqueue, find_replay, request_hash
-from shared.db.models import Dataset, DatasetItem, Job, Tenant, new_id
 from shared.errors import NotFound, ValidationFailed
 from shared.keys import lora_key, training_prefix
 from shared.kohya import (

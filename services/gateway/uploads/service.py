@@ -18,7 +18,7 @@ from PIL import Image, ImageFilter, ImageOps
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from shared.db.models import Artifact, Job
+from services.gateway.db.models import Artifact, Job
 from shared.errors import NotFound, ValidationFailed
 from shared.images import (
     CheckedImage,
