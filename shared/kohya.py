@@ -14,6 +14,11 @@ stricter than kohya (kohya warns or silently ignores) the docstring says so.
   ``BucketManager.select_bucket``; :func:`epoch_plan` is DreamBooth's regularisation balancing
   plus per-bucket batching.
 * :func:`parse_sample_prompts` is kohya's prompt-file syntax (``--n --w --h --d --l --s --ss``).
+* :func:`parse_subset_dir` reads kohya's folder names (``img/10_sks dog``), for uploads and
+  for :func:`subset_from_folder` alike.
+
+One file although it is long: these are one format's rules, and the config parser, the
+buckets and the epoch plan refer to one another's constants and defaults.
 """
 
 from __future__ import annotations
@@ -28,8 +33,6 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from types import MappingProxyType
 from typing import Any, NamedTuple
-
-from shared.datasets import parse_subset_dir
 
 
 class ConfigError(ValueError):
@@ -440,9 +443,80 @@ def _subset(inherited: _Layer, table: Mapping[str, Any], path: str) -> KohyaSubs
                        sources=MappingProxyType({k: p for k, (_, p) in merged.items() if k in _SUBSET_KEYS}))
 
 
+# ---------------------------------------------------------------------------------------------
+# Folder names
+
+# A date-stamped folder such as "20240101_holiday" must not become twenty million repeats.
+MAX_REPEATS = 1000
+_SUBSET_RE = re.compile(r"^(\d{1,9})_(.+)$", re.DOTALL)
+_REG_PARENT_RE = re.compile(r"^(reg|regs|regulari[sz]ation)([ _-].*)?$", re.IGNORECASE)
+_TRAIN_PARENT_RE = re.compile(r"^(img|imgs|image|images|train|training)([ _-].*)?$", re.IGNORECASE)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SubsetName:
+    """What a kohya folder name means: ``10_sks dog`` trains "sks dog" ten times per epoch.
+
+    ``kind_from_parent`` says whether ``is_reg`` came from the parent folder's name (``reg``,
+    ``img``, ...) rather than from the guess that a name without a space is a class alone.
+    """
+
+    folder: str
+    repeats: int
+    identifier: str | None
+    class_token: str | None
+    is_reg: bool
+    kind_from_parent: bool = False
+
+    @property
+    def class_tokens(self) -> str | None:
+        """kohya's ``class_tokens``: the words it uses as the caption of uncaptioned images."""
+        return join_class_tokens(self.identifier, self.class_token)
+
+
+def parse_subset_dir(name: str) -> SubsetName | None:
+    """Read a kohya subset folder name (or a relative folder path ending in one).
+
+    ``<repeats>_<identifier> <class>`` is a training subset and ``<repeats>_<class>`` a
+    regularisation one, the convention kohya's docs teach. The space is only a guess at which
+    is which, so a parent folder named like ``reg``/``reg_data``/``regularization`` or
+    ``img``/``train``/``train_data`` overrides it: kohya itself tells them apart by the parent
+    (``--reg_data_dir`` versus ``--train_data_dir``). None when the name is not a subset.
+    """
+    parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
+    if not parts:
+        return None
+    folder = parts[-1]
+    match = _SUBSET_RE.match(folder)
+    if match is None:
+        return None
+    repeats = int(match.group(1))
+    tokens = match.group(2).split()
+    if not 1 <= repeats <= MAX_REPEATS or not tokens:
+        return None
+    parent = parts[-2] if len(parts) > 1 else ""
+    if _REG_PARENT_RE.match(parent):
+        is_reg, from_parent = True, True
+    elif _TRAIN_PARENT_RE.match(parent):
+        is_reg, from_parent = False, True
+    else:
+        is_reg, from_parent = len(tokens) == 1, False
+    if is_reg:  # kohya's reg folders carry the class only
+        return SubsetName(folder=folder, repeats=repeats, identifier=None, class_token=" ".join(tokens),
+                          is_reg=True, kind_from_parent=from_parent)
+    return SubsetName(folder=folder, repeats=repeats, identifier=tokens[0],
+                      class_token=" ".join(tokens[1:]) or None, is_reg=False,
+                      kind_from_parent=from_parent)
+
+
+def join_class_tokens(identifier: str | None, class_token: str | None) -> str | None:
+    joined = " ".join(t for t in (identifier, class_token) if t)
+    return joined or None
+
+
 def subset_from_folder(folder: str, *, image_dir: str | None = None) -> KohyaSubset:
     """A DreamBooth subset from a kohya folder name (``10_sks dog``), as ``--train_data_dir`` /
-    ``--reg_data_dir`` read them; the naming rules are :func:`shared.datasets.parse_subset_dir`'s."""
+    ``--reg_data_dir`` read them; the naming rules are :func:`parse_subset_dir`'s."""
     parsed = parse_subset_dir(folder)
     if parsed is None:
         raise ConfigError("not a kohya subset folder name (<repeats>_<identifier> <class>)", field=folder)
@@ -492,7 +566,6 @@ def bucketing_problems(*, resolution: tuple[int, int] | None, enable_bucket: boo
                          "(kohya would train at smaller buckets); raise max_bucket_reso or lower "
                          "the resolution"))
     return problems
-
 
 
 def make_buckets(*, resolution: tuple[int, int], min_reso: int = 256, max_reso: int = 1024,

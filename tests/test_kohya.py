@@ -8,7 +8,8 @@ import zipfile
 import pytest
 from PIL import Image
 
-from shared.datasets import ExportItem, SubsetInfo, export_zip
+from services.gateway.datasets.export import ExportItem, export_zip
+from services.gateway.datasets.ingest import SubsetInfo
 from shared.kohya import (
     KOHYA_SAMPLERS,
     KOHYA_TO_LOOMIS_SCHEDULER,
