@@ -8,7 +8,7 @@ whole upload before anything is stored, in the layout kohya sd-scripts users alr
 
 Uploads are hostile until proven otherwise: every zip entry's name, type, flags and declared
 sizes are checked before a byte is decompressed, the bytes actually read are counted as well
-(headers can lie), and every image goes through :func:`shared.images.decode_image`, which
+(headers can lie), and every image goes through :func:`services.gateway.images.decode_image`, which
 refuses decompression bombs from the header alone.
 
 One file although it is over 500 lines: the zip checks, the multipart checks and the pairing
@@ -31,8 +31,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
+from services.gateway.images import MAX_INPUT_BYTES, decode_image
 from shared.errors import ValidationFailed
-from shared.images import MAX_INPUT_BYTES, decode_image
 from shared.kohya import SubsetName, join_class_tokens, parse_subset_dir
 from shared.text import find_control_character
 
