@@ -23,6 +23,7 @@ from services.gateway.db.models import Dataset, DatasetItem, Job, Tenant, new_id
 from services.gateway.deps import GatewayState
 from services.gateway.jobs.submission import create_and_enqueue, find_replay, request_hash
 from services.gateway.trainings.buckets import assign_bucket, epoch_plan
+from services.gateway.trainings.triggers import trained_triggers
 from shared.errors import NotFound, ValidationFailed
 from shared.keys import lora_key, training_prefix
 from shared.kohya import (
@@ -43,7 +44,6 @@ from shared.training import (
     TrainingTask,
     check_optimizer,
     latest_state,
-    trained_triggers,
 )
 
 
