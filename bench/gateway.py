@@ -52,7 +52,7 @@ def create_baseline_app() -> Any:
     from fastapi import FastAPI
     from sqlalchemy import text
 
-    from shared.db.session import make_engine
+    from services.gateway.db.session import make_engine
 
     job_id = os.environ["BENCH_JOB_ID"]
 
@@ -129,8 +129,8 @@ async def seed(database_url: str) -> tuple[str, str]:
     from datetime import timedelta
 
     from services.gateway.auth.service import provision_api_key
-    from shared.db.models import ApiKey, Artifact, Job, utcnow
-    from shared.db.session import make_engine, make_sessionmaker
+    from services.gateway.db.models import ApiKey, Artifact, Job, utcnow
+    from services.gateway.db.session import make_engine, make_sessionmaker
 
     key = await provision_api_key(database_url=database_url, tenant_name="bench")
     engine = make_engine(database_url)

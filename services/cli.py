@@ -1,4 +1,9 @@
-"""The ``loomis`` command: run the stack, submit work to it, manage keys."""
+"""The ``loomis`` command: run the stack, submit work to it, manage keys.
+
+One file although it is over 500 lines: each subcommand is a short function that imports
+what it needs when it runs, and :func:`build_parser` is the one table that wires them all;
+split per command, a reader would lose the single list of what ``loomis`` can do.
+"""
 
 from __future__ import annotations
 
@@ -51,7 +56,7 @@ async def _create_key(tenant: str, name: str = "") -> str:
 async def _dev_key() -> str:
     """Reuse the key in .loomis/dev-api-key while the database still knows it."""
     from services.gateway.auth.service import key_is_valid
-    from shared.db.session import make_engine, make_sessionmaker, migrate
+    from services.gateway.db.session import make_engine, make_sessionmaker, migrate
     from shared.settings import Settings
 
     path = _key_file()
@@ -309,9 +314,9 @@ def cmd_loras_import(args: argparse.Namespace) -> int:
     """Import a webui models/Lora folder for a tenant, one line per file."""
     from sqlalchemy import select
 
+    from services.gateway.db.models import Tenant
+    from services.gateway.db.session import make_engine, make_sessionmaker, migrate
     from services.gateway.loras.service import import_lora_folder
-    from shared.db.models import Tenant
-    from shared.db.session import make_engine, make_sessionmaker, migrate
     from shared.models import ModelRegistry
     from shared.settings import Settings
     from shared.storage import S3Store, build_store
@@ -388,7 +393,7 @@ def cmd_models_list(_args: argparse.Namespace) -> int:
 
 
 def cmd_db_upgrade(_args: argparse.Namespace) -> int:
-    from shared.db.session import make_engine, migrate
+    from services.gateway.db.session import make_engine, migrate
     from shared.settings import Settings
 
     async def run() -> None:

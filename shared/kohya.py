@@ -10,10 +10,15 @@ stricter than kohya (kohya warns or silently ignores) the docstring says so.
 * :func:`parse_dataset_config` reads ``[general]`` / ``[[datasets]]`` / ``[[datasets.subsets]]``
   with kohya's inheritance: a subset's value comes from the subset, else its dataset, else
   ``[general]``, else the trainer's own arguments (``defaults``), else kohya's default.
-* :func:`make_buckets` and :func:`fit_to_bucket` are kohya's ``make_bucket_resolutions`` and
-  ``BucketManager.select_bucket``; :func:`epoch_plan` is DreamBooth's regularisation balancing
-  plus per-bucket batching.
+* :func:`make_buckets` is kohya's ``make_bucket_resolutions``; :func:`bucketing_problems`
+  checks resolution against the bucket options. Fitting images to buckets and counting an
+  epoch are the gateway's (``services/gateway/trainings/buckets.py``).
 * :func:`parse_sample_prompts` is kohya's prompt-file syntax (``--n --w --h --d --l --s --ss``).
+* :func:`parse_subset_dir` reads kohya's folder names (``img/10_sks dog``), for uploads and
+  for :func:`subset_from_folder` alike.
+
+One file although it is over 500 lines: these are one format's rules, and the config parser,
+the bucket checks and the sample-prompt syntax share its constants, defaults and errors.
 """
 
 from __future__ import annotations
@@ -22,14 +27,11 @@ import difflib
 import math
 import re
 import tomllib
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import MappingProxyType
-from typing import Any, NamedTuple
-
-from shared.datasets import parse_subset_dir
+from typing import Any
 
 
 class ConfigError(ValueError):
@@ -440,9 +442,80 @@ def _subset(inherited: _Layer, table: Mapping[str, Any], path: str) -> KohyaSubs
                        sources=MappingProxyType({k: p for k, (_, p) in merged.items() if k in _SUBSET_KEYS}))
 
 
+# ---------------------------------------------------------------------------------------------
+# Folder names
+
+# A date-stamped folder such as "20240101_holiday" must not become twenty million repeats.
+MAX_REPEATS = 1000
+_SUBSET_RE = re.compile(r"^(\d{1,9})_(.+)$", re.DOTALL)
+_REG_PARENT_RE = re.compile(r"^(reg|regs|regulari[sz]ation)([ _-].*)?$", re.IGNORECASE)
+_TRAIN_PARENT_RE = re.compile(r"^(img|imgs|image|images|train|training)([ _-].*)?$", re.IGNORECASE)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SubsetName:
+    """What a kohya folder name means: ``10_sks dog`` trains "sks dog" ten times per epoch.
+
+    ``kind_from_parent`` says whether ``is_reg`` came from the parent folder's name (``reg``,
+    ``img``, ...) rather than from the guess that a name without a space is a class alone.
+    """
+
+    folder: str
+    repeats: int
+    identifier: str | None
+    class_token: str | None
+    is_reg: bool
+    kind_from_parent: bool = False
+
+    @property
+    def class_tokens(self) -> str | None:
+        """kohya's ``class_tokens``: the words it uses as the caption of uncaptioned images."""
+        return join_class_tokens(self.identifier, self.class_token)
+
+
+def parse_subset_dir(name: str) -> SubsetName | None:
+    """Read a kohya subset folder name (or a relative folder path ending in one).
+
+    ``<repeats>_<identifier> <class>`` is a training subset and ``<repeats>_<class>`` a
+    regularisation one, the convention kohya's docs teach. The space is only a guess at which
+    is which, so a parent folder named like ``reg``/``reg_data``/``regularization`` or
+    ``img``/``train``/``train_data`` overrides it: kohya itself tells them apart by the parent
+    (``--reg_data_dir`` versus ``--train_data_dir``). None when the name is not a subset.
+    """
+    parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
+    if not parts:
+        return None
+    folder = parts[-1]
+    match = _SUBSET_RE.match(folder)
+    if match is None:
+        return None
+    repeats = int(match.group(1))
+    tokens = match.group(2).split()
+    if not 1 <= repeats <= MAX_REPEATS or not tokens:
+        return None
+    parent = parts[-2] if len(parts) > 1 else ""
+    if _REG_PARENT_RE.match(parent):
+        is_reg, from_parent = True, True
+    elif _TRAIN_PARENT_RE.match(parent):
+        is_reg, from_parent = False, True
+    else:
+        is_reg, from_parent = len(tokens) == 1, False
+    if is_reg:  # kohya's reg folders carry the class only
+        return SubsetName(folder=folder, repeats=repeats, identifier=None, class_token=" ".join(tokens),
+                          is_reg=True, kind_from_parent=from_parent)
+    return SubsetName(folder=folder, repeats=repeats, identifier=tokens[0],
+                      class_token=" ".join(tokens[1:]) or None, is_reg=False,
+                      kind_from_parent=from_parent)
+
+
+def join_class_tokens(identifier: str | None, class_token: str | None) -> str | None:
+    joined = " ".join(t for t in (identifier, class_token) if t)
+    return joined or None
+
+
 def subset_from_folder(folder: str, *, image_dir: str | None = None) -> KohyaSubset:
     """A DreamBooth subset from a kohya folder name (``10_sks dog``), as ``--train_data_dir`` /
-    ``--reg_data_dir`` read them; the naming rules are :func:`shared.datasets.parse_subset_dir`'s."""
+    ``--reg_data_dir`` read them; the naming rules are :func:`parse_subset_dir`'s."""
     parsed = parse_subset_dir(folder)
     if parsed is None:
         raise ConfigError("not a kohya subset folder name (<repeats>_<identifier> <class>)", field=folder)
@@ -494,7 +567,6 @@ def bucketing_problems(*, resolution: tuple[int, int] | None, enable_bucket: boo
     return problems
 
 
-
 def make_buckets(*, resolution: tuple[int, int], min_reso: int = 256, max_reso: int = 1024,
                  steps: int = 64) -> list[tuple[int, int]]:
     """kohya's ``make_bucket_resolutions``: ``(width, height)`` buckets of at most the
@@ -517,153 +589,6 @@ def make_buckets(*, resolution: tuple[int, int], min_reso: int = 256, max_reso: 
         if height >= min_reso:
             buckets.update({(width, height), (height, width)})
     return sorted(buckets)
-
-
-class BucketFit(NamedTuple):
-    """Where kohya puts one image: resized to ``resized`` (covering the bucket), then cropped
-    to ``bucket``; ``crop`` is the (left, top) offset of kohya's centre crop (``random_crop``
-    picks a random offset instead). ``ar_error`` is bucket aspect minus image aspect."""
-
-    bucket: tuple[int, int]
-    resized: tuple[int, int]
-    crop: tuple[int, int]
-    ar_error: float
-
-
-def _round_to_steps(value: float, steps: int) -> int:
-    rounded = int(value + 0.5)
-    return rounded - rounded % steps
-
-
-def fit_to_bucket(width: int, height: int, buckets: Sequence[tuple[int, int]], *, no_upscale: bool = False,
-                  max_area: int | None = None, steps: int = 64) -> BucketFit:
-    """kohya's ``BucketManager.select_bucket`` plus its resize and centre crop.
-
-    Normally: the image's own size if it is a bucket, else the bucket whose aspect ratio is
-    closest (smallest ``|bucket_ar - image_ar|``, the first in ``buckets`` order on a tie);
-    the image is scaled, rounding half up, so that it covers the bucket. With ``no_upscale``
-    the ``buckets`` are ignored: an image over ``max_area`` pixels (the resolution's area) is
-    shrunk to that area, with whichever side rounds to ``steps`` with the smaller aspect error,
-    and the bucket is the (resized) size rounded down to ``steps``, so nothing is ever enlarged.
-    """
-    if width < 1 or height < 1:
-        raise ValueError(f"bad image size {width}x{height}")
-    aspect = width / height
-    if not no_upscale:
-        if not buckets:
-            raise ValueError("no buckets to choose from")
-        bucket = (width, height) if (width, height) in buckets else min(
-            buckets, key=lambda b: abs(b[0] / b[1] - aspect))
-        scale = bucket[1] / height if aspect > bucket[0] / bucket[1] else bucket[0] / width
-        resized = (int(width * scale + 0.5), int(height * scale + 0.5))
-    else:
-        if max_area is None:
-            raise ValueError("no_upscale needs max_area (the resolution's width * height)")
-        if width * height > max_area:
-            scaled_width = math.sqrt(max_area * aspect)
-            scaled_height = max_area / scaled_width
-            by_width = _round_to_steps(scaled_width, steps)
-            height_for_width = _round_to_steps(by_width / aspect, steps)
-            by_height = _round_to_steps(scaled_height, steps)
-            width_for_height = _round_to_steps(by_height * aspect, steps)
-            error_w = abs(by_width / height_for_width - aspect) if height_for_width else math.inf
-            error_h = abs(width_for_height / by_height - aspect) if by_height else math.inf
-            if error_w < error_h:
-                resized = (by_width, int(by_width / aspect + 0.5))
-            else:
-                resized = (int(by_height * aspect + 0.5), by_height)
-        else:
-            resized = (width, height)
-        bucket = (resized[0] - resized[0] % steps, resized[1] - resized[1] % steps)
-        if 0 in bucket:
-            raise ValueError(f"a {width}x{height} image is narrower than one bucket step ({steps})")
-    crop = (max(0, resized[0] - bucket[0]) // 2, max(0, resized[1] - bucket[1]) // 2)
-    return BucketFit(bucket, resized, crop, bucket[0] / bucket[1] - aspect)
-
-
-def assign_bucket(width: int, height: int, buckets: Sequence[tuple[int, int]], *, no_upscale: bool = False,
-                  max_area: int | None = None, steps: int = 64) -> tuple[int, int]:
-    """The bucket kohya trains a ``width`` x ``height`` image at (see :func:`fit_to_bucket`)."""
-    return fit_to_bucket(width, height, buckets, no_upscale=no_upscale, max_area=max_area, steps=steps).bucket
-
-
-# ---------------------------------------------------------------------------------------------
-# Epochs
-
-
-@dataclass(frozen=True, kw_only=True)
-class EpochPlan:
-    """What one kohya epoch holds: ``reg_repeats`` is, per input subset, how often each of its
-    images is used (0 for unused regularisation images); ``bucket_items`` counts items per bucket."""
-
-    train_items: int
-    reg_items: int
-    reg_repeats: tuple[tuple[int, ...], ...]
-    bucket_items: Mapping[tuple[int, int], int]
-    steps: int
-
-
-_ONE_BUCKET = (0, 0)
-
-
-def epoch_plan(subsets: Sequence[tuple[int, int, bool]], *, batch_size: int,
-               buckets_of_images: Sequence[Sequence[tuple[int, int]]] | None = None) -> EpochPlan:
-    """Count one epoch the way kohya's DreamBooth dataset does.
-
-    ``subsets`` are ``(image_count, num_repeats, is_reg)`` in config order; ``buckets_of_images``
-    gives, per subset, each image's bucket in kohya's (sorted file name) order; None means one
-    bucket for all (bucketing off). Training items are ``image_count * num_repeats`` summed.
-    Regularisation images are then taken in order, each with its subset's repeats, until they
-    reach the training count (so with repeats above 1 they may overshoot it slightly; the rest
-    go unused); if all of them fall short, each gets one more repeat in turn until they match.
-    No training items means no regularisation. Items are batched per bucket, so the epoch has
-    ``sum(ceil(items_in_bucket / batch_size))`` steps (before gradient accumulation).
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    if buckets_of_images is not None and len(buckets_of_images) != len(subsets):
-        raise ValueError("buckets_of_images needs one entry per subset")
-    repeats: list[list[int]] = []
-    for index, (count, num_repeats, _) in enumerate(subsets):
-        if count < 0 or num_repeats < 1:
-            raise ValueError(f"subset {index}: bad image count {count} or num_repeats {num_repeats}")
-        if buckets_of_images is not None and len(buckets_of_images[index]) != count:
-            raise ValueError(f"subset {index}: {len(buckets_of_images[index])} buckets for {count} images")
-        repeats.append([num_repeats] * count)
-    train_items = sum(sum(r) for r, (_, _, is_reg) in zip(repeats, subsets, strict=True) if not is_reg)
-    reg_images = [(s, i) for s, (count, _, is_reg) in enumerate(subsets) if is_reg for i in range(count)]
-    used = [0] * len(reg_images)
-    total = 0
-    for position, (s, i) in enumerate(reg_images):
-        if total >= train_items:
-            break
-        used[position] = repeats[s][i]
-        total += used[position]
-    while reg_images and total < train_items:
-        for position in range(len(reg_images)):
-            used[position] += 1
-            total += 1
-            if total >= train_items:
-                break
-    for position, (s, i) in enumerate(reg_images):
-        repeats[s][i] = used[position]
-    buckets: Counter[tuple[int, int]] = Counter()
-    for s, image_repeats in enumerate(repeats):
-        for i, times in enumerate(image_repeats):
-            if times:
-                buckets[_ONE_BUCKET if buckets_of_images is None else buckets_of_images[s][i]] += times
-    return EpochPlan(
-        train_items=train_items, reg_items=total,
-        reg_repeats=tuple(tuple(r) for r in repeats),
-        bucket_items=MappingProxyType(dict(buckets)),
-        steps=sum(-(-items // batch_size) for items in buckets.values()),
-    )
-
-
-def steps_per_epoch(subsets: Sequence[tuple[int, int, bool]], *, batch_size: int,
-                    buckets_of_images: Sequence[Sequence[tuple[int, int]]] | None = None) -> int:
-    """Optimiser steps in one kohya epoch (before gradient accumulation); see :func:`epoch_plan`."""
-    return epoch_plan(subsets, batch_size=batch_size, buckets_of_images=buckets_of_images).steps
 
 
 # ---------------------------------------------------------------------------------------------

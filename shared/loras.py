@@ -1,10 +1,19 @@
-"""Checking uploaded LoRA adapters at the gateway, before anything is stored or queued.
+"""Reading LoRA adapter files without torch: what they adapt, at which widths, for which model.
+
+The gateway inspects uploads with it before anything is stored or queued, the trainer
+records the same facts about the LoRA it has just written (so a trained LoRA is described
+exactly like an uploaded one), and the generator and ``shared.modelfiles`` read checkpoint
+headers with :func:`read_safetensors_header`. Deciding whether a LoRA fits a given model is
+the gateway's alone and lives in ``services/gateway/loras/fit.py``.
 
 The safetensors container is simple enough (an 8-byte little-endian header length, a JSON
 header, one flat byte buffer) to read by hand, which keeps torch out of the gateway and means
 a hostile upload is only ever read as JSON and byte offsets. Pickled checkpoints are refused
 outright: unpickling runs arbitrary code. Everything here looks at tensor names and shapes
 only; no tensor data is decoded.
+
+One file although it is over 500 lines: the header reader and the key-name parsers are one
+inspection whose parts only make sense together, and no part of it has a consumer of its own.
 """
 
 from __future__ import annotations
@@ -13,14 +22,14 @@ import hashlib
 import io
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, BinaryIO, Literal
 
 from pydantic import AfterValidator, Field
 from pydantic_core import PydanticCustomError
 
-from shared.models import BUILTIN_PRESETS, ModelFamily, ModelPreset
+from shared.models import BUILTIN_PRESETS, ModelFamily
 
 LoraFormat = Literal["peft", "kohya"]
 # Which network the LoRA's weights attach to; None when it only adapts text encoders.
@@ -44,15 +53,13 @@ _ZIP_MAGIC = b"PK\x03\x04"
 LORA_NAME_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$"
 LORA_NAME_RULE = ("1 to 64 characters, each an ASCII letter, a digit, '.', '_' or '-', "
                   "not starting with '.'")
-_NAME_FORBIDDEN = re.compile(r"[^A-Za-z0-9._-]+")
 
 # Input widths of the real models' attention projections, to say which model a file is for.
-_REAL_WIDTHS: dict[Denoiser, dict[int, tuple[str, ModelFamily | None]]] = {
+REAL_WIDTHS: dict[Denoiser, dict[int, tuple[str, ModelFamily | None]]] = {
     "unet": {768: ("SD1.5", ModelFamily.SD15), 1024: ("SD2", None), 2048: ("SDXL", ModelFamily.SDXL)},
     "flux": {3072: ("Flux", ModelFamily.FLUX)},
 }
-_FAMILY_NAMES = {ModelFamily.SD15: "SD1.5", ModelFamily.SDXL: "SDXL", ModelFamily.FLUX: "Flux"}
-_DENOISER_FAMILIES: dict[Denoiser, tuple[ModelFamily, ...]] = {
+DENOISER_FAMILIES: dict[Denoiser, tuple[ModelFamily, ...]] = {
     "unet": (ModelFamily.SD15, ModelFamily.SDXL),
     "flux": (ModelFamily.FLUX,),
 }
@@ -76,14 +83,6 @@ LoraName = Annotated[str, AfterValidator(_check_lora_name), Field(
     min_length=1, max_length=64, json_schema_extra={"pattern": LORA_NAME_PATTERN},
     description=f"The LoRA's name: {LORA_NAME_RULE}.",
 )]
-
-
-def lora_name_from_filename(filename: str | None) -> str:
-    """A valid name from an uploaded file's name (``My Style v2.safetensors`` ->
-    ``My_Style_v2``), for uploads that give none."""
-    base = (filename or "").replace("\\", "/").rsplit("/", 1)[-1]
-    stem = base.rsplit(".", 1)[0] if "." in base.lstrip(".") else base
-    return _NAME_FORBIDDEN.sub("_", stem).lstrip(".")[:64] or "lora"
 
 
 class LoraRejected(ValueError):
@@ -463,10 +462,10 @@ def _check_kohya_sd_names(tensors: Iterable[str]) -> None:
 
 
 def _families_with_width(width: int, denoiser: Denoiser) -> set[ModelFamily]:
-    _, real = _REAL_WIDTHS[denoiser].get(width, ("", None))
+    _, real = REAL_WIDTHS[denoiser].get(width, ("", None))
     families = {real} if real is not None else set()
     families |= {preset.family for preset in BUILTIN_PRESETS
-                 if preset.lora_dim == width and preset.family in _DENOISER_FAMILIES[denoiser]}
+                 if preset.lora_dim == width and preset.family in DENOISER_FAMILIES[denoiser]}
     return families
 
 
@@ -563,60 +562,3 @@ def _pickle_refused() -> LoraRejected:
         "first.",
         code="pickle_refused",
     )
-
-
-def _describe_width(width: int, denoiser: Denoiser) -> str:
-    if width in _REAL_WIDTHS[denoiser]:
-        return _REAL_WIDTHS[denoiser][width][0]
-    presets = [preset.name for preset in BUILTIN_PRESETS
-               if preset.lora_dim == width and preset.family in _DENOISER_FAMILIES[denoiser]]
-    return f"as in {', '.join(presets)}" if presets else "no model we know"
-
-
-def check_lora_for_model(info: LoraInfo, preset: ModelPreset) -> None:
-    """Refuse a LoRA that cannot apply to ``preset``, at upload rather than as a failed job.
-
-    Raises ``LoraRejected(code="wrong_family")`` with a message naming what was found and
-    what the model expects.
-    """
-    family = _FAMILY_NAMES[preset.family]
-    if info.denoiser == "flux" and preset.family is not ModelFamily.FLUX:
-        raise LoraRejected(f"This LoRA is for Flux (it adapts '{info.denoiser_key}'); "
-                           f"{preset.name} is an {family} model.", code="wrong_family")
-    if info.denoiser == "unet" and preset.family is ModelFamily.FLUX:
-        raise LoraRejected(f"This LoRA is for a Stable Diffusion UNet (it adapts "
-                           f"'{info.denoiser_key}'); {preset.name} is a Flux model.",
-                           code="wrong_family")
-    if info.sdxl_marker is not None and preset.family is ModelFamily.SD15:
-        raise LoraRejected(f"This LoRA is for SDXL ({info.sdxl_marker_reason}: "
-                           f"'{info.sdxl_marker}'); {preset.name} is an SD1.5 model.",
-                           code="wrong_family")
-    if preset.lora_dim is not None and info.denoiser is not None:
-        wrong = sorted(width for width in info.dims if width != preset.lora_dim)
-        if wrong:
-            what = "attention" if info.denoiser == "flux" else "cross-attention"
-            found = _describe_width(wrong[0], info.denoiser)
-            raise LoraRejected(f"This LoRA's {what} width is {wrong[0]} ({found}); "
-                               f"{preset.name} expects {preset.lora_dim}.", code="wrong_family")
-    mismatch = width_mismatch(info.widths, preset)
-    if mismatch is not None:
-        raise LoraRejected(f"This LoRA {mismatch}.", code="wrong_family")
-
-
-def width_mismatch(widths: Mapping[str, Iterable[int]], preset: ModelPreset) -> str | None:
-    """Why a LoRA with these layer widths (``LoraInfo.widths``, as recorded at upload) cannot
-    load into ``preset``, or None when every width is one the model's layers have.
-
-    Checked in both directions of a mix-up: a full-size model's LoRA on a small model, and a
-    small model's LoRA on a full-size one. Components the preset does not describe pass.
-    """
-    for component, found in widths.items():
-        known = preset.lora_widths.get(component)
-        if not known:
-            continue
-        foreign = sorted(set(found) - set(known))
-        if foreign:
-            return (f"adapts {component} layers {', '.join(map(str, foreign[:3]))} wide, which "
-                    f"{preset.name} does not have (its {component} layers are "
-                    f"{', '.join(map(str, known))} wide): it was made for another model")
-    return None

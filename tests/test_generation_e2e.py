@@ -78,8 +78,8 @@ def _tenant(stack: RunningStack, name: str) -> str:
 
     from sqlalchemy import select
 
-    from shared.db.models import Tenant
-    from shared.db.session import make_engine, make_sessionmaker
+    from services.gateway.db.models import Tenant
+    from services.gateway.db.session import make_engine, make_sessionmaker
 
     async def run() -> str:
         engine = make_engine(stack.database_url)

@@ -8,20 +8,18 @@ import zipfile
 import pytest
 from PIL import Image
 
-from shared.datasets import ExportItem, SubsetInfo, export_zip
+from services.gateway.datasets.export import ExportItem, export_zip
+from services.gateway.datasets.ingest import SubsetInfo
+from services.gateway.trainings.buckets import assign_bucket, epoch_plan, fit_to_bucket, steps_per_epoch
 from shared.kohya import (
     KOHYA_SAMPLERS,
     KOHYA_TO_LOOMIS_SCHEDULER,
     ConfigError,
     SamplePrompt,
     SubsetMode,
-    assign_bucket,
-    epoch_plan,
-    fit_to_bucket,
     make_buckets,
     parse_dataset_config,
     parse_sample_prompts,
-    steps_per_epoch,
     subset_from_folder,
 )
 from shared.models import SCHEDULERS

@@ -23,8 +23,9 @@ import pytest
 import torch
 from safetensors.torch import load as reference_load
 
+from services.gateway.loras.fit import check_lora_for_model
 from services.models.tiny.diffusion import ensure_tiny_model
-from shared.loras import DTYPE_SIZES, LoraRejected, check_lora_for_model, inspect_lora
+from shared.loras import DTYPE_SIZES, LoraRejected, inspect_lora
 from shared.models import ModelFamily, ModelPreset, ModelRegistry
 from tests.lora_files import FAMILIES, make_lora, make_pickle_lora
 

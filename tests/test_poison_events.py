@@ -19,9 +19,9 @@ import pytest
 import redis.asyncio as aioredis
 from sqlalchemy import select
 
+from services.gateway.db.models import Job, Tenant
+from services.gateway.db.session import make_engine, make_sessionmaker
 from services.gateway.events.consumer import EventConsumer
-from shared.db.models import Job, Tenant
-from shared.db.session import make_engine, make_sessionmaker
 from shared.events import JobEvents
 from shared.settings import RedisSettings
 from shared.specs import JobStatus

@@ -14,9 +14,9 @@ import pytest
 import redis.asyncio as aioredis
 from sqlalchemy import func, select
 
+from services.gateway.db.models import Job, JobEventRow, Tenant
+from services.gateway.db.session import make_engine, make_sessionmaker, migrate
 from services.gateway.events.consumer import EventConsumer
-from shared.db.models import Job, JobEventRow, Tenant
-from shared.db.session import make_engine, make_sessionmaker, migrate
 from shared.events import JobEvents
 from shared.specs import JobStatus
 from tests.conftest import S3Server, launch_stack, redis_server, wait_for_event, wait_terminal

@@ -100,7 +100,7 @@ def test_image_modes_default_to_the_input_size_and_strength() -> None:
 
 
 def test_masks_from_shapes_feather_and_partial_values() -> None:
-    from shared.images import mask_is_empty, render_mask
+    from services.gateway.images import mask_is_empty, render_mask
 
     mask = render_mask([{"type": "rect", "x": 2, "y": 2, "width": 4, "height": 4},
                         {"type": "polygon", "points": [(10, 10), (15, 10), (15, 15)],

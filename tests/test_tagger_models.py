@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 
 from services.models.tiny.tagging import BUILDERS, WD14_IMAGE_SIZE, WD14_TAGS, ensure_tagger_model
 from services.tagger.models import Captioner, ImageFailed, Tagger, TagResult, wd14_pixels
-from shared.tagging import TagOptions, clean_caption, clean_tags, format_tags, merge_metadata
+from services.tagger.text import TagOptions, clean_caption, clean_tags, format_tags, merge_metadata
 
 
 def _scene(seed: int, size: tuple[int, int] = (96, 80)) -> Image.Image:

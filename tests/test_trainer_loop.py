@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load
 
+from services.gateway.loras.fit import check_lora_for_model
 from services.models.tiny.diffusion import ensure_tiny_model
 from services.trainer import (
     LoraTrainer,
@@ -30,7 +31,7 @@ from services.trainer import (
     TrainExample,
     TrainResult,
 )
-from shared.loras import check_lora_for_model, inspect_lora
+from shared.loras import inspect_lora
 from shared.models import ModelRegistry
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

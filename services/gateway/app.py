@@ -15,6 +15,7 @@ from fastapi import Depends, FastAPI
 from services.gateway.auth.service import ApiKeyLookups
 from services.gateway.control.routes import router as control_router
 from services.gateway.datasets.routes import router as datasets_router
+from services.gateway.db.session import make_engine, make_sessionmaker, migrate
 from services.gateway.deps import GatewayState, refuse_control_characters_in_url
 from services.gateway.docs import install_docs
 from services.gateway.events.consumer import EventConsumer
@@ -31,7 +32,6 @@ from services.gateway.sweeps.routes import router as sweeps_router
 from services.gateway.taggings.routes import router as taggings_router
 from services.gateway.trainings.routes import router as trainings_router
 from services.gateway.uploads.routes import router as uploads_router
-from shared.db.session import make_engine, make_sessionmaker, migrate
 from shared.events import JobEvents
 from shared.logs import configure_logging
 from shared.models import ModelRegistry

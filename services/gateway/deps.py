@@ -11,7 +11,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.gateway.auth.service import ApiKeyLookups, authenticate
-from shared.db.models import Tenant
+from services.gateway.db.models import Tenant
 from shared.errors import ValidationFailed
 from shared.events import JobEvents
 from shared.models import ModelRegistry

@@ -24,8 +24,8 @@ from PIL.PngImagePlugin import PngInfo
 
 from services.generator.invariance import per_job_calls
 from services.generator.loras import LoraAdapterCache
+from services.generator.outpaint import outpaint_canvas
 from services.generator.pipelines import LoadedModel
-from shared.images import outpaint_canvas
 from shared.specs import GenerationMode, GenerationSpec, LoraRef
 
 StepHook = Callable[[int, int], None]

@@ -25,6 +25,7 @@ from PIL import Image
 from services.jobrunner import RUNNING, common_startup, make_worker, run_job, run_worker
 from services.models.device import pick_device
 from services.models.sources import ModelSources
+from services.tagger.text import clean_caption, clean_tags, format_tags, merge_metadata, with_trigger
 from services.workerctx import CONTEXT_KEY, WorkerContext
 from shared.errors import JobCanceled, NotFound
 from shared.keys import caption_key, tagging_metadata_key, tagging_results_key
@@ -33,14 +34,7 @@ from shared.queue import TAG_TASK, TAGGER_QUEUE
 from shared.settings import Settings, get_settings
 from shared.specs import ArtifactRef, JobKind, TaggingItem, TaggingTask
 from shared.storage import ObjectStore
-from shared.tagging import (
-    clean_caption,
-    clean_tags,
-    format_tags,
-    has_trigger,
-    merge_metadata,
-    with_trigger,
-)
+from shared.tagging import has_trigger
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import make_transient_to_detached
 
-from shared.db.models import ApiKey, Tenant, utcnow
+from services.gateway.db.models import ApiKey, Tenant, utcnow
 from shared.errors import Unauthorized
 
 KEY_PREFIX = "lmk_"
@@ -126,7 +126,7 @@ async def authenticate(*, lookups: ApiKeyLookups, authorization: str | None) -> 
 
 async def provision_api_key(*, database_url: str, tenant_name: str, name: str = "") -> str:
     """Operator path (CLI, scripts): migrate the database if needed, then create a key."""
-    from shared.db.session import make_engine, make_sessionmaker, migrate
+    from services.gateway.db.session import make_engine, make_sessionmaker, migrate
 
     engine = make_engine(database_url)
     try:
@@ -141,7 +141,7 @@ async def set_safety_policy(
     *, database_url: str, tenant_name: str, action: str | None, threshold: float = 0.8,
 ) -> None:
     """Operator path: turn a tenant's output safety filter on (blur/withhold) or off (None)."""
-    from shared.db.session import make_engine, make_sessionmaker, migrate
+    from services.gateway.db.session import make_engine, make_sessionmaker, migrate
 
     if action not in (None, "blur", "withhold"):
         raise ValueError("action must be blur, withhold or None")
@@ -163,7 +163,7 @@ async def set_safety_policy(
 
 async def list_api_keys(*, database_url: str, tenant_name: str | None = None) -> list[ApiKey]:
     """Operator path: every key (revoked ones too, so an audit sees them), oldest first."""
-    from shared.db.session import make_engine, make_sessionmaker, migrate
+    from services.gateway.db.session import make_engine, make_sessionmaker, migrate
 
     engine = make_engine(database_url)
     try:
@@ -183,7 +183,7 @@ async def revoke_api_key(*, database_url: str, key: str) -> ApiKey:
     A prefix that matches several keys revokes none: revoking the wrong tenant's key is
     worse than asking for the id.
     """
-    from shared.db.session import make_engine, make_sessionmaker, migrate
+    from services.gateway.db.session import make_engine, make_sessionmaker, migrate
 
     engine = make_engine(database_url)
     try:

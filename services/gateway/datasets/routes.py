@@ -9,6 +9,7 @@ from fastapi import APIRouter, Query, Request, Response
 from pydantic import ConfigDict, Field
 
 from services.gateway.datasets import service
+from services.gateway.datasets.ingest import IngestLimits, Upload
 from services.gateway.datasets.schemas import DatasetOut, DatasetPage, ItemOut, ItemPage, ItemPatch
 from services.gateway.deps import SessionDep, StateDep, TenantDep
 from services.gateway.multipart import (
@@ -19,7 +20,6 @@ from services.gateway.multipart import (
     too_large,
 )
 from services.gateway.problems import PROBLEM_RESPONSES
-from shared.datasets import IngestLimits, Upload
 from shared.errors import ValidationFailed
 from shared.text import RequestModel
 
@@ -95,7 +95,7 @@ async def create_dataset(request: Request, session: SessionDep, tenant: TenantDe
 async def list_datasets(session: SessionDep, tenant: TenantDep) -> DatasetPage:
     from sqlalchemy import select
 
-    from shared.db.models import Dataset
+    from services.gateway.db.models import Dataset
 
     rows = list(await session.scalars(select(Dataset).where(Dataset.tenant_id == tenant.id)
                                       .order_by(Dataset.created_at.desc())))

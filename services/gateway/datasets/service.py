@@ -12,21 +12,18 @@ from PIL import Image, ImageOps
 from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.gateway.datasets.schemas import DatasetOut, ItemOut, ItemPage, ItemPatch
-from shared.datasets import (
+from services.gateway.datasets.export import ExportItem, export_zip, metadata_key
+from services.gateway.datasets.ingest import (
     DEFAULT_SUBSET,
-    ExportItem,
     IngestLimits,
     IngestResult,
-    ItemSummary,
     SubsetInfo,
     Upload,
-    build_report,
-    export_zip,
     ingest,
-    metadata_key,
 )
-from shared.db.models import Dataset, DatasetItem, Tenant, new_id, utcnow
+from services.gateway.datasets.report import ItemSummary, build_report
+from services.gateway.datasets.schemas import DatasetOut, ItemOut, ItemPage, ItemPatch
+from services.gateway.db.models import Dataset, DatasetItem, Tenant, new_id, utcnow
 from shared.errors import NotFound, ValidationFailed
 from shared.keys import dataset_item_key, dataset_prefix, dataset_thumb_key
 from shared.kohya import ConfigError, DatasetConfig, parse_dataset_config

@@ -28,8 +28,8 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from services.gateway.db.models import Job
 from services.gateway.jobs.service import apply_event
-from shared.db.models import Job
 from shared.events import ACTIVE, JobEvent, JobEvents, decode_event, is_terminal
 from shared.settings import RedisSettings
 from shared.specs import JobStatus

@@ -6,11 +6,11 @@ from __future__ import annotations
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.gateway.control.service import check_openpose_photo
+from services.gateway.db.models import Job, Tenant
 from services.gateway.deps import GatewayState
 from services.gateway.jobs.submission import create_and_enqueue, find_replay, request_hash
 from services.gateway.loras.service import resolve_loras
 from services.gateway.uploads.service import resolve_inputs
-from shared.db.models import Job, Tenant
 from shared.models import ControlType
 from shared.queue import GENERATE_TASK
 from shared.specs import (

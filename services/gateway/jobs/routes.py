@@ -12,11 +12,11 @@ from pydantic import WithJsonSchema
 from sqlalchemy import select
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from services.gateway.db.models import JobEventRow
 from services.gateway.deps import SessionDep, StateDep, TenantDep
 from services.gateway.jobs import service
 from services.gateway.jobs.schemas import JobOut, JobPage, JobStreamEvent
 from services.gateway.problems import PROBLEM_RESPONSES
-from shared.db.models import JobEventRow
 from shared.events import JobEvent, is_terminal
 from shared.specs import JobKind, JobStatus
 

@@ -14,10 +14,10 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import joinedload
 
+from services.gateway.db.models import Artifact, Job, JobEventRow, Tenant, utcnow
 from services.gateway.jobs.schemas import ArtifactOut, JobError, JobOut, JobPage
 from services.gateway.taggings.outcome import write_item_results
 from services.gateway.trainings.outcome import register_trained_lora
-from shared.db.models import Artifact, Job, JobEventRow, Tenant, utcnow
 from shared.errors import BadRequest, Conflict, NotFound
 from shared.events import JobEvent, JobEvents
 from shared.outcomes import Outcome, parse_outcome

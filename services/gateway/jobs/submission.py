@@ -21,9 +21,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.attributes import set_committed_value
 
+from services.gateway.db.models import Job, Tenant, utcnow
 from services.gateway.deps import GatewayState
 from services.gateway.jobs.service import apply_event
-from shared.db.models import Job, Tenant, utcnow
 from shared.errors import Conflict, ServiceUnavailable
 from shared.queue import GENERATOR_QUEUE, enqueue
 from shared.specs import JobKind, JobStatus

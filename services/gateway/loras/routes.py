@@ -9,6 +9,7 @@ from pydantic import ConfigDict, Field, field_validator
 
 from services.gateway.deps import SessionDep, StateDep, TenantDep
 from services.gateway.loras import service
+from services.gateway.loras.fit import lora_name_from_filename
 from services.gateway.loras.schemas import LoraOut, LoraPage
 from services.gateway.multipart import (
     FORM_OVERHEAD_BYTES,
@@ -19,7 +20,7 @@ from services.gateway.multipart import (
     too_large,
 )
 from services.gateway.problems import PROBLEM_RESPONSES
-from shared.loras import LoraName, lora_name_from_filename
+from shared.loras import LoraName
 from shared.text import RequestModel
 
 router = APIRouter(prefix="/v1/loras", tags=["loras"], responses=PROBLEM_RESPONSES)

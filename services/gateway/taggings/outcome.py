@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from shared.db.models import DatasetItem, Job, utcnow
+from services.gateway.db.models import DatasetItem, Job, utcnow
 from shared.outcomes import Outcome, TaggingOutcome
 
 

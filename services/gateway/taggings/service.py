@@ -11,9 +11,9 @@ from services.gateway.datasets.service import (
     item_tags,
     subsets_of,
 )
+from services.gateway.db.models import Job, Tenant
 from services.gateway.deps import GatewayState
 from services.gateway.jobs.submission import create_and_enqueue, find_replay, request_hash
-from shared.db.models import Job, Tenant
 from shared.errors import ValidationFailed
 from shared.keys import tagging_prefix
 from shared.queue import TAG_TASK, TAGGER_QUEUE

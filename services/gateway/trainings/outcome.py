@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from shared.db.models import Job, Lora, utcnow
+from services.gateway.db.models import Job, Lora, utcnow
 from shared.outcomes import Outcome, TrainingOutcome
 
 

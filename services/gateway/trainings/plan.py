@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from services.gateway.db.models import DatasetItem, Job, JobEventRow, Tenant
 from services.gateway.deps import GatewayState
 from services.gateway.trainings.schemas import (
     PlanBucket,
@@ -25,11 +26,11 @@ from services.gateway.trainings.service import (
     check_trainable,
     resolve_dataset_config,
 )
-from shared.db.models import DatasetItem, Job, JobEventRow, Tenant
+from services.gateway.trainings.triggers import trained_triggers
 from shared.errors import NotFound
 from shared.keys import training_metrics_key, training_prefix
 from shared.specs import JobKind, JobStatus
-from shared.training import TrainingSpec, trained_triggers
+from shared.training import TrainingSpec
 
 # what the trainer worker trains for when the spec names neither steps nor epochs
 DEFAULT_MAX_TRAIN_STEPS = 1600

@@ -19,9 +19,11 @@ from services.gateway.datasets.service import (
     stored_dataset_config,
     subsets_of,
 )
+from services.gateway.db.models import Dataset, DatasetItem, Job, Tenant, new_id
 from services.gateway.deps import GatewayState
 from services.gateway.jobs.submission import create_and_enqueue, find_replay, request_hash
-from shared.db.models import Dataset, DatasetItem, Job, Tenant, new_id
+from services.gateway.trainings.buckets import assign_bucket, epoch_plan
+from services.gateway.trainings.triggers import trained_triggers
 from shared.errors import NotFound, ValidationFailed
 from shared.keys import lora_key, training_prefix
 from shared.kohya import (
@@ -29,8 +31,6 @@ from shared.kohya import (
     KohyaDataset,
     KohyaSubset,
     SubsetMode,
-    assign_bucket,
-    epoch_plan,
     make_buckets,
     parse_dataset_config,
 )
@@ -44,7 +44,6 @@ from shared.training import (
     TrainingTask,
     check_optimizer,
     latest_state,
-    trained_triggers,
 )
 
 
@@ -159,7 +158,7 @@ def _subset_options(subset: KohyaSubset) -> SubsetOptions:
 def _balance_regularisation(examples: list[TrainingExample], *,
                             batch_size: int) -> list[TrainingExample]:
     """Use regularisation images as kohya does: as many as the repeated training images, the
-    surplus unused, a shortfall made up with extra repeats (``shared.kohya.epoch_plan``)."""
+    surplus unused, a shortfall made up with extra repeats (:func:`epoch_plan`)."""
     groups: dict[tuple[str, bool], list[TrainingExample]] = {}
     for example in examples:
         groups.setdefault((example.subset, example.is_reg), []).append(example)

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.gateway.deps import SessionDep, StateDep, TenantDep
+from services.gateway.images import MAX_INPUT_BYTES
 from services.gateway.multipart import (
     FORM_OVERHEAD_BYTES,
     binary,
@@ -16,7 +17,6 @@ from services.gateway.multipart import (
 )
 from services.gateway.problems import PROBLEM_RESPONSES
 from services.gateway.uploads.service import store_upload
-from shared.images import MAX_INPUT_BYTES
 from shared.text import RequestModel
 
 router = APIRouter(prefix="/v1/uploads", tags=["uploads"], responses=PROBLEM_RESPONSES)

@@ -18,9 +18,8 @@ from PIL import Image, ImageFilter, ImageOps
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from shared.db.models import Artifact, Job
-from shared.errors import NotFound, ValidationFailed
-from shared.images import (
+from services.gateway.db.models import Artifact, Job
+from services.gateway.images import (
     CheckedImage,
     decode_data_url,
     decode_image,
@@ -28,6 +27,7 @@ from shared.images import (
     mask_is_empty,
     render_mask,
 )
+from shared.errors import NotFound, ValidationFailed
 from shared.keys import upload_key
 from shared.specs import GenerationMode, GenerationSpec
 from shared.storage import ObjectStore

@@ -1,8 +1,9 @@
-"""Job specs: the API request body, the queued payload and the stored manifest are one model.
+"""Generation specs: the API request body, the queued payload and the stored manifest are one model.
 
 Structural rules (types, ranges, multiples of 8) live on the model so every layer checks
 them the same way; rules that need the model registry live in :func:`resolve_generation`,
-which the gateway runs before queueing and which fills the server-chosen fields.
+which the gateway runs before queueing and which fills the server-chosen fields. Control-image
+previews (:class:`PreprocessSpec`) live here too: they share the ControlNet input rules.
 """
 
 from __future__ import annotations
@@ -13,13 +14,9 @@ from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
-    StrictFloat,
-    StrictInt,
-    StrictStr,
     model_validator,
 )
 from pydantic import ValidationError as PydanticValidationError
@@ -28,48 +25,8 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from shared.errors import ValidationFailed
 from shared.models import ControlType, ModelRegistry, canonical_scheduler
 from shared.poses import parse_openpose_json
+from shared.specs.common import MAX_PROMPT_CHARS, MAX_SEED, ArtifactRef, LoraRef, Prompt, SafetyPolicy, Size
 from shared.text import MULTILINE, RequestModel
-
-MAX_PROMPT_CHARS = 2000
-MAX_SEED = 2**32 - 1
-
-
-class JobKind(StrEnum):
-    GENERATION = "generation"
-    SWEEP = "sweep"
-    TRAINING = "training"
-    TAGGING = "tagging"
-
-
-class JobStatus(StrEnum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELED = "canceled"
-
-    @property
-    def terminal(self) -> bool:
-        return self in TERMINAL_STATUSES
-
-
-TERMINAL_STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED})
-
-
-def _not_blank(value: str) -> str:
-    if not value.strip():
-        raise ValueError("must not be empty or only whitespace")
-    return value
-
-
-Prompt = Annotated[
-    str,
-    Field(min_length=1, max_length=MAX_PROMPT_CHARS, examples=["a red fox in snow, golden hour"]),
-    AfterValidator(_not_blank),
-    MULTILINE,
-]
-Size = Annotated[int, Field(ge=64, le=4096, multiple_of=8, description="Pixels, multiple of 8.")]
-
 
 # A standing figure, COCO-18 keypoints normalised to the canvas (x, y, confidence).
 EXAMPLE_POSE: list[Any] = [0.5, 0.16, 1, 0.5, 0.28, 1, 0.41, 0.28, 1, 0.38, 0.44, 1, 0.36, 0.58, 1,
@@ -481,21 +438,6 @@ def resolve_generation(
     })
 
 
-class LoraRef(BaseModel):
-    """A LoRA as the worker needs it: where its file is and what to check it against."""
-
-    id: str
-    name: str
-    key: str
-    sha256: str
-    weight: float
-
-
-class SafetyPolicy(BaseModel):
-    action: Literal["blur", "withhold"]
-    threshold: float = Field(ge=0, le=1)
-
-
 class GenerationTask(BaseModel):
     """What the gateway queues for the generator: a resolved spec and where it belongs.
 
@@ -510,22 +452,6 @@ class GenerationTask(BaseModel):
     inputs: dict[str, str] = Field(default_factory=dict)
     loras: list[LoraRef] = Field(default_factory=list)
     safety: SafetyPolicy | None = None
-
-
-class ArtifactRef(BaseModel):
-    """An object a job wrote, as the worker reports it in its ``succeeded`` event."""
-
-    key: str = Field(description="Storage key of the object, under the job's prefix.")
-    kind: Literal["image", "manifest", "contact_sheet", "metadata", "results", "lora", "sample",
-                  "checkpoint", "metrics", "loss_curve"] = Field(description="What the object is.")
-    index: int | None = Field(default=None, description="Images: position in the job's output; null for "
-                              "other kinds.")
-    content_type: str = Field(description="MIME type of the object.")
-    size: int = Field(description="Size in bytes.")
-    sha256: str = Field(description="SHA-256 of the bytes, hex.")
-    width: int | None = Field(default=None, description="Images: width in pixels.")
-    height: int | None = Field(default=None, description="Images: height in pixels.")
-    seed: int | None = Field(default=None, description="Images: the seed this image was generated with.")
 
 
 class GenerationManifest(BaseModel):
@@ -550,233 +476,3 @@ class GenerationManifest(BaseModel):
     # Per image, only when a pipeline ran diffusers' own checker (which blacks out what it
     # flags); Loomis loads pipelines without it, so this is normally absent.
     nsfw_content_detected: list[bool] | None = None
-
-
-MAX_SWEEP_CELLS = 64
-
-
-class SweepAxis(RequestModel):
-    model_config = ConfigDict(extra="forbid")
-
-    param: Literal["guidance_scale", "steps", "seed", "scheduler", "strength", "prompt",
-                   "negative_prompt"] = Field(description="The spec field this axis varies.")
-    # Strict: a JSON true is not the number 1 (nor a seed of 1) and was accepted as one.
-    values: Annotated[list[StrictInt | StrictFloat | StrictStr], MULTILINE] = Field(
-        min_length=1, max_length=32,
-        description="The values it takes, 1-32; each is validated as that field.",
-    )
-
-
-class SweepSpec(RequestModel):
-    """Every combination of one or two parameter axes over a base spec, plus a contact sheet."""
-
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={"examples": [{
-            "base": {"prompt": "a lighthouse at dusk", "model": "tiny-sd15", "steps": 4},
-            "axes": [{"param": "guidance_scale", "values": [2, 5, 7.5, 10, 15]},
-                     {"param": "seed", "values": [42, 123]}],
-        }]},
-    )
-
-    base: GenerationSpec = Field(description="The generation every cell starts from (num_images 1).")
-    axes: list[SweepAxis] = Field(min_length=1, max_length=2, description="The first axis runs "
-                                  "along the sheet's columns, the second down its rows.")
-    title: str = Field(default="", max_length=200, description="Printed at the top of the contact sheet.")
-
-    @model_validator(mode="after")
-    def _grid(self) -> SweepSpec:
-        # Each error at the field a client has to change (`axes`, `base.num_images`), not `body`.
-        errors: list[InitErrorDetails] = []
-
-        def refuse(loc: tuple[str | int, ...], message: str, value: Any) -> None:
-            errors.append(InitErrorDetails(type=PydanticCustomError(
-                "value_error", "{reason}", {"reason": message}), loc=loc, input=value))
-
-        if len(self.axes) == 2 and self.axes[0].param == self.axes[1].param:
-            refuse(("axes", 1, "param"), "the two axes must vary different parameters",
-                   self.axes[1].param)
-        cells = 1
-        for axis in self.axes:
-            cells *= len(axis.values)
-        if cells > MAX_SWEEP_CELLS:
-            refuse(("axes",), f"{cells} cells; a sweep makes at most {MAX_SWEEP_CELLS}", cells)
-        if self.base.num_images != 1:
-            refuse(("base", "num_images"), "a sweep renders one image per cell: leave it at 1",
-                   self.base.num_images)
-        if errors:
-            raise PydanticValidationError.from_exception_data(type(self).__name__, errors)
-        return self
-
-
-class SweepCell(BaseModel):
-    index: int
-    row: int
-    col: int
-    labels: dict[str, Any]
-    spec: GenerationSpec
-
-
-class SweepTask(BaseModel):
-    job_id: str
-    tenant_id: str
-    sweep: SweepSpec
-    cells: list[SweepCell]
-    inputs: dict[str, str] = Field(default_factory=dict)
-    loras: list[LoraRef] = Field(default_factory=list)
-    safety: SafetyPolicy | None = None
-
-
-def sweep_cells(sweep: SweepSpec, *, resolve: Any) -> list[SweepCell]:
-    """Expand the grid; ``resolve`` turns each cell's spec into a resolved one (raising
-    :class:`ValidationFailed`), and errors are re-addressed to ``axes.N.values.M``."""
-    cols = sweep.axes[0]
-    rows = sweep.axes[1] if len(sweep.axes) > 1 else None
-    base = sweep.base.model_dump(mode="json", exclude_unset=True)
-    cells: list[SweepCell] = []
-    errors: list[dict[str, Any]] = []
-    for r, row_value in enumerate(rows.values if rows else [None]):
-        for c, col_value in enumerate(cols.values):
-            fields = dict(base)
-            labels: dict[str, Any] = {cols.param: col_value}
-            fields[cols.param] = col_value
-            if rows is not None:
-                fields[rows.param] = row_value
-                labels[rows.param] = row_value
-            try:
-                spec = resolve(GenerationSpec.model_validate(fields))
-            except ValidationFailed as exc:
-                for error in exc.errors:
-                    # A field no axis varies (e.g. strength x steps) fails because of this
-                    # cell's combination: name the column value and say which cell it is.
-                    on_rows = rows is not None and error["field"] == rows.param
-                    axis, index = (1, r) if on_rows else (0, c)
-                    where = "" if error["field"] in (cols.param, rows.param if rows else None) \
-                        else f" (cell {labels}: {error['field']})"
-                    errors.append({"field": f"axes.{axis}.values.{index}",
-                                   "message": error["message"] + where})
-                continue
-            except PydanticValidationError as exc:
-                for detail in exc.errors():
-                    loc = detail.get("loc") or ()
-                    axis = 1 if rows is not None and loc and loc[0] == rows.param else 0
-                    index = c if axis == 0 else r
-                    errors.append({"field": f"axes.{axis}.values.{index}",
-                                   "message": str(detail.get("msg"))})
-                continue
-            cells.append(SweepCell(index=len(cells), row=r, col=c, labels=labels, spec=spec))
-    if errors:
-        unique = {(e["field"], e["message"]): e for e in errors}
-        raise ValidationFailed(list(unique.values()))
-    return cells
-
-
-class CaptionOptions(RequestModel):
-    """BLIP-class captioning (kohya's make_captions.py options)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    batch_size: int = Field(default=8, ge=1, le=64, description="Images captioned per model call.")
-    max_length: int = Field(default=40, ge=5, le=200, description="Tokens, start token included.")
-    min_length: int = Field(default=5, ge=1, le=100, description="Fewest tokens in a caption.")
-    num_beams: int = Field(default=1, ge=1, le=8, description="Beam search width; 1 is greedy (or sampling "
-                           "with do_sample).")
-    do_sample: bool = Field(default=False, description="Nucleus sampling (with num_beams 1).")
-    top_p: float = Field(default=0.9, gt=0, le=1, description="Nucleus sampling: keep the smallest set of "
-                         "tokens with this much probability.")
-    seed: int = Field(default=0, ge=0, le=MAX_SEED, description="Same seed, same captions.")
-    overwrite: bool = Field(default=False, description="Replace captions an image already "
-                            "has; by default only missing ones are filled.")
-
-    @model_validator(mode="after")
-    def _consistent(self) -> CaptionOptions:
-        if self.min_length > self.max_length:
-            raise ValueError("min_length must not exceed max_length")
-        if self.do_sample and self.num_beams > 1:
-            raise ValueError("sampling uses num_beams 1")
-        return self
-
-
-class TagOptionsSpec(RequestModel):
-    """WD14-class tagging (kohya's tag_images_by_wd14_tagger.py options)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    batch_size: int = Field(default=8, ge=1, le=64, description="Images tagged per model call.")
-    general_threshold: float = Field(default=0.35, ge=0, le=1, description="Keep general tags at or above "
-                                     "this probability.")
-    character_threshold: float = Field(default=0.35, ge=0, le=1, description="Keep character tags at or "
-                                       "above this probability.")
-    undesired: list[str] = Field(default_factory=list, max_length=500, description="Tags never written, "
-                                 "whatever their spelling (`long_hair` also drops `long hair`).")
-    underscores_to_spaces: bool = Field(default=True, description="Write `long hair`, not `long_hair`.")
-    keep_rating: bool = Field(default=False, description="Put the most likely rating tag after the prefix.")
-    prefix: list[str] = Field(default_factory=list, max_length=20, description="Always first, "
-                              "e.g. the subject's identifier token.")
-    character_first: bool = Field(default=True, description="Character tags before general ones.")
-    escape: bool = Field(default=False, description="Escape ( ) so prompts read them literally.")
-    overwrite: bool = Field(default=True, description="Replace an image's tags; false adds new ones to "
-                            "those it has.")
-
-
-class CleanOptions(RequestModel):
-    """Caption/tag cleaning, kohya's clean_captions_and_tags.py step."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    strip_rating: bool = Field(default=True, description="Drop rating tags and `rating:` tokens (general, "
-                               "sensitive, questionable, explicit).")
-    replacements: list[tuple[str, str]] = Field(default_factory=list, max_length=200,
-                                                description="[from, to] pairs applied in order to captions "
-                                                "and tags, e.g. [\"1girl\", \"a woman\"].")
-
-
-class TaggingSpec(RequestModel):
-    """Caption and/or tag a dataset's images, then clean; results land on the items."""
-
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
-        {"dataset_id": "1f0c3e6d-8a4b-4d2e-9f0a-1b2c3d4e5f60",
-         "caption": {"batch_size": 8, "num_beams": 3, "max_length": 40},
-         "tags": {"general_threshold": 0.35, "prefix": ["sks"], "undesired": ["simple background"]},
-         "clean": {"replacements": [["1girl", "a woman"]]}, "write_caption_files": True},
-    ]})
-
-    dataset_id: str = Field(min_length=1, max_length=64, description="The dataset whose images are "
-                            "captioned and tagged.")
-    caption: CaptionOptions | None = Field(default_factory=CaptionOptions, description="BLIP-class "
-                                           "captioning; null skips it.")
-    tags: TagOptionsSpec | None = Field(default_factory=TagOptionsSpec, description="WD14-class tagging; "
-                                        "null skips it.")
-    clean: CleanOptions | None = Field(default_factory=CleanOptions, description="Caption and tag "
-                                       "cleaning, after the other two; null skips it.")
-    write_caption_files: bool = Field(default=False, description="Also store `<image>.caption` "
-                                      "files beside the images.")
-    prefix_trigger: bool = Field(default=True, description="Put a DreamBooth subset's identifier "
-                                 "and class (`sks dog` of folder `10_sks dog`) first in the captions "
-                                 "and tags this job writes, unless already there: in kohya a caption "
-                                 "replaces the class tokens, so without it training never sees the "
-                                 "trigger. Captions the job does not write are left as they are.")
-
-    @model_validator(mode="after")
-    def _something(self) -> TaggingSpec:
-        if self.caption is None and self.tags is None and self.clean is None:
-            raise ValueError("enable at least one of caption, tags or clean")
-        return self
-
-
-class TaggingItem(BaseModel):
-    id: str
-    key: str
-    path: str
-    caption: str | None = None
-    tags: list[str] = Field(default_factory=list)
-    trigger: str | None = None  # its DreamBooth subset's identifier and class
-
-
-class TaggingTask(BaseModel):
-    job_id: str
-    tenant_id: str
-    spec: TaggingSpec
-    items: list[TaggingItem]
-    caption_extension: str = ".caption"
-    output_prefix: str

@@ -1,15 +1,19 @@
-"""Training-image datasets: checking uploads, summarising them, and writing them back out for kohya.
+"""Checking a dataset upload of training images before anything is stored.
 
 Pure functions over bytes (Pillow and the standard library only), so the gateway can check a
-whole upload before anything is stored, and the trainer reads back exactly the layout that
-kohya sd-scripts users already know: ``img/<repeats>_<identifier> <class>/`` folders, caption
-files beside the images, ``reg/<repeats>_<class>/`` for regularisation images, a dataset config
-TOML and a fine-tuning ``metadata.json``.
+whole upload before anything is stored, in the layout kohya sd-scripts users already know:
+``img/<repeats>_<identifier> <class>/`` folders, caption files beside the images,
+``reg/<repeats>_<class>/`` for regularisation images, a dataset config TOML and a fine-tuning
+``metadata.json``.
 
 Uploads are hostile until proven otherwise: every zip entry's name, type, flags and declared
 sizes are checked before a byte is decompressed, the bytes actually read are counted as well
-(headers can lie), and every image goes through :func:`shared.images.decode_image`, which
+(headers can lie), and every image goes through :func:`services.gateway.images.decode_image`, which
 refuses decompression bombs from the header alone.
+
+One file although it is over 500 lines: the zip checks, the multipart checks and the pairing
+of images with captions share one byte budget and one classification of paths, and together
+they are the security boundary for uploads; reading it in one place is how it gets reviewed.
 """
 
 from __future__ import annotations
@@ -20,17 +24,16 @@ import json
 import posixpath
 import re
 import stat
-import statistics
 import tomllib
 import zipfile
 import zlib
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, TypedDict
+from typing import Any, BinaryIO
 
+from services.gateway.images import MAX_INPUT_BYTES, decode_image
 from shared.errors import ValidationFailed
-from shared.images import MAX_INPUT_BYTES, decode_image
+from shared.kohya import SubsetName, join_class_tokens, parse_subset_dir
 from shared.text import find_control_character
 
 # Pillow format name -> the name we store; GIF and TIFF decode_image would take, but kohya's
@@ -39,86 +42,14 @@ from shared.text import find_control_character
 IMAGE_FORMATS: dict[str, str] = {"PNG": "png", "JPEG": "jpeg", "MPO": "jpeg", "WEBP": "webp", "BMP": "bmp"}
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
 DEFAULT_SUBSET = "default"
-# A date-stamped folder such as "20240101_holiday" must not become twenty million repeats.
-MAX_REPEATS = 1000
 # Below this size an entry cannot be a meaningful bomb (the totals bound it anyway), and small
 # text files legitimately compress far better than images.
 _RATIO_CHECK_FLOOR = 256 * 1024
 _READ_CHUNK = 64 * 1024
-_ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed, so the same dataset always exports the same bytes
 
-_SUBSET_RE = re.compile(r"^(\d{1,9})_(.+)$", re.DOTALL)
-_REG_PARENT_RE = re.compile(r"^(reg|regs|regulari[sz]ation)([ _-].*)?$", re.IGNORECASE)
-_TRAIN_PARENT_RE = re.compile(r"^(img|imgs|image|images|train|training)([ _-].*)?$", re.IGNORECASE)
-_DRIVE_RE = re.compile(r"^[A-Za-z]:")
+DRIVE_RE = re.compile(r"^[A-Za-z]:")
 _NEWLINES_RE = re.compile(r"\s*[\r\n]+\s*")
 _SYSTEM_FILES = frozenset({".ds_store", "thumbs.db", "desktop.ini"})
-_ASPECT_BUCKETS: tuple[tuple[str, float], ...] = (
-    ("1:1", 1.0), ("4:3", 4 / 3), ("3:4", 3 / 4), ("3:2", 3 / 2), ("2:3", 2 / 3),
-    ("16:9", 16 / 9), ("9:16", 9 / 16),
-)
-ASPECT_TOLERANCE = 0.05
-TOP_TAGS = 50
-
-
-# ---------------------------------------------------------------------------------------------
-# Subsets
-
-
-@dataclass(frozen=True, kw_only=True)
-class SubsetName:
-    """What a kohya folder name means: ``10_sks dog`` trains "sks dog" ten times per epoch.
-
-    ``kind_from_parent`` says whether ``is_reg`` came from the parent folder's name (``reg``,
-    ``img``, ...) rather than from the guess that a name without a space is a class alone.
-    """
-
-    folder: str
-    repeats: int
-    identifier: str | None
-    class_token: str | None
-    is_reg: bool
-    kind_from_parent: bool = False
-
-    @property
-    def class_tokens(self) -> str | None:
-        """kohya's ``class_tokens``: the words it uses as the caption of uncaptioned images."""
-        return _join_tokens(self.identifier, self.class_token)
-
-
-def parse_subset_dir(name: str) -> SubsetName | None:
-    """Read a kohya subset folder name (or a relative folder path ending in one).
-
-    ``<repeats>_<identifier> <class>`` is a training subset and ``<repeats>_<class>`` a
-    regularisation one, the convention kohya's docs teach. The space is only a guess at which
-    is which, so a parent folder named like ``reg``/``reg_data``/``regularization`` or
-    ``img``/``train``/``train_data`` overrides it: kohya itself tells them apart by the parent
-    (``--reg_data_dir`` versus ``--train_data_dir``). None when the name is not a subset.
-    """
-    parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
-    if not parts:
-        return None
-    folder = parts[-1]
-    match = _SUBSET_RE.match(folder)
-    if match is None:
-        return None
-    repeats = int(match.group(1))
-    tokens = match.group(2).split()
-    if not 1 <= repeats <= MAX_REPEATS or not tokens:
-        return None
-    parent = parts[-2] if len(parts) > 1 else ""
-    if _REG_PARENT_RE.match(parent):
-        is_reg, from_parent = True, True
-    elif _TRAIN_PARENT_RE.match(parent):
-        is_reg, from_parent = False, True
-    else:
-        is_reg, from_parent = len(tokens) == 1, False
-    if is_reg:  # kohya's reg folders carry the class only
-        return SubsetName(folder=folder, repeats=repeats, identifier=None, class_token=" ".join(tokens),
-                          is_reg=True, kind_from_parent=from_parent)
-    return SubsetName(folder=folder, repeats=repeats, identifier=tokens[0],
-                      class_token=" ".join(tokens[1:]) or None, is_reg=False,
-                      kind_from_parent=from_parent)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -133,7 +64,7 @@ class SubsetInfo:
 
     @property
     def class_tokens(self) -> str | None:
-        return _join_tokens(self.identifier, self.class_token)
+        return join_class_tokens(self.identifier, self.class_token)
 
     @property
     def folder(self) -> str:
@@ -141,11 +72,6 @@ class SubsetInfo:
         because a ``<repeats>_`` name would make kohya's folder mode caption it with that word."""
         tokens = self.class_tokens
         return f"{self.repeats}_{tokens}" if tokens else self.name
-
-
-def _join_tokens(identifier: str | None, class_token: str | None) -> str | None:
-    joined = " ".join(t for t in (identifier, class_token) if t)
-    return joined or None
 
 
 def _subset_info(parsed: SubsetName) -> SubsetInfo:
@@ -306,7 +232,7 @@ def _safe_path(raw: str, *, field_name: str) -> str:
     if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in raw):
         raise _fail(field_name, f"the path {raw!r} contains control characters")
     name = raw.replace("\\", "/")
-    if name.startswith("/") or _DRIVE_RE.match(name):
+    if name.startswith("/") or DRIVE_RE.match(name):
         raise _fail(field_name, f"the path {raw!r} is absolute; only relative paths are accepted")
     parts: list[str] = []
     for part in name.split("/"):
@@ -561,7 +487,7 @@ def _read_caption(entry: _Entry) -> str | None:
         raise _fail(entry.field, f"the caption {entry.path!r} is not valid UTF-8 "
                     f"(byte {exc.start})") from exc
     _refuse_control_characters(entry, text, what="the caption")
-    return _one_line(text) or None
+    return one_line(text) or None
 
 
 def _refuse_control_characters(entry: _Entry, value: Any, *, what: str) -> None:
@@ -575,7 +501,7 @@ def _refuse_control_characters(entry: _Entry, value: Any, *, what: str) -> None:
                     f"({found}{where})")
 
 
-def _one_line(text: str) -> str:
+def one_line(text: str) -> str:
     return _NEWLINES_RE.sub(" ", text).strip()
 
 
@@ -663,7 +589,7 @@ def _build_items(
     paths: set[str] = set()
     for candidate, digest, parsed, (fmt, width, height) in kept:
         subset = parsed.folder if parsed else DEFAULT_SUBSET
-        path = _unique_path(candidate.entry.path, stems.setdefault(subset, set()), paths)
+        path = unique_path(candidate.entry.path, stems.setdefault(subset, set()), paths)
         if path != candidate.entry.path:
             renamed.append((candidate.entry.path, path))
         flags = ("small",) if min(width, height) < limits.min_side else ()
@@ -705,7 +631,7 @@ def _resolve_subsets(images: list[tuple[_Entry, SubsetName | None]]) -> dict[str
     return subsets
 
 
-def _unique_path(path: str, stems: set[str], paths: set[str]) -> str:
+def unique_path(path: str, stems: set[str], paths: set[str]) -> str:
     """Keep each stem unique (case-insensitively) within a subset: kohya pairs captions by stem,
     and a case-insensitive file system would merge ``A.png`` and ``a.png`` when extracting."""
     folder, base = posixpath.split(path)
@@ -719,285 +645,3 @@ def _unique_path(path: str, stems: set[str], paths: set[str]) -> str:
     paths.add(result)
     return result
 
-
-# ---------------------------------------------------------------------------------------------
-# Report
-
-
-@dataclass(frozen=True, kw_only=True)
-class ItemSummary:
-    """What the report needs of one stored image; tags come from the tagger, when it has run."""
-
-    subset: SubsetInfo
-    width: int
-    height: int
-    caption: str | None = None
-    tags: list[str] = field(default_factory=list)
-    flags: tuple[str, ...] = ()
-
-
-class SubsetReport(TypedDict):
-    name: str
-    repeats: int
-    identifier: str | None
-    class_token: str | None
-    is_reg: bool
-    images: int
-
-
-class Totals(TypedDict):
-    images: int
-    train_images: int
-    reg_images: int
-    # What kohya counts as one epoch's training images: repeats times images, per subset.
-    repeated_train_images: int
-    repeated_reg_images: int
-
-
-class SideStats(TypedDict):
-    min: int
-    max: int
-    median: float
-
-
-class SizeStats(TypedDict):
-    width: SideStats
-    height: SideStats
-
-
-class CaptionCounts(TypedDict):
-    present: int
-    missing: int
-    tagged: int  # items with at least one tag, whether captioned or not
-
-
-class TagCount(TypedDict):
-    tag: str
-    count: int
-
-
-class DatasetReport(TypedDict):
-    subsets: list[SubsetReport]
-    totals: Totals
-    size: SizeStats | None
-    aspect_ratios: dict[str, int]
-    captions: CaptionCounts
-    tags: list[TagCount]
-    flags: dict[str, int]
-    flagged: int
-    duplicates: int
-
-
-def aspect_bucket(width: int, height: int) -> str:
-    """The nearest common ratio when within 5% of it, else "other": a user sees at a glance
-    whether the set is mostly portraits, squares or landscapes."""
-    ratio = width / height
-    name, target = min(_ASPECT_BUCKETS, key=lambda bucket: abs(ratio / bucket[1] - 1))
-    return name if abs(ratio / target - 1) <= ASPECT_TOLERANCE else "other"
-
-
-def build_report(items: list[ItemSummary], *, duplicates: int = 0) -> DatasetReport:
-    """Summarise a dataset so a user can fix it before paying for a training run."""
-    counts: Counter[SubsetInfo] = Counter(item.subset for item in items)
-    subsets = [
-        SubsetReport(name=s.name, repeats=s.repeats, identifier=s.identifier, class_token=s.class_token,
-                     is_reg=s.is_reg, images=n)
-        for s, n in sorted(counts.items(), key=lambda pair: (pair[0].is_reg, pair[0].name))
-    ]
-    totals = Totals(
-        images=len(items),
-        train_images=sum(n for s, n in counts.items() if not s.is_reg),
-        reg_images=sum(n for s, n in counts.items() if s.is_reg),
-        repeated_train_images=sum(n * s.repeats for s, n in counts.items() if not s.is_reg),
-        repeated_reg_images=sum(n * s.repeats for s, n in counts.items() if s.is_reg),
-    )
-    size: SizeStats | None = None
-    if items:
-        widths = [item.width for item in items]
-        heights = [item.height for item in items]
-        size = SizeStats(
-            width=SideStats(min=min(widths), max=max(widths), median=float(statistics.median(widths))),
-            height=SideStats(min=min(heights), max=max(heights), median=float(statistics.median(heights))),
-        )
-    aspect_ratios = dict.fromkeys([name for name, _ in _ASPECT_BUCKETS] + ["other"], 0)
-    for item in items:
-        aspect_ratios[aspect_bucket(item.width, item.height)] += 1
-    tag_counts: Counter[str] = Counter()
-    for item in items:
-        tag_counts.update({tag.strip() for tag in item.tags if tag.strip()})
-    top = sorted(tag_counts.items(), key=lambda pair: (-pair[1], pair[0]))[:TOP_TAGS]
-    flag_counts: Counter[str] = Counter(flag for item in items for flag in set(item.flags))
-    present = sum(1 for item in items if item.caption)
-    return DatasetReport(
-        subsets=subsets,
-        totals=totals,
-        size=size,
-        aspect_ratios=aspect_ratios,
-        captions=CaptionCounts(present=present, missing=len(items) - present,
-                               tagged=sum(1 for item in items if any(t.strip() for t in item.tags))),
-        tags=[TagCount(tag=tag, count=count) for tag, count in top],
-        flags=dict(sorted(flag_counts.items())),
-        flagged=sum(1 for item in items if item.flags),
-        duplicates=duplicates,
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# Export
-
-
-@dataclass(frozen=True, kw_only=True)
-class ExportItem:
-    """One stored image as it goes into a kohya-layout archive."""
-
-    subset: str
-    filename: str
-    data: bytes = field(repr=False)
-    caption: str | None = None
-    tags: list[str] = field(default_factory=list)
-
-
-def metadata_key(subset: SubsetInfo, filename: str) -> str:
-    """The image's key in ``metadata.json``: its path relative to ``img/``, without extension.
-
-    kohya's merge scripts write either the bare stem (the default) or the path as given on
-    the command line *with* its extension (``--full_path``). A bare stem is ambiguous once
-    there are several subset folders, and a full path only works from one machine's layout.
-    kohya's fine-tuning loader resolves a key that is not an existing file by globbing
-    ``<image_dir>/<key>.<image extension>`` (and ``<image_dir>/<key>.npz`` for cached
-    latents), so with ``image_dir = "img"`` this key finds the image on any machine and stays
-    unique across subsets.
-    """
-    return f"{subset.folder}/{posixpath.splitext(filename)[0]}"
-
-
-def export_zip(
-    *, items: list[ExportItem], subsets: list[SubsetInfo], caption_extension: str = ".caption",
-    metadata: dict[str, dict[str, str]] | None = None, write_tags_in_captions: bool = False,
-) -> bytes:
-    """Write a dataset as kohya sd-scripts expects it, so it trains there unchanged.
-
-    ``img/<repeats>_<identifier> <class>/`` holds training subsets, ``reg/<repeats>_<class>/``
-    regularisation ones, each image with a caption file beside it when it has a caption (or,
-    lacking one, its tags comma-joined; ``write_tags_in_captions`` appends tags to captions
-    too). ``dataset_config.toml`` describes the DreamBooth-style subsets; ``metadata.json`` is
-    the fine-tuning metadata for the training images (see :func:`metadata_key`), and
-    ``metadata`` is merged over the generated entries field by field (the caller's win).
-    Stems that would share a caption file within a folder are made unique (``a_2.jpg``).
-    Raises ``ValueError`` for inconsistent arguments: those are the caller's bugs, not the user's.
-    """
-    if not caption_extension.startswith(".") or caption_extension.lower() in IMAGE_EXTENSIONS:
-        raise ValueError(f"{caption_extension!r} cannot be a caption extension")
-    by_name: dict[str, SubsetInfo] = {}
-    folders: dict[str, str] = {}
-    for subset in subsets:
-        if subset.name in by_name:
-            raise ValueError(f"subset {subset.name!r} is listed twice")
-        by_name[subset.name] = subset
-        directory = f"{'reg' if subset.is_reg else 'img'}/{_export_component(subset.folder)}"
-        if directory in folders.values():
-            raise ValueError(f"subsets {subset.name!r} and another both export to {directory!r}")
-        folders[subset.name] = directory
-
-    files: list[tuple[str, bytes, int]] = []
-    entries: dict[str, dict[str, str]] = {}
-    training_keys: set[str] = set()
-    stems: dict[str, set[str]] = {}
-    used: set[str] = set()
-    for item in items:
-        if item.subset not in by_name:
-            raise ValueError(f"item {item.filename!r} names an unknown subset {item.subset!r}")
-        subset = by_name[item.subset]
-        used.add(subset.name)
-        path = _unique_path(f"{folders[subset.name]}/{_export_component(item.filename)}",
-                            stems.setdefault(subset.name, set()), set())
-        filename = posixpath.basename(path)
-        files.append((path, item.data, zipfile.ZIP_STORED))  # images are compressed already
-        tags = ", ".join(_one_line(t) for t in item.tags if t.strip())
-        caption = _one_line(item.caption or "")
-        text = caption or tags
-        if write_tags_in_captions and caption and tags:
-            text = f"{caption}, {tags}"
-        if text:
-            caption_path = posixpath.splitext(path)[0] + caption_extension
-            files.append((caption_path, text.encode("utf-8"), zipfile.ZIP_DEFLATED))
-        if subset.is_reg:
-            continue  # kohya's fine-tuning has no regularisation images
-        key = metadata_key(subset, filename)
-        training_keys.add(key)
-        if caption or tags:
-            entry: dict[str, str] = {}
-            if caption:
-                entry["caption"] = caption
-            if tags:
-                entry["tags"] = tags
-            entries[key] = entry
-    for key, extra in (metadata or {}).items():
-        if key not in training_keys:
-            raise ValueError(f"metadata key {key!r} names no exported training image")
-        entries.setdefault(key, {}).update(extra)
-
-    files.append(("metadata.json", (json.dumps(entries, indent=2, ensure_ascii=False) + "\n").encode(),
-                  zipfile.ZIP_DEFLATED))
-    config = _dataset_config([(s, folders[s.name]) for s in subsets if s.name in used], caption_extension)
-    files.append(("dataset_config.toml", config.encode(), zipfile.ZIP_DEFLATED))
-
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        for path, data, compression in files:
-            info = zipfile.ZipInfo(path, date_time=_ZIP_DATE)
-            info.compress_type = compression
-            info.external_attr = 0o644 << 16
-            archive.writestr(info, data)
-    return buffer.getvalue()
-
-
-def _export_component(name: str) -> str:
-    """A single, safe path component, or a ValueError: stored names were checked on the way in,
-    so anything else here is a bug that must not become a path outside the archive's folders."""
-    if not name or "/" in name or "\\" in name or name.rstrip(" .") == "" or _DRIVE_RE.match(name) \
-            or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in name):
-        raise ValueError(f"{name!r} is not a safe file or folder name")
-    return name
-
-
-def _dataset_config(subsets: list[tuple[SubsetInfo, str]], caption_extension: str) -> str:
-    """kohya's dataset config: ``[general]``, one ``[[datasets]]``, a ``[[datasets.subsets]]`` each.
-
-    Resolution and batch size belong to the training run, so they are left to the trainer's
-    arguments (kohya falls back to them when the config does not say).
-    """
-    lines = [
-        "# kohya sd-scripts dataset config, written by Loomis.",
-        "# image_dir paths are relative: run the trainer from the folder this archive was extracted",
-        "# into, or make them absolute. For fine-tuning, use instead one subset with",
-        '#   image_dir = "img" and metadata_file = "metadata.json"',
-        "# (its keys are image paths relative to img/, without extension).",
-        "",
-        "[general]",
-        "enable_bucket = true",
-        "",
-        "[[datasets]]",
-    ]
-    for subset, directory in subsets:
-        lines += ["", "  [[datasets.subsets]]", f"  image_dir = {_toml_string(directory)}",
-                  f"  num_repeats = {subset.repeats}"]
-        if subset.class_tokens:
-            lines.append(f"  class_tokens = {_toml_string(subset.class_tokens)}")
-        lines += [f"  is_reg = {'true' if subset.is_reg else 'false'}",
-                  f"  caption_extension = {_toml_string(caption_extension)}"]
-    return "\n".join(lines) + "\n"
-
-
-def _toml_string(value: str) -> str:
-    """A TOML basic string (json.dumps is close but writes surrogate pairs, which TOML forbids)."""
-    out = ['"']
-    for ch in value:
-        if ch in '"\\':
-            out.append("\\" + ch)
-        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
-            out.append(f"\\u{ord(ch):04X}")
-        else:
-            out.append(ch)
-    out.append('"')
-    return "".join(out)
