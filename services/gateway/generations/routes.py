@@ -32,4 +32,4 @@ async def create_generation(
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     if not created:
         response.headers["Idempotent-Replayed"] = "true"
-    return job_out(job, store=state.store)
+    return job_out(job, store=state.store, artifacts=job.artifacts)

@@ -7,7 +7,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query
+from fastapi import APIRouter, Header, Query, Response
 from pydantic import WithJsonSchema
 from sqlalchemy import select
 from sse_starlette import EventSourceResponse, ServerSentEvent
@@ -28,9 +28,11 @@ MAX_SEQ = 2**31 - 1
 
 
 @router.get("/{job_id}", response_model=JobOut, summary="Get a job")
-async def get_job(job_id: str, session: SessionDep, tenant: TenantDep, state: StateDep) -> JobOut:
-    job = await service.get_job(session=session, tenant=tenant, job_id=job_id)
-    return service.job_out(job, store=state.store)
+async def get_job(job_id: str, session: SessionDep, tenant: TenantDep, state: StateDep) -> Response:
+    # serialised once, by pydantic's own serializer: returning the model would have FastAPI
+    # validate it again and encode it a second time
+    job = await service.read_job(session=session, tenant=tenant, store=state.store, job_id=job_id)
+    return Response(job.model_dump_json(), media_type="application/json")
 
 
 @router.get("", response_model=JobPage, summary="List jobs, newest first")
@@ -42,11 +44,12 @@ async def list_jobs(
     cursor: str | None = None,
     kind: JobKind | None = None,
     status: JobStatus | None = None,
-) -> JobPage:
-    return await service.list_jobs(
+) -> Response:
+    page = await service.list_jobs(
         session=session, tenant=tenant, store=state.store, limit=limit, cursor=cursor,
         kind=kind, status=status,
     )
+    return Response(page.model_dump_json(), media_type="application/json")
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut, status_code=202, summary="Cancel a job")
@@ -56,7 +59,7 @@ async def cancel_job(
     """Queued jobs end in `canceled` at once; running ones at the worker's next step."""
     job = await service.cancel_job(session=session, events=state.events, tenant=tenant,
                                    job_id=job_id)
-    return service.job_out(job, store=state.store)
+    return service.job_out(job, store=state.store, artifacts=job.artifacts)
 
 
 class JobEventStream(EventSourceResponse):

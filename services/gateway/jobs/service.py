@@ -5,9 +5,10 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, Protocol
 
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -48,7 +49,77 @@ async def get_job(*, session: AsyncSession, tenant: Tenant, job_id: str) -> Job:
     return job
 
 
-def job_out(job: Job, *, store: ObjectStore) -> JobOut:
+class _ArtifactFields(Protocol):
+    kind: str
+    index: int | None
+    key: str
+    content_type: str
+    size: int
+    sha256: str
+    width: int | None
+    height: int | None
+    seed: int | None
+
+
+class _JobFields(Protocol):
+    """What :func:`job_out` reads: a loaded :class:`Job` or a Core row of its columns."""
+
+    id: str
+    kind: str
+    status: str
+    progress: float
+    cancel_requested: bool
+    spec: dict[str, Any]
+    error_code: str | None
+    error_message: str | None
+    result: dict[str, Any]
+    attempts: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+_JOB_COLUMNS = (Job.id, Job.kind, Job.status, Job.progress, Job.cancel_requested, Job.spec,
+                Job.error_code, Job.error_message, Job.result, Job.attempts, Job.created_at,
+                Job.started_at, Job.finished_at)
+_ARTIFACT_COLUMNS = (Artifact.job_id, Artifact.kind, Artifact.index, Artifact.key,
+                     Artifact.content_type, Artifact.size, Artifact.sha256, Artifact.width,
+                     Artifact.height, Artifact.seed)
+
+
+async def _artifacts_of(session: AsyncSession, job_ids: list[str]) -> dict[str, list[Any]]:
+    by_job: dict[str, list[Any]] = {job_id: [] for job_id in job_ids}
+    if job_ids:
+        conn = await session.connection()
+        for row in await conn.execute(select(*_ARTIFACT_COLUMNS)
+                                      .where(Artifact.job_id.in_(job_ids)).order_by(Artifact.id)):
+            by_job[row.job_id].append(row)
+    return by_job
+
+
+async def read_job(*, session: AsyncSession, tenant: Tenant, store: ObjectStore,
+                   job_id: str) -> JobOut:
+    """``GET /v1/jobs/{id}``, the endpoint clients poll: Core rows, no ORM instances (their
+    identity map and loaders cost more than the two short queries)."""
+    conn = await session.connection()
+    # one round trip (each is a hop through the driver's thread): the job's columns on every
+    # row, its artifacts' beside them, none when it has no artifact
+    rows = (await conn.execute(
+        select(*_JOB_COLUMNS, *(column.label(f"artifact_{column.key}")
+                                for column in _ARTIFACT_COLUMNS[1:]))
+        .outerjoin(Artifact, Artifact.job_id == Job.id)
+        .where(Job.id == job_id, Job.tenant_id == tenant.id).order_by(Artifact.id))).all()
+    if not rows:
+        raise NotFound(f"job {job_id} not found", code="job_not_found")
+    artifacts = [SimpleNamespace(**{key.removeprefix("artifact_"): value
+                                    for key, value in row._mapping.items()
+                                    if key.startswith("artifact_")})
+                 for row in rows if row.artifact_key is not None]
+    return job_out(rows[0], store=store, artifacts=artifacts)
+
+
+def job_out(job: _JobFields, *, store: ObjectStore, artifacts: Sequence[_ArtifactFields]) -> JobOut:
+    """The API's view of a job (a loaded :class:`Job` passes its own ``artifacts``)."""
     error = JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None
     return JobOut(
         id=job.id,
@@ -64,7 +135,7 @@ def job_out(job: Job, *, store: ObjectStore) -> JobOut:
                 content_type=a.content_type, size=a.size, sha256=a.sha256,
                 width=a.width, height=a.height, seed=a.seed,
             )
-            for a in job.artifacts
+            for a in artifacts
         ],
         result=job.result,
         attempts=job.attempts,
@@ -79,7 +150,7 @@ def job_out(job: Job, *, store: ObjectStore) -> JobOut:
     )
 
 
-def _encode_cursor(job: Job) -> str:
+def _encode_cursor(job: _JobFields) -> str:
     raw = json.dumps([job.created_at.isoformat(), job.id]).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
@@ -105,7 +176,7 @@ async def list_jobs(
     cursor: str | None, kind: JobKind | None, status: JobStatus | None,
 ) -> JobPage:
     """Newest first; the cursor is the last row's (created_at, id) so pages never shift."""
-    query = select(Job).where(Job.tenant_id == tenant.id)
+    query = select(*_JOB_COLUMNS).where(Job.tenant_id == tenant.id)
     if kind is not None:
         query = query.where(Job.kind == kind.value)
     if status is not None:
@@ -114,13 +185,15 @@ async def list_jobs(
         created, job_id = _decode_cursor(cursor)
         query = query.where(or_(Job.created_at < created,
                                 and_(Job.created_at == created, Job.id < job_id)))
-    rows = list(await session.scalars(
+    conn = await session.connection()
+    rows = list(await conn.execute(
         query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
     ))
     more = len(rows) > limit
     rows = rows[:limit]
+    artifacts = await _artifacts_of(session, [row.id for row in rows])
     return JobPage(
-        items=[job_out(job, store=store) for job in rows],
+        items=[job_out(row, store=store, artifacts=artifacts[row.id]) for row in rows],
         next_cursor=_encode_cursor(rows[-1]) if more and rows else None,
     )
 

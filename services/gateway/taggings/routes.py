@@ -30,4 +30,4 @@ async def create_tagging(
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     if not created:
         response.headers["Idempotent-Replayed"] = "true"
-    return job_out(job, store=state.store)
+    return job_out(job, store=state.store, artifacts=job.artifacts)

@@ -32,7 +32,7 @@ async def create_training(
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     if not created:
         response.headers["Idempotent-Replayed"] = "true"
-    return job_out(job, store=state.store)
+    return job_out(job, store=state.store, artifacts=job.artifacts)
 
 
 @router.post("/plan", response_model=TrainingPlan, summary="Plan a training without running it")
