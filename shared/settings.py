@@ -27,7 +27,10 @@ class DatabaseSettings(BaseModel):
     echo: bool = False
     # SQLAlchemy's 5 + 10 made a gateway under a few dozen concurrent requests open and close
     # a connection (on SQLite: a thread and its PRAGMAs) for every request past the fifth.
-    pool_size: int = Field(default=20, ge=1, description="Connections the gateway keeps open.")
+    pool_size: int | None = Field(default=None, ge=1, description="Connections the gateway keeps "
+                                  "open; default 40 on SQLite (each is a thread of the gateway; "
+                                  "opening one under load cost more than the query), 20 on "
+                                  "PostgreSQL (server connections are scarce).")
     max_overflow: int = Field(default=20, ge=0,
                               description="Extra connections opened under load, closed after.")
 

@@ -12,11 +12,17 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
-def make_engine(url: str, *, echo: bool = False, pool_size: int = 5,
+SQLITE_POOL_SIZE = 40
+SERVER_POOL_SIZE = 20
+
+
+def make_engine(url: str, *, echo: bool = False, pool_size: int | None = 5,
                 max_overflow: int = 10) -> AsyncEngine:
     # A pre-ping is a round trip per checkout; a SQLite file has no server to lose the
     # connection, so only server databases pay for it.
     kwargs: dict[str, Any] = {"echo": echo, "pool_pre_ping": not url.startswith("sqlite")}
+    if pool_size is None:
+        pool_size = SQLITE_POOL_SIZE if url.startswith("sqlite") else SERVER_POOL_SIZE
     if not url.endswith(":memory:"):
         kwargs.update(pool_size=pool_size, max_overflow=max_overflow)
     if url.startswith("sqlite"):
