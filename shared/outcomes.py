@@ -1,15 +1,20 @@
-"""What a job of each kind reports when it succeeds: the data of its terminal ``succeeded`` event.
+"""What a job of each kind reports when it succeeds, and the ``succeeded`` event that carries it.
 
 Workers build these models and the gateway reads them back, so the contract between the two is
-one class per kind instead of dictionaries both sides had to agree on by hand. The gateway
-stores ``result`` as the job's result and hands the whole outcome to the job's own domain
-(a training registers its LoRA, a tagging writes its items); the ``*Result`` models are also
-the job's ``result`` schema in OpenAPI.
+one class per kind instead of dictionaries both sides had to agree on by hand:
 
-Every field of a result is optional and unknown fields are kept (``extra="allow"``): a result
-is a report, older workers and tests send less, and a newer worker may say more without the
-gateway refusing the job's end. :meth:`Outcome.event_data` dumps only what the worker set, so
-the stored result is what the worker said, with no invented nulls.
+* ``GenerationOutcome``, ``SweepOutcome``, ``TaggingOutcome`` and ``TrainingOutcome`` (with the
+  LoRA it registered) are what the job reports: stored as the job's ``result`` and its
+  ``result`` schema in OpenAPI, per kind.
+* ``*Succeeded`` is the whole ``succeeded`` event's data: the artifacts, the outcome as
+  ``result``, and what only the gateway's domain needs (the LoRA's registration record, a
+  tagging job's per-item results). The gateway hands it to the job's own domain (a training
+  registers its LoRA, a tagging writes its items).
+
+Every field of an outcome is optional and unknown fields are kept (``extra="allow"``): an
+outcome is a report, older workers and tests send less, and a newer worker may say more without
+the gateway refusing the job's end. :meth:`Succeeded.event_data` dumps only what the worker
+set, so the stored result is what the worker said, with no invented nulls.
 """
 
 from __future__ import annotations
@@ -30,8 +35,8 @@ class ModelUsed(_Report):
     sha256: str | None = Field(default=None, description="Hash of its weights, as loaded.")
 
 
-class GenerationResult(_Report):
-    """A generation's report (``result`` of a generation job)."""
+class GenerationOutcome(_Report):
+    """What a generation reports (its job's ``result``)."""
 
     timings: dict[str, float] | None = Field(default=None, description="Seconds per phase: queue "
                                              "wait, load, inference, encode, store, total.")
@@ -55,7 +60,7 @@ class GenerationResult(_Report):
     withheld: list[int] | None = Field(default=None, description="Indexes of withheld images.")
 
 
-class SweepResult(_Report):
+class SweepOutcome(_Report):
     """A sweep's report."""
 
     timings: dict[str, float] | None = Field(default=None, description="Seconds per phase.")
@@ -72,7 +77,7 @@ class FailedItem(_Report):
     error: str = Field(description="Why it failed.")
 
 
-class TaggingResult(_Report):
+class TaggingOutcome(_Report):
     """A tagging job's report; the captions and tags themselves are on the dataset's items."""
 
     timings: dict[str, float] | None = Field(default=None, description="Seconds per phase.")
@@ -90,8 +95,8 @@ class TrainedLora(_Report):
                                      "captions carried.")
 
 
-class TrainingResult(_Report):
-    """A training's report."""
+class TrainingOutcome(_Report):
+    """What a training reports, with the LoRA it registered (`lora`)."""
 
     timings: dict[str, float] | None = Field(default=None, description="Seconds per phase.")
     steps: int | None = Field(default=None, description="Optimizer steps trained.")
@@ -125,7 +130,7 @@ class LoraRegistration(BaseModel):
     info: dict[str, Any] = Field(default_factory=dict)
 
 
-class Outcome(BaseModel):
+class Succeeded(BaseModel):
     """The data of a ``succeeded`` event."""
 
     artifacts: list[ArtifactRef] = Field(default_factory=list)
@@ -138,36 +143,36 @@ class Outcome(BaseModel):
         return data
 
 
-class GenerationOutcome(Outcome):
-    result: GenerationResult = Field(default_factory=GenerationResult)
+class GenerationSucceeded(Succeeded):
+    result: GenerationOutcome = Field(default_factory=GenerationOutcome)
 
 
-class SweepOutcome(Outcome):
-    result: SweepResult = Field(default_factory=SweepResult)
+class SweepSucceeded(Succeeded):
+    result: SweepOutcome = Field(default_factory=SweepOutcome)
 
 
-class TaggingOutcome(Outcome):
-    result: TaggingResult = Field(default_factory=TaggingResult)
+class TaggingSucceeded(Succeeded):
+    result: TaggingOutcome = Field(default_factory=TaggingOutcome)
     # per item id; the gateway writes them onto the dataset's items, not into the event log
     dataset_items: dict[str, ItemResult] = Field(default_factory=dict)
 
 
-class TrainingOutcome(Outcome):
-    result: TrainingResult = Field(default_factory=TrainingResult)
+class TrainingSucceeded(Succeeded):
+    result: TrainingOutcome = Field(default_factory=TrainingOutcome)
     register_lora: LoraRegistration | None = None
 
 
-OUTCOMES: dict[JobKind, type[Outcome]] = {
+SUCCEEDED: dict[JobKind, type[Succeeded]] = {
+    JobKind.GENERATION: GenerationSucceeded, JobKind.SWEEP: SweepSucceeded,
+    JobKind.TAGGING: TaggingSucceeded, JobKind.TRAINING: TrainingSucceeded,
+}
+OUTCOMES: dict[JobKind, type[BaseModel]] = {
     JobKind.GENERATION: GenerationOutcome, JobKind.SWEEP: SweepOutcome,
     JobKind.TAGGING: TaggingOutcome, JobKind.TRAINING: TrainingOutcome,
 }
-RESULTS: dict[JobKind, type[BaseModel]] = {
-    JobKind.GENERATION: GenerationResult, JobKind.SWEEP: SweepResult,
-    JobKind.TAGGING: TaggingResult, JobKind.TRAINING: TrainingResult,
-}
 
 
-def parse_outcome(kind: JobKind, data: dict[str, Any]) -> Outcome:
-    """A succeeded event's data as its kind's outcome (a ``ValidationError`` when a worker sent
+def parse_succeeded(kind: JobKind, data: dict[str, Any]) -> Succeeded:
+    """A succeeded event's data as its kind's model (a ``ValidationError`` when a worker sent
     what no worker should: the event consumer then parks the event and fails the job)."""
-    return OUTCOMES[kind].model_validate(data)
+    return SUCCEEDED[kind].model_validate(data)

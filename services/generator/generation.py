@@ -37,7 +37,7 @@ from services.jobrunner import RUNNING
 from shared.errors import JobCanceled, JobFailure, NotFound
 from shared.keys import manifest_key, output_key
 from shared.models import canonical_scheduler
-from shared.outcomes import GenerationOutcome, GenerationResult
+from shared.outcomes import GenerationOutcome, GenerationSucceeded
 from shared.specs import ArtifactRef, GenerationManifest, GenerationSpec, GenerationTask, LoraRef
 from shared.storage import ObjectStore
 
@@ -263,8 +263,8 @@ async def run_generation(ctx: dict[str, Any], task: GenerationTask, *, queued_s:
     if safety:
         summary["safety"] = safety
         summary["withheld"] = [s["index"] for s in safety if s["action"] == "withhold"]
-    outcome = GenerationOutcome(artifacts=[*refs, manifest_ref],
-                                result=GenerationResult.model_validate(summary))
+    outcome = GenerationSucceeded(artifacts=[*refs, manifest_ref],
+                                result=GenerationOutcome.model_validate(summary))
     if spec.scheduler != task.spec.scheduler:  # onto the job's recorded spec too
         outcome.spec_filled = {"scheduler": spec.scheduler}
     return outcome.event_data()

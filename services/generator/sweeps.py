@@ -19,7 +19,7 @@ from services.generator.pipelines import LoadedModel
 from services.generator.render import a1111_parameters, encode_png
 from services.jobrunner import RUNNING
 from shared.keys import contact_sheet_key, manifest_key, output_key, sweep_metadata_key
-from shared.outcomes import SweepOutcome, SweepResult
+from shared.outcomes import SweepOutcome, SweepSucceeded
 from shared.specs import ArtifactRef, GenerationTask, SweepTask
 
 
@@ -104,8 +104,8 @@ async def run_sweep(ctx: dict[str, Any], task: SweepTask, *, queued_s: float) ->
                 "created_at": datetime.now(UTC).isoformat()}
     manifest_ref = await put_artifact(store, manifest_key(task.tenant_id, task.job_id),
                               json.dumps(manifest, indent=2).encode(), "application/json")
-    return SweepOutcome(artifacts=[*refs, sheet_ref, meta_ref, manifest_ref],
-                        result=SweepResult.model_validate({
+    return SweepSucceeded(artifacts=[*refs, sheet_ref, meta_ref, manifest_ref],
+                        result=SweepOutcome.model_validate({
                             "timings": timings, "cells": len(cells), "columns": n_cols,
                             "rows": len(rows.values) if rows else 1,
                             "model": {"name": loaded.preset.name, "sha256": loaded.sha256},

@@ -29,7 +29,7 @@ from services.tagger.text import clean_caption, clean_tags, format_tags, merge_m
 from services.workerctx import CONTEXT_KEY, WorkerContext
 from shared.errors import JobCanceled, NotFound
 from shared.keys import caption_key, tagging_metadata_key, tagging_results_key
-from shared.outcomes import TaggingOutcome
+from shared.outcomes import TaggingSucceeded
 from shared.queue import TAG_TASK, TAGGER_QUEUE
 from shared.settings import Settings, get_settings
 from shared.specs import ArtifactRef, JobKind, TaggingItem, TaggingTask
@@ -236,7 +236,7 @@ async def _run(ctx: dict[str, Any], task: TaggingTask, *, queued_s: float) -> di
                                 (text + "\n").encode(), content_type="text/plain")
     failed = sorted(i for i, r in results.items() if "error" in r)
     timings["total_s"] = round(time.perf_counter() - started, 4)
-    return TaggingOutcome.model_validate({
+    return TaggingSucceeded.model_validate({
         "artifacts": [a.model_dump() for a in artifacts],
         "result": {"timings": timings, "images": len(task.items),
                    "captioned": sum("caption" in r for r in results.values()),

@@ -47,7 +47,7 @@ from shared.keys import (
 from shared.kohya import KOHYA_TO_LOOMIS_SCHEDULER, ConfigError, parse_sample_prompts
 from shared.loras import inspect_lora
 from shared.models import ModelRegistry
-from shared.outcomes import TrainingOutcome
+from shared.outcomes import TrainingSucceeded
 from shared.queue import TRAIN_TASK, TRAINER_QUEUE
 from shared.settings import Settings, get_settings
 from shared.specs import JobKind
@@ -266,7 +266,7 @@ async def _run(ctx: dict[str, Any], task: TrainingTask, *, queued_s: float) -> d
     await store.put(task.lora_key, lora_bytes, content_type="application/octet-stream")
     sha = hashlib.sha256(lora_bytes).hexdigest()
     curve = await put_metrics()
-    return TrainingOutcome.model_validate({
+    return TrainingSucceeded.model_validate({
         "artifacts": [{"key": task.lora_key, "kind": "lora",
                        "content_type": "application/octet-stream", "size": len(lora_bytes),
                        "sha256": sha}, *curve],

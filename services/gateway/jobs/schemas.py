@@ -7,19 +7,19 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, WithJsonSchema
 
-from shared.outcomes import RESULTS
+from shared.outcomes import OUTCOMES
 from shared.specs import ArtifactRef, JobKind, JobStatus
 
 # A job's result is what its worker reported, stored as sent; documented as its kind's model
 # (the components are added by :func:`document_results`).
 JobResult = Annotated[dict[str, Any], WithJsonSchema({"anyOf": [
-    {"$ref": f"#/components/schemas/{model.__name__}"} for model in RESULTS.values()]})]
+    {"$ref": f"#/components/schemas/{model.__name__}"} for model in OUTCOMES.values()]})]
 
 
 def document_results(spec: dict[str, Any]) -> dict[str, Any]:
     """Put each kind's result model (and the models it nests) into the OpenAPI components."""
     schemas = spec.setdefault("components", {}).setdefault("schemas", {})
-    for model in RESULTS.values():
+    for model in OUTCOMES.values():
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(schema.pop("$defs", {}))
         schemas[model.__name__] = schema
@@ -61,8 +61,8 @@ class JobOut(BaseModel):
     artifacts: list[ArtifactOut] = Field(default_factory=list, description="What the job wrote, each with "
                                          "a presigned download URL.")
     result: JobResult = Field(default_factory=dict, description="What the job reported when it "
-                              "succeeded, by kind: GenerationResult, SweepResult, TaggingResult "
-                              "or TrainingResult (empty until then).")
+                              "succeeded, by kind: GenerationOutcome, SweepOutcome, TaggingOutcome "
+                              "or TrainingOutcome (empty until then).")
     attempts: int = Field(description="Runs so far: more than 1 when a worker died and the job was "
                           "delivered again.")
     created_at: datetime = Field(description="When the job was submitted (RFC 3339, UTC).")

@@ -21,7 +21,7 @@ from services.gateway.taggings.outcome import write_item_results
 from services.gateway.trainings.outcome import register_trained_lora
 from shared.errors import BadRequest, Conflict, NotFound
 from shared.events import JobEvent, JobEvents
-from shared.outcomes import Outcome, parse_outcome
+from shared.outcomes import Succeeded, parse_succeeded
 from shared.specs import TERMINAL_STATUSES, JobKind, JobStatus
 from shared.storage import ObjectStore
 from shared.text import control_character
@@ -31,7 +31,7 @@ _KINDS = {kind.value for kind in JobKind}
 
 # Each kind's domain takes what a succeeded job of that kind made; webhooks and subjects hook
 # in here too.
-ON_SUCCEEDED: dict[JobKind, Callable[[AsyncSession, Job, Outcome], Awaitable[None]]] = {
+ON_SUCCEEDED: dict[JobKind, Callable[[AsyncSession, Job, Succeeded], Awaitable[None]]] = {
     JobKind.TRAINING: register_trained_lora,
     JobKind.TAGGING: write_item_results,
 }
@@ -225,7 +225,7 @@ async def apply_event(*, session: AsyncSession, event: JobEvent) -> bool:
         kind = await session.scalar(select(Job.kind).where(Job.id == event.job_id))
     # A succeeded event carries its kind's typed outcome; a malformed one raises here, before
     # anything is written, and the consumer parks it and fails the job.
-    outcome = (parse_outcome(JobKind(kind), event.data)
+    outcome = (parse_succeeded(JobKind(kind), event.data)
                if event.status is JobStatus.SUCCEEDED and kind in _KINDS else None)
     # A tagging job's per-image results ride on its terminal event; they go to the dataset's
     # items, not into the job's event log.

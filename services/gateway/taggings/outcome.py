@@ -6,13 +6,13 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.gateway.db.models import DatasetItem, Job, utcnow
-from shared.outcomes import Outcome, TaggingOutcome
+from shared.outcomes import Succeeded, TaggingSucceeded
 
 
-async def write_item_results(session: AsyncSession, job: Job, outcome: Outcome) -> None:
+async def write_item_results(session: AsyncSession, job: Job, outcome: Succeeded) -> None:
     """Each image keeps its own result: one that failed gets an ``error`` flag, the others their
     captions and tags (a caption the tagger wrote no longer comes from an uploaded file)."""
-    assert isinstance(outcome, TaggingOutcome)
+    assert isinstance(outcome, TaggingSucceeded)
     dataset_id = (job.spec or {}).get("dataset_id")
     if not dataset_id or not outcome.dataset_items:
         return

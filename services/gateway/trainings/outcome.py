@@ -5,12 +5,12 @@ from __future__ import annotations
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.gateway.db.models import Job, Lora, utcnow
-from shared.outcomes import Outcome, TrainingOutcome
+from shared.outcomes import Succeeded, TrainingSucceeded
 
 
-async def register_trained_lora(session: AsyncSession, job: Job, outcome: Outcome) -> None:
+async def register_trained_lora(session: AsyncSession, job: Job, outcome: Succeeded) -> None:
     """Usable in generations at once; a redelivered outcome registers nothing twice."""
-    assert isinstance(outcome, TrainingOutcome)
+    assert isinstance(outcome, TrainingSucceeded)
     lora = outcome.register_lora
     if lora is None or await session.get(Lora, lora.id) is not None:
         return
