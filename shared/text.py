@@ -67,11 +67,6 @@ def check_text(text: str, *, multiline: bool = False) -> str:
     return text
 
 
-def _check_single_line(text: str) -> str:
-    return check_text(text)
-
-
-
 Loc = tuple[str | int, ...]
 
 
