@@ -60,13 +60,6 @@ def _refusal(found: str, *, multiline: bool) -> PydanticCustomError:
                                "{allowed}", {"found": found, "allowed": allowed})
 
 
-def check_text(text: str, *, multiline: bool = False) -> str:
-    found = control_character(text, multiline=multiline)
-    if found is not None:
-        raise _refusal(found, multiline=multiline)
-    return text
-
-
 Loc = tuple[str | int, ...]
 
 
