@@ -31,7 +31,7 @@ FOLDERS = {"hoge": [(64, 64)] * 3 + [(96, 64)] * 2, "reg": [(64, 64)] * 8,
            "fuga": [(64, 64)] * 2, "piyo": [(64, 64)] * 3}
 
 
-def _zip(config: str | None = None) -> bytes:
+def _zip(config: str | None = None, caption_ext: str = ".caption") -> bytes:
     rng = np.random.default_rng(11)
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
@@ -41,7 +41,7 @@ def _zip(config: str | None = None) -> bytes:
                 Image.fromarray((rng.random((height, width, 3)) * 255).astype(np.uint8)).save(out, "PNG")
                 archive.writestr(f"{folder}/{index}.png", out.getvalue())
                 if folder == "hoge":
-                    archive.writestr(f"{folder}/{index}.caption", "hoge girl, smiling")
+                    archive.writestr(f"{folder}/{index}{caption_ext}", "hoge girl, smiling")
         if config is not None:
             archive.writestr("dataset_config.toml", config)
     return buffer.getvalue()
@@ -153,3 +153,20 @@ def test_a_subsets_caption_extension_decides_which_captions_train(stack: Running
                                 job["result"]["lora"]["trigger_words"])
         assert frequencies[".caption"] == ({"hoge": {"hoge girl": 5, "smiling": 5}}, [])
         assert frequencies[".txt"] == ({"hoge": {"zxq cat": 5}}, ["zxq cat"])
+
+
+def test_a_toml_without_caption_extension_reads_the_datasets_own(stack: RunningStack) -> None:
+    """The dataset's ``caption_extension`` is the run's ``--caption_extension``: a TOML that
+    leaves it unset reads the `.txt` captions of a dataset uploaded with `.txt`."""
+    with stack.client() as client:
+        response = client.post("/v1/datasets", data={
+            "name": "kohya-txt", "min_side": "64", "caption_extension": ".txt"},
+            files=[("zip", ("d.zip", _zip(caption_ext=".txt"), "application/zip"))])
+        assert response.status_code == 201, response.text
+        dataset_id = response.json()["id"]
+        unread = [w["subset"] for w in _plan(client, dataset_id, CLASS_TOKENS_TOML)["warnings"]
+                  if w["code"] == "captions_unread"]
+        assert unread == []
+        unread = [w["subset"] for w in _plan(client, dataset_id, CAPTIONS_TOML)["warnings"]
+                  if w["code"] == "captions_unread"]
+        assert unread == ["hoge"]  # the TOML's own `.caption` wins, as kohya's subset key does

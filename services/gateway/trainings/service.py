@@ -126,7 +126,10 @@ async def _examples(
                                                              steps=data.bucket_reso_steps)))
             else:
                 index, kohya_dataset, subset = entry
-                found, wanted = caption_file(item, dataset), subset.effective_caption_extension
+                # a TOML's own caption_extension, else the dataset's: the run's
+                # --caption_extension, in kohya's terms
+                found = caption_file(item, dataset)
+                wanted = subset.caption_extension or dataset.caption_extension
                 read = found == wanted or subset.mode is SubsetMode.FINE_TUNING
                 if item.caption and not read:
                     unread[(folder, found, wanted)] += 1
