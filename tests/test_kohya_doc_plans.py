@@ -170,3 +170,15 @@ def test_a_toml_without_caption_extension_reads_the_datasets_own(stack: RunningS
         unread = [w["subset"] for w in _plan(client, dataset_id, CAPTIONS_TOML)["warnings"]
                   if w["code"] == "captions_unread"]
         assert unread == ["hoge"]  # the TOML's own `.caption` wins, as kohya's subset key does
+
+
+def test_a_missing_regularisation_dataset_is_named_as_such(stack: RunningStack) -> None:
+    with stack.client() as client:
+        dataset_id = client.post("/v1/datasets", data={"name": "kohya-reg", "min_side": "64"},
+                                 files=[("zip", ("d.zip", _zip(), "application/zip"))]).json()["id"]
+        body = {"name": "doc", "dataset_id": dataset_id, "reg_dataset_id": "nope",
+                "optim": {"max_train_steps": 1}}
+        for path in ("/v1/trainings/plan", "/v1/trainings"):
+            response = client.post(path, json=body)
+            assert response.status_code == 422, response.text
+            assert [e["field"] for e in response.json()["errors"]] == ["reg_dataset_id"]

@@ -94,8 +94,11 @@ async def _examples(
     sources.append((await get_dataset(session=session, tenant=tenant,
                                       dataset_id=spec.dataset_id), False))
     if spec.reg_dataset_id:
-        sources.append((await get_dataset(session=session, tenant=tenant,
-                                          dataset_id=spec.reg_dataset_id), True))
+        try:
+            reg = await get_dataset(session=session, tenant=tenant, dataset_id=spec.reg_dataset_id)
+        except NotFound as exc:  # named as its own field, not as dataset_id
+            raise _invalid("reg_dataset_id", exc.detail) from exc
+        sources.append((reg, True))
     buckets = (make_buckets(resolution=resolution, min_reso=data.min_bucket_reso,
                             max_reso=data.max_bucket_reso, steps=data.bucket_reso_steps)
                if data.enable_bucket else [resolution])
