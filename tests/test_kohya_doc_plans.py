@@ -182,3 +182,22 @@ def test_a_missing_regularisation_dataset_is_named_as_such(stack: RunningStack) 
             response = client.post(path, json=body)
             assert response.status_code == 422, response.text
             assert [e["field"] for e in response.json()["errors"]] == ["reg_dataset_id"]
+
+
+def test_a_folder_named_by_two_subsets_is_refused_not_half_applied(stack: RunningStack) -> None:
+    toml = ("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'C:\\\\hoge'\nnum_repeats = 2\n"
+            "[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'D:\\\\other\\\\hoge'\nflip_aug = true\n")
+    with stack.client() as client:
+        dataset_id = client.post("/v1/datasets", data={"name": "kohya-twice", "min_side": "64"},
+                                 files=[("zip", ("d.zip", _zip(), "application/zip"))]).json()["id"]
+        response = client.post("/v1/trainings/plan", json={
+            "name": "doc", "dataset_id": dataset_id, "dataset_config": toml,
+            "optim": {"max_train_steps": 1}})
+        assert response.status_code == 422, response.text
+        (error,) = response.json()["errors"]
+        assert error["field"] == "dataset_config.datasets.1.subsets.0.image_dir"
+        assert "hoge" in error["message"] and "datasets.0.subsets.0" in error["message"]
+        response = client.post("/v1/datasets", data={"name": "kohya-twice-zip", "min_side": "64"},
+                               files=[("zip", ("d.zip", _zip(toml), "application/zip"))])
+        assert response.status_code == 422, response.text
+        assert "hoge" in response.json()["errors"][0]["message"]

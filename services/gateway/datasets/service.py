@@ -85,12 +85,18 @@ def check_dataset_config(text: str, *, field: str, subsets: list[SubsetInfo],
     except ConfigError as exc:
         raise refuse(str(exc)) from exc
     folders = {s.folder for s in subsets} | {s.name for s in subsets} | (plain_folders or set())
+    named: set[str] = set()
     for d_index, kohya_dataset in enumerate(config.datasets):
         for s_index, subset in enumerate(kohya_dataset.subsets):
-            if image_dir_folder(subset.image_dir) not in folders:
+            folder = image_dir_folder(subset.image_dir)
+            if folder not in folders:
                 raise refuse(f"datasets.{d_index}.subsets.{s_index}.image_dir: "
                              f"{subset.image_dir!r} names no folder of this upload "
                              f"({', '.join(sorted(folders - {DEFAULT_SUBSET}))})")
+            if folder in named:
+                raise refuse(f"datasets.{d_index}.subsets.{s_index}.image_dir: the folder "
+                             f"{folder!r} has a subset already; give each folder one")
+            named.add(folder)
     return config
 
 

@@ -85,9 +85,16 @@ async def _examples(
             # a TOML syntax error has no key to name: the field is the document itself
             field = ".".join(part for part in ("dataset_config", exc.field) if part)
             raise _invalid(field, exc.message) from exc
+        named: dict[str, str] = {}
         for index, kohya_dataset in enumerate(config.datasets):
-            for subset in kohya_dataset.subsets:
-                overrides[image_dir_folder(subset.image_dir)] = (index, kohya_dataset, subset)
+            for s_index, subset in enumerate(kohya_dataset.subsets):
+                folder, path = image_dir_folder(subset.image_dir), f"datasets.{index}.subsets.{s_index}"
+                if folder in named:  # one set of options per folder, never one silently dropped
+                    raise _invalid(f"dataset_config.{path}.image_dir",
+                                   f"names the folder {folder!r} again (also {named[folder]}); "
+                                   "give each folder one subset (num_repeats weighs it)")
+                named[folder] = path
+                overrides[folder] = (index, kohya_dataset, subset)
     # each [[datasets]] trains at its own resolution and buckets, as kohya's do
     dataset_buckets = [kohya_dataset.buckets() for kohya_dataset in config.datasets] if overrides else []
     sources: list[tuple[Dataset, bool]] = []
