@@ -6,7 +6,7 @@ import asyncio
 import hashlib
 import secrets
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import make_transient_to_detached
 
@@ -93,22 +93,37 @@ class ApiKeyLookups:
             self._task = None
 
     async def _lookup(self, hashes: list[str]) -> dict[str, dict[str, object]]:
-        query = (
-            select(ApiKey.key_hash, Tenant.id, Tenant.name, Tenant.created_at,
-                   Tenant.safety_action, Tenant.safety_threshold)
-            .join(Tenant, Tenant.id == ApiKey.tenant_id)
-            .where(ApiKey.key_hash.in_(hashes), ApiKey.revoked_at.is_(None))
-        )
         async with self.engine.connect() as conn:
-            rows = (await conn.execute(query)).mappings().all()
+            rows = (await conn.execute(_ACTIVE_KEYS, {"hashes": hashes})).mappings().all()
         return {row["key_hash"]: {k: v for k, v in row.items() if k != "key_hash"}
                 for row in rows}
 
 
+# Built once: constructing and cache-keying the statement cost more than running it.
+_ACTIVE_KEYS = (
+    select(ApiKey.key_hash, Tenant.id, Tenant.name, Tenant.created_at, Tenant.safety_action,
+           Tenant.safety_threshold)
+    .join(Tenant, Tenant.id == ApiKey.tenant_id)
+    .where(ApiKey.key_hash.in_(bindparam("hashes", expanding=True)), ApiKey.revoked_at.is_(None))
+)
+
+# The same tenant row gives the same detached object: requests only read it, and building one
+# (instrumented attributes, then detaching) cost as much as the query. A changed row (a new
+# safety policy) is another key here, so it is never served stale.
+_TENANTS: dict[tuple[object, ...], Tenant] = {}
+_MAX_TENANTS = 4096
+
+
 def _detached_tenant(row: dict[str, object]) -> Tenant:
     """A Tenant as if loaded and its session closed: readable, never inserted by accident."""
-    tenant = Tenant(**row)
-    make_transient_to_detached(tenant)
+    key = tuple(row.items())
+    tenant = _TENANTS.get(key)
+    if tenant is None:
+        tenant = Tenant(**row)
+        make_transient_to_detached(tenant)
+        if len(_TENANTS) >= _MAX_TENANTS:
+            _TENANTS.clear()
+        _TENANTS[key] = tenant
     return tenant
 
 

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any, Protocol
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, bindparam, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import joinedload
@@ -97,18 +97,23 @@ async def _artifacts_of(session: AsyncSession, job_ids: list[str]) -> dict[str, 
     return by_job
 
 
+# The poll's statement, built once (building and cache-keying it cost more than running it):
+# one round trip (each is a hop through the driver's thread), the job's columns on every row,
+# its artifacts' beside them, none when it has no artifact.
+_JOB_WITH_ARTIFACTS = (
+    select(*_JOB_COLUMNS, *(column.label(f"artifact_{column.key}") for column in _ARTIFACT_COLUMNS[1:]))
+    .outerjoin(Artifact, Artifact.job_id == Job.id)
+    .where(Job.id == bindparam("job_id"), Job.tenant_id == bindparam("tenant_id"))
+    .order_by(Artifact.id)
+)
+
+
 async def read_job(*, session: AsyncSession, tenant: Tenant, store: ObjectStore,
                    job_id: str) -> JobOut:
     """``GET /v1/jobs/{id}``, the endpoint clients poll: Core rows, no ORM instances (their
     identity map and loaders cost more than the two short queries)."""
     conn = await session.connection()
-    # one round trip (each is a hop through the driver's thread): the job's columns on every
-    # row, its artifacts' beside them, none when it has no artifact
-    rows = (await conn.execute(
-        select(*_JOB_COLUMNS, *(column.label(f"artifact_{column.key}")
-                                for column in _ARTIFACT_COLUMNS[1:]))
-        .outerjoin(Artifact, Artifact.job_id == Job.id)
-        .where(Job.id == job_id, Job.tenant_id == tenant.id).order_by(Artifact.id))).all()
+    rows = (await conn.execute(_JOB_WITH_ARTIFACTS, {"job_id": job_id, "tenant_id": tenant.id})).all()
     if not rows:
         raise NotFound(f"job {job_id} not found", code="job_not_found")
     artifacts = [SimpleNamespace(**{key.removeprefix("artifact_"): value
