@@ -93,6 +93,8 @@ async def create_and_enqueue(
     if queued.event is not None:
         applied = await apply_event(session=session, event=queued.event)
         await session.commit()
+        if state.applied_here is not None:  # this process's consumer need not apply it again
+            state.applied_here.add(queued.event.job_id, queued.event.seq)
         if applied:
             # The queued event was the job's first change: the row is what this session
             # wrote plus that event, so it is set here rather than read back (two selects).
