@@ -26,7 +26,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -35,7 +34,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from services.devstack import Child, Stack, free_port, start_redis, stop_child  # noqa: E402
+from services.devstack import Child, Stack, free_port, start_redis, stop_child, wait_port  # noqa: E402
 
 PG_ADMIN_URL = os.environ.get("LOOMIS_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 SPEC = {"prompt": "a red fox in snow", "model": "tiny-sd15", "steps": 1, "width": 64,
@@ -87,17 +86,6 @@ def create_baseline_app() -> Any:
         return {"id": row_id}
 
     return app
-
-
-def wait_port(port: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), 0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listening on {port}")
 
 
 def pg_database() -> str | None:

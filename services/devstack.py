@@ -23,6 +23,18 @@ from pathlib import Path
 import httpx
 
 
+def wait_port(port: int, timeout: float = 30.0) -> None:
+    """Until something listens on the loopback port (a child server that has started)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), 0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {port}")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -22,22 +22,11 @@ import boto3
 import httpx
 import pytest
 
-from services.devstack import Child, Stack, free_port, start_redis, stop_child
+from services.devstack import Child, Stack, free_port, start_redis, stop_child, wait_port
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 PG_ADMIN_URL = os.environ.get("LOOMIS_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
-
-
-def _wait_port(port: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), 0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listening on {port}")
 
 
 @dataclass
@@ -89,7 +78,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=log.open("wb"), stderr=subprocess.STDOUT,
     )
-    _wait_port(port)
+    wait_port(port, timeout=20.0)
     yield S3Server(f"http://127.0.0.1:{port}", popen)
     popen.terminate()
     popen.wait(10)
