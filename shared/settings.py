@@ -84,6 +84,11 @@ class GatewaySettings(BaseModel):
         "and its job fails with event_unprocessable (lost database connections do not count).",
     )
     consumer_batch: int = 100
+    telemetry: bool = Field(
+        default=False,
+        description="FastAPI's native OpenTelemetry spans and metrics, exported to the "
+        "providers that OTEL_* settings configure.",
+    )
 
 
 class ModelSettings(BaseModel):

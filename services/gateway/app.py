@@ -15,6 +15,7 @@ from fastapi import Depends, FastAPI
 from services.gateway.auth.service import ApiKeyLookups
 from services.gateway.control.routes import router as control_router
 from services.gateway.datasets.routes import router as datasets_router
+from services.gateway.db.reads import Reads
 from services.gateway.db.session import make_engine, make_sessionmaker, migrate
 from services.gateway.deps import GatewayState, refuse_control_characters_in_url
 from services.gateway.docs import install_docs
@@ -67,6 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if isinstance(store, S3Store):
             await store.ensure_bucket()
         sessionmaker = make_sessionmaker(engine)
+        reads = Reads(engine)
         events = JobEvents(redis, stream=settings.redis.events_stream,
                            maxlen=settings.redis.events_maxlen, ttl_s=settings.redis.job_ttl_s)
         app.state.loomis = GatewayState(
@@ -74,7 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             registry=ModelRegistry.load(settings.models.models_file,
                                         settings.models.models_dir),
             sessionmaker=sessionmaker, redis=redis, events=events, store=store,
-            api_keys=ApiKeyLookups(engine), applied_here=AppliedHere(),
+            reads=reads, api_keys=ApiKeyLookups(reads), applied_here=AppliedHere(),
         )
         consumer = EventConsumer(
             redis=redis, sessionmaker=sessionmaker, stream=settings.redis.events_stream,
@@ -96,6 +98,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             await redis.aclose()
+            reads.dispose()
             await engine.dispose()
 
     app = FastAPI(
@@ -106,6 +109,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url=None,
         redoc_url=None,
         dependencies=[Depends(refuse_control_characters_in_url)],
+        # Checking for OpenTelemetry providers is per request (6% of a poll's CPU); Loomis
+        # configures none, so FastAPI's native telemetry runs only when asked for.
+        telemetry={"tracing": settings.gateway.telemetry, "metrics": settings.gateway.telemetry,
+                   "logs": settings.gateway.telemetry},
     )
     install_problem_handlers(app)
     install_docs(app)

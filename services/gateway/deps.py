@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.gateway.auth.service import ApiKeyLookups, authenticate
 from services.gateway.db.models import Tenant
+from services.gateway.db.reads import Reads
 from shared.errors import ValidationFailed
 from shared.events import JobEvents
 from shared.models import ModelRegistry
@@ -30,6 +31,7 @@ class GatewayState:
     settings: Settings
     registry: ModelRegistry
     sessionmaker: async_sessionmaker[AsyncSession]
+    reads: Reads  # the hot reads, one trip each (see services/gateway/db/reads.py)
     redis: Any  # arq.ArqRedis: a redis.asyncio.Redis that can also enqueue jobs
     events: JobEvents
     store: ObjectStore

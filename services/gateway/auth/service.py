@@ -7,10 +7,11 @@ import hashlib
 import secrets
 
 from sqlalchemy import bindparam, select
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import make_transient_to_detached
 
 from services.gateway.db.models import ApiKey, Tenant, utcnow
+from services.gateway.db.reads import Reads
 from shared.errors import Unauthorized
 
 KEY_PREFIX = "lmk_"
@@ -53,8 +54,8 @@ class ApiKeyLookups:
     arrived, yet under load one round trip authenticates dozens of requests.
     """
 
-    def __init__(self, engine: AsyncEngine) -> None:
-        self.engine = engine
+    def __init__(self, reads: Reads) -> None:
+        self.reads = reads
         self._waiting: dict[str, list[asyncio.Future[Tenant | None]]] = {}
         self._task: asyncio.Task[None] | None = None
 
@@ -93,8 +94,8 @@ class ApiKeyLookups:
             self._task = None
 
     async def _lookup(self, hashes: list[str]) -> dict[str, dict[str, object]]:
-        async with self.engine.connect() as conn:
-            rows = (await conn.execute(_ACTIVE_KEYS, {"hashes": hashes})).mappings().all()
+        rows = await self.reads.run(
+            lambda conn: conn.execute(_ACTIVE_KEYS, {"hashes": hashes}).mappings().all())
         return {row["key_hash"]: {k: v for k, v in row.items() if k != "key_hash"}
                 for row in rows}
 

@@ -28,16 +28,15 @@ MAX_SEQ = 2**31 - 1
 
 
 @router.get("/{job_id}", response_model=JobOut, summary="Get a job")
-async def get_job(job_id: str, session: SessionDep, tenant: TenantDep, state: StateDep) -> Response:
+async def get_job(job_id: str, tenant: TenantDep, state: StateDep) -> Response:
     # serialised once, by pydantic's own serializer: returning the model would have FastAPI
     # validate it again and encode it a second time
-    job = await service.read_job(session=session, tenant=tenant, store=state.store, job_id=job_id)
+    job = await service.read_job(reads=state.reads, tenant=tenant, store=state.store, job_id=job_id)
     return Response(job.model_dump_json(), media_type="application/json")
 
 
 @router.get("", response_model=JobPage, summary="List jobs, newest first")
 async def list_jobs(
-    session: SessionDep,
     tenant: TenantDep,
     state: StateDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
@@ -46,7 +45,7 @@ async def list_jobs(
     status: JobStatus | None = None,
 ) -> Response:
     page = await service.list_jobs(
-        session=session, tenant=tenant, store=state.store, limit=limit, cursor=cursor,
+        reads=state.reads, tenant=tenant, store=state.store, limit=limit, cursor=cursor,
         kind=kind, status=status,
     )
     return Response(page.model_dump_json(), media_type="application/json")

@@ -12,10 +12,12 @@ from typing import Any, Protocol
 
 from sqlalchemy import and_, bindparam, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import joinedload
 
 from services.gateway.db.models import Artifact, Job, JobEventRow, Tenant, utcnow
+from services.gateway.db.reads import Reads
 from services.gateway.jobs.schemas import ArtifactOut, JobError, JobOut, JobPage
 from services.gateway.taggings.outcome import write_item_results
 from services.gateway.trainings.outcome import register_trained_lora
@@ -87,12 +89,11 @@ _ARTIFACT_COLUMNS = (Artifact.job_id, Artifact.kind, Artifact.index, Artifact.ke
                      Artifact.height, Artifact.seed)
 
 
-async def _artifacts_of(session: AsyncSession, job_ids: list[str]) -> dict[str, list[Any]]:
+def _artifacts_of(conn: Connection, job_ids: list[str]) -> dict[str, list[Any]]:
     by_job: dict[str, list[Any]] = {job_id: [] for job_id in job_ids}
     if job_ids:
-        conn = await session.connection()
-        for row in await conn.execute(select(*_ARTIFACT_COLUMNS)
-                                      .where(Artifact.job_id.in_(job_ids)).order_by(Artifact.id)):
+        for row in conn.execute(select(*_ARTIFACT_COLUMNS)
+                                .where(Artifact.job_id.in_(job_ids)).order_by(Artifact.id)):
             by_job[row.job_id].append(row)
     return by_job
 
@@ -108,12 +109,11 @@ _JOB_WITH_ARTIFACTS = (
 )
 
 
-async def read_job(*, session: AsyncSession, tenant: Tenant, store: ObjectStore,
-                   job_id: str) -> JobOut:
+async def read_job(*, reads: Reads, tenant: Tenant, store: ObjectStore, job_id: str) -> JobOut:
     """``GET /v1/jobs/{id}``, the endpoint clients poll: Core rows, no ORM instances (their
-    identity map and loaders cost more than the two short queries)."""
-    conn = await session.connection()
-    rows = (await conn.execute(_JOB_WITH_ARTIFACTS, {"job_id": job_id, "tenant_id": tenant.id})).all()
+    identity map and loaders cost more than the query), in one trip (:class:`Reads`)."""
+    params = {"job_id": job_id, "tenant_id": tenant.id}
+    rows = await reads.run(lambda conn: conn.execute(_JOB_WITH_ARTIFACTS, params).all())
     if not rows:
         raise NotFound(f"job {job_id} not found", code="job_not_found")
     artifacts = [SimpleNamespace(**{key.removeprefix("artifact_"): value
@@ -177,7 +177,7 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
 
 
 async def list_jobs(
-    *, session: AsyncSession, tenant: Tenant, store: ObjectStore, limit: int,
+    *, reads: Reads, tenant: Tenant, store: ObjectStore, limit: int,
     cursor: str | None, kind: JobKind | None, status: JobStatus | None,
 ) -> JobPage:
     """Newest first; the cursor is the last row's (created_at, id) so pages never shift."""
@@ -190,13 +190,15 @@ async def list_jobs(
         created, job_id = _decode_cursor(cursor)
         query = query.where(or_(Job.created_at < created,
                                 and_(Job.created_at == created, Job.id < job_id)))
-    conn = await session.connection()
-    rows = list(await conn.execute(
-        query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
-    ))
+    query = query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
+
+    def page(conn: Connection) -> tuple[list[Any], dict[str, list[Any]]]:
+        rows = list(conn.execute(query))
+        return rows, _artifacts_of(conn, [row.id for row in rows[:limit]])
+
+    rows, artifacts = await reads.run(page)
     more = len(rows) > limit
     rows = rows[:limit]
-    artifacts = await _artifacts_of(session, [row.id for row in rows])
     return JobPage(
         items=[job_out(row, store=store, artifacts=artifacts[row.id]) for row in rows],
         next_cursor=_encode_cursor(rows[-1]) if more and rows else None,

@@ -1,0 +1,70 @@
+"""The hot reads (key lookups, job polls and lists) in one trip to the database each.
+
+aiosqlite runs every DBAPI call (execute, fetch, cursor close, rollback) as a separate hand-off
+to its connection's thread. A job poll made about six of them, and a profile under wrk put a
+third of the gateway's CPU in those hand-offs, not in SQLite. So for a SQLite file, a read here
+runs whole in one worker thread on a plain (sync) SQLAlchemy engine over the same file: one
+hand-off per read. WAL lets these connections read while the async engine writes, and a SELECT
+outside a transaction sees everything committed before it began, so a client that reads its
+job right after the 202 finds it. The connections are opened ``query_only``: they never write.
+
+Server databases (asyncpg) have no driver thread to hop through; their reads run on the async
+engine's own connection, through the same functions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+T = TypeVar("T")
+
+# Threads, and pooled connections, for reads: SQLite reads a page cache in microseconds, so a
+# few threads keep up with one event loop; more would only contend for the GIL.
+READ_THREADS = 4
+
+
+class Reads:
+    """Runs ``fn(connection)`` for a read-only statement or two, in one trip."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self._sync: Engine | None = None
+        self._threads: ThreadPoolExecutor | None = None
+        url = engine.url
+        if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+            self._sync = create_engine(
+                url.set(drivername="sqlite+pysqlite"), pool_size=READ_THREADS, max_overflow=0,
+                connect_args={"timeout": 30, "check_same_thread": False})
+            event.listen(self._sync, "connect", _read_only_pragmas)
+            self._threads = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="sql-read")
+
+    async def run(self, fn: Callable[[Connection], T]) -> T:
+        if self._sync is None:
+            async with self.engine.connect() as conn:
+                return await conn.run_sync(fn)
+        return await asyncio.get_running_loop().run_in_executor(self._threads, self._call, fn)
+
+    def _call(self, fn: Callable[[Connection], T]) -> T:
+        assert self._sync is not None
+        with self._sync.connect() as conn:
+            return fn(conn)
+
+    def dispose(self) -> None:
+        if self._threads is not None:
+            self._threads.shutdown(wait=True)
+        if self._sync is not None:
+            self._sync.dispose()
+
+
+def _read_only_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cursor = dbapi_conn.cursor()
+    cursor.execute("PRAGMA query_only=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
