@@ -8,7 +8,8 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, Field, ValidationError
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from shared.kohya import ConfigError, KohyaDataset, KohyaSubset, parse_dataset_config
+from services.gateway.datasets.kohya import KohyaDataset, KohyaSubset, parse_dataset_config
+from shared.kohya import ConfigError
 from shared.specs import JobStatus
 from shared.training import TrainingSpec
 

@@ -9,6 +9,13 @@ from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from services.gateway.datasets.kohya import (
+    KohyaDataset,
+    KohyaSubset,
+    SubsetMode,
+    make_buckets,
+    parse_dataset_config,
+)
 from services.gateway.datasets.service import (
     caption_file,
     dataset_items,
@@ -27,14 +34,7 @@ from services.gateway.trainings.schemas import TrainingRequest
 from services.gateway.trainings.triggers import trained_triggers
 from shared.errors import NotFound, ValidationFailed
 from shared.keys import lora_key, training_prefix
-from shared.kohya import (
-    ConfigError,
-    KohyaDataset,
-    KohyaSubset,
-    SubsetMode,
-    make_buckets,
-    parse_dataset_config,
-)
+from shared.kohya import ConfigError
 from shared.models import ModelFamily
 from shared.queue import TRAIN_TASK, TRAINER_QUEUE
 from shared.specs import JobKind
