@@ -30,11 +30,8 @@ from shared.kohya import (
     MIN_RESOLUTION,
     RESOLUTION_MULTIPLE,
     ConfigError,
-    KohyaDataset,
-    KohyaSubset,
     bucketing_problems,
     kohya_sampler,
-    parse_dataset_config,
     parse_sample_prompts,
 )
 from shared.loras import LORA_NAME_RULE, LoraName
@@ -258,52 +255,6 @@ class SaveOptions(_Options):
     save_state: bool = Field(default=True, description="Keep resumable state with checkpoints.")
 
 
-# TOML keys the parser reads but training does not apply yet, with the value that changes
-# nothing: any other value is a 422 naming the key, never accepted and ignored.
-_UNBUILT_SUBSET_KEYS: dict[str, object] = {
-    "face_crop_aug_range": None, "caption_dropout_every_n_epochs": 0,
-    "caption_tag_dropout_rate": 0.0, "token_warmup_min": 1, "token_warmup_step": 0.0,
-    "alpha_mask": False, "enable_wildcard": False, "secondary_separator": None,
-    "keep_tokens_separator": "",
-}
-_UNBUILT_DATASET_KEYS: dict[str, object] = {
-    "bucket_no_upscale": False, "network_multiplier": 1.0, "validation_split": 0.0,
-    "validation_seed": None,
-}
-_AUGMENTATIONS = ("flip_aug", "color_aug", "random_crop")
-
-
-def dataset_config_problems(config_datasets: tuple[KohyaDataset, ...], *,
-                            cache_latents: bool) -> list[tuple[str, str]]:
-    """``(toml key path, message)`` for what a TOML asks that this trainer would not do.
-
-    Values inherited from the request (``defaults``) are the request's own fields, checked there.
-    """
-    problems: dict[str, str] = {}
-
-    def refuse(sources: Any, key: str, message: str) -> None:
-        path = sources.get(key, key)
-        if not path.startswith("defaults"):
-            problems.setdefault(path, message)
-
-    for dataset in config_datasets:
-        for key, neutral in _UNBUILT_DATASET_KEYS.items():
-            if getattr(dataset, key) != neutral:
-                refuse(dataset.sources, key, "not supported by this trainer yet")
-        subset: KohyaSubset
-        for subset in dataset.subsets:
-            for key, neutral in _UNBUILT_SUBSET_KEYS.items():
-                if getattr(subset, key) != neutral:
-                    refuse(subset.sources, key, "not supported by this trainer yet")
-            if subset.custom_attributes:
-                refuse(subset.sources, "custom_attributes", "not supported by this trainer yet")
-            for key in _AUGMENTATIONS:
-                if cache_latents and getattr(subset, key):
-                    refuse(subset.sources, key, "cannot be combined with diffusion.cache_latents "
-                           "(the cached latents would never change), as in kohya")
-    return list(problems.items())
-
-
 class TrainingSpec(_Options):
     """Train a LoRA on a dataset; the result is registered as one of the tenant's LoRAs."""
 
@@ -323,6 +274,9 @@ class TrainingSpec(_Options):
     dataset_id: str = Field(min_length=1, max_length=64, description="The dataset to train on.")
     reg_dataset_id: str | None = Field(default=None, description="A dataset of regularisation images, "
                                        "balanced against the training images as kohya does.")
+    # Parsed and held to this spec's rules by the gateway, whose parser it is
+    # (services/gateway/trainings/schemas.py, TrainingRequest); the trainer gets the examples
+    # the gateway resolved from it and never reads it.
     dataset_config: Annotated[str | None, MULTILINE] = Field(
         default=None, max_length=100_000, description="A kohya dataset config TOML; "
         "`image_dir` names subsets of `dataset_id` (`<dataset id>/<subset folder>`).")
@@ -353,24 +307,6 @@ class TrainingSpec(_Options):
                                                    "data.random_crop (the cached latents would "
                                                    "never change), as in kohya", True)])
         return diffusion
-
-
-    @model_validator(mode="after")
-    def _dataset_config_applies(self) -> TrainingSpec:
-        """A TOML is held to the same rules as the request's own ``data`` options."""
-        if self.dataset_config is None:
-            return self
-        try:
-            config = parse_dataset_config(self.dataset_config, defaults={
-                "resolution": list(self.data.size), "batch_size": self.data.batch_size})
-        except ConfigError as exc:
-            field = ".".join(part for part in ("dataset_config", exc.field) if part)
-            raise _errors_at("TrainingSpec", [(tuple(field.split(".")), exc.message, None)]) from exc
-        problems = dataset_config_problems(config.datasets, cache_latents=self.diffusion.cache_latents)
-        if problems:
-            raise _errors_at("TrainingSpec", [(("dataset_config", *path.split(".")), message, None)
-                                              for path, message in problems])
-        return self
 
 
 def check_optimizer(spec: TrainingSpec, available: set[str]) -> dict[str, Any] | None:

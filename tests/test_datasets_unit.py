@@ -23,9 +23,9 @@ from PIL import Image
 
 from services.gateway.datasets.export import ExportItem, export_zip
 from services.gateway.datasets.ingest import IngestLimits, SubsetInfo, ingest
+from services.gateway.datasets.kohya import SubsetName, parse_subset_dir
 from services.gateway.datasets.report import ItemSummary, aspect_bucket, build_report
 from shared.errors import ValidationFailed
-from shared.kohya import SubsetName, parse_subset_dir
 
 
 def image_bytes(width: int, height: int, fmt: str = "PNG", *, seed: int = 0) -> bytes:

@@ -10,17 +10,19 @@ from PIL import Image
 
 from services.gateway.datasets.export import ExportItem, export_zip
 from services.gateway.datasets.ingest import SubsetInfo
+from services.gateway.datasets.kohya import (
+    SubsetMode,
+    make_buckets,
+    parse_dataset_config,
+    subset_from_folder,
+)
 from services.gateway.trainings.buckets import assign_bucket, epoch_plan, fit_to_bucket, steps_per_epoch
 from shared.kohya import (
     KOHYA_SAMPLERS,
     KOHYA_TO_LOOMIS_SCHEDULER,
     ConfigError,
     SamplePrompt,
-    SubsetMode,
-    make_buckets,
-    parse_dataset_config,
     parse_sample_prompts,
-    subset_from_folder,
 )
 from shared.models import SCHEDULERS
 

@@ -31,9 +31,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
+from services.gateway.datasets.kohya import SubsetName, join_class_tokens, parse_subset_dir
 from services.gateway.images import MAX_INPUT_BYTES, decode_image
 from shared.errors import ValidationFailed
-from shared.kohya import SubsetName, join_class_tokens, parse_subset_dir
 from shared.text import find_control_character
 
 # Pillow format name -> the name we store; GIF and TIFF decode_image would take, but kohya's

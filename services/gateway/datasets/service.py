@@ -21,12 +21,13 @@ from services.gateway.datasets.ingest import (
     Upload,
     ingest,
 )
+from services.gateway.datasets.kohya import DatasetConfig, parse_dataset_config
 from services.gateway.datasets.report import ItemSummary, build_report
 from services.gateway.datasets.schemas import DatasetOut, ItemOut, ItemPage, ItemPatch
 from services.gateway.db.models import Dataset, DatasetItem, Tenant, new_id, utcnow
 from shared.errors import NotFound, ValidationFailed
 from shared.keys import dataset_item_key, dataset_prefix, dataset_thumb_key
-from shared.kohya import ConfigError, DatasetConfig, parse_dataset_config
+from shared.kohya import ConfigError
 from shared.storage import ObjectStore
 
 logger = logging.getLogger(__name__)

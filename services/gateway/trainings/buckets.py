@@ -1,10 +1,10 @@
 """kohya's aspect-ratio buckets and epoch counting, for planning a training at the gateway.
 
 :func:`fit_to_bucket` is kohya's ``BucketManager.select_bucket`` over the buckets
-:func:`shared.kohya.make_buckets` lists; :func:`epoch_plan` is DreamBooth's regularisation
-balancing plus per-bucket batching. The gateway assigns every image its bucket when it plans a training
-(the trainer receives the bucket with each example), so this runs nowhere else. The rules
-the options must satisfy are :func:`shared.kohya.bucketing_problems`.
+:func:`services.gateway.datasets.kohya.make_buckets` lists; :func:`epoch_plan` is DreamBooth's
+regularisation balancing plus per-bucket batching. The gateway assigns every image its bucket
+when it plans a training (the trainer receives the bucket with each example), so this runs
+nowhere else. The rules the options must satisfy are :func:`shared.kohya.bucketing_problems`.
 """
 
 from __future__ import annotations

@@ -10,16 +10,15 @@ from services.gateway.jobs.schemas import JobOut
 from services.gateway.jobs.service import job_out
 from services.gateway.problems import PROBLEM_RESPONSES
 from services.gateway.trainings.plan import plan_training, training_metrics
-from services.gateway.trainings.schemas import TrainingMetrics, TrainingPlan
+from services.gateway.trainings.schemas import TrainingMetrics, TrainingPlan, TrainingRequest
 from services.gateway.trainings.service import submit_training
-from shared.training import TrainingSpec
 
 router = APIRouter(prefix="/v1/trainings", tags=["trainings"], responses=PROBLEM_RESPONSES)
 
 
 @router.post("", response_model=JobOut, status_code=202, summary="Train a LoRA")
 async def create_training(
-    spec: TrainingSpec, response: Response, session: SessionDep, tenant: TenantDep,
+    spec: TrainingRequest, response: Response, session: SessionDep, tenant: TenantDep,
     state: StateDep, idempotency_key: IdempotencyKeyDep,
 ) -> JobOut:
     """Train a LoRA on a dataset with kohya's options. Progress events carry step, epoch,
@@ -36,7 +35,7 @@ async def create_training(
 
 
 @router.post("/plan", response_model=TrainingPlan, summary="Plan a training without running it")
-async def plan(spec: TrainingSpec, session: SessionDep, tenant: TenantDep,
+async def plan(spec: TrainingRequest, session: SessionDep, tenant: TenantDep,
                state: StateDep) -> TrainingPlan:
     """What `POST /v1/trainings` with the same body would run, as kohya's `--debug_dataset`
     shows it: subsets with their repeats, buckets with their images, steps per epoch and in

@@ -1,10 +1,99 @@
-"""What the trainings routes answer besides a job: its per-step metrics and a dry-run plan."""
+"""The trainings routes' request body, and what they answer besides a job: its per-step
+metrics and a dry-run plan."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from typing import Annotated, Any
 
+from pydantic import AfterValidator, BaseModel, Field, ValidationError
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from services.gateway.datasets.kohya import KohyaDataset, KohyaSubset, parse_dataset_config
+from shared.kohya import ConfigError
 from shared.specs import JobStatus
+from shared.training import TrainingSpec
+
+# TOML keys the parser reads but training does not apply yet, with the value that changes
+# nothing: any other value is a 422 naming the key, never accepted and ignored.
+_UNBUILT_SUBSET_KEYS: dict[str, object] = {
+    "face_crop_aug_range": None, "caption_dropout_every_n_epochs": 0,
+    "caption_tag_dropout_rate": 0.0, "token_warmup_min": 1, "token_warmup_step": 0.0,
+    "alpha_mask": False, "enable_wildcard": False, "secondary_separator": None,
+    "keep_tokens_separator": "",
+}
+_UNBUILT_DATASET_KEYS: dict[str, object] = {
+    "bucket_no_upscale": False, "network_multiplier": 1.0, "validation_split": 0.0,
+    "validation_seed": None,
+}
+_AUGMENTATIONS = ("flip_aug", "color_aug", "random_crop")
+
+
+def dataset_config_problems(config_datasets: tuple[KohyaDataset, ...], *,
+                            cache_latents: bool) -> list[tuple[str, str]]:
+    """``(toml key path, message)`` for what a TOML asks that this trainer would not do.
+
+    Values inherited from the request (``defaults``) are the request's own fields, checked there.
+    """
+    problems: dict[str, str] = {}
+
+    def refuse(sources: Any, key: str, message: str) -> None:
+        path = sources.get(key, key)
+        if not path.startswith("defaults"):
+            problems.setdefault(path, message)
+
+    for dataset in config_datasets:
+        for key, neutral in _UNBUILT_DATASET_KEYS.items():
+            if getattr(dataset, key) != neutral:
+                refuse(dataset.sources, key, "not supported by this trainer yet")
+        subset: KohyaSubset
+        for subset in dataset.subsets:
+            for key, neutral in _UNBUILT_SUBSET_KEYS.items():
+                if getattr(subset, key) != neutral:
+                    refuse(subset.sources, key, "not supported by this trainer yet")
+            if subset.custom_attributes:
+                refuse(subset.sources, "custom_attributes", "not supported by this trainer yet")
+            for key in _AUGMENTATIONS:
+                if cache_latents and getattr(subset, key):
+                    refuse(subset.sources, key, "cannot be combined with diffusion.cache_latents "
+                           "(the cached latents would never change), as in kohya")
+    return list(problems.items())
+
+
+def _errors_at(errors: list[tuple[tuple[str, ...], str]]) -> ValidationError:
+    """TOML errors located at the value each is about, ``(loc, message)``: pydantic nests a
+    ``ValidationError`` raised in a validator under the validator's own location (``body``
+    for the request), so each names its ``dataset_config.<toml path>`` and all are reported
+    at once."""
+    return ValidationError.from_exception_data("TrainingSpec", [
+        InitErrorDetails(type=PydanticCustomError("value_error", "{reason}", {"reason": message}),
+                         loc=loc, input=None)
+        for loc, message in errors])
+
+
+def _dataset_config_applies(spec: TrainingSpec) -> TrainingSpec:
+    """A TOML is held to the same rules as the request's own ``data`` options.
+
+    Like a model validator, it runs only once every field of the spec is valid.
+    """
+    if spec.dataset_config is None:
+        return spec
+    try:
+        config = parse_dataset_config(spec.dataset_config, defaults={
+            "resolution": list(spec.data.size), "batch_size": spec.data.batch_size})
+    except ConfigError as exc:
+        field = ".".join(part for part in ("dataset_config", exc.field) if part)
+        raise _errors_at([(tuple(field.split(".")), exc.message)]) from exc
+    problems = dataset_config_problems(config.datasets, cache_latents=spec.diffusion.cache_latents)
+    if problems:
+        raise _errors_at([(("dataset_config", *path.split(".")), message)
+                          for path, message in problems])
+    return spec
+
+
+# The body of POST /v1/trainings and /plan: a TrainingSpec (the same schema) whose TOML the
+# gateway checks, as only the gateway parses TOML; the trainer, which deserialises the spec
+# inside its task, trains on the examples resolved from it and has nothing to re-check.
+TrainingRequest = Annotated[TrainingSpec, AfterValidator(_dataset_config_applies)]
 
 
 class StepMetrics(BaseModel):

@@ -5,10 +5,17 @@ from __future__ import annotations
 
 from collections import Counter
 
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from services.gateway.datasets.kohya import (
+    KohyaDataset,
+    KohyaSubset,
+    SubsetMode,
+    make_buckets,
+    parse_dataset_config,
+)
 from services.gateway.datasets.service import (
     caption_file,
     dataset_items,
@@ -23,17 +30,11 @@ from services.gateway.db.models import Dataset, DatasetItem, Job, Tenant, new_id
 from services.gateway.deps import GatewayState
 from services.gateway.jobs.submission import create_and_enqueue, find_replay, request_hash
 from services.gateway.trainings.buckets import assign_bucket, epoch_plan
+from services.gateway.trainings.schemas import TrainingRequest
 from services.gateway.trainings.triggers import trained_triggers
 from shared.errors import NotFound, ValidationFailed
 from shared.keys import lora_key, training_prefix
-from shared.kohya import (
-    ConfigError,
-    KohyaDataset,
-    KohyaSubset,
-    SubsetMode,
-    make_buckets,
-    parse_dataset_config,
-)
+from shared.kohya import ConfigError
 from shared.models import ModelFamily
 from shared.queue import TRAIN_TASK, TRAINER_QUEUE
 from shared.specs import JobKind
@@ -45,6 +46,9 @@ from shared.training import (
     check_optimizer,
     latest_state,
 )
+
+# the request's own validation, the TOML check included, for a TOML the dataset brought
+_REQUEST: TypeAdapter[TrainingSpec] = TypeAdapter(TrainingRequest)
 
 
 def _invalid(field: str, message: str) -> ValidationFailed:
@@ -222,7 +226,7 @@ async def resolve_dataset_config(*, session: AsyncSession, tenant: Tenant,
         raise _invalid("dataset_id", f"the dataset's dataset_config.toml: {where}: "
                        f"{exc.message}") from exc
     try:
-        return TrainingSpec.model_validate({**spec.model_dump(mode="json"), "dataset_config": text})
+        return _REQUEST.validate_python({**spec.model_dump(mode="json"), "dataset_config": text})
     except ValidationError as exc:
         problems = "; ".join(
             ".".join(str(p) for p in error["loc"] if p != "dataset_config") + ": " + error["msg"]
