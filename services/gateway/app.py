@@ -19,7 +19,7 @@ from services.gateway.db.reads import Reads
 from services.gateway.db.session import make_engine, make_sessionmaker, migrate
 from services.gateway.deps import GatewayState, refuse_control_characters_in_url
 from services.gateway.docs import install_docs
-from services.gateway.events.consumer import AppliedHere, EventConsumer
+from services.gateway.events.consumer import EventConsumer
 from services.gateway.files.routes import router as files_router
 from services.gateway.generations.routes import router as generations_router
 from services.gateway.health.routes import router as health_router
@@ -76,7 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             registry=ModelRegistry.load(settings.models.models_file,
                                         settings.models.models_dir),
             sessionmaker=sessionmaker, redis=redis, events=events, store=store,
-            reads=reads, api_keys=ApiKeyLookups(reads), applied_here=AppliedHere(),
+            reads=reads, api_keys=ApiKeyLookups(reads),
         )
         consumer = EventConsumer(
             redis=redis, sessionmaker=sessionmaker, stream=settings.redis.events_stream,
@@ -85,7 +85,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             batch=settings.gateway.consumer_batch,
             max_attempts=settings.gateway.consumer_max_attempts,
             dead_letter_stream=settings.redis.events_dead_letter_stream, events=events,
-            applied_here=app.state.loomis.applied_here,
         )
         stop = asyncio.Event()
         task = asyncio.create_task(consumer.run(stop), name="event-consumer")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 from fastapi import Depends, Header, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -20,9 +20,6 @@ from shared.settings import Settings
 from shared.storage import ObjectStore
 from shared.text import control_character, printable
 
-if TYPE_CHECKING:  # the consumer imports the jobs service, which needs nothing from here
-    from services.gateway.events.consumer import AppliedHere
-
 
 @dataclass
 class GatewayState:
@@ -36,8 +33,6 @@ class GatewayState:
     events: JobEvents
     store: ObjectStore
     api_keys: ApiKeyLookups
-    # events this process committed itself, which its event consumer then skips
-    applied_here: AppliedHere | None = None
 
 
 async def refuse_control_characters_in_url(request: Request) -> None:

@@ -20,7 +20,6 @@ import logging
 import os
 import socket
 import uuid
-from collections import OrderedDict
 from datetime import UTC, datetime
 from typing import Any
 
@@ -77,34 +76,6 @@ def consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
-class AppliedHere:
-    """Events this process already committed itself, so its consumer need not apply them again.
-
-    A submission applies its own ``queued`` event before answering (the client may read the
-    job at once); the same event then arrives on the stream. Applying it again changes nothing
-    (the unique (job, seq) drops it) but cost about half of a submission's CPU. Only events
-    recorded after their commit are skipped, and only by this process's consumer: a replica
-    that never saw them applies them as before. Bounded, oldest forgotten first (forgetting
-    one only means applying it again).
-    """
-
-    def __init__(self, limit: int = 10_000) -> None:
-        self.limit = limit
-        self._events: OrderedDict[tuple[str, int], None] = OrderedDict()
-
-    def add(self, job_id: str, seq: int) -> None:
-        self._events[(job_id, seq)] = None
-        while len(self._events) > self.limit:
-            self._events.popitem(last=False)
-
-    def take(self, job_id: str, seq: int) -> bool:
-        """Whether the event was applied here (and forget it: it is met once)."""
-        if (job_id, seq) not in self._events:
-            return False
-        del self._events[(job_id, seq)]
-        return True
-
-
 class EventConsumer:
     def __init__(
         self,
@@ -119,7 +90,6 @@ class EventConsumer:
         max_attempts: int = 5,
         dead_letter_stream: str | None = None,
         events: JobEvents | None = None,
-        applied_here: AppliedHere | None = None,
     ) -> None:
         self.redis = redis
         self.sessionmaker = sessionmaker
@@ -135,7 +105,6 @@ class EventConsumer:
                                           ttl_s=defaults.job_ttl_s)
         self.applied = 0
         self.parked = 0
-        self.applied_here = applied_here
 
     async def ensure_group(self) -> None:
         try:
@@ -172,8 +141,6 @@ class EventConsumer:
             except (KeyError, ValueError, TypeError) as exc:
                 await self._park(entry_id, fields, None, f"malformed event: {exc!r}", attempts=1)
                 continue
-            if self.applied_here is not None and self.applied_here.take(event.job_id, event.seq):
-                continue  # committed by this process already; acknowledged with the batch
             decoded.append((entry_id, fields, event))
         if not decoded:
             await self._ack([entry_id for entry_id, _ in entries])

@@ -23,7 +23,6 @@ from sqlalchemy.orm.attributes import set_committed_value
 
 from services.gateway.db.models import Job, Tenant, utcnow
 from services.gateway.deps import GatewayState
-from services.gateway.jobs.service import apply_event
 from shared.errors import Conflict, ServiceUnavailable
 from shared.queue import GENERATOR_QUEUE, enqueue
 from shared.specs import JobKind, JobStatus
@@ -77,8 +76,8 @@ async def create_and_enqueue(
         raise
     try:
         await state.events.create(job.id, tenant_id=tenant.id)
-        queued = await state.events.emit(job.id, "queued", allowed_from=(JobStatus.QUEUED,),
-                                         data={"queue": queue})
+        await state.events.emit(job.id, "queued", allowed_from=(JobStatus.QUEUED,),
+                                data={"queue": queue})
         await enqueue(state.redis, queue=queue, task=task_name, job_id=job.id,
                       payload=payload(job.id))
     except Exception as exc:
@@ -90,18 +89,10 @@ async def create_and_enqueue(
         await session.commit()
         raise ServiceUnavailable("the job queue is unavailable; try again",
                                  code="queue_unavailable") from exc
-    if queued.event is not None:
-        applied = await apply_event(session=session, event=queued.event)
-        await session.commit()
-        if state.applied_here is not None:  # this process's consumer need not apply it again
-            state.applied_here.add(queued.event.job_id, queued.event.seq)
-        if applied:
-            # The queued event was the job's first change: the row is what this session
-            # wrote plus that event, so it is set here rather than read back (two selects).
-            set_committed_value(job, "status", queued.event.status.value)
-            set_committed_value(job, "last_seq", queued.event.seq)
-            set_committed_value(job, "artifacts", [])
-            session.expire(job, ["updated_at"])
-        else:
-            await session.refresh(job)
+    # The queued event is recorded by the event consumer, with the rest of the stream, in its
+    # batched transactions: the row already says ``queued``, so a client reading the job at
+    # once sees what the event would have written, and a second write transaction per
+    # submission (half its cost on SQLite) is saved. A follower of the job's events reads it
+    # from the job's stream until then.
+    set_committed_value(job, "artifacts", [])
     return job, True

@@ -1,23 +1,11 @@
-"""A gateway's consumer skips the ``queued`` events its own submissions already committed."""
+"""A submission leaves its ``queued`` event to the event consumer: it is recorded once, first."""
 
 from __future__ import annotations
 
 import httpx
 import pytest
 
-from services.gateway.events.consumer import AppliedHere
 from tests.conftest import RunningStack, wait_terminal
-
-
-def test_an_event_is_skipped_once_and_the_memory_is_bounded() -> None:
-    applied = AppliedHere(limit=2)
-    applied.add("a", 1)
-    assert applied.take("a", 1) and not applied.take("a", 1)  # met once, then forgotten
-    assert not applied.take("a", 2)
-    for seq in range(3):
-        applied.add("b", seq)
-    assert not applied.take("b", 0)  # the oldest forgotten: applying it again is harmless
-    assert applied.take("b", 1) and applied.take("b", 2)
 
 
 @pytest.mark.parametrize("stack", ["sqlite"], indirect=True)
