@@ -32,12 +32,13 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from services.gateway.generations.resolve import resolve_generation  # noqa: E402
 from services.generator.loras import LoraAdapterCache, LoraFiles  # noqa: E402
 from services.generator.pipelines import PipelineCache  # noqa: E402
 from services.generator.render import PreparedInputs, render  # noqa: E402
 from services.models.tiny.diffusion import ensure_tiny_model  # noqa: E402
 from shared.models import ModelRegistry  # noqa: E402
-from shared.specs import GenerationSpec, LoraRef, resolve_generation  # noqa: E402
+from shared.specs import GenerationSpec, LoraRef  # noqa: E402
 from tests.lora_files import make_lora  # noqa: E402
 
 MODEL = "tiny-sd15"

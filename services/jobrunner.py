@@ -22,7 +22,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.arqworker import LeasedWorker, resilient_redis_settings
 from services.workerctx import CONTEXT_KEY, WorkerContext, common_context, worker_context
-from shared.errors import JobCanceled, LoomisError, StorageUnavailable, unexpected_failure
+from shared.errors import JobCanceled, JobFailure, LoomisError, StorageUnavailable
 from shared.logs import configure_logging, job_context
 from shared.settings import Settings, get_settings
 from shared.specs import JobStatus
@@ -30,6 +30,24 @@ from shared.specs import JobStatus
 logger = logging.getLogger(__name__)
 
 RUNNING = (JobStatus.RUNNING,)
+
+
+def unexpected_failure(exc: BaseException, *, kind: str) -> JobFailure:
+    """An error not of ours that reached a job's boundary, as one of ours.
+
+    Where its type says what went wrong (memory, a missing package) the client gets a code it
+    can act on; otherwise ``internal_error``. The message names the job kind (``training``,
+    ``tagging``, ...) and the type, never the text, which may hold paths or data.
+    """
+    name = type(exc).__name__
+    if isinstance(exc, MemoryError) or name == "OutOfMemoryError":  # torch's has no common base
+        return JobFailure(f"{kind} ran out of memory on the worker ({name}); use smaller "
+                          "sizes or batches", code="out_of_memory")
+    if isinstance(exc, ImportError):
+        return JobFailure(f"{kind} failed: the worker lacks a package it needs ({name}: "
+                          f"{exc.name or 'unknown module'})", code="dependency_unavailable")
+    return JobFailure(f"{kind} failed unexpectedly ({name}); the worker log has details",
+                      code="internal_error")
 
 
 async def run_job(

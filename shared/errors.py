@@ -80,23 +80,5 @@ class OptimizerUnavailable(JobFailure):
     code = "optimizer_unavailable"
 
 
-def unexpected_failure(exc: BaseException, *, kind: str) -> JobFailure:
-    """An error not of ours that reached a job's boundary, as one of ours.
-
-    Where its type says what went wrong (memory, a missing package) the client gets a code it
-    can act on; otherwise ``internal_error``. The message names the job kind (``training``,
-    ``tagging``, ...) and the type, never the text, which may hold paths or data.
-    """
-    name = type(exc).__name__
-    if isinstance(exc, MemoryError) or name == "OutOfMemoryError":  # torch's has no common base
-        return JobFailure(f"{kind} ran out of memory on the worker ({name}); use smaller "
-                          "sizes or batches", code="out_of_memory")
-    if isinstance(exc, ImportError):
-        return JobFailure(f"{kind} failed: the worker lacks a package it needs ({name}: "
-                          f"{exc.name or 'unknown module'})", code="dependency_unavailable")
-    return JobFailure(f"{kind} failed unexpectedly ({name}); the worker log has details",
-                      code="internal_error")
-
-
 class JobCanceled(Exception):
     """Raised between steps when the client asked to cancel; not an error to report."""

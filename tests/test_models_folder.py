@@ -19,9 +19,9 @@ import pytest
 from PIL import Image
 from safetensors.numpy import save_file
 
+from services.models.tokenizers import CLIP_VOCAB_SIZE, clip_vocab_from_bpe
 from shared.modelfiles import NotAModel, checkpoint_family, scan_models_dir
 from shared.models import ModelFamily, ModelRegistry, PresetOrigin
-from shared.tokenizers import CLIP_VOCAB_SIZE, clip_vocab_from_bpe
 from tests.conftest import RunningStack, S3Server, launch_stack, wait_terminal
 from tests.lora_files import make_lora, make_pickle_lora
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from services.gateway.generations.resolve import resolve_generation
 from shared.errors import ValidationFailed
 from shared.models import ModelRegistry, canonical_scheduler
 from shared.settings import Settings
-from shared.specs import EXAMPLE_POSE, GenerationSpec, resolve_generation
+from shared.specs import EXAMPLE_POSE, GenerationSpec
 
 REGISTRY = ModelRegistry.load()
 POSE = {"people": [{"pose_keypoints_2d": EXAMPLE_POSE}]}
@@ -126,7 +127,8 @@ def test_openapi_examples_are_valid_requests(model: str) -> None:
 
 
 def test_sweep_errors_name_the_cell_that_fails() -> None:
-    from shared.specs import SweepSpec, sweep_cells
+    from services.gateway.sweeps.cells import sweep_cells
+    from shared.specs import SweepSpec
 
     sweep = SweepSpec.model_validate({
         "base": {"prompt": "p", "mode": "img2img", "init_image": "upload:a", "strength": 0.3},

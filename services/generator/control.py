@@ -22,12 +22,16 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from shared.poses import (
+from services.generator.poses import (
     COLORS,
     DEFAULT_MIN_CONFIDENCE,
-    KEYPOINT_NAMES,
     LIMB_BRIGHTNESS,
     LIMBS,
+    render_openpose,
+    to_openpose_json,
+)
+from shared.poses import (
+    KEYPOINT_NAMES,
     MAX_CANVAS_SIDE,
     NUM_KEYPOINTS,
     Keypoint,
@@ -36,12 +40,10 @@ from shared.poses import (
     _require_float,
     _require_int,
     parse_openpose_json,
-    render_openpose,
-    to_openpose_json,
 )
 
-# The pose helpers live in shared/ (the gateway validates keypoints); they stay part of the
-# preprocessors' API here.
+# Reading keypoints lives in shared/ (the gateway validates them), drawing them in
+# services.generator.poses; both stay part of the preprocessors' API here.
 __all__ = [
     "COLORS", "DEFAULT_MIN_CONFIDENCE", "KEYPOINT_NAMES", "KINDS", "LIMBS", "LIMB_BRIGHTNESS",
     "MAX_CANVAS_SIDE", "NUM_KEYPOINTS", "Keypoint", "Person", "PreprocessError",

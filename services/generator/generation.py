@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 from PIL import Image
+from pydantic import BaseModel, Field
 
 from services.generator.artifacts import put_artifact
 from services.generator.batching import BatchItem
@@ -38,10 +39,34 @@ from shared.errors import JobCanceled, JobFailure, NotFound
 from shared.keys import manifest_key, output_key
 from shared.models import canonical_scheduler
 from shared.outcomes import GenerationOutcome, GenerationSucceeded
-from shared.specs import ArtifactRef, GenerationManifest, GenerationSpec, GenerationTask, LoraRef
+from shared.specs import ArtifactRef, GenerationSpec, GenerationTask, LoraRef
 from shared.storage import ObjectStore
 
 logger = logging.getLogger(__name__)
+
+
+class GenerationManifest(BaseModel):
+    """Everything needed to reproduce an output, stored beside it as ``manifest.json``."""
+
+    job_id: str
+    tenant_id: str
+    spec: GenerationSpec
+    model: dict[str, Any]
+    scheduler: str
+    seeds: list[int]
+    images: list[ArtifactRef]
+    versions: dict[str, str]
+    device: str
+    timings: dict[str, float]
+    created_at: datetime
+    pipeline: str = ""
+    inputs: dict[str, str] = Field(default_factory=dict)
+    loras: list[dict[str, Any]] = Field(default_factory=list)
+    safety: list[dict[str, Any]] = Field(default_factory=list)
+    prompt_encoding: str = "plain"
+    # Per image, only when a pipeline ran diffusers' own checker (which blacks out what it
+    # flags); Loomis loads pipelines without it, so this is normally absent.
+    nsfw_content_detected: list[bool] | None = None
 
 
 async def load_inputs(store: ObjectStore, inputs: dict[str, str]) -> dict[str, Image.Image]:

@@ -5,7 +5,7 @@ component's config: we give it a local folder, by default the family's configs w
 repository (``configs/<family>/``, copied from the public model repositories), so nothing is
 fetched. Tokenizers are vocabulary data, not configuration: they come from the preset's
 ``tokenizer`` folder, the config folder, or the CLIP vocabulary `loomis models tokenizer`
-installs into the model cache (see ``shared/tokenizers.py``).
+installs into the model cache (see ``services/models/tokenizers.py``).
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 
+from services.models.tokenizers import installed_clip_tokenizer
 from shared.errors import ModelUnavailable
 from shared.loras import read_safetensors_header
 from shared.modelfiles import NotAModel, checkpoint_family
 from shared.models import ModelFamily, ModelPreset
-from shared.tokenizers import installed_clip_tokenizer
 
 CONFIGS = Path(__file__).parent / "configs"
 PIPELINES = {ModelFamily.SD15: "StableDiffusionPipeline",

@@ -24,7 +24,6 @@ from shared.specs.generation import (
     CircleShape,
     ControlSpec,
     EllipseShape,
-    GenerationManifest,
     GenerationMode,
     GenerationSpec,
     GenerationTask,
@@ -38,7 +37,6 @@ from shared.specs.generation import (
     PreprocessSpec,
     PreprocessTask,
     RectShape,
-    resolve_generation,
 )
 from shared.specs.sweep import (
     MAX_SWEEP_CELLS,
@@ -46,7 +44,6 @@ from shared.specs.sweep import (
     SweepCell,
     SweepSpec,
     SweepTask,
-    sweep_cells,
 )
 from shared.specs.tagging import (
     CaptionOptions,
@@ -65,7 +62,6 @@ __all__ = [
     "ControlSpec",
     "EXAMPLE_POSE",
     "EllipseShape",
-    "GenerationManifest",
     "GenerationMode",
     "GenerationSpec",
     "GenerationTask",
@@ -97,6 +93,4 @@ __all__ = [
     "TaggingItem",
     "TaggingSpec",
     "TaggingTask",
-    "resolve_generation",
-    "sweep_cells",
 ]

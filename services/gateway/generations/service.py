@@ -8,6 +8,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from services.gateway.control.service import check_openpose_photo
 from services.gateway.db.models import Job, Tenant
 from services.gateway.deps import GatewayState
+from services.gateway.generations.resolve import resolve_generation
 from services.gateway.jobs.submission import create_and_enqueue, find_replay, request_hash
 from services.gateway.loras.service import resolve_loras
 from services.gateway.uploads.service import resolve_inputs
@@ -19,7 +20,6 @@ from shared.specs import (
     JobKind,
     LoraRef,
     SafetyPolicy,
-    resolve_generation,
 )
 
 

@@ -24,10 +24,15 @@ from sqlalchemy.orm.attributes import set_committed_value
 from services.gateway.db.models import Job, Tenant, utcnow
 from services.gateway.deps import GatewayState
 from shared.errors import Conflict, ServiceUnavailable
-from shared.queue import GENERATOR_QUEUE, enqueue
+from shared.queue import GENERATOR_QUEUE
 from shared.specs import JobKind, JobStatus
 
 logger = logging.getLogger(__name__)
+
+
+async def enqueue(redis: Any, *, queue: str, task: str, job_id: str, payload: dict[str, Any]) -> None:
+    """Enqueue under the job's own id so a repeated enqueue of the same job is a no-op."""
+    await redis.enqueue_job(task, payload, _job_id=job_id, _queue_name=queue)
 
 
 def request_hash(spec: BaseModel) -> str:

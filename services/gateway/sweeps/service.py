@@ -6,11 +6,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.gateway.db.models import Job, Tenant
 from services.gateway.deps import GatewayState
+from services.gateway.generations.resolve import resolve_generation
 from services.gateway.generations.service import prepare_generation, safety_policy
 from services.gateway.jobs.submission import create_and_enqueue, find_replay, request_hash
+from services.gateway.sweeps.cells import sweep_cells
 from shared.errors import ValidationFailed
 from shared.queue import SWEEP_TASK
-from shared.specs import GenerationSpec, JobKind, SweepSpec, SweepTask, resolve_generation, sweep_cells
+from shared.specs import GenerationSpec, JobKind, SweepSpec, SweepTask
 
 
 async def submit_sweep(

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from services.models.cache import build_into_cache
+from services.models.tokenizers import bytes_to_unicode
 from shared.models import ControlType
 
 TINY_SEED = 0
@@ -33,24 +34,10 @@ _INPAINT_SEED = TINY_SEED + 100
 _ROOT_FILES = ("model_index.json", "config.json")
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible byte -> printable character table."""
-    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-                 + list(range(ord("®"), ord("ÿ") + 1)))
-    chars = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, map(chr, chars), strict=True))
-
-
 def write_char_tokenizer(folder: Path) -> int:
     """Write a CLIP tokenizer (vocab.json + merges.txt) to ``folder``; returns vocab size."""
     folder.mkdir(parents=True, exist_ok=True)
-    symbols = list(_bytes_to_unicode().values())
+    symbols = list(bytes_to_unicode().values())
     vocab: dict[str, int] = {}
     for symbol in symbols + [s + "</w>" for s in symbols]:
         vocab[symbol] = len(vocab)

@@ -32,7 +32,7 @@ def installed_clip_tokenizer(model_cache: Path) -> Path:
     return model_cache / "tokenizers" / "clip"
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character table, which CLIP's BPE is written in."""
     printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
                  + list(range(ord("®"), ord("ÿ") + 1)))
@@ -51,7 +51,7 @@ def clip_vocab_from_bpe(bpe_text: str) -> tuple[dict[str, int], list[str]]:
     merges = [line for line in lines if line]
     if len(merges) != _MERGES or not all(len(line.split()) == 2 for line in merges):
         raise ValueError(f"not CLIP's BPE file: {len(merges)} merges, expected {_MERGES}")
-    symbols = list(_bytes_to_unicode().values())
+    symbols = list(bytes_to_unicode().values())
     tokens = symbols + [symbol + "</w>" for symbol in symbols]
     tokens += ["".join(line.split()) for line in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
