@@ -20,7 +20,7 @@ FORBIDDEN = ("torch", "fastapi", "starlette", "sqlalchemy", "alembic", "diffuser
 
 # Issue 12 aims at about 3,000 lines. This ceiling is a ratchet: lower it whenever code
 # leaves shared/, never raise it without saying in the commit which contract grew.
-MAX_SHARED_LINES = 4_950  # raised from 4,900 for shared/outcomes.py (the typed outcomes contract)
+MAX_SHARED_LINES = 4_550  # lowered from 4,950: LoRA inspection moved to services/gateway/loras/
 
 # shared modules allowed a single consumer, each with the reason; empty while none needs it.
 SINGLE_CONSUMER_ALLOWED: dict[str, str] = {}

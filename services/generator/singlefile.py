@@ -17,8 +17,7 @@ from typing import Any
 import torch
 
 from shared.errors import ModelUnavailable
-from shared.loras import read_safetensors_header
-from shared.modelfiles import NotAModel, checkpoint_family
+from shared.modelfiles import NotAModel, checkpoint_family, read_safetensors_header
 from shared.models import ModelFamily, ModelPreset
 from shared.tokenizers import installed_clip_tokenizer
 
