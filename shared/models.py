@@ -276,7 +276,7 @@ class ModelRegistry:
         presets = {preset.name: preset for preset in BUILTIN_PRESETS}
         origins = dict.fromkeys(presets, PresetOrigin.BUILTIN)
         if models_dir is not None:
-            from shared.modelfiles import scan_models_dir  # it reads headers via shared.loras
+            from shared.modelfiles import scan_models_dir  # lazily: it imports this module
 
             models_dir = models_dir.resolve()
             for name, family, path in scan_models_dir(models_dir):

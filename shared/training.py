@@ -34,8 +34,7 @@ from shared.kohya import (
     kohya_sampler,
     parse_sample_prompts,
 )
-from shared.loras import LORA_NAME_RULE, LoraName
-from shared.specs import MAX_SEED
+from shared.specs import LORA_NAME_RULE, MAX_SEED, LoraName
 from shared.storage import ObjectStore
 from shared.text import MULTILINE, RequestModel
 

@@ -21,9 +21,9 @@ import pytest
 import torch
 from safetensors.torch import save
 
+from services.gateway.loras.inspection import LoraRejected, inspect_lora
 from services.generator.loras import convert_kohya_lora
 from services.models.tiny.diffusion import ensure_tiny_model
-from shared.loras import LoraRejected, inspect_lora
 from tests.conftest import RunningStack
 from tests.test_loras_e2e import upload_lora
 from tests.test_modes_e2e import BASE, images_of, run

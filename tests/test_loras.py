@@ -24,8 +24,9 @@ import torch
 from safetensors.torch import load as reference_load
 
 from services.gateway.loras.fit import check_lora_for_model
+from services.gateway.loras.inspection import LoraRejected, inspect_lora
 from services.models.tiny.diffusion import ensure_tiny_model
-from shared.loras import DTYPE_SIZES, LoraRejected, inspect_lora
+from shared.modelfiles import DTYPE_SIZES
 from shared.models import ModelFamily, ModelPreset, ModelRegistry
 from tests.lora_files import FAMILIES, make_lora, make_pickle_lora
 
@@ -465,6 +466,7 @@ def test_factory_loras_load_in_diffusers_and_leave_no_trace(
 
 
 def test_the_gateway_side_imports_no_torch() -> None:
-    code = "import sys, shared.loras; print(sorted({'torch', 'numpy', 'safetensors'} & set(sys.modules)))"
+    code = ("import sys, services.gateway.loras.inspection; "
+            "print(sorted({'torch', 'numpy', 'safetensors'} & set(sys.modules)))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"

@@ -22,6 +22,7 @@ from PIL import Image
 from safetensors.torch import load
 
 from services.gateway.loras.fit import check_lora_for_model
+from services.gateway.loras.inspection import inspect_lora
 from services.models.tiny.diffusion import ensure_tiny_model
 from services.trainer import (
     LoraTrainer,
@@ -31,7 +32,7 @@ from services.trainer import (
     TrainExample,
     TrainResult,
 )
-from shared.loras import inspect_lora
+from services.trainer.kohya_format import lora_file, lora_record, lora_state_dict
 from shared.models import ModelRegistry
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -111,6 +112,42 @@ def test_six_steps_give_a_lora_the_gateway_accepts(six_steps: tuple[TrainResult,
     assert json.loads(meta["ss_tag_frequency"])["1_img"]["zkw person"] == 4
     assert json.loads(meta["ss_dataset_dirs"]) == {"1_img": {"n_repeats": 1, "img_count": 4}}
     assert "ss_training_finished_at" in meta
+
+
+
+def test_the_trainer_records_its_lora_as_the_gateway_records_an_upload(
+        six_steps: tuple[TrainResult, list[tuple]]) -> None:
+    """The trainer describes the file it wrote without the gateway's inspection; the two must
+    never drift, or a trained LoRA would be checked against other widths than an uploaded one."""
+    result, _ = six_steps
+    assert lora_record(result.lora_bytes) == inspect_lora(result.lora_bytes).record()
+
+
+def test_the_trainers_record_of_a_text_encoder_and_conv_lora_is_the_gateways() -> None:
+    """A file from the trainer's own writer, no model: text encoder and UNet adapters, a
+    convolution among them, and more metadata than the record keeps."""
+    rank, adapter = 2, "default"
+    layers = {  # peft module -> (in, out) widths, and a kernel for the convolution
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k": (24, 32, None),
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v": (24, 32, None),
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": (32, 32, None),
+        "unet.down_blocks.0.resnets.0.conv1": (16, 40, 3),
+        "te.encoder.layers.0.self_attn.q_proj": (24, 24, None),
+        "te.text_model.encoder.layers.1.mlp.fc1": (24, 96, None),
+    }
+    trainable: dict[str, torch.nn.Parameter] = {}
+    for module, (fan_in, fan_out, kernel) in layers.items():
+        conv = (kernel, kernel) if kernel else ()
+        trainable[f"{module}.lora_A.{adapter}.weight"] = torch.nn.Parameter(torch.ones(rank, fan_in, *conv))
+        trainable[f"{module}.lora_B.{adapter}.weight"] = torch.nn.Parameter(
+            torch.ones(fan_out, rank, *((1, 1) if kernel else ())))
+    data = lora_file(lora_state_dict(trainable, alpha=1.0, save_precision="fp16"),
+                     {f"ss_key_{index:02d}": str(index) for index in range(30)})
+    record = lora_record(data)
+    assert record == inspect_lora(data).record()
+    assert (record["targets"], record["has_text_encoder"], record["dims"]) == (6, True, [24])
+    assert record["widths"] == {"text_encoder": [24, 96], "unet": [16, 24, 32, 40]}
+    assert len(record["metadata"]) == 20
 
 
 def test_trained_lora_changes_diffusers_output(six_steps: tuple[TrainResult, list[tuple]],

@@ -172,7 +172,8 @@ def convert_kohya_lora(state: dict[str, torch.Tensor], pipe: Any) -> dict[str, t
     default scale is 1), which also keeps different alphas per module exact.
 
     Anything else (peft/diffusers files, Flux) passes through to diffusers unchanged; the
-    upload check (``shared.loras``) refuses kohya SD files with tensors this cannot place.
+    gateway's upload check (``services/gateway/loras/inspection.py``) refuses kohya SD files
+    with tensors this cannot place.
     """
     if not state or getattr(pipe, "unet", None) is None:
         return state

@@ -18,8 +18,7 @@ import torch
 
 from services.models.tokenizers import installed_clip_tokenizer
 from shared.errors import ModelUnavailable
-from shared.loras import read_safetensors_header
-from shared.modelfiles import NotAModel, checkpoint_family
+from shared.modelfiles import NotAModel, checkpoint_family, read_safetensors_header
 from shared.models import ModelFamily, ModelPreset
 
 CONFIGS = Path(__file__).parent / "configs"

@@ -9,22 +9,29 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from services.trainer.data import Item, TrainExample
 from services.trainer.optim import optimizer_label
+from shared.modelfiles import read_safetensors_header
 
 if TYPE_CHECKING:
     from services.trainer.train import TrainConfig
 
 ADAPTER = "default"  # the peft adapter name the trainer injects
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+# The weights lora_state_dict writes; the prefix names the pipeline component they adapt.
+_WEIGHT = re.compile(r"^(?P<module>lora_(?P<prefix>unet|te)_[^.]+)\.(?P<role>lora_down|lora_up)\.weight$")
+_COMPONENTS = {"unet": "unet", "te": "text_encoder"}
+# The UNet's cross-attention key/value projections take the text encoder's width.
+_CROSS_ATTENTION_KV = ("_attn2_to_k", "_attn2_to_v")
 
 
 def kohya_module(prefix: str, module: str) -> str:
@@ -187,3 +194,27 @@ def lora_file(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> byt
     metadata["sshs_model_hash"] = hashlib.sha256(bare[8 + header_len:]).hexdigest()
     data: bytes = save(tensors, metadata=metadata)
     return data
+
+
+def lora_record(data: bytes) -> dict[str, Any]:
+    """What the gateway keeps of a trained LoRA (its row's ``info``), from the file's own names
+    and shapes: the same record an upload of these bytes gets, so a trained LoRA used on a
+    model it does not fit is refused exactly as an uploaded one (a test holds the two equal)."""
+    tensors, metadata = read_safetensors_header(data)
+    modules: dict[tuple[str, str], dict[str, tuple[int, ...]]] = {}
+    for name, entry in tensors.items():
+        if (match := _WEIGHT.match(name)) is not None:
+            key = (_COMPONENTS[match["prefix"]], match["module"])
+            modules.setdefault(key, {})[match["role"]] = entry.shape
+    widths: dict[str, set[int]] = {}
+    dims: set[int] = set()
+    for (component, module), shapes in modules.items():
+        fan_in, fan_out = shapes["lora_down"][1], shapes["lora_up"][0]
+        widths.setdefault(component, set()).update((fan_in, fan_out))
+        if component == "unet" and module.endswith(_CROSS_ATTENTION_KV):
+            dims.add(fan_in)
+    return {"targets": len(modules), "has_text_encoder": "text_encoder" in widths,
+            "dims": sorted(dims),
+            "widths": {component: sorted(found) for component, found in sorted(widths.items())},
+            # safetensors writes metadata in no fixed order: the first 20 of the file, as uploads'
+            "metadata": dict(list(metadata.items())[:20])}

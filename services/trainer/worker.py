@@ -28,6 +28,7 @@ from services.jobrunner import RUNNING, common_startup, make_worker, run_job, ru
 from services.models.device import pick_device
 from services.models.sources import ModelSources
 from services.trainer.curve import loss_curve_png, metrics_json, read_metrics
+from services.trainer.kohya_format import lora_record
 from services.workerctx import CONTEXT_KEY, WorkerContext
 from shared.errors import (
     InvalidJobSpec,
@@ -45,7 +46,6 @@ from shared.keys import (
     training_tmp_prefix,
 )
 from shared.kohya import KOHYA_TO_LOOMIS_SCHEDULER, ConfigError, parse_sample_prompts
-from shared.loras import inspect_lora
 from shared.models import ModelRegistry
 from shared.outcomes import TrainingSucceeded
 from shared.queue import TRAIN_TASK, TRAINER_QUEUE
@@ -280,7 +280,7 @@ async def _run(ctx: dict[str, Any], task: TrainingTask, *, queued_s: float) -> d
             "base_model": spec.base_model, "key": task.lora_key, "sha256": sha,
             "size": len(lora_bytes), "rank": spec.network.rank,
             # Its layer widths, as an upload's are, so using it on another model is a 422.
-            "info": {**inspect_lora(lora_bytes).record(), "trigger_words": task.trigger_words,
+            "info": {**lora_record(lora_bytes), "trigger_words": task.trigger_words,
                      "training_job": task.job_id, "steps": result.steps}},
     }).event_data()
 

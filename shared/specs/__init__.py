@@ -8,12 +8,14 @@ Training's spec is :mod:`shared.training`.
 from __future__ import annotations
 
 from shared.specs.common import (
+    LORA_NAME_RULE,
     MAX_PROMPT_CHARS,
     MAX_SEED,
     TERMINAL_STATUSES,
     ArtifactRef,
     JobKind,
     JobStatus,
+    LoraName,
     LoraRef,
     Prompt,
     SafetyPolicy,
@@ -68,6 +70,8 @@ __all__ = [
     "ImageRef",
     "JobKind",
     "JobStatus",
+    "LORA_NAME_RULE",
+    "LoraName",
     "LoraRef",
     "LoraUse",
     "MAX_PROMPT_CHARS",

@@ -1,9 +1,11 @@
-"""What every job kind shares: kinds, statuses, seeds, prompts, artifacts, LoRA references
-and the safety policy a worker applies to its outputs.
+"""What every job kind shares: kinds, statuses, seeds, prompts, artifacts, LoRA references,
+the LoRA name rule (a training names its LoRA by it, as an upload does) and the safety policy
+a worker applies to its outputs.
 """
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 from typing import Annotated, Literal
 
@@ -12,6 +14,7 @@ from pydantic import (
     BaseModel,
     Field,
 )
+from pydantic_core import PydanticCustomError
 
 from shared.text import MULTILINE
 
@@ -64,6 +67,33 @@ class LoraRef(BaseModel):
     key: str
     sha256: str
     weight: float
+
+
+# A LoRA's name is written into prompts (`<lora:name:0.8>`), PNG text and manifests, and is the
+# obvious file name when someone downloads it: it must be safe in all of them.
+LORA_NAME_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$"
+LORA_NAME_RULE = ("1 to 64 characters, each an ASCII letter, a digit, '.', '_' or '-', "
+                  "not starting with '.'")
+
+
+def lora_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a LoRA (see ``LORA_NAME_RULE``), or None when it can."""
+    if re.fullmatch(LORA_NAME_PATTERN, name):
+        return None
+    return f"a LoRA name is {LORA_NAME_RULE}"
+
+
+def _check_lora_name(name: str) -> str:
+    problem = lora_name_problem(name)
+    if problem is not None:
+        raise PydanticCustomError("lora_name", problem)
+    return name
+
+
+LoraName = Annotated[str, AfterValidator(_check_lora_name), Field(
+    min_length=1, max_length=64, json_schema_extra={"pattern": LORA_NAME_PATTERN},
+    description=f"The LoRA's name: {LORA_NAME_RULE}.",
+)]
 
 
 class SafetyPolicy(BaseModel):

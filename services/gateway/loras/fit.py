@@ -1,6 +1,6 @@
 """Whether a LoRA fits a model, and its name when an upload gives none: the gateway's calls.
 
-:mod:`shared.loras` says what a file adapts; deciding that it cannot apply to a model is done
+:mod:`.inspection` says what a file adapts; deciding that it cannot apply to a model is done
 here, at upload and at submission, so a wrong file is refused rather than failing a job.
 """
 
@@ -9,7 +9,13 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 
-from shared.loras import DENOISER_FAMILIES, REAL_WIDTHS, Denoiser, LoraInfo, LoraRejected
+from services.gateway.loras.inspection import (
+    DENOISER_FAMILIES,
+    REAL_WIDTHS,
+    Denoiser,
+    LoraInfo,
+    LoraRejected,
+)
 from shared.models import BUILTIN_PRESETS, ModelFamily, ModelPreset
 
 _NAME_FORBIDDEN = re.compile(r"[^A-Za-z0-9._-]+")

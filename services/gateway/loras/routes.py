@@ -20,7 +20,7 @@ from services.gateway.multipart import (
     too_large,
 )
 from services.gateway.problems import PROBLEM_RESPONSES
-from shared.loras import LoraName
+from shared.specs import LoraName
 from shared.text import RequestModel
 
 router = APIRouter(prefix="/v1/loras", tags=["loras"], responses=PROBLEM_RESPONSES)

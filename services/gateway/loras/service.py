@@ -12,10 +12,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.gateway.db.models import Lora, Tenant, new_id, utcnow
 from services.gateway.loras.fit import check_lora_for_model, lora_name_from_filename, width_mismatch
+from services.gateway.loras.inspection import LoraInfo, LoraRejected, inspect_lora
 from services.gateway.loras.schemas import LoraOut
 from shared.errors import NotFound, ValidationFailed
 from shared.keys import lora_key, lora_prefix
-from shared.loras import LoraInfo, LoraRejected, inspect_lora
 from shared.models import ModelPreset, ModelRegistry
 from shared.specs import LoraRef, LoraUse
 from shared.storage import ObjectStore

@@ -1,58 +1,35 @@
-"""Reading LoRA adapter files without torch: what they adapt, at which widths, for which model.
+"""Reading an uploaded LoRA adapter without torch: what it adapts, at which widths, for which model.
 
-The gateway inspects uploads with it before anything is stored or queued, the trainer
-records the same facts about the LoRA it has just written (so a trained LoRA is described
-exactly like an uploaded one), and the generator and ``shared.modelfiles`` read checkpoint
-headers with :func:`read_safetensors_header`. Deciding whether a LoRA fits a given model is
-the gateway's alone and lives in ``services/gateway/loras/fit.py``.
+The gateway inspects uploads (and ``loomis loras import``'s files) with it before anything is
+stored or queued; deciding whether a LoRA fits a given model is ``fit.py``'s. The trainer
+describes the LoRA it wrote itself (``services/trainer/kohya_format.py``), and a test holds its
+record equal to :meth:`LoraInfo.record` of the same bytes.
 
-The safetensors container is simple enough (an 8-byte little-endian header length, a JSON
-header, one flat byte buffer) to read by hand, which keeps torch out of the gateway and means
-a hostile upload is only ever read as JSON and byte offsets. Pickled checkpoints are refused
-outright: unpickling runs arbitrary code. Everything here looks at tensor names and shapes
-only; no tensor data is decoded.
+Pickled checkpoints are refused outright: unpickling runs arbitrary code. The container is read
+by ``shared.modelfiles.read_safetensors_header``; everything here looks at tensor names and
+shapes only, and no tensor data is decoded.
 
-One file although it is over 500 lines: the header reader and the key-name parsers are one
-inspection whose parts only make sense together, and no part of it has a consumer of its own.
+One file although it is over 400 lines: the key-name parsers and the checks on what they find
+are one inspection whose parts only make sense together.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Annotated, Any, BinaryIO, Literal
+from typing import Any, BinaryIO, Literal
 
-from pydantic import AfterValidator, Field
-from pydantic_core import PydanticCustomError
-
+from shared.modelfiles import NotSafetensors, TensorEntry, read_safetensors_header
 from shared.models import BUILTIN_PRESETS, ModelFamily
 
 LoraFormat = Literal["peft", "kohya"]
 # Which network the LoRA's weights attach to; None when it only adapts text encoders.
 Denoiser = Literal["unet", "flux"]
 
-# The reference implementation refuses larger headers; so do we, before decoding any JSON.
-MAX_HEADER_BYTES = 100_000_000
-
-# Bytes per element of the dtypes the spec defines and the worker's loader (safetensors.torch)
-# can turn into tensors; a file in any other dtype would only fail later, in a job.
-DTYPE_SIZES: dict[str, int] = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E5M2FNUZ": 1, "F8_E4M3FNUZ": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8,
-    "F64": 8, "C64": 8,
-}
-
 _ZIP_MAGIC = b"PK\x03\x04"
-
-# A LoRA's name is written into prompts (`<lora:name:0.8>`), PNG text and manifests, and is the
-# obvious file name when someone downloads it: it must be safe in all of them.
-LORA_NAME_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$"
-LORA_NAME_RULE = ("1 to 64 characters, each an ASCII letter, a digit, '.', '_' or '-', "
-                  "not starting with '.'")
 
 # Input widths of the real models' attention projections, to say which model a file is for.
 REAL_WIDTHS: dict[Denoiser, dict[int, tuple[str, ModelFamily | None]]] = {
@@ -65,26 +42,6 @@ DENOISER_FAMILIES: dict[Denoiser, tuple[ModelFamily, ...]] = {
 }
 
 
-def lora_name_problem(name: str) -> str | None:
-    """Why ``name`` cannot name a LoRA (see ``LORA_NAME_RULE``), or None when it can."""
-    if re.fullmatch(LORA_NAME_PATTERN, name):
-        return None
-    return f"a LoRA name is {LORA_NAME_RULE}"
-
-
-def _check_lora_name(name: str) -> str:
-    problem = lora_name_problem(name)
-    if problem is not None:
-        raise PydanticCustomError("lora_name", problem)
-    return name
-
-
-LoraName = Annotated[str, AfterValidator(_check_lora_name), Field(
-    min_length=1, max_length=64, json_schema_extra={"pattern": LORA_NAME_PATTERN},
-    description=f"The LoRA's name: {LORA_NAME_RULE}.",
-)]
-
-
 class LoraRejected(ValueError):
     """An upload we will not store; ``code`` is stable for clients, the message is for people."""
 
@@ -92,14 +49,6 @@ class LoraRejected(ValueError):
         super().__init__(message)
         self.code = code
         self.message = message
-
-
-@dataclass(frozen=True)
-class TensorEntry:
-    dtype: str
-    shape: tuple[int, ...]
-    begin: int
-    end: int
 
 
 @dataclass(frozen=True)
@@ -136,122 +85,6 @@ class LoraInfo:
                 "dims": sorted(self.dims),
                 "widths": {component: sorted(found) for component, found in self.widths.items()},
                 "metadata": dict(list(self.metadata.items())[:20])}
-
-
-# --------------------------------------------------------------------------- safetensors
-
-
-class _Malformed(ValueError):
-    pass
-
-
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    # json keeps the last of duplicate keys silently; two readers could then disagree.
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise _Malformed(f"the header names {key!r} twice")
-        result[key] = value
-    return result
-
-
-def _is_count(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def read_safetensors_header(data: bytes | BinaryIO) -> tuple[dict[str, TensorEntry], dict[str, str]]:
-    """Validate the container the way the reference loader would, so that what passes here
-    also loads in the worker: header inside the file, known dtypes, sizes that match shapes,
-    and tensors that tile the data buffer exactly (no gaps, no overlaps, nothing past the end).
-
-    Raises ``LoraRejected(code="not_safetensors")``.
-    """
-    try:
-        return _read_header(io.BytesIO(data) if isinstance(data, bytes) else data)
-    except _Malformed as exc:
-        raise LoraRejected(f"This is not a valid .safetensors file: {exc}.",
-                           code="not_safetensors") from None
-
-
-def _file_size(file: BinaryIO) -> int:
-    size = file.seek(0, io.SEEK_END)
-    file.seek(0)
-    return size
-
-
-def _read_header(file: BinaryIO) -> tuple[dict[str, TensorEntry], dict[str, str]]:
-    # Only the header is read: a multi-GB upload is checked from its first bytes and its size.
-    size = _file_size(file)
-    if size < 8:
-        raise _Malformed(f"it is only {size} bytes long")
-    header_len = int.from_bytes(file.read(8), "little")
-    if header_len < 2 or header_len > size - 8:
-        raise _Malformed(f"its header length ({header_len} bytes) does not fit in the "
-                         f"{size}-byte file")
-    if header_len > MAX_HEADER_BYTES:
-        raise _Malformed(f"its header is {header_len} bytes, over the {MAX_HEADER_BYTES}-byte limit")
-    raw = file.read(header_len)
-    if raw[:1] != b"{":
-        raise _Malformed("its header does not start with a JSON object")
-    try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
-    except _Malformed:
-        raise
-    except (ValueError, RecursionError) as exc:  # also bad UTF-8 and over-long integers
-        raise _Malformed("its header is not valid JSON") from exc
-    if not isinstance(header, dict):
-        raise _Malformed("its header is not a JSON object")
-
-    metadata_raw = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata_raw, dict) or not all(
-        isinstance(value, str) for value in metadata_raw.values()
-    ):
-        raise _Malformed("its __metadata__ is not a map of strings to strings")
-    metadata: dict[str, str] = dict(metadata_raw)
-
-    buffer_len = size - 8 - header_len
-    tensors = {name: _tensor_entry(name, info, buffer_len) for name, info in header.items()}
-    position = 0
-    for name, entry in sorted(tensors.items(), key=lambda item: (item[1].begin, item[1].end)):
-        if entry.begin != position:
-            problem = "overlaps another tensor" if entry.begin < position else "leaves a gap before it"
-            raise _Malformed(f"tensor {name!r} {problem} (starts at byte {entry.begin}, "
-                             f"expected {position})")
-        position = entry.end
-    if position != buffer_len:
-        raise _Malformed(f"its tensors cover {position} of the {buffer_len} data bytes")
-    return tensors, metadata
-
-
-def _tensor_entry(name: str, info: object, buffer_len: int) -> TensorEntry:
-    if not isinstance(info, dict):
-        raise _Malformed(f"the entry for {name!r} is not a tensor description")
-    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
-        raise _Malformed(f"tensor {name!r} has unknown dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(_is_count(dim) for dim in shape):
-        raise _Malformed(f"tensor {name!r} has an invalid shape {shape!r}")
-    if (not isinstance(offsets, list) or len(offsets) != 2
-            or not all(_is_count(offset) for offset in offsets)):
-        raise _Malformed(f"tensor {name!r} has invalid data_offsets {offsets!r}")
-    begin, end = offsets
-    if begin > end or end > buffer_len:
-        raise _Malformed(f"tensor {name!r} lies outside the data (bytes {begin}..{end} "
-                         f"of {buffer_len})")
-    elements = 1
-    for dim in shape:
-        elements *= dim
-    if elements * DTYPE_SIZES[dtype] != end - begin:
-        raise _Malformed(f"tensor {name!r} takes {end - begin} bytes but its shape {shape} "
-                         f"of {dtype} needs {elements * DTYPE_SIZES[dtype]}")
-    return TensorEntry(dtype=dtype, shape=tuple(shape), begin=begin, end=end)
-
-
-def _looks_like_pickle(data: bytes) -> bool:
-    # torch.save writes a zip (since 1.6) or, legacy, a protocol-2 pickle; other pickles
-    # open with the PROTO opcode too.
-    return data.startswith(_ZIP_MAGIC) or (data[:1] == b"\x80" and data[1:2] in (b"\x02", b"\x03",
-                                                                                 b"\x04", b"\x05"))
 
 
 # --------------------------------------------------------------------------- LoRA key names
@@ -499,11 +332,11 @@ def inspect_lora(data: bytes | BinaryIO) -> LoraInfo:
     if head.startswith(_ZIP_MAGIC):
         raise _pickle_refused()
     try:
-        tensors, metadata = _read_header(file)
-    except _Malformed as exc:
+        tensors, metadata = read_safetensors_header(file)
+    except NotSafetensors as exc:
         if _looks_like_pickle(head):
             raise _pickle_refused() from None
-        raise LoraRejected(f"This is not a valid .safetensors file: {exc}. "
+        raise LoraRejected(f"This is not a valid .safetensors file: {exc.reason}. "
                            "Upload the LoRA as .safetensors.", code="not_safetensors") from None
 
     fmt, modules = _collect_modules(tensors)
@@ -538,7 +371,7 @@ def inspect_lora(data: bytes | BinaryIO) -> LoraInfo:
         metadata=metadata,
         dims=dims,
         sha256=_sha256(file),
-        size=_file_size(file),
+        size=file.seek(0, io.SEEK_END),
         denoiser=denoiser,
         denoiser_key=denoiser_key,
         sdxl_marker=marker[0] if marker else None,
@@ -562,3 +395,10 @@ def _pickle_refused() -> LoraRejected:
         "first.",
         code="pickle_refused",
     )
+
+
+def _looks_like_pickle(data: bytes) -> bool:
+    # torch.save writes a zip (since 1.6) or, legacy, a protocol-2 pickle; other pickles
+    # open with the PROTO opcode too.
+    return data.startswith(_ZIP_MAGIC) or (data[:1] == b"\x80" and data[1:2] in (b"\x02", b"\x03",
+                                                                                 b"\x04", b"\x05"))
