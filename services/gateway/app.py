@@ -16,7 +16,7 @@ from services.gateway.auth.service import ApiKeyLookups
 from services.gateway.control.routes import router as control_router
 from services.gateway.datasets.routes import router as datasets_router
 from services.gateway.db.reads import Reads
-from services.gateway.db.session import make_engine, make_sessionmaker, migrate
+from services.gateway.db.session import WriteLock, make_engine, make_sessionmaker, migrate
 from services.gateway.deps import GatewayState, refuse_control_characters_in_url
 from services.gateway.docs import install_docs
 from services.gateway.events.consumer import EventConsumer
@@ -76,7 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             registry=ModelRegistry.load(settings.models.models_file,
                                         settings.models.models_dir),
             sessionmaker=sessionmaker, redis=redis, events=events, store=store,
-            reads=reads, api_keys=ApiKeyLookups(reads),
+            reads=reads, write_lock=WriteLock(engine), api_keys=ApiKeyLookups(reads),
         )
         consumer = EventConsumer(
             redis=redis, sessionmaker=sessionmaker, stream=settings.redis.events_stream,
@@ -85,6 +85,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             batch=settings.gateway.consumer_batch,
             max_attempts=settings.gateway.consumer_max_attempts,
             dead_letter_stream=settings.redis.events_dead_letter_stream, events=events,
+            write_lock=app.state.loomis.write_lock,
         )
         stop = asyncio.Event()
         task = asyncio.create_task(consumer.run(stop), name="event-consumer")

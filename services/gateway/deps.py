@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from services.gateway.auth.service import ApiKeyLookups, authenticate
 from services.gateway.db.models import Tenant
 from services.gateway.db.reads import Reads
+from services.gateway.db.session import WriteLock
 from shared.errors import ValidationFailed
 from shared.events import JobEvents
 from shared.models import ModelRegistry
@@ -29,6 +30,7 @@ class GatewayState:
     registry: ModelRegistry
     sessionmaker: async_sessionmaker[AsyncSession]
     reads: Reads  # the hot reads, one trip each (see services/gateway/db/reads.py)
+    write_lock: WriteLock  # the hot writes, one at a time on SQLite
     redis: Any  # arq.ArqRedis: a redis.asyncio.Redis that can also enqueue jobs
     events: JobEvents
     store: ObjectStore

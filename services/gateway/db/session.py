@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,29 @@ def make_engine(url: str, *, echo: bool = False, pool_size: int | None = 5,
                 dbapi_conn.rollback()
 
     return engine
+
+
+class WriteLock:
+    """One write transaction at a time from this process, for SQLite.
+
+    SQLite has one writer; a second connection that tries to write waits in SQLite's busy
+    handler, which sleeps in growing steps (up to 100 ms a try) rather than queueing. Under a
+    burst of submissions those sleeps, not the writes, set the latency (p99 of seconds). The
+    hot writers (a submission's insert, the event consumer's batch) take this lock around their
+    transaction instead, so they queue here in order and each finds the file free. Server
+    databases take row locks and need none: the lock is a no-op there.
+    """
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._lock = asyncio.Lock() if engine.url.get_backend_name() == "sqlite" else None
+
+    async def __aenter__(self) -> None:
+        if self._lock is not None:
+            await self._lock.acquire()
+
+    async def __aexit__(self, *_exc: object) -> None:
+        if self._lock is not None:
+            self._lock.release()
 
 
 def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[Any]:

@@ -15,6 +15,7 @@ Redis connection is not the event's fault: it is waited out and never counted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.gateway.db.models import Job
+from services.gateway.db.session import WriteLock
 from services.gateway.jobs.service import apply_event
 from shared.events import ACTIVE, JobEvent, JobEvents, decode_event, is_terminal
 from shared.settings import RedisSettings
@@ -90,6 +92,7 @@ class EventConsumer:
         max_attempts: int = 5,
         dead_letter_stream: str | None = None,
         events: JobEvents | None = None,
+        write_lock: WriteLock | None = None,
     ) -> None:
         self.redis = redis
         self.sessionmaker = sessionmaker
@@ -105,6 +108,7 @@ class EventConsumer:
                                           ttl_s=defaults.job_ttl_s)
         self.applied = 0
         self.parked = 0
+        self.write_lock = write_lock
 
     async def ensure_group(self) -> None:
         try:
@@ -164,7 +168,7 @@ class EventConsumer:
 
     async def _apply(self, decoded: list[tuple[Any, dict[Any, Any], JobEvent]]) -> int:
         applied = 0
-        async with self.sessionmaker() as session:
+        async with self.write_lock or contextlib.nullcontext(), self.sessionmaker() as session:
             for _entry_id, _fields, event in decoded:
                 if await apply_event(session=session, event=event):
                     applied += 1

@@ -69,7 +69,8 @@ async def create_and_enqueue(
     )
     session.add(job)
     try:
-        await session.commit()
+        async with state.write_lock:
+            await session.commit()
     except IntegrityError:
         # A concurrent request with the same key won the race: answer as its replay.
         await session.rollback()
