@@ -23,6 +23,7 @@ from services.gateway.events.consumer import EventConsumer
 from services.gateway.files.routes import router as files_router
 from services.gateway.generations.routes import router as generations_router
 from services.gateway.health.routes import router as health_router
+from services.gateway.jobs.inserts import JobInserts
 from services.gateway.jobs.routes import document_event_stream
 from services.gateway.jobs.routes import router as jobs_router
 from services.gateway.jobs.schemas import document_results
@@ -69,6 +70,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await store.ensure_bucket()
         sessionmaker = make_sessionmaker(engine)
         reads = Reads(engine)
+        write_lock = WriteLock(engine)
+        job_inserts = JobInserts(engine, write_lock)
         events = JobEvents(redis, stream=settings.redis.events_stream,
                            maxlen=settings.redis.events_maxlen, ttl_s=settings.redis.job_ttl_s)
         app.state.loomis = GatewayState(
@@ -76,7 +79,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             registry=ModelRegistry.load(settings.models.models_file,
                                         settings.models.models_dir),
             sessionmaker=sessionmaker, redis=redis, events=events, store=store,
-            reads=reads, write_lock=WriteLock(engine), api_keys=ApiKeyLookups(reads),
+            reads=reads, write_lock=write_lock, job_inserts=job_inserts,
+            api_keys=ApiKeyLookups(reads),
         )
         consumer = EventConsumer(
             redis=redis, sessionmaker=sessionmaker, stream=settings.redis.events_stream,
@@ -99,6 +103,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await task
             await redis.aclose()
             reads.dispose()
+            job_inserts.dispose()
             await engine.dispose()
 
     app = FastAPI(

@@ -14,6 +14,7 @@ from services.gateway.auth.service import ApiKeyLookups, authenticate
 from services.gateway.db.models import Tenant
 from services.gateway.db.reads import Reads
 from services.gateway.db.session import WriteLock
+from services.gateway.jobs.inserts import JobInserts
 from shared.errors import ValidationFailed
 from shared.events import JobEvents
 from shared.models import ModelRegistry
@@ -31,6 +32,7 @@ class GatewayState:
     sessionmaker: async_sessionmaker[AsyncSession]
     reads: Reads  # the hot reads, one trip each (see services/gateway/db/reads.py)
     write_lock: WriteLock  # the hot writes, one at a time on SQLite
+    job_inserts: JobInserts  # submissions' rows, committed together
     redis: Any  # arq.ArqRedis: a redis.asyncio.Redis that can also enqueue jobs
     events: JobEvents
     store: ObjectStore

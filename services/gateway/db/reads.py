@@ -37,12 +37,8 @@ class Reads:
         self.engine = engine
         self._sync: Engine | None = None
         self._threads: ThreadPoolExecutor | None = None
-        url = engine.url
-        if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
-            self._sync = create_engine(
-                url.set(drivername="sqlite+pysqlite"), pool_size=READ_THREADS, max_overflow=0,
-                connect_args={"timeout": 30, "check_same_thread": False})
-            event.listen(self._sync, "connect", _read_only_pragmas)
+        self._sync = sqlite_file_engine(engine, connections=READ_THREADS, read_only=True)
+        if self._sync is not None:
             self._threads = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="sql-read")
 
     async def run(self, fn: Callable[[Connection], T]) -> T:
@@ -63,8 +59,21 @@ class Reads:
             self._sync.dispose()
 
 
-def _read_only_pragmas(dbapi_conn: Any, _record: Any) -> None:
-    cursor = dbapi_conn.cursor()
-    cursor.execute("PRAGMA query_only=ON")
-    cursor.execute("PRAGMA busy_timeout=30000")
-    cursor.close()
+def sqlite_file_engine(engine: AsyncEngine, *, connections: int, read_only: bool) -> Engine | None:
+    """A sync engine over the async engine's SQLite file (None for other databases and for
+    in-memory SQLite, which another engine could not see)."""
+    url = engine.url
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return None
+    sync = create_engine(url.set(drivername="sqlite+pysqlite"), pool_size=connections,
+                         max_overflow=0, connect_args={"timeout": 30, "check_same_thread": False})
+
+    @event.listens_for(sync, "connect")
+    def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+        cursor = dbapi_conn.cursor()
+        cursor.execute(f"PRAGMA query_only={'ON' if read_only else 'OFF'}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+
+    return sync

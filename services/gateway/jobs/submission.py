@@ -16,12 +16,12 @@ from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.attributes import set_committed_value
 
-from services.gateway.db.models import Job, Tenant, utcnow
+from services.gateway.db.models import Job, Tenant, new_id, utcnow
 from services.gateway.deps import GatewayState
 from shared.errors import Conflict, ServiceUnavailable
 from shared.queue import GENERATOR_QUEUE
@@ -61,25 +61,28 @@ async def create_and_enqueue(
     payload: Callable[[str], dict[str, Any]], queue: str = GENERATOR_QUEUE,
 ) -> tuple[Job, bool]:
     """Commit the job row, then enqueue it; a queue failure ends the job in ``failed``."""
-    job = Job(
-        tenant_id=tenant.id, kind=kind.value, status=JobStatus.QUEUED.value,
-        spec=spec, idempotency_key=idempotency_key,
-        request_hash=digest, result={}, progress=0.0, last_seq=0, attempts=0,
-        cancel_requested=False, created_at=utcnow(),
-    )
-    session.add(job)
+    if session.new or session.dirty or session.deleted:
+        raise RuntimeError("a submission commits its job row alone; commit other changes first")
+    now = utcnow()
+    row: dict[str, Any] = {
+        "id": new_id(), "tenant_id": tenant.id, "kind": kind.value,
+        "status": JobStatus.QUEUED.value, "spec": spec, "idempotency_key": idempotency_key,
+        "request_hash": digest, "result": {}, "progress": 0.0, "last_seq": 0, "attempts": 0,
+        "cancel_requested": False, "error_code": None, "error_message": None,
+        "created_at": now, "started_at": None, "finished_at": None, "updated_at": now,
+    }
     try:
-        async with state.write_lock:
-            await session.commit()
+        await state.job_inserts.insert(row)
     except IntegrityError:
         # A concurrent request with the same key won the race: answer as its replay.
-        await session.rollback()
         if idempotency_key and (
             existing := await find_replay(session=session, tenant=tenant, key=idempotency_key,
-                                      digest=digest)
+                                          digest=digest)
         ):
             return existing, False
         raise
+    job = Job(**row)  # what was committed, for the response; the session never saw it
+    set_committed_value(job, "artifacts", [])
     try:
         await state.events.create(job.id, tenant_id=tenant.id)
         await state.events.emit(job.id, "queued", allowed_from=(JobStatus.QUEUED,),
@@ -88,11 +91,12 @@ async def create_and_enqueue(
                       payload=payload(job.id))
     except Exception as exc:
         logger.exception("enqueue failed", extra={"job_id": job.id})
-        job.status = JobStatus.FAILED.value
-        job.error_code = "queue_unavailable"
-        job.error_message = "the job could not be queued; submit it again"
-        job.finished_at = utcnow()
-        await session.commit()
+        async with state.write_lock:
+            await session.execute(update(Job).where(Job.id == job.id).values(
+                status=JobStatus.FAILED.value, error_code="queue_unavailable",
+                error_message="the job could not be queued; submit it again",
+                finished_at=utcnow(), updated_at=utcnow()))
+            await session.commit()
         raise ServiceUnavailable("the job queue is unavailable; try again",
                                  code="queue_unavailable") from exc
     # The queued event is recorded by the event consumer, with the rest of the stream, in its
@@ -100,5 +104,4 @@ async def create_and_enqueue(
     # once sees what the event would have written, and a second write transaction per
     # submission (half its cost on SQLite) is saved. A follower of the job's events reads it
     # from the job's stream until then.
-    set_committed_value(job, "artifacts", [])
     return job, True
