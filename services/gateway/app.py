@@ -102,7 +102,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             await redis.aclose()
-            reads.dispose()
+            await reads.dispose()
             job_inserts.dispose()
             await engine.dispose()
 

@@ -1,0 +1,78 @@
+"""The lean hot path keeps every guarantee the slow one had.
+
+Submissions are committed together (group commit) and reads run on an engine of their own
+(a sync one over a SQLite file; autocommit without pre-ping on PostgreSQL). These tests pin what
+that must not change: a racing Idempotency-Key in a burst fails nobody else, a job is readable
+the moment its 202 arrives, and a read survives the server dropping its connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+
+from tests.conftest import PG_ADMIN_URL, RunningStack
+
+SPEC = {"prompt": "hot path", "width": 64, "height": 64, "steps": 1}
+
+
+async def _burst_with_one_key(stack: RunningStack, key: str) -> list[httpx.Response]:
+    headers = {"Authorization": f"Bearer {stack.keys['alice']}"}
+    async with httpx.AsyncClient(base_url=stack.url, headers=headers, timeout=120) as client:
+        async def submit(index: int) -> httpx.Response:
+            # every third request races on one key; the rest are plain submissions
+            racing = index % 3 == 0
+            return await client.post("/v1/generations", json=SPEC if racing else {
+                **SPEC, "prompt": f"hot path {index}"},
+                headers={"Idempotency-Key": key} if racing else {})
+
+        return list(await asyncio.gather(*(submit(i) for i in range(30))))
+
+
+@pytest.mark.parametrize("stack", ["sqlite", "postgres"], indirect=True)
+def test_a_racing_idempotency_key_in_a_batch_fails_no_other_submission(
+        stack: RunningStack) -> None:
+    key = f"race-{urlsplit(stack.url).port}"
+    responses = asyncio.run(_burst_with_one_key(stack, key))
+    assert [r.status_code for r in responses if r.status_code >= 300] == []
+    racing = {r.json()["id"] for i, r in enumerate(responses) if i % 3 == 0}
+    plain = {r.json()["id"] for i, r in enumerate(responses) if i % 3}
+    assert len(racing) == 1, racing  # one job for the key, every racer answered with it
+    assert len(plain) == 20 and not plain & racing
+    with stack.client() as client:
+        for job_id in plain | racing:
+            assert client.get(f"/v1/jobs/{job_id}").status_code == 200
+
+
+@pytest.mark.parametrize("stack", ["sqlite", "postgres"], indirect=True)
+def test_a_job_is_readable_the_moment_its_202_arrives(stack: RunningStack) -> None:
+    with stack.client() as client:
+        for index in range(20):
+            created = client.post("/v1/generations", json={**SPEC, "prompt": f"read {index}"})
+            assert created.status_code == 202, created.text
+            read = client.get(f"/v1/jobs/{created.json()['id']}")
+            assert read.status_code == 200, read.text
+            assert read.json()["id"] == created.json()["id"]
+            assert read.json()["status"] in ("queued", "running", "succeeded")
+
+
+@pytest.mark.parametrize("stack", ["postgres"], indirect=True)
+def test_reads_survive_the_server_dropping_their_connections(stack: RunningStack) -> None:
+    import psycopg
+
+    database = urlsplit(stack.database_url).path.lstrip("/")
+    with stack.client() as client:
+        job_id = client.post("/v1/generations", json=SPEC).json()["id"]
+        for _ in range(5):  # fill the read pool
+            assert client.get(f"/v1/jobs/{job_id}").status_code == 200
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+            dropped = admin.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = %s AND pid <> pg_backend_pid()", (database,)).fetchone()
+        assert dropped is not None and dropped[0] > 0
+        for _ in range(5):
+            assert client.get(f"/v1/jobs/{job_id}").status_code == 200
+            assert client.get("/v1/jobs").status_code == 200
