@@ -76,3 +76,44 @@ def test_reads_survive_the_server_dropping_their_connections(stack: RunningStack
         for _ in range(5):
             assert client.get(f"/v1/jobs/{job_id}").status_code == 200
             assert client.get("/v1/jobs").status_code == 200
+
+
+def test_enqueue_writes_what_arq_enqueue_job_writes(tmp_path: object) -> None:
+    """One round trip instead of arq's three, with the same keys, job and queue entry."""
+    from pathlib import Path
+
+    from arq import create_pool
+    from arq.connections import RedisSettings
+    from arq.constants import job_key_prefix
+    from arq.jobs import deserialize_job
+
+    from services.devstack import start_redis, stop_child
+    from services.gateway.jobs.submission import enqueue
+
+    async def check(url: str) -> None:
+        redis = await create_pool(RedisSettings.from_dsn(url))
+        try:
+            payload = {"job_id": "a", "spec": {"prompt": "x"}}
+            assert await enqueue(redis, queue="q", task="generate", job_id="a", payload=payload)
+            assert not await enqueue(redis, queue="q", task="generate", job_id="a",
+                                     payload=payload)  # already queued: a no-op, as in arq
+            await redis.enqueue_job("generate", payload, _job_id="b", _queue_name="q")
+            ours, theirs = [deserialize_job(await redis.get(job_key_prefix + i))
+                            for i in ("a", "b")]
+            assert (ours.function, ours.args, ours.kwargs, ours.job_try) == (
+                theirs.function, theirs.args, theirs.kwargs, theirs.job_try)
+            ttl_ours, ttl_theirs = [await redis.pttl(job_key_prefix + i) for i in ("a", "b")]
+            assert abs(ttl_ours - ttl_theirs) < 5_000
+            queued = dict(await redis.zrange("q", 0, -1, withscores=True))
+            assert set(queued) == {b"a", b"b"} and abs(queued[b"a"] - ours.enqueue_time.timestamp()
+                                                       * 1000) < 1
+            assert await redis.enqueue_job("generate", payload, _job_id="a",
+                                           _queue_name="q") is None  # arq sees ours as queued
+        finally:
+            await redis.aclose()
+
+    child, url = start_redis(Path(str(tmp_path)) / "redis")
+    try:
+        asyncio.run(check(url))
+    finally:
+        stop_child(child)
