@@ -24,12 +24,31 @@ from services.gateway.taggings.outcome import write_item_results
 from services.gateway.trainings.outcome import register_trained_lora
 from shared.errors import BadRequest, Conflict, NotFound
 from shared.events import JobEvent, JobEvents
-from shared.outcomes import Succeeded, parse_succeeded
+from shared.outcomes import (
+    GenerationSucceeded,
+    Succeeded,
+    SweepSucceeded,
+    TaggingSucceeded,
+    TrainingSucceeded,
+)
 from shared.specs import TERMINAL_STATUSES, JobKind, JobStatus
 from shared.text import control_character
 
 _TERMINAL = [s.value for s in TERMINAL_STATUSES]
 _KINDS = {kind.value for kind in JobKind}
+
+# Each kind's ``succeeded`` event data, as its worker builds it.
+SUCCEEDED: dict[JobKind, type[Succeeded]] = {
+    JobKind.GENERATION: GenerationSucceeded, JobKind.SWEEP: SweepSucceeded,
+    JobKind.TAGGING: TaggingSucceeded, JobKind.TRAINING: TrainingSucceeded,
+}
+
+
+def parse_succeeded(kind: JobKind, data: dict[str, Any]) -> Succeeded:
+    """A succeeded event's data as its kind's model (a ``ValidationError`` when a worker sent
+    what no worker should: the event consumer then parks the event and fails the job)."""
+    return SUCCEEDED[kind].model_validate(data)
+
 
 # Each kind's domain takes what a succeeded job of that kind made; webhooks and subjects hook
 # in here too.
