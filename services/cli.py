@@ -316,10 +316,10 @@ def cmd_loras_import(args: argparse.Namespace) -> int:
 
     from services.gateway.db.models import Tenant
     from services.gateway.db.session import make_engine, make_sessionmaker, migrate
+    from services.gateway.files.stores import S3Store, build_store
     from services.gateway.loras.service import import_lora_folder
     from shared.models import ModelRegistry
     from shared.settings import Settings
-    from shared.storage import S3Store, build_store
 
     folder = Path(args.dir)
     if not folder.is_dir():

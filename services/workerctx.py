@@ -14,7 +14,7 @@ from typing import Any, Self
 
 from shared.events import JobEvents
 from shared.settings import Settings, get_settings
-from shared.storage import ObjectStore, build_store
+from shared.storage import LocalStore, ObjectStore, S3Store
 
 CONTEXT_KEY = "loomis"
 
@@ -60,3 +60,21 @@ def common_context(ctx: dict[str, Any]) -> WorkerContext:
         store=build_store(settings),
         worker_name=socket.gethostname(),
     )
+
+
+def build_store(settings: Settings) -> ObjectStore:
+    """The workers' store on the configured backend (the gateway builds its own, which also
+    takes uploads as files and signs download links: ``services/gateway/files/stores.py``)."""
+    cfg = settings.storage
+    if cfg.backend == "s3":
+        return S3Store(
+            bucket=cfg.bucket,
+            endpoint_url=cfg.endpoint_url,
+            region=cfg.region,
+            access_key_id=cfg.access_key_id.get_secret_value() if cfg.access_key_id else None,
+            secret_access_key=(
+                cfg.secret_access_key.get_secret_value() if cfg.secret_access_key else None
+            ),
+            create_bucket=cfg.create_bucket,
+        )
+    return LocalStore(settings.storage_root)

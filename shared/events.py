@@ -22,7 +22,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 from redis.asyncio import Redis
 
-from shared.specs import TERMINAL_STATUSES, JobStatus
+from shared.specs import JobStatus
 
 ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
 
@@ -157,7 +157,3 @@ class JobEvents:
                 eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
                 out.append((eid, decode_event(fields)))
         return out
-
-
-def is_terminal(status: JobStatus | str) -> bool:
-    return JobStatus(status) in TERMINAL_STATUSES

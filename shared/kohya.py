@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Any
 
 
@@ -99,15 +98,6 @@ KOHYA_SAMPLERS: tuple[str, ...] = (
     "ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++",
     "dpmsingle", "k_lms", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a",
 )
-# kohya sampler -> the Loomis scheduler (shared.models.SCHEDULERS) built from the same diffusers
-# class with the same settings as kohya's sample_images: "dpmsolver" is DPMSolverMultistep with
-# algorithm_type="dpmsolver" (not ++), "dpmsingle" the single-step solver, "dpm_2*" KDPM2.
-KOHYA_TO_LOOMIS_SCHEDULER: Mapping[str, str] = MappingProxyType({
-    "ddim": "DDIM", "pndm": "PNDM", "lms": "LMS", "k_lms": "LMS", "euler": "Euler", "k_euler": "Euler",
-    "euler_a": "Euler a", "k_euler_a": "Euler a", "heun": "Heun", "dpmsolver++": "DPM++ 2M",
-    "dpmsolver": "DPM 2M", "dpmsingle": "DPM++ 2S", "dpm_2": "DPM2", "k_dpm_2": "DPM2",
-    "dpm_2_a": "DPM2 a", "k_dpm_2_a": "DPM2 a",
-})
 
 
 def kohya_sampler(value: str) -> str:

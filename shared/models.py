@@ -46,7 +46,7 @@ SCHEDULERS: dict[str, tuple[str, dict[str, object]]] = {
     "Heun": ("HeunDiscreteScheduler", {}),
     "LMS": ("LMSDiscreteScheduler", {}),
     "PNDM": ("PNDMScheduler", {"skip_prk_steps": True}),  # as SD ships it; PRK needs many steps
-    # The rest of kohya's sample samplers (shared.kohya.KOHYA_TO_LOOMIS_SCHEDULER), built as
+    # The rest of kohya's sample samplers (services/trainer/sampling.py maps them), built as
     # kohya builds them: DPM-Solver (not ++) multistep, the single-step solver, KDPM2.
     "DPM 2M": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver"}),
     "DPM++ 2S": ("DPMSolverSinglestepScheduler", {}),

@@ -23,7 +23,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared.specs import ArtifactRef, JobKind
+from shared.specs import ArtifactRef
 
 
 class _Report(BaseModel):
@@ -160,19 +160,3 @@ class TaggingSucceeded(Succeeded):
 class TrainingSucceeded(Succeeded):
     result: TrainingOutcome = Field(default_factory=TrainingOutcome)
     register_lora: LoraRegistration | None = None
-
-
-SUCCEEDED: dict[JobKind, type[Succeeded]] = {
-    JobKind.GENERATION: GenerationSucceeded, JobKind.SWEEP: SweepSucceeded,
-    JobKind.TAGGING: TaggingSucceeded, JobKind.TRAINING: TrainingSucceeded,
-}
-OUTCOMES: dict[JobKind, type[BaseModel]] = {
-    JobKind.GENERATION: GenerationOutcome, JobKind.SWEEP: SweepOutcome,
-    JobKind.TAGGING: TaggingOutcome, JobKind.TRAINING: TrainingOutcome,
-}
-
-
-def parse_succeeded(kind: JobKind, data: dict[str, Any]) -> Succeeded:
-    """A succeeded event's data as its kind's model (a ``ValidationError`` when a worker sent
-    what no worker should: the event consumer then parks the event and fails the job)."""
-    return SUCCEEDED[kind].model_validate(data)

@@ -1,8 +1,9 @@
 """The LoRA training job spec: kohya sd-scripts' options, validated at the gateway.
 
 Names follow kohya's command-line options so a kohya user recognises them; the rules kohya
-enforces at start-up (cache_latents with augmentation, epochs over steps, optimizer
-packages) are checked here, before a job exists.
+enforces at start-up (cache_latents with augmentation, epochs over steps) are checked here,
+before a job exists, and the optimizer's package by the gateway, which knows what the trainer
+workers have (``services/gateway/trainings/service.py``).
 """
 
 from __future__ import annotations
@@ -42,9 +43,6 @@ LrScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine",
                       "cosine_with_restarts", "polynomial"]
 Optimizer = Literal["AdamW", "AdamW8bit", "Lion8bit", "Lion", "SGDNesterov", "Prodigy",
                     "Adafactor"]
-# Optimizers that need a package the worker image may not have, and which package.
-OPTIONAL_OPTIMIZERS = {"AdamW8bit": "bitsandbytes", "Lion8bit": "bitsandbytes",
-                       "Lion": "lion-pytorch", "Prodigy": "prodigyopt"}
 
 
 class _Options(RequestModel):
@@ -306,16 +304,6 @@ class TrainingSpec(_Options):
                                                    "data.random_crop (the cached latents would "
                                                    "never change), as in kohya", True)])
         return diffusion
-
-
-def check_optimizer(spec: TrainingSpec, available: set[str]) -> dict[str, Any] | None:
-    """A field error when the optimizer needs a package the trainer workers lack."""
-    package = OPTIONAL_OPTIMIZERS.get(spec.optim.optimizer)
-    if package is None or spec.optim.optimizer in available:
-        return None
-    return {"field": "optim.optimizer", "message": f"{spec.optim.optimizer} needs the "
-            f"`{package}` package, which the trainer workers do not have; use AdamW, "
-            "SGDNesterov or Adafactor, or install it (LOOMIS_TRAINER__EXTRA_OPTIMIZERS)"}
 
 
 class SubsetOptions(BaseModel):

@@ -13,8 +13,9 @@ import httpx
 import pytest
 from PIL import Image
 
+from services.gateway.files.stores import LocalStore, S3Store
 from shared.errors import NotFound
-from shared.storage import LocalStore, ObjectStore, S3Store
+from shared.storage import ObjectStore
 from tests.conftest import S3Server, launch_stack, wait_terminal
 
 

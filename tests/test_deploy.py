@@ -23,9 +23,9 @@ import yaml
 from kubernetes_validate.utils import SchemaNotFoundError  # type: ignore[import-untyped]
 from pydantic import BaseModel
 
+from services.gateway.trainings.service import OPTIONAL_OPTIMIZERS
 from shared.queue import GENERATOR_QUEUE, TAGGER_QUEUE, TRAINER_QUEUE
 from shared.settings import Settings
-from shared.training import OPTIONAL_OPTIMIZERS
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"

@@ -31,8 +31,7 @@ async def job_ctx(tmp_path: Path) -> AsyncIterator[dict[str, Any]]:
     try:
         events = JobEvents(redis, stream="events", maxlen=100, ttl_s=60)
         await events.create("j", tenant_id="t")
-        store = LocalStore(tmp_path / "store", public_url="http://x", secret="s",
-                           presign_expires_s=60)
+        store = LocalStore(tmp_path / "store")
         context = WorkerContext(settings=get_settings(), events=events, store=store, worker_name="w")
         # the typed context run_job reads, and its clients by name for the tests' own checks
         yield {CONTEXT_KEY: context, "events": events, "store": store, "redis": redis}

@@ -17,9 +17,9 @@ from services.gateway.datasets.kohya import (
     subset_from_folder,
 )
 from services.gateway.trainings.buckets import assign_bucket, epoch_plan, fit_to_bucket, steps_per_epoch
+from services.trainer.sampling import KOHYA_TO_LOOMIS_SCHEDULER
 from shared.kohya import (
     KOHYA_SAMPLERS,
-    KOHYA_TO_LOOMIS_SCHEDULER,
     ConfigError,
     SamplePrompt,
     parse_sample_prompts,

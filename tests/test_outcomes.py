@@ -8,14 +8,13 @@ import pytest
 from pydantic import ValidationError
 
 from services.gateway.app import create_app
-from services.gateway.jobs.service import ON_SUCCEEDED
+from services.gateway.jobs.schemas import OUTCOMES
+from services.gateway.jobs.service import ON_SUCCEEDED, parse_succeeded
 from shared.outcomes import (
-    OUTCOMES,
     GenerationOutcome,
     GenerationSucceeded,
     TaggingSucceeded,
     TrainingSucceeded,
-    parse_succeeded,
 )
 from shared.specs import ArtifactRef, JobKind
 

@@ -21,8 +21,10 @@ FORBIDDEN = ("torch", "fastapi", "starlette", "sqlalchemy", "alembic", "diffuser
 # Issue 12 aims at about 3,000 lines. This ceiling is a ratchet: lower it whenever code
 # leaves shared/, never raise it without saying in the commit which contract grew.
 # 3,600 after the kohya dataset config parser, LoRA inspection, single-consumer spec helpers,
-# pose drawing and the tokenizers moved out
-MAX_SHARED_LINES = 3_600
+# pose drawing and the tokenizers moved out; 3,400 after upload streaming and download-link
+# signing (to the gateway's files/stores.py), the optimizer package check, the per-kind outcome
+# lookups and the kohya sampler -> scheduler map moved out
+MAX_SHARED_LINES = 3_400
 
 # shared modules allowed a single consumer, each with the reason; empty while none needs it.
 SINGLE_CONSUMER_ALLOWED: dict[str, str] = {}

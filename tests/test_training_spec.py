@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from services.gateway.trainings.service import _balance_regularisation
-from shared.training import TrainingExample, TrainingSpec, check_optimizer
+from services.gateway.trainings.service import _balance_regularisation, check_optimizer
+from shared.training import TrainingExample, TrainingSpec
 
 
 def examples(train: int, train_repeats: int, reg: int) -> list[TrainingExample]:

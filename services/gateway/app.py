@@ -21,6 +21,7 @@ from services.gateway.deps import GatewayState, refuse_control_characters_in_url
 from services.gateway.docs import install_docs
 from services.gateway.events.consumer import EventConsumer
 from services.gateway.files.routes import router as files_router
+from services.gateway.files.stores import S3Store, build_store
 from services.gateway.generations.routes import router as generations_router
 from services.gateway.health.routes import router as health_router
 from services.gateway.jobs.inserts import JobInserts
@@ -38,7 +39,6 @@ from shared.events import JobEvents
 from shared.logs import configure_logging
 from shared.models import ModelRegistry
 from shared.settings import Settings, get_settings
-from shared.storage import S3Store, build_store
 
 logger = logging.getLogger(__name__)
 

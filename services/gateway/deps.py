@@ -14,12 +14,12 @@ from services.gateway.auth.service import ApiKeyLookups, authenticate
 from services.gateway.db.models import Tenant
 from services.gateway.db.reads import Reads
 from services.gateway.db.session import WriteLock
+from services.gateway.files.stores import GatewayStore
 from services.gateway.jobs.inserts import JobInserts
 from shared.errors import ValidationFailed
 from shared.events import JobEvents
 from shared.models import ModelRegistry
 from shared.settings import Settings
-from shared.storage import ObjectStore
 from shared.text import control_character, printable
 
 
@@ -35,7 +35,7 @@ class GatewayState:
     job_inserts: JobInserts  # submissions' rows, committed together
     redis: Any  # arq.ArqRedis: a redis.asyncio.Redis that can also enqueue jobs
     events: JobEvents
-    store: ObjectStore
+    store: GatewayStore
     api_keys: ApiKeyLookups
 
 

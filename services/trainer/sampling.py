@@ -4,15 +4,27 @@ being trained, each with a fresh scheduler and its own seed.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import torch
 from PIL import Image
 
 from shared.models import SCHEDULERS
+
+# kohya sampler (shared.kohya.KOHYA_SAMPLERS) -> the Loomis scheduler (shared.models.SCHEDULERS)
+# built from the same diffusers class with the same settings as kohya's sample_images:
+# "dpmsolver" is DPMSolverMultistep with algorithm_type="dpmsolver" (not ++), "dpmsingle" the
+# single-step solver, "dpm_2*" KDPM2.
+KOHYA_TO_LOOMIS_SCHEDULER: Mapping[str, str] = MappingProxyType({
+    "ddim": "DDIM", "pndm": "PNDM", "lms": "LMS", "k_lms": "LMS", "euler": "Euler", "k_euler": "Euler",
+    "euler_a": "Euler a", "k_euler_a": "Euler a", "heun": "Heun", "dpmsolver++": "DPM++ 2M",
+    "dpmsolver": "DPM 2M", "dpmsingle": "DPM++ 2S", "dpm_2": "DPM2", "k_dpm_2": "DPM2",
+    "dpm_2_a": "DPM2 a", "k_dpm_2_a": "DPM2 a",
+})
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ from shared.keys import (
     training_state_key,
     training_tmp_prefix,
 )
-from shared.kohya import KOHYA_TO_LOOMIS_SCHEDULER, ConfigError, parse_sample_prompts
+from shared.kohya import ConfigError, parse_sample_prompts
 from shared.models import ModelRegistry
 from shared.outcomes import TrainingSucceeded
 from shared.queue import TRAIN_TASK, TRAINER_QUEUE
@@ -99,6 +99,7 @@ def _model_dir(ctx: dict[str, Any], base_model: str) -> tuple[Path, str]:
 
 
 async def _run(ctx: dict[str, Any], task: TrainingTask, *, queued_s: float) -> dict[str, Any]:
+    from services.trainer.sampling import KOHYA_TO_LOOMIS_SCHEDULER
     from services.trainer.train import LoraTrainer, SamplePrompt, TrainConfig, TrainExample
 
     context = TrainerContext.of(ctx)

@@ -25,10 +25,10 @@ from services.gateway.datasets.kohya import DatasetConfig, parse_dataset_config
 from services.gateway.datasets.report import ItemSummary, build_report
 from services.gateway.datasets.schemas import DatasetOut, ItemOut, ItemPage, ItemPatch
 from services.gateway.db.models import Dataset, DatasetItem, Tenant, new_id, utcnow
+from services.gateway.files.stores import GatewayStore
 from shared.errors import NotFound, ValidationFailed
 from shared.keys import dataset_item_key, dataset_prefix, dataset_thumb_key
 from shared.kohya import ConfigError
-from shared.storage import ObjectStore
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def without_caption_file(flags: dict[str, Any]) -> dict[str, Any]:
 
 
 async def create_dataset(
-    *, session: AsyncSession, store: ObjectStore, tenant: Tenant, name: str,
+    *, session: AsyncSession, store: GatewayStore, tenant: Tenant, name: str,
     files: list[tuple[str, Upload]], zips: list[tuple[str, Upload]], caption_extension: str,
     min_side: int,
 ) -> tuple[Dataset, list[DatasetItem]]:
@@ -250,7 +250,7 @@ def dataset_out(dataset: Dataset, items: list[DatasetItem]) -> DatasetOut:
     )
 
 
-def item_out(item: DatasetItem, *, store: ObjectStore) -> ItemOut:
+def item_out(item: DatasetItem, *, store: GatewayStore) -> ItemOut:
     return ItemOut(
         id=item.id, subset=item.subset, path=item.path, filename=item.filename,
         width=item.width, height=item.height, format=item.format, sha256=item.sha256,
@@ -260,7 +260,7 @@ def item_out(item: DatasetItem, *, store: ObjectStore) -> ItemOut:
     )
 
 
-async def page_items(*, session: AsyncSession, store: ObjectStore, dataset: Dataset,
+async def page_items(*, session: AsyncSession, store: GatewayStore, dataset: Dataset,
                      limit: int, cursor: str | None) -> ItemPage:
     """Ordered by path; the cursor is the last path seen (paths are unique per dataset)."""
     query = select(DatasetItem).where(DatasetItem.dataset_id == dataset.id)
@@ -292,7 +292,7 @@ async def patch_item(*, session: AsyncSession, dataset: Dataset, item_id: str,
     return item
 
 
-async def export_dataset(*, session: AsyncSession, store: ObjectStore, dataset: Dataset) -> bytes:
+async def export_dataset(*, session: AsyncSession, store: GatewayStore, dataset: Dataset) -> bytes:
     items = await dataset_items(session=session, dataset=dataset)
     exports = [ExportItem(subset=i.subset, filename=i.filename, data=await store.get(i.key),
                           caption=i.caption, tags=item_tags(i)) for i in items]
@@ -301,7 +301,7 @@ async def export_dataset(*, session: AsyncSession, store: ObjectStore, dataset: 
         export_zip, items=exports, subsets=subsets, caption_extension=dataset.caption_extension)
 
 
-async def delete_dataset(*, session: AsyncSession, store: ObjectStore, dataset: Dataset) -> None:
+async def delete_dataset(*, session: AsyncSession, store: GatewayStore, dataset: Dataset) -> None:
     prefix = dataset_prefix(dataset.tenant_id, dataset.id)
     await session.execute(delete(DatasetItem).where(DatasetItem.dataset_id == dataset.id))
     await session.delete(dataset)

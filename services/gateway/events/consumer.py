@@ -32,7 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from services.gateway.db.models import Job
 from services.gateway.db.session import WriteLock
 from services.gateway.jobs.service import apply_event
-from shared.events import ACTIVE, JobEvent, JobEvents, decode_event, is_terminal
+from shared.events import ACTIVE, JobEvent, JobEvents, decode_event
 from shared.settings import RedisSettings
 from shared.specs import JobStatus
 
@@ -231,7 +231,7 @@ class EventConsumer:
         async with self.sessionmaker() as session:
             row = (await session.execute(select(Job.status, Job.last_seq)
                                          .where(Job.id == job_id))).one_or_none()
-            if row is None or is_terminal(row.status):
+            if row is None or JobStatus(row.status).terminal:
                 return
             transition = await self.events.emit(job_id, "failed", allowed_from=ACTIVE,
                                                 to=JobStatus.FAILED, data={"error": error})

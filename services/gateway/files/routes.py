@@ -8,8 +8,8 @@ from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
 from services.gateway.deps import StateDep
+from services.gateway.files.stores import LocalStore
 from shared.errors import NotFound, Unauthorized
-from shared.storage import LocalStore
 
 router = APIRouter(tags=["files"], include_in_schema=False)
 

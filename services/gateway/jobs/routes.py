@@ -17,7 +17,7 @@ from services.gateway.deps import SessionDep, StateDep, TenantDep
 from services.gateway.jobs import service
 from services.gateway.jobs.schemas import JobOut, JobPage, JobStreamEvent
 from services.gateway.problems import PROBLEM_RESPONSES
-from shared.events import JobEvent, is_terminal
+from shared.events import JobEvent
 from shared.specs import JobKind, JobStatus
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=PROBLEM_RESPONSES)
@@ -135,7 +135,7 @@ async def job_events(
     ))
     replay = [JobEvent(job_id=r.job_id, seq=r.seq, type=r.type, at=r.at,
                        status=JobStatus(r.status), data=r.data) for r in stored]
-    finished = is_terminal(job.status)
+    finished = JobStatus(job.status).terminal
     job_id = job.id
     # A stream can last as long as the job; holding the request's pooled connection that long
     # would let a few dozen followers starve every other request. The terminal write below
@@ -147,7 +147,7 @@ async def job_events(
         for event in replay:
             sent = event.seq
             yield _sse(event)
-            if is_terminal(event.status):
+            if event.status.terminal:
                 return
         if finished:
             return
@@ -164,7 +164,7 @@ async def job_events(
                 if event.seq <= sent:
                     continue
                 sent = event.seq
-                if is_terminal(event.status):
+                if event.status.terminal:
                     # Persist before telling the client, so a GET right after the stream
                     # ends agrees with it; the consumer will see a duplicate and skip it.
                     async with state.sessionmaker() as db:

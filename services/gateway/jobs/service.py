@@ -18,18 +18,37 @@ from sqlalchemy.orm import joinedload
 
 from services.gateway.db.models import Artifact, Job, JobEventRow, Tenant, utcnow
 from services.gateway.db.reads import Reads
+from services.gateway.files.stores import GatewayStore
 from services.gateway.jobs.schemas import ArtifactOut, JobError, JobOut, JobPage
 from services.gateway.taggings.outcome import write_item_results
 from services.gateway.trainings.outcome import register_trained_lora
 from shared.errors import BadRequest, Conflict, NotFound
 from shared.events import JobEvent, JobEvents
-from shared.outcomes import Succeeded, parse_succeeded
+from shared.outcomes import (
+    GenerationSucceeded,
+    Succeeded,
+    SweepSucceeded,
+    TaggingSucceeded,
+    TrainingSucceeded,
+)
 from shared.specs import TERMINAL_STATUSES, JobKind, JobStatus
-from shared.storage import ObjectStore
 from shared.text import control_character
 
 _TERMINAL = [s.value for s in TERMINAL_STATUSES]
 _KINDS = {kind.value for kind in JobKind}
+
+# Each kind's ``succeeded`` event data, as its worker builds it.
+SUCCEEDED: dict[JobKind, type[Succeeded]] = {
+    JobKind.GENERATION: GenerationSucceeded, JobKind.SWEEP: SweepSucceeded,
+    JobKind.TAGGING: TaggingSucceeded, JobKind.TRAINING: TrainingSucceeded,
+}
+
+
+def parse_succeeded(kind: JobKind, data: dict[str, Any]) -> Succeeded:
+    """A succeeded event's data as its kind's model (a ``ValidationError`` when a worker sent
+    what no worker should: the event consumer then parks the event and fails the job)."""
+    return SUCCEEDED[kind].model_validate(data)
+
 
 # Each kind's domain takes what a succeeded job of that kind made; webhooks and subjects hook
 # in here too.
@@ -109,7 +128,7 @@ _JOB_WITH_ARTIFACTS = (
 )
 
 
-async def read_job(*, reads: Reads, tenant: Tenant, store: ObjectStore, job_id: str) -> JobOut:
+async def read_job(*, reads: Reads, tenant: Tenant, store: GatewayStore, job_id: str) -> JobOut:
     """``GET /v1/jobs/{id}``, the endpoint clients poll: Core rows, no ORM instances (their
     identity map and loaders cost more than the query), in one trip (:class:`Reads`)."""
     params = {"job_id": job_id, "tenant_id": tenant.id}
@@ -123,7 +142,7 @@ async def read_job(*, reads: Reads, tenant: Tenant, store: ObjectStore, job_id: 
     return job_out(rows[0], store=store, artifacts=artifacts)
 
 
-def job_out(job: _JobFields, *, store: ObjectStore, artifacts: Sequence[_ArtifactFields]) -> JobOut:
+def job_out(job: _JobFields, *, store: GatewayStore, artifacts: Sequence[_ArtifactFields]) -> JobOut:
     """The API's view of a job (a loaded :class:`Job` passes its own ``artifacts``)."""
     error = JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None
     return JobOut(
@@ -177,7 +196,7 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
 
 
 async def list_jobs(
-    *, reads: Reads, tenant: Tenant, store: ObjectStore, limit: int,
+    *, reads: Reads, tenant: Tenant, store: GatewayStore, limit: int,
     cursor: str | None, kind: JobKind | None, status: JobStatus | None,
 ) -> JobPage:
     """Newest first; the cursor is the last row's (created_at, id) so pages never shift."""

@@ -11,6 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.gateway.db.models import Lora, Tenant, new_id, utcnow
+from services.gateway.files.stores import GatewayStore
 from services.gateway.loras.fit import check_lora_for_model, lora_name_from_filename, width_mismatch
 from services.gateway.loras.inspection import LoraInfo, LoraRejected, inspect_lora
 from services.gateway.loras.schemas import LoraOut
@@ -18,7 +19,6 @@ from shared.errors import NotFound, ValidationFailed
 from shared.keys import lora_key, lora_prefix
 from shared.models import ModelPreset, ModelRegistry
 from shared.specs import LoraRef, LoraUse
-from shared.storage import ObjectStore
 
 MAX_LORA_BYTES = 2 * 1024**3
 
@@ -38,7 +38,7 @@ def _invalid(field: str, message: str, *, code: str = "validation_error") -> Val
 
 
 async def create_lora(
-    *, session: AsyncSession, store: ObjectStore, registry: ModelRegistry, tenant: Tenant,
+    *, session: AsyncSession, store: GatewayStore, registry: ModelRegistry, tenant: Tenant,
     name: str, base_model: str, file: BinaryIO, source: str = "upload",
     info: LoraInfo | None = None,
 ) -> Lora:
@@ -91,7 +91,7 @@ async def list_loras(*, session: AsyncSession, tenant: Tenant, family: str | Non
     return list(await session.scalars(query.order_by(Lora.created_at.desc(), Lora.id)))
 
 
-async def delete_lora(*, session: AsyncSession, store: ObjectStore, tenant: Tenant,
+async def delete_lora(*, session: AsyncSession, store: GatewayStore, tenant: Tenant,
                       lora_id: str) -> None:
     """The row goes first so no new job can pick the LoRA up; jobs already queued fail cleanly."""
     lora = await get_lora(session=session, tenant=tenant, lora_id=lora_id)
@@ -157,7 +157,7 @@ def _reference_preset(registry: ModelRegistry, info: LoraInfo) -> ModelPreset | 
 
 
 async def import_lora_file(
-    *, session: AsyncSession, store: ObjectStore, registry: ModelRegistry, tenant: Tenant,
+    *, session: AsyncSession, store: GatewayStore, registry: ModelRegistry, tenant: Tenant,
     path: Path, base_model: str | None = None,
 ) -> ImportResult:
     """One file of a webui ``models/Lora`` folder, checked exactly as an upload is; a file
@@ -195,7 +195,7 @@ async def import_lora_file(
 
 
 async def import_lora_folder(
-    *, session: AsyncSession, store: ObjectStore, registry: ModelRegistry, tenant: Tenant,
+    *, session: AsyncSession, store: GatewayStore, registry: ModelRegistry, tenant: Tenant,
     folder: Path, base_model: str | None = None,
 ) -> list[ImportResult]:
     """Every file directly in ``folder`` (hidden files and webui's preview images and

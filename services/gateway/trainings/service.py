@@ -4,6 +4,7 @@ so the trainer worker gets a plain list and kohya's rules are checked before a j
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import select
@@ -43,7 +44,6 @@ from shared.training import (
     TrainingExample,
     TrainingSpec,
     TrainingTask,
-    check_optimizer,
     latest_state,
 )
 
@@ -232,6 +232,21 @@ async def resolve_dataset_config(*, session: AsyncSession, tenant: Tenant,
             ".".join(str(p) for p in error["loc"] if p != "dataset_config") + ": " + error["msg"]
             for error in exc.errors())
         raise _invalid("dataset_id", f"the dataset's dataset_config.toml: {problems}") from exc
+
+
+# Optimizers that need a package the worker image may not have, and which package.
+OPTIONAL_OPTIMIZERS = {"AdamW8bit": "bitsandbytes", "Lion8bit": "bitsandbytes",
+                       "Lion": "lion-pytorch", "Prodigy": "prodigyopt"}
+
+
+def check_optimizer(spec: TrainingSpec, available: set[str]) -> dict[str, Any] | None:
+    """A field error when the optimizer needs a package the trainer workers lack."""
+    package = OPTIONAL_OPTIMIZERS.get(spec.optim.optimizer)
+    if package is None or spec.optim.optimizer in available:
+        return None
+    return {"field": "optim.optimizer", "message": f"{spec.optim.optimizer} needs the "
+            f"`{package}` package, which the trainer workers do not have; use AdamW, "
+            "SGDNesterov or Adafactor, or install it (LOOMIS_TRAINER__EXTRA_OPTIMIZERS)"}
 
 
 def check_trainable(*, state: GatewayState, spec: TrainingSpec) -> None:
