@@ -117,3 +117,45 @@ def test_enqueue_writes_what_arq_enqueue_job_writes(tmp_path: object) -> None:
         asyncio.run(check(url))
     finally:
         stop_child(child)
+
+
+TELEMETRY_PROBE = """
+import asyncio
+from opentelemetry import trace
+spans = []
+class RecordingTracer(trace.NoOpTracer):
+    def start_span(self, name, *args, **kwargs):
+        spans.append(name)
+        return super().start_span(name, *args, **kwargs)
+class RecordingProvider(trace.TracerProvider):
+    def get_tracer(self, *args, **kwargs):
+        return RecordingTracer()
+trace.set_tracer_provider(RecordingProvider())
+import httpx
+from services.gateway.app import create_app
+async def main():
+    app = create_app()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        await c.get("/no-such-path")
+asyncio.run(main())
+print("SPANS", len(spans))
+"""
+
+
+@pytest.mark.parametrize(("setting", "spans"), [("true", 1), ("false", 0), (None, 0)])
+def test_telemetry_setting_decides_whether_requests_make_spans(
+        setting: str | None, spans: int) -> None:
+    """FastAPI's per-request OpenTelemetry spans follow LOOMIS_GATEWAY__TELEMETRY (off by
+    default: checking for a provider on every request cost 6 % of a poll)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "LOOMIS_GATEWAY__TELEMETRY"}
+    if setting is not None:
+        env["LOOMIS_GATEWAY__TELEMETRY"] = setting
+    out = subprocess.run([sys.executable, "-c", TELEMETRY_PROBE], env=env, text=True,
+                         capture_output=True, timeout=120, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout
+    assert f"SPANS {spans}" in out, out
