@@ -56,6 +56,12 @@ def sweep_metadata_key(tenant_id: str, job_id: str) -> str:
     return f"{job_prefix(tenant_id, job_id)}sweep.json"
 
 
+def scene_asset_key(tenant_id: str, job_id: str, name: str) -> str:
+    """A scene's intermediate images (its pose control, body and face masks, stage-1 image),
+    beside its outputs so the job's cleanup and deletion cover them."""
+    return f"{job_prefix(tenant_id, job_id)}{name}.png"
+
+
 # --- input images ------------------------------------------------------------------------------
 
 

@@ -3,9 +3,9 @@
 Workers build these models and the gateway reads them back, so the contract between the two is
 one class per kind instead of dictionaries both sides had to agree on by hand:
 
-* ``GenerationOutcome``, ``SweepOutcome``, ``TaggingOutcome`` and ``TrainingOutcome`` (with the
-  LoRA it registered) are what the job reports: stored as the job's ``result`` and its
-  ``result`` schema in OpenAPI, per kind.
+* ``GenerationOutcome``, ``SweepOutcome``, ``TaggingOutcome``, ``SceneOutcome`` and
+  ``TrainingOutcome`` (with the LoRA it registered) are what the job reports: stored as the
+  job's ``result`` and its ``result`` schema in OpenAPI, per kind.
 * ``*Succeeded`` is the whole ``succeeded`` event's data: the artifacts, the outcome as
   ``result``, and what only the gateway's domain needs (the LoRA's registration record, a
   tagging job's per-item results). The gateway hands it to the job's own domain (a training
@@ -108,6 +108,32 @@ class TrainingOutcome(_Report):
                                        "wrong with the captions (a trigger they lack).")
 
 
+class ActionScore(_Report):
+    id: str = Field(description="The action's id.")
+    name: str = Field(description="Its name.")
+    score: float = Field(description="Cosine similarity of its name and description to the text.")
+
+
+class SceneOutcome(_Report):
+    """What a scene reports: the prompt it ran, the action (and, from text, how each scored)."""
+
+    timings: dict[str, float] | None = Field(default=None, description="Seconds per phase and "
+                                             "stage (`body_s`, `face_s`).")
+    seeds: list[int] | None = Field(default=None, description="The seed of each image.")
+    prompt: str | None = Field(default=None, description="The final prompt of the body stage.")
+    face_prompt: str | None = Field(default=None, description="The face stage's prompt (with the "
+                                    "LoRA's trigger words), when it ran.")
+    action: ActionScore | None = Field(default=None, description="The action used.")
+    action_scores: list[ActionScore] | None = Field(default=None, description="From "
+                                                    "`action_text`: every candidate, best first.")
+    stages: list[str] | None = Field(default=None, description="The stages that ran: body, face.")
+    model: ModelUsed | None = Field(default=None, description="The model and its weights' hash.")
+    scheduler: str | None = Field(default=None, description="The scheduler that ran.")
+    loras: list[dict[str, Any]] | None = Field(default=None, description="LoRAs applied.")
+    safety: list[dict[str, Any]] | None = Field(default=None, description="Safety verdict per "
+                                                "image.")
+
+
 class ItemResult(_Report):
     """One dataset item's outcome in a tagging job."""
 
@@ -155,6 +181,12 @@ class TaggingSucceeded(Succeeded):
     result: TaggingOutcome = Field(default_factory=TaggingOutcome)
     # per item id; the gateway writes them onto the dataset's items, not into the event log
     dataset_items: dict[str, ItemResult] = Field(default_factory=dict)
+
+
+class SceneSucceeded(Succeeded):
+    result: SceneOutcome = Field(default_factory=SceneOutcome)
+    # action id -> {"hash", "vector"}: embeddings the job computed, for the gateway to cache
+    action_embeddings: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
 
 class TrainingSucceeded(Succeeded):

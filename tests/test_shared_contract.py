@@ -23,8 +23,9 @@ FORBIDDEN = ("torch", "fastapi", "starlette", "sqlalchemy", "alembic", "diffuser
 # 3,600 after the kohya dataset config parser, LoRA inspection, single-consumer spec helpers,
 # pose drawing and the tokenizers moved out; 3,400 after upload streaming and download-link
 # signing (to the gateway's files/stores.py), the optimizer package check, the per-kind outcome
-# lookups and the kohya sampler -> scheduler map moved out
-MAX_SHARED_LINES = 3_400
+# lookups and the kohya sampler -> scheduler map moved out; raised to 3,650 for the scene job's
+# contract (shared/specs/scene.py, SceneOutcome)
+MAX_SHARED_LINES = 3_650
 
 # shared modules allowed a single consumer, each with the reason; empty while none needs it.
 SINGLE_CONSUMER_ALLOWED: dict[str, str] = {}

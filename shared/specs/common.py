@@ -27,6 +27,7 @@ class JobKind(StrEnum):
     SWEEP = "sweep"
     TRAINING = "training"
     TAGGING = "tagging"
+    SCENE = "scene"
 
 
 class JobStatus(StrEnum):
@@ -106,7 +107,8 @@ class ArtifactRef(BaseModel):
 
     key: str = Field(description="Storage key of the object, under the job's prefix.")
     kind: Literal["image", "manifest", "contact_sheet", "metadata", "results", "lora", "sample",
-                  "checkpoint", "metrics", "loss_curve"] = Field(description="What the object is.")
+                  "checkpoint", "metrics", "loss_curve", "pose_control", "body_mask", "face_mask",
+                  "stage_image"] = Field(description="What the object is.")
     index: int | None = Field(default=None, description="Images: position in the job's output; null for "
                               "other kinds.")
     content_type: str = Field(description="MIME type of the object.")

@@ -7,13 +7,20 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, WithJsonSchema
 
-from shared.outcomes import GenerationOutcome, SweepOutcome, TaggingOutcome, TrainingOutcome
+from shared.outcomes import (
+    GenerationOutcome,
+    SceneOutcome,
+    SweepOutcome,
+    TaggingOutcome,
+    TrainingOutcome,
+)
 from shared.specs import ArtifactRef, JobKind, JobStatus
 
 # Each kind's outcome model: what its jobs report as their ``result``.
 OUTCOMES: dict[JobKind, type[BaseModel]] = {
     JobKind.GENERATION: GenerationOutcome, JobKind.SWEEP: SweepOutcome,
     JobKind.TAGGING: TaggingOutcome, JobKind.TRAINING: TrainingOutcome,
+    JobKind.SCENE: SceneOutcome,
 }
 
 # A job's result is what its worker reported, stored as sent; documented as its kind's model

@@ -26,6 +26,7 @@ from shared.errors import BadRequest, Conflict, NotFound
 from shared.events import JobEvent, JobEvents
 from shared.outcomes import (
     GenerationSucceeded,
+    SceneSucceeded,
     Succeeded,
     SweepSucceeded,
     TaggingSucceeded,
@@ -41,6 +42,7 @@ _KINDS = {kind.value for kind in JobKind}
 SUCCEEDED: dict[JobKind, type[Succeeded]] = {
     JobKind.GENERATION: GenerationSucceeded, JobKind.SWEEP: SweepSucceeded,
     JobKind.TAGGING: TaggingSucceeded, JobKind.TRAINING: TrainingSucceeded,
+    JobKind.SCENE: SceneSucceeded,
 }
 
 
