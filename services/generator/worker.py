@@ -30,9 +30,10 @@ from services.workerctx import CONTEXT_KEY
 from shared.errors import JobFailure, LoomisError
 from shared.keys import job_prefix, upload_key
 from shared.models import ModelRegistry
-from shared.queue import GENERATE_TASK, GENERATOR_QUEUE, PREPROCESS_TASK, SWEEP_TASK
+from shared.queue import GENERATE_TASK, GENERATOR_QUEUE, PREPROCESS_TASK, SCENE_TASK, SWEEP_TASK
 from shared.settings import Settings, get_settings
 from shared.specs import GenerationTask, JobKind, JobStatus, PreprocessTask, SweepTask
+from shared.specs.scene import SceneTask
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +142,20 @@ async def sweep(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:
     )
 
 
+async def scene(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:
+    """Both stages of a scene; the outcome is the job's terminal event."""
+    from services.generator.scenes.job import run_scene
+
+    task = SceneTask.model_validate(payload)
+    return await run_job(
+        ctx, job_id=task.job_id, cleanup_prefix=job_prefix(task.tenant_id, task.job_id),
+        timeout_s=GeneratorContext.of(ctx).settings.generator.job_timeout_s,
+        max_tries=GeneratorContext.of(ctx).settings.generator.max_tries,
+        log_extra={"job_id": task.job_id, "tenant": task.tenant_id, "model": task.model},
+        body=lambda queued_s: run_scene(ctx, task, queued_s=queued_s), kind=JobKind.SCENE.value,
+    )
+
+
 def build_worker(settings: Settings | None = None) -> Worker:
     settings = settings or get_settings()
     cfg = settings.generator
@@ -148,6 +163,7 @@ def build_worker(settings: Settings | None = None) -> Worker:
         settings,
         functions=[func(generate, name=GENERATE_TASK),
                    func(sweep, name=SWEEP_TASK),
+                   func(scene, name=SCENE_TASK),
                    func(preprocess_control, name=PREPROCESS_TASK, max_tries=1)],
         queue=GENERATOR_QUEUE, startup=startup, job_timeout_s=cfg.job_timeout_s,
         max_tries=cfg.max_tries, poll_delay_s=cfg.poll_delay_s,

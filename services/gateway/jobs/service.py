@@ -20,6 +20,7 @@ from services.gateway.db.models import Artifact, Job, JobEventRow, Tenant, utcno
 from services.gateway.db.reads import Reads
 from services.gateway.files.stores import GatewayStore
 from services.gateway.jobs.schemas import ArtifactOut, JobError, JobOut, JobPage
+from services.gateway.scenes.outcome import cache_action_embeddings
 from services.gateway.taggings.outcome import write_item_results
 from services.gateway.trainings.outcome import register_trained_lora
 from shared.errors import BadRequest, Conflict, NotFound
@@ -57,6 +58,7 @@ def parse_succeeded(kind: JobKind, data: dict[str, Any]) -> Succeeded:
 ON_SUCCEEDED: dict[JobKind, Callable[[AsyncSession, Job, Succeeded], Awaitable[None]]] = {
     JobKind.TRAINING: register_trained_lora,
     JobKind.TAGGING: write_item_results,
+    JobKind.SCENE: cache_action_embeddings,
 }
 
 

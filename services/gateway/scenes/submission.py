@@ -1,0 +1,168 @@
+"""Scene submissions: every name resolved and every parameter checked before a job exists.
+
+The old application skipped the face step in silence when a LoRA code matched nothing; here an
+unknown place, image, action or shot, an action without the shot, or a LoRA that is not the
+tenant's or does not fit the model is a 422 naming the field, and no job is made.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from services.gateway.db.models import Action, ActionShot, Job, Lora, Tenant
+from services.gateway.deps import GatewayState
+from services.gateway.generations.resolve import resolve_generation
+from services.gateway.generations.service import safety_policy
+from services.gateway.jobs.submission import create_and_enqueue, find_replay, request_hash
+from services.gateway.loras.service import resolve_loras
+from services.gateway.scenes.service import (
+    find_action,
+    find_place,
+    find_place_image,
+    list_actions_with_shot,
+)
+from shared.errors import LoomisError, ValidationFailed
+from shared.queue import GENERATOR_QUEUE, SCENE_TASK
+from shared.specs import (
+    ControlSpec,
+    GenerationMode,
+    GenerationSpec,
+    JobKind,
+    MaskSpec,
+    RectShape,
+)
+from shared.specs.generation import LoraUse
+from shared.specs.scene import SceneAction, SceneSpec, SceneTask, ShotAssets
+
+# A resolve_generation error's field, as the scene request names it.
+_FIELDS = {"strength": "strength.body", "num_images": "num_images"}
+
+
+def shot_assets(shot: ActionShot) -> ShotAssets:
+    return ShotAssets(
+        pose_kind=shot.pose_kind, control=shot.control, keypoints=shot.keypoints,
+        canvas=(shot.canvas_width, shot.canvas_height), pose_image_key=shot.pose_image_key,
+        body_mask_key=shot.body_mask_key, face_mask_key=shot.face_mask_key,
+        placement=shot.placement)
+
+
+def scene_action(action: Action, shot: ActionShot) -> SceneAction:
+    return SceneAction(id=action.id, name=action.name, description=action.description,
+                       assets=shot_assets(shot), embedding=action.embedding,
+                       embedding_hash=action.embedding_hash)
+
+
+async def _named(errors: list[dict[str, Any]], field: str, lookup: Any) -> Any:
+    """The row ``lookup`` finds, or None with the field's error recorded."""
+    try:
+        return await lookup
+    except LoomisError as exc:
+        errors.append({"field": field, "message": exc.detail})
+        return None
+
+
+async def resolve_scene(
+    *, session: AsyncSession, state: GatewayState, tenant: Tenant, spec: SceneSpec,
+) -> tuple[SceneTask, dict[str, Any]]:
+    """The queued task (less its job id) and the job's recorded spec."""
+    errors: list[dict[str, Any]] = []
+    place = await _named(errors, "place", find_place(session, tenant, spec.place))
+    image = None
+    if place is not None:
+        image = await _named(errors, "image", find_place_image(session, place, spec.image))
+    actions: list[SceneAction] = []
+    if spec.action is not None:
+        action = await _named(errors, "action", find_action(session, tenant, spec.action))
+        if action is not None:
+            shot = next((s for s in action.shots if s.shot == spec.shot.value), None)
+            if shot is None:
+                have = ", ".join(sorted(s.shot for s in action.shots)) or "none"
+                errors.append({"field": "shot", "message": f"action {action.name!r} has no "
+                               f"{spec.shot.value} shot (it has: {have})"})
+            else:
+                actions.append(scene_action(action, shot))
+    else:
+        for action, shot in await list_actions_with_shot(session, tenant, spec.shot.value):
+            actions.append(scene_action(action, shot))
+        if not actions:
+            errors.append({"field": "action_text", "message": "no action of yours has a "
+                           f"{spec.shot.value} shot to pick from"})
+    if errors:
+        raise ValidationFailed(errors)
+    assert place is not None and image is not None
+
+    # The generation parameters, checked as a generation's are: the same 422s for an unknown
+    # model, steps over its limit, a scheduler it lacks or a ControlNet it has not.
+    controls = sorted({a.assets.control for a in actions}, key=str)
+    proto = GenerationSpec(
+        mode=GenerationMode.INPAINT, prompt="scene", model=spec.model, steps=spec.steps,
+        guidance_scale=spec.guidance_scale, seed=spec.seed, scheduler=spec.scheduler,
+        strength=spec.strength.body, num_images=spec.num_images, init_image="scene:background",
+        mask=MaskSpec(shapes=[RectShape(type="rect", x=0, y=0, width=8, height=8)]),
+        controls=[ControlSpec(type=control, image="scene:pose_control", preprocess=False)
+                  for control in controls])
+    try:
+        resolved = resolve_generation(
+            proto, registry=state.registry, default_model=state.settings.generator.default_model,
+            input_size=(image.width, image.height))
+    except ValidationFailed as exc:
+        raise ValidationFailed([{**error, "field": _scene_field(str(error["field"]), spec)}
+                                for error in exc.errors]) from exc
+    preset = state.registry.get(resolved.model or "")
+    assert preset is not None  # resolve_generation checked it
+
+    lora: dict[str, Any] | None = None
+    if spec.lora is not None:
+        try:
+            (ref,) = await resolve_loras(session=session, tenant=tenant, preset=preset,
+                                         uses=[LoraUse(id=spec.lora.id, weight=spec.lora.weight)])
+        except ValidationFailed as exc:
+            raise ValidationFailed([{**error, "field": "lora.id"} for error in exc.errors]) from exc
+        row = await session.get(Lora, ref.id)
+        triggers = list((row.info or {}).get("trigger_words") or []) if row is not None else []
+        lora = {**ref.model_dump(), "trigger_words": triggers}
+
+    task = SceneTask(
+        job_id="", tenant_id=tenant.id, spec=spec,
+        place={"id": place.id, "name": place.name, "description": place.description},
+        image={"id": image.id, "name": image.name, "description": image.description,
+               "key": image.key, "width": image.width, "height": image.height},
+        actions=actions, model=resolved.model or "", width=resolved.width or 0,
+        height=resolved.height or 0, steps=resolved.steps or 0,
+        guidance_scale=resolved.guidance_scale or 0.0, seed=resolved.seed or 0,
+        scheduler=resolved.scheduler, lora=lora, safety=safety_policy(tenant))
+    recorded = {**spec.model_dump(mode="json"), "model": task.model, "width": task.width,
+                "height": task.height, "steps": task.steps, "guidance_scale": task.guidance_scale,
+                "seed": task.seed, "scheduler": task.scheduler}
+    return task, recorded
+
+
+def _scene_field(field: str, spec: SceneSpec) -> str:
+    if field.startswith("controls."):
+        # the chosen action's pose guide needs a ControlNet the model lacks
+        return "model"
+    if field in ("width", "height"):
+        return "image"  # the background does not fit the model's sizes
+    return _FIELDS.get(field, field)
+
+
+async def submit_scene(
+    *, session: AsyncSession, state: GatewayState, tenant: Tenant, spec: SceneSpec,
+    idempotency_key: str | None,
+) -> tuple[Job, bool]:
+    """The job and whether it was created now (False: an idempotent replay)."""
+    digest = request_hash(spec)
+    if idempotency_key and (
+        existing := await find_replay(session=session, tenant=tenant, key=idempotency_key,
+                                      digest=digest)
+    ):
+        return existing, False
+    task, recorded = await resolve_scene(session=session, state=state, tenant=tenant, spec=spec)
+    return await create_and_enqueue(
+        session=session, state=state, tenant=tenant, kind=JobKind.SCENE, spec=recorded,
+        digest=digest, idempotency_key=idempotency_key, task_name=SCENE_TASK,
+        queue=GENERATOR_QUEUE,
+        payload=lambda job_id: task.model_copy(update={"job_id": job_id}).model_dump(mode="json"),
+    )
