@@ -228,18 +228,18 @@ async def run_scene(ctx: dict[str, Any], task: SceneTask, *, queued_s: float) ->
     chosen = next((s for s in scores or [] if s.id == action.id),
                   ActionScore(id=action.id, name=action.name, score=1.0))
     refs: list[ArtifactRef] = []
-    for index, (image, seed) in enumerate(zip(finals, seeds, strict=True)):
-        if image is None:
+    for index, (final, seed) in enumerate(zip(finals, seeds, strict=True)):
+        if final is None:
             continue  # withheld by the safety filter: never stored
         run_spec = as_run(body_spec, scheduler=scheduler).model_copy(update={"seed": seed})
-        png = encode_png(image, parameters=a1111_parameters(
+        png = encode_png(final, parameters=a1111_parameters(
             run_spec, seed=seed, scheduler=scheduler, model=loaded, loras=loras_applied),
             loomis={"job_id": task.job_id, "index": index, "seed": seed, "kind": "scene",
                     "prompt": prompt, "face_prompt": face_prompt, "action": action.name})
         ref = await put_artifact(store, output_key(task.tenant_id, task.job_id, index), png,
                                  "image/png")
-        refs.append(ref.model_copy(update={"index": index, "width": image.width,
-                                           "height": image.height, "seed": seed}))
+        refs.append(ref.model_copy(update={"index": index, "width": final.width,
+                                           "height": final.height, "seed": seed}))
     timings["upload_s"] = round(time.perf_counter() - t4, 4)
     timings["total_s"] = round(time.perf_counter() - t0, 4)
     stages = ["body", "face"] if lora is not None else ["body"]

@@ -1,0 +1,187 @@
+"""Scenes through HTTP with the real stack (tiny-sd15, a real LoRA, the real MiniLM): what a
+scene changes, where, and what it refuses.
+
+The pixel assertions are the contract: outside the body and face masks the output is the
+background exactly; stage 2 touches only the face mask; the pose guide's ControlNet matters.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from shared.specs import EXAMPLE_POSE
+from tests.conftest import RunningStack, wait_terminal
+from tests.lora_files import make_lora
+
+pytestmark = pytest.mark.parametrize("stack", ["sqlite"], indirect=True)
+
+WIDTH, HEIGHT = 96, 128
+POSE = {"keypoints": {"people": [{"pose_keypoints_2d": EXAMPLE_POSE}]}, "canvas": [512, 512]}
+
+
+def background() -> Image.Image:
+    """A place photo stand-in with structure everywhere, so any repaint shows."""
+    x = np.linspace(0, 255, WIDTH, dtype=np.float32)[None, :]
+    y = np.linspace(0, 255, HEIGHT, dtype=np.float32)[:, None]
+    rgb = np.stack([np.broadcast_to(x, (HEIGHT, WIDTH)), np.broadcast_to(y, (HEIGHT, WIDTH)),
+                    (x * y / 255) % 256], axis=2)
+    return Image.fromarray(rgb.astype(np.uint8), "RGB")
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def fetch(url: str) -> np.ndarray:  # type: ignore[type-arg]
+    return np.asarray(Image.open(io.BytesIO(httpx.get(url).content)))
+
+
+def by_kind(job: dict[str, Any], kind: str) -> list[dict[str, Any]]:
+    return sorted((a for a in job["artifacts"] if a["kind"] == kind),
+                  key=lambda a: a["index"] or 0)
+
+
+def catalog(client: httpx.Client, suffix: str = "") -> dict[str, str]:
+    place = client.post("/v1/places", json={"name": f"park{suffix}",
+                                            "description": "a quiet park"})
+    assert place.status_code == 201, place.text
+    image = client.post(f"/v1/places/{place.json()['id']}/images",
+                        data={"name": "path", "description": "a gravel path under trees"},
+                        files={"image": ("bg.png", png(background()), "image/png")})
+    assert image.status_code == 201, image.text
+    action = client.post("/v1/actions", json={
+        "name": f"standing{suffix}", "description": "standing upright, arms at the sides",
+        "shots": {"MES": {"pose": POSE}}})
+    assert action.status_code == 201, action.text
+    return {"place": place.json()["id"], "image": image.json()["id"],
+            "action": action.json()["id"]}
+
+
+def scene(client: httpx.Client, body: dict[str, Any]) -> dict[str, Any]:
+    response = client.post("/v1/scenes", json=body)
+    assert response.status_code == 202, response.text
+    job = wait_terminal(client, response.json()["id"], timeout=300)
+    assert job["status"] == "succeeded", job
+    return job
+
+
+@pytest.fixture(scope="module")
+def scene_setup(stack: RunningStack, model_cache: Path) -> dict[str, str]:
+    with stack.client() as client:
+        ids = catalog(client, "-e2e")
+        lora = client.post("/v1/loras", data={"base_model": "tiny-sd15", "name": "face-e2e"},
+                           files={"file": ("face.safetensors",
+                                           make_lora("sd15", cache_dir=model_cache, seed=5),
+                                           "application/octet-stream")})
+        assert lora.status_code == 201, lora.text
+        return {**ids, "lora": lora.json()["id"]}
+
+
+def base_body(ids: dict[str, str], **extra: Any) -> dict[str, Any]:
+    return {"place": ids["place"], "image": ids["image"], "action": ids["action"],
+            "shot": "medium", "subject": {"age": "adult", "gender": "woman",
+                                          "details": "a red coat"},
+            "model": "tiny-sd15", "steps": 3, "seed": 21, **extra}
+
+
+def test_a_scene_with_a_face_lora_changes_only_the_masked_pixels(
+        stack: RunningStack, scene_setup: dict[str, str]) -> None:
+    with stack.client() as client:
+        job = scene(client, base_body(scene_setup, lora={"id": scene_setup["lora"]}))
+        again = scene(client, base_body(scene_setup, lora={"id": scene_setup["lora"]}))
+    final = fetch(by_kind(job, "image")[0]["url"]).astype(int)
+    stage1 = fetch(by_kind(job, "stage_image")[0]["url"]).astype(int)
+    body = fetch(by_kind(job, "body_mask")[0]["url"]) > 0
+    face = fetch(by_kind(job, "face_mask")[0]["url"]) > 0
+    pose = by_kind(job, "pose_control")
+    bg = np.asarray(background()).astype(int)
+    assert final.shape == bg.shape and body.shape == bg.shape[:2] and pose
+    outside = ~(body | face)
+    assert outside.any() and np.array_equal(final[outside], bg[outside])
+    assert (np.abs(final - bg).sum(axis=2)[body] > 0).any()  # the person went in
+    changed = np.abs(final - stage1).sum(axis=2) > 0
+    assert changed.any() and not changed[~face].any()  # stage 2 touched the face only
+    assert np.array_equal(final, fetch(by_kind(again, "image")[0]["url"]).astype(int))
+    result = job["result"]
+    assert result["stages"] == ["body", "face"]
+    assert "woman" in result["prompt"] and "wearing a red coat" in result["prompt"]
+    assert "a gravel path under trees" in result["prompt"]
+    assert result["action"]["id"] == scene_setup["action"]
+    assert job["spec"]["seed"] == 21 and job["kind"] == "scene"
+
+
+def test_control_scale_changes_the_body(stack: RunningStack, scene_setup: dict[str, str]) -> None:
+    with stack.client() as client:
+        held = scene(client, base_body(scene_setup, control_scale=1.0))
+        free = scene(client, base_body(scene_setup, control_scale=0.0))
+    body = fetch(by_kind(held, "body_mask")[0]["url"]) > 0
+    a = fetch(by_kind(held, "image")[0]["url"]).astype(int)
+    b = fetch(by_kind(free, "image")[0]["url"]).astype(int)
+    assert not np.array_equal(a[body], b[body])
+    assert held["result"]["stages"] == ["body"] and not by_kind(held, "stage_image")
+
+
+def test_an_action_is_picked_from_text_with_its_scores(stack: RunningStack,
+                                                       scene_setup: dict[str, str]) -> None:
+    actions = {"waving hello": "standing and waving hello with one raised hand",
+               "sitting on a bench": "sitting down on a park bench, resting",
+               "running in a park": "running along a path between the trees, arms swinging",
+               "pointing at a monument": "standing and pointing at a monument with one arm"}
+    with stack.client("bob") as client:
+        ids = catalog(client, "-text")
+        for name, description in actions.items():
+            made = client.post("/v1/actions", json={"name": name, "description": description,
+                                                    "shots": {"far": {"pose": POSE}}})
+            assert made.status_code == 201, made.text
+        for text, expected in (("greeting a friend with a raised hand", "waving hello"),
+                               ("resting on a seat", "sitting on a bench"),
+                               ("jogging", "running in a park")):
+            job = scene(client, {**base_body(ids), "action": None, "action_text": text,
+                                 "shot": "FUS", "steps": 2})
+            result = job["result"]
+            assert result["action"]["name"] == expected, result
+            scores = result["action_scores"]
+            assert [s["name"] for s in scores][0] == expected and len(scores) == 4
+            assert scores == sorted(scores, key=lambda s: -s["score"])
+
+
+def test_bad_scenes_are_refused_naming_the_field_and_make_no_job(
+        stack: RunningStack, scene_setup: dict[str, str]) -> None:
+    with stack.client() as client, stack.client("bob") as bob:
+        theirs = catalog(bob, "-theirs")
+        before = len(client.get("/v1/jobs", params={"limit": 100}).json()["items"])
+        body = base_body(scene_setup)
+        cases: list[tuple[dict[str, Any], str]] = [
+            ({**body, "place": "nowhere"}, "place"),
+            ({**body, "image": "no-such-image"}, "image"),
+            ({**body, "action": "levitating"}, "action"),
+            ({**body, "shot": "sideways"}, "shot"),
+            ({**body, "shot": "close"}, "shot"),  # the action has only a medium shot
+            ({**body, "subject": {"age": "ancient", "gender": "man"}}, "subject.age"),
+            ({**body, "action": None, "action_text": "   "}, "action_text"),
+            ({**body, "action": None}, "body"),
+            ({**body, "place": theirs["place"]}, "place"),
+            ({**body, "action": theirs["action"]}, "action"),
+            ({**body, "lora": {"id": "no-such-lora"}}, "lora.id"),
+            ({**body, "model": "flux-schnell"}, "model"),  # it has no openpose ControlNet
+            ({**body, "prompt_template": "a {person}"}, "prompt_template"),
+        ]
+        for case, field in cases:
+            response = client.post("/v1/scenes", json=case)
+            assert response.status_code == 422, (field, response.text)
+            problem = response.json()
+            assert response.headers["content-type"].startswith("application/problem+json")
+            fields = [e["field"] for e in problem.get("errors", [])]
+            assert any(f == field or f.startswith(f"{field}.") or f.endswith(f".{field}")
+                       for f in fields) or field == "body", (field, problem)
+        after = len(client.get("/v1/jobs", params={"limit": 100}).json()["items"])
+        assert after == before
