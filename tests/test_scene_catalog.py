@@ -269,7 +269,9 @@ def test_bad_actions_name_the_field_and_create_nothing(stack: RunningStack, tena
                                            "canvas": [256, 256]}}}) == ["shots.close.pose.canvas"]
         assert refused({"close": keypoint_shot(body_mask="upload:nope")}) == [
             "shots.close.body_mask"]
-        assert refused({"close": keypoint_shot(placement={"x": 0.5, "y": 1.2, "height": 0.5})}) \
+        assert refused({"close": keypoint_shot(placement={"x": 0.5, "y": 0.9, "height": 0})}) \
+            == ["shots.close.placement.height"]
+        assert refused({"close": keypoint_shot(placement={"x": 0.5, "y": 99, "height": 1})}) \
             == ["shots.close.placement.y"]
         assert refused({"wide": keypoint_shot()}) == ["shots.wide.[key]"]
         assert refused({}) == ["shots"]
@@ -350,8 +352,8 @@ def test_patch_replaces_shots_clears_the_embedding_and_delete_removes_objects(
 def test_scene_lookups_take_an_id_or_a_name(stack: RunningStack, tenant: str) -> None:
     """What POST /v1/scenes resolves its `place`, `image` and `action` with."""
     from services.gateway.scenes import service
-    from services.gateway.scenes.schemas import Shot
     from shared.errors import NotFound
+    from shared.specs.scene import Shot
 
     with stack.client(tenant) as client:
         place = client.post("/v1/places", json={"name": "park"}).json()
@@ -364,24 +366,25 @@ def test_scene_lookups_take_an_id_or_a_name(stack: RunningStack, tenant: str) ->
     async def work(session: Any) -> None:
         owner = await _tenant_row(session, tenant)
         for ref in (place["id"], "park"):
-            found = await service.find_place(session=session, tenant=owner, ref=ref)
+            found = await service.find_place(session, owner, ref)
             assert found.id == place["id"]
             for image_ref in (image["id"], "summer"):
-                assert (await service.find_place_image(session=session, place=found,
-                                                       ref=image_ref)).id == image["id"]
+                assert (await service.find_place_image(session, found, image_ref)).id == image["id"]
         for ref in (waving["id"], "waving"):
-            action = await service.find_action(session=session, tenant=owner, ref=ref)
+            action = await service.find_action(session, owner, ref)
             assert action.id == waving["id"] and {s.shot for s in action.shots} == {"close", "far"}
         bob = await _tenant_row(session, "bob")
-        for missing in (lambda: service.find_place(session=session, tenant=bob, ref="park"),
-                        lambda: service.find_action(session=session, tenant=owner, ref="nope")):
+        for missing in (service.find_place(session, bob, "park"),
+                        service.find_place_image(session, found, "winter"),
+                        service.find_action(session, owner, "nope"),
+                        service.find_action(session, bob, waving["id"])):
             with pytest.raises(NotFound):
-                await missing()
-        far = await service.list_actions_with_shot(session=session, tenant=owner, shot=Shot.FAR)
-        close = await service.list_actions_with_shot(session=session, tenant=owner,
-                                                     shot=Shot.CLOSE)
-        assert [a.name for a in far] == ["waving"]
-        assert [a.name for a in close] == ["pointing", "waving"]
+                await missing
+        far = await service.list_actions_with_shot(session, owner, Shot.FAR)
+        assert [(a.name, s.shot) for a, s in far] == [("waving", "far")]
+        close = await service.list_actions_with_shot(session, owner, "close")
+        assert [(a.name, s.shot) for a, s in close] == [("pointing", "close"), ("waving", "close")]
+        assert await service.list_actions_with_shot(session, bob, "close") == []
 
     _db(stack, work)
 
@@ -421,7 +424,12 @@ def test_demo_catalog_installs_once_and_twice_changes_nothing(
         assert stack.s3_keys("places/") + stack.s3_keys("actions/") == keys
     from services.gateway.scenes.demo_poses import DEMO_ACTIONS
 
-    assert {a.name for a in DEMO_ACTIONS} <= {a["name"] for a in actions}
+    by_name = {a["name"]: a for a in actions}
+    for demo in DEMO_ACTIONS:
+        if demo.name == "waving":
+            continue
+        for shot, framed in demo.shots.items():  # a close-up's figure reaches past the frame
+            assert by_name[demo.name]["shots"][shot]["placement"] == framed.placement
 
     unknown = subprocess.run(
         [sys.executable, "-m", "services.cli", "scenes", "demo-catalog", "--tenant", "nobody-x"],

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -23,32 +22,8 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from shared.models import ControlType
 from shared.poses import PreprocessError, parse_openpose_json
 from shared.specs.generation import EXAMPLE_POSE
+from shared.specs.scene import SHOT_ALIASES, Shot, shot_of
 from shared.text import MULTILINE, RequestModel
-
-
-class Shot(StrEnum):
-    """How close the camera is: the old application's CLS, MES and FUS."""
-
-    CLOSE = "close"
-    MEDIUM = "medium"
-    FAR = "far"
-
-
-SHOT_ALIASES = {"CLS": Shot.CLOSE, "MES": Shot.MEDIUM, "FUS": Shot.FAR}
-
-
-def canonical_shot(value: str) -> Shot:
-    """``close``/``medium``/``far`` or the old application's ``CLS``/``MES``/``FUS``, in any
-    case; ``ValueError`` for anything else."""
-    text = value.strip()
-    if text.upper() in SHOT_ALIASES:
-        return SHOT_ALIASES[text.upper()]
-    try:
-        return Shot(text.lower())
-    except ValueError:
-        raise ValueError(f"unknown shot {value!r}: close, medium or far (or CLS, MES, FUS)") \
-            from None
-
 
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
@@ -250,16 +225,18 @@ class PoseIn(RequestModel):
 
 
 class Placement(RequestModel):
-    """Where the figure goes in a background of any size, as fractions of it."""
+    """Where the figure goes in a background of any size, as fractions of it (the generator's
+    ``place_figure``). A figure may reach past the edges, so the bounds only keep numbers sane."""
 
     model_config = ConfigDict(extra="forbid")
 
-    x: float = Field(ge=0, le=1, description="Where the feet are (between the ankles), across "
-                     "the background: 0 left, 1 right.")
-    y: float = Field(ge=0, le=1, description="Where the feet stand, down the background: 0 top, "
-                     "1 bottom.")
-    height: float = Field(gt=0, le=1, description="The figure's standing height as a fraction of "
-                          "the background's height.")
+    x: float = Field(ge=-10, le=10, description="Where the feet are (between the ankles), "
+                     "across the background: 0 left, 1 right.")
+    y: float = Field(ge=-10, le=10, description="Where the feet stand, down the background: 0 "
+                     "top, 1 bottom; a close shot's feet lie below it (more than 1).")
+    height: float = Field(gt=0, le=10, description="The figure's standing height as a fraction "
+                          "of the background's height; a close shot's figure is taller than "
+                          "the background (more than 1).")
 
 
 class ShotIn(RequestModel):
@@ -277,15 +254,13 @@ class ShotIn(RequestModel):
 
 
 def _canonical_shot_keys(value: object) -> object:
-    """Accept CLS/MES/FUS (any case) as keys; an unknown key is left for the enum to name."""
+    """Accept CLS/MES/FUS (any case) as keys, as a scene's `shot` does; an unknown key is left
+    for the enum to name."""
     if not isinstance(value, dict):
         return value
     out: dict[object, object] = {}
     for key, item in value.items():
-        try:
-            shot: object = canonical_shot(key) if isinstance(key, str) else key
-        except ValueError:
-            shot = key
+        shot = shot_of(key)
         if shot in out:
             raise ValueError(f"shot {shot!s} is given twice (as {key!r} and another name)")
         out[shot] = item

@@ -42,11 +42,11 @@ from services.gateway.scenes.schemas import (
     PlaceIn,
     PlaceOut,
     PlacePatch,
-    Shot,
     ShotIn,
 )
 from shared.errors import BadRequest, Conflict, NotFound, ValidationFailed
 from shared.keys import action_prefix, place_image_key, place_prefix, place_thumb_key
+from shared.specs.scene import Shot
 from shared.text import control_character
 
 THUMB_SIDE = 256
@@ -387,11 +387,12 @@ async def delete_action(*, session: AsyncSession, store: GatewayStore, action: A
 
 
 # --- what a scene submission uses ------------------------------------------------------------
+# Positional, as the submission calls them; each raises NotFound (naming no field: the caller
+# knows which of its fields it resolved and answers a 422 naming it).
 
 
-async def find_place(*, session: AsyncSession, tenant: Tenant, ref: str) -> Place:
-    """The tenant's place with this id, else with this name; ``NotFound`` otherwise (the
-    scene submission names its field in a 422)."""
+async def find_place(session: AsyncSession, tenant: Tenant, ref: str) -> Place:
+    """The tenant's place with this id, else with this name."""
     for column in (Place.id, Place.name):
         place = await session.scalar(select(Place).where(Place.tenant_id == tenant.id,
                                                          column == ref))
@@ -400,7 +401,7 @@ async def find_place(*, session: AsyncSession, tenant: Tenant, ref: str) -> Plac
     raise NotFound(f"no place {ref!r}", code="place_not_found")
 
 
-async def find_place_image(*, session: AsyncSession, place: Place, ref: str) -> PlaceImage:
+async def find_place_image(session: AsyncSession, place: Place, ref: str) -> PlaceImage:
     """The place's image with this id, else with this name."""
     for column in (PlaceImage.id, PlaceImage.name):
         image = await session.scalar(select(PlaceImage).where(PlaceImage.place_id == place.id,
@@ -410,7 +411,7 @@ async def find_place_image(*, session: AsyncSession, place: Place, ref: str) -> 
     raise NotFound(f"no image {ref!r} in place {place.name!r}", code="place_image_not_found")
 
 
-async def find_action(*, session: AsyncSession, tenant: Tenant, ref: str) -> Action:
+async def find_action(session: AsyncSession, tenant: Tenant, ref: str) -> Action:
     """The tenant's action with this id, else with this name (its shots loaded)."""
     for column in (Action.id, Action.name):
         action = await session.scalar(select(Action).where(Action.tenant_id == tenant.id,
@@ -420,11 +421,13 @@ async def find_action(*, session: AsyncSession, tenant: Tenant, ref: str) -> Act
     raise NotFound(f"no action {ref!r}", code="action_not_found")
 
 
-async def list_actions_with_shot(*, session: AsyncSession, tenant: Tenant,
-                                 shot: Shot) -> list[Action]:
-    """The candidates for picking an action from text: those that can be shot this way, by
-    name (their shots loaded)."""
-    return list(await session.scalars(
-        select(Action).where(Action.tenant_id == tenant.id, Action.id.in_(
-            select(ActionShot.action_id).where(ActionShot.shot == shot.value)))
-        .order_by(Action.name)))
+async def list_actions_with_shot(session: AsyncSession, tenant: Tenant,
+                                 shot: Shot | str) -> list[tuple[Action, ActionShot]]:
+    """The candidates for picking an action from text: every action of the tenant's that can
+    be shot this way, with that shot, by name."""
+    shot = Shot(shot)
+    rows = await session.execute(
+        select(Action, ActionShot).join(ActionShot, ActionShot.action_id == Action.id)
+        .where(Action.tenant_id == tenant.id, ActionShot.shot == shot.value)
+        .order_by(Action.name))
+    return [(action, action_shot) for action, action_shot in rows.tuples()]

@@ -15,11 +15,12 @@ from typing import Any
 
 from services.gateway.db.models import ActionShot
 from services.gateway.images import CheckedImage, decode_image, mask_is_empty
-from services.gateway.scenes.schemas import Placement, PoseIn, Shot, ShotIn, ShotOut
+from services.gateway.scenes.schemas import Placement, PoseIn, ShotIn, ShotOut
 from shared.errors import NotFound, ValidationFailed
 from shared.keys import action_asset_key, upload_key
 from shared.models import ControlType
 from shared.poses import NUM_KEYPOINTS, parse_openpose_json
+from shared.specs.scene import Shot
 from shared.storage import ObjectStore
 
 UPLOAD_PREFIX = "upload:"
