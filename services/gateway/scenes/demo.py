@@ -11,7 +11,6 @@ import io
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -20,7 +19,7 @@ from services.gateway.files.stores import GatewayStore
 from services.gateway.scenes import service
 from services.gateway.scenes.demo_places import DEMO_PLACES
 from services.gateway.scenes.demo_poses import DEMO_ACTIONS
-from services.gateway.scenes.schemas import ActionIn, PlaceIn, Placement
+from services.gateway.scenes.schemas import ActionIn, PlaceIn
 
 
 @dataclass(frozen=True)
@@ -30,18 +29,6 @@ class DemoItem:
     kind: str  # place, image, action
     name: str
     installed: bool  # False: the tenant had one of that name already
-
-
-def _placement(values: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The demo's framing as the API takes it. A close or medium shot's figure reaches past
-    the frame, which a placement (fractions within the background) cannot say: that shot is
-    fitted to the background instead, as the old application did every shot."""
-    if values is None:
-        return None
-    try:
-        return Placement.model_validate(values).model_dump()
-    except ValidationError:
-        return None
 
 
 def _png(image: Any) -> bytes:
@@ -78,8 +65,7 @@ async def install_demo_catalog(*, session: AsyncSession, store: GatewayStore,
             continue
         body = ActionIn.model_validate({
             "name": demo_action.name, "description": demo_action.description,
-            "shots": {shot: {"pose": {"keypoints": demo.keypoints},
-                             "placement": _placement(demo.placement)}
+            "shots": {shot: {"pose": {"keypoints": demo.keypoints}, "placement": demo.placement}
                       for shot, demo in demo_action.shots.items()},
         })
         await service.create_action(session=session, store=store, tenant=tenant, body=body)
