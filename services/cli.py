@@ -366,6 +366,46 @@ def cmd_loras_import(args: argparse.Namespace) -> int:
     return 1 if counts["refused"] else 0
 
 
+def cmd_scenes_demo_catalog(args: argparse.Namespace) -> int:
+    """Install the demo places and actions for a tenant; what it has already is kept."""
+    from sqlalchemy import select
+
+    from services.gateway.db.models import Tenant
+    from services.gateway.db.session import make_engine, make_sessionmaker, migrate
+    from services.gateway.files.stores import S3Store, build_store
+    from services.gateway.scenes.demo import install_demo_catalog
+    from shared.settings import Settings
+
+    settings = Settings()
+
+    async def run() -> list[Any]:
+        engine = make_engine(settings.database_url)
+        try:
+            await migrate(engine)
+            store = build_store(settings)
+            if isinstance(store, S3Store):
+                await store.ensure_bucket()
+            async with make_sessionmaker(engine)() as session:
+                tenant = await session.scalar(select(Tenant).where(Tenant.name == args.tenant))
+                if tenant is None:
+                    raise LookupError(f"no tenant {args.tenant!r} (`loomis keys create "
+                                      f"--tenant {args.tenant}` creates it)")
+                return await install_demo_catalog(session=session, store=store, tenant=tenant)
+        finally:
+            await engine.dispose()
+
+    try:
+        items = asyncio.run(run())
+    except LookupError as exc:
+        print(f"error: {exc.args[0]}", file=sys.stderr)
+        return 1
+    for item in items:
+        print(f"{'installed' if item.installed else 'exists':9}  {item.kind:6}  {item.name}")
+    installed = sum(item.installed for item in items)
+    print(f"{installed} installed, {len(items) - installed} already there")
+    return 0
+
+
 def cmd_models_tokenizer(args: argparse.Namespace) -> int:
     from services.models.tokenizers import install_clip_tokenizer
     from shared.settings import Settings
@@ -501,6 +541,15 @@ def build_parser() -> argparse.ArgumentParser:
                              help="the preset every file is checked against; default: the "
                              "family's reference model (sd15, sdxl, flux-dev) by each file's keys")
     lora_import.set_defaults(func=cmd_loras_import)
+
+    scenes = sub.add_parser("scenes", help="the scenes catalog").add_subparsers(
+        dest="scenes_cmd", required=True)
+    demo_catalog = scenes.add_parser(
+        "demo-catalog", help="install demo places (drawn, nothing downloaded) and actions "
+        "(standing, waving, walking, sitting, pointing; close, medium and far shots) for a "
+        "tenant; items it has by those names are left as they are")
+    demo_catalog.add_argument("--tenant", required=True)
+    demo_catalog.set_defaults(func=cmd_scenes_demo_catalog)
 
     models = sub.add_parser("models", help="model presets").add_subparsers(
         dest="models_cmd", required=True)

@@ -1,7 +1,7 @@
 """Every object-storage key Loomis writes or reads, built here and nowhere else.
 
 The layout is ``<root>/<tenant>/<owner>/…``: the root says what kind of object it is
-(``outputs``, ``inputs``, ``datasets``, ``loras``, ``training``), the tenant comes next so
+(``outputs``, ``inputs``, ``datasets``, ``loras``, ``places``, …), the tenant comes next so
 everything a tenant owns is found by a handful of prefixes (:func:`tenant_prefixes`), and the
 owner (a job, a dataset, a LoRA) next so deleting the owner is one ``delete_prefix`` of its
 prefix. Every key an owner has lies under that owner's prefix; nothing else does.
@@ -25,7 +25,8 @@ def tenant_prefixes(tenant_id: str) -> tuple[str, ...]:
     """Every prefix a tenant's objects live under; deleting all of them deletes the tenant's
     stored data (staging keys under ``tmp/`` are transient and belong to no one)."""
     return (f"outputs/{tenant_id}/", f"inputs/{tenant_id}/", f"datasets/{tenant_id}/",
-            f"loras/{tenant_id}/", f"training/{tenant_id}/")
+            f"loras/{tenant_id}/", f"training/{tenant_id}/", f"places/{tenant_id}/",
+            f"actions/{tenant_id}/")
 
 
 # --- generation and sweep jobs -----------------------------------------------------------------
@@ -129,6 +130,36 @@ def lora_prefix(tenant_id: str, lora_id: str) -> str:
 def lora_key(tenant_id: str, lora_id: str, version: int = 1) -> str:
     """A LoRA's weights by version (uploads and trainings store version 1)."""
     return f"{lora_prefix(tenant_id, lora_id)}{version}.safetensors"
+
+
+# --- the scenes catalog ------------------------------------------------------------------------
+
+
+def place_prefix(tenant_id: str, place_id: str) -> str:
+    """A place's background images and their thumbnails."""
+    return f"places/{tenant_id}/{place_id}/"
+
+
+def place_image_key(tenant_id: str, place_id: str, image_id: str) -> str:
+    """A background as the checked PNG the gateway made of the upload (workers never decode
+    client bytes); a key is a prefix of itself alone, so one image is deleted by its keys."""
+    return f"{place_prefix(tenant_id, place_id)}{image_id}.png"
+
+
+def place_thumb_key(tenant_id: str, place_id: str, image_id: str) -> str:
+    """A background's small preview, in a hidden folder beside the images."""
+    return f"{place_prefix(tenant_id, place_id)}.thumbs/{image_id}.jpg"
+
+
+def action_prefix(tenant_id: str, action_id: str) -> str:
+    """An action's pose images and masks, for every shot."""
+    return f"actions/{tenant_id}/{action_id}/"
+
+
+def action_asset_key(tenant_id: str, action_id: str, asset_id: str) -> str:
+    """One pose image or mask, by an id new for every write: a shot replaced by an edit gets
+    new keys, so the old ones stay whole until the edit is committed and are deleted after."""
+    return f"{action_prefix(tenant_id, action_id)}{asset_id}.png"
 
 
 # --- training jobs -----------------------------------------------------------------------------

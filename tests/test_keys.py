@@ -13,6 +13,7 @@ import pytest
 from shared import keys
 
 T, J, D, L, ITEM, U = "ten", "job", "dat", "lor", "itm", "0123abcd"
+P, IMG, A, ASSET = "plc", "img", "act", "close-pose-0a1b"
 TRAINING = keys.training_prefix(T, J)
 TAGGING = keys.tagging_prefix(T, D, J)
 
@@ -35,6 +36,11 @@ LAYOUTS: list[tuple[str, str]] = [
     (keys.lora_prefix(T, L), "loras/ten/lor/"),
     (keys.lora_key(T, L), "loras/ten/lor/1.safetensors"),
     (keys.lora_key(T, L, 2), "loras/ten/lor/2.safetensors"),
+    (keys.place_prefix(T, P), "places/ten/plc/"),
+    (keys.place_image_key(T, P, IMG), "places/ten/plc/img.png"),
+    (keys.place_thumb_key(T, P, IMG), "places/ten/plc/.thumbs/img.jpg"),
+    (keys.action_prefix(T, A), "actions/ten/act/"),
+    (keys.action_asset_key(T, A, ASSET), "actions/ten/act/close-pose-0a1b.png"),
     (TRAINING, "training/ten/job/"),
     (keys.training_sample_key(TRAINING, 40, 1), "training/ten/job/samples/step-000040-1.png"),
     (keys.training_checkpoint_key(TRAINING, 40),
@@ -54,7 +60,8 @@ def test_layout_is_pinned(built: str, expected: str) -> None:
 
 def test_tenant_prefixes_are_every_root() -> None:
     assert keys.tenant_prefixes(T) == ("outputs/ten/", "inputs/ten/", "datasets/ten/",
-                                       "loras/ten/", "training/ten/")
+                                       "loras/ten/", "training/ten/", "places/ten/",
+                                       "actions/ten/")
 
 
 def test_staging_key_is_unique_and_keeps_the_name() -> None:
@@ -78,6 +85,8 @@ OWNED: list[tuple[str, list[str]]] = [
         keys.caption_key(keys.dataset_item_key(T, D, "img/a.png"), ".txt"), TAGGING,
         keys.tagging_metadata_key(TAGGING), keys.tagging_results_key(TAGGING)]),
     (keys.lora_prefix(T, L), [keys.lora_key(T, L), keys.lora_key(T, L, 9)]),
+    (keys.place_prefix(T, P), [keys.place_image_key(T, P, IMG), keys.place_thumb_key(T, P, IMG)]),
+    (keys.action_prefix(T, A), [keys.action_asset_key(T, A, ASSET)]),
     (TRAINING, [keys.training_sample_key(TRAINING, 1, 0), keys.training_checkpoint_key(TRAINING, 1),
                 keys.training_state_prefix(TRAINING), keys.training_state_key(TRAINING, 1),
                 keys.training_metrics_key(TRAINING), keys.training_curve_key(TRAINING),
@@ -101,7 +110,8 @@ def test_owners_do_not_overlap() -> None:
     prefixes: list[Callable[[str], str]] = [
         lambda x: keys.job_prefix(T, x), lambda x: keys.dataset_prefix(T, x),
         lambda x: keys.lora_prefix(T, x), lambda x: keys.training_prefix(T, x),
-        lambda x: keys.tagging_prefix(T, D, x)]
+        lambda x: keys.tagging_prefix(T, D, x), lambda x: keys.place_prefix(T, x),
+        lambda x: keys.action_prefix(T, x)]
     for prefix in prefixes:
         assert not prefix("ab12").startswith(prefix("ab1"))
     assert not keys.job_prefix("ab12", J).startswith(keys.job_prefix("ab1", J))
@@ -114,7 +124,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # (not a URL path such as ``/v1/datasets/{id}``).
 INLINE = re.compile(r"""\b[rRbB]?[fF][rRbB]?(['"]{1,3})[^'"\n]*?"""
                     r"""(?<![/\w])(outputs|inputs|uploads|datasets|loras|training|taggings|samples|"""
-                    r"""checkpoints|state|\.thumbs|tmp)/\{""")
+                    r"""places|actions|checkpoints|state|\.thumbs|tmp)/\{""")
 # A prefix field followed by a path segment: ``f"{prefix}samples/…"``, ``f"{prefix}metrics.json"``.
 PREFIX_JOIN = re.compile(r"""\{[^}]*(prefix|_key)[^}]*\}\.?[\w-]+"""
                          r"""(/|\.(png|jpe?g|json|tar|safetensors|txt|caption)\b)""")

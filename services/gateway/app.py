@@ -25,13 +25,14 @@ from services.gateway.files.stores import S3Store, build_store
 from services.gateway.generations.routes import router as generations_router
 from services.gateway.health.routes import router as health_router
 from services.gateway.jobs.inserts import JobInserts
-from services.gateway.scenes.jobs import router as scene_jobs_router
 from services.gateway.jobs.routes import document_event_stream
 from services.gateway.jobs.routes import router as jobs_router
 from services.gateway.jobs.schemas import document_results
 from services.gateway.loras.routes import router as loras_router
 from services.gateway.models.routes import router as models_router
 from services.gateway.problems import install_problem_handlers
+from services.gateway.scenes.jobs import router as scene_jobs_router
+from services.gateway.scenes.routes import actions_router, places_router
 from services.gateway.sweeps.routes import router as sweeps_router
 from services.gateway.taggings.routes import router as taggings_router
 from services.gateway.trainings.routes import router as trainings_router
@@ -124,7 +125,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_docs(app)
     for router in (generations_router, sweeps_router, uploads_router, control_router,
                    loras_router, datasets_router, taggings_router, trainings_router, jobs_router,
-                   models_router, health_router, files_router, scene_jobs_router):
+                   places_router, actions_router, scene_jobs_router, models_router, health_router,
+                   files_router):
         app.include_router(router)
     generate_openapi = app.openapi
 

@@ -212,3 +212,90 @@ class DatasetItem(Base):
     flags: Mapped[dict[str, Any]] = mapped_column(default=dict)  # {"flags": [...], "error": …}
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class Place(Base):
+    """A point of interest of the scenes catalog; its backgrounds are :class:`PlaceImage` rows."""
+
+    __tablename__ = "places"
+    __table_args__ = (UniqueConstraint("tenant_id", "name", name="uq_places_tenant_name"),
+                      Index("ix_places_tenant_created", "tenant_id", "created_at", "id"))
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(100))
+    description: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class PlaceImage(Base):
+    """A background photo of a place, stored as a checked PNG under ``places/{tenant}/{place}/``."""
+
+    __tablename__ = "place_images"
+    __table_args__ = (UniqueConstraint("place_id", "name", name="uq_place_images_place_name"),
+                      Index("ix_place_images_place_created", "place_id", "created_at", "id"))
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(String(36))
+    place_id: Mapped[str] = mapped_column(ForeignKey("places.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(100))
+    description: Mapped[str] = mapped_column(Text, default="")
+    key: Mapped[str] = mapped_column(String(500))
+    thumb_key: Mapped[str] = mapped_column(String(500))
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    content_type: Mapped[str] = mapped_column(String(100))
+    size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class Action(Base):
+    """What a scene's subject does (waving, sitting, …), posed per shot by :class:`ActionShot`."""
+
+    __tablename__ = "actions"
+    __table_args__ = (UniqueConstraint("tenant_id", "name", name="uq_actions_tenant_name"),
+                      Index("ix_actions_tenant_created", "tenant_id", "created_at", "id"))
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(100))
+    description: Mapped[str] = mapped_column(Text, default="")
+    # A cache the scene job fills: the sentence embedding of name + description and a hash of
+    # the text (and model) it was made from; cleared whenever the name or description changes.
+    embedding: Mapped[list[float] | None] = mapped_column(JSON, default=None)
+    embedding_hash: Mapped[str | None] = mapped_column(String(64), default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    shots: Mapped[list[ActionShot]] = relationship(
+        order_by="ActionShot.shot", lazy="selectin", cascade="all, delete-orphan")
+
+
+class ActionShot(Base):
+    """One shot (close, medium, far) of an action: a pose guide and, optionally, its masks.
+
+    The pose is OpenPose keypoints (``pose_kind`` "keypoints", drawn as an openpose control) or
+    a mannequin image (``pose_kind`` "image") read by the ControlNet ``control`` names. Masks,
+    when given, have the pose image's (or keypoint canvas') size; ``placement`` is
+    ``{x, y, height}`` as fractions of the background.
+    """
+
+    __tablename__ = "action_shots"
+    __table_args__ = (UniqueConstraint("action_id", "shot", name="uq_action_shots_action_shot"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    action_id: Mapped[str] = mapped_column(ForeignKey("actions.id", ondelete="CASCADE"),
+                                           index=True)
+    shot: Mapped[str] = mapped_column(String(10))
+    pose_kind: Mapped[str] = mapped_column(String(10))
+    control: Mapped[str] = mapped_column(String(20))
+    keypoints: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+    canvas_width: Mapped[int] = mapped_column(Integer)
+    canvas_height: Mapped[int] = mapped_column(Integer)
+    pose_image_key: Mapped[str | None] = mapped_column(String(500), default=None)
+    body_mask_key: Mapped[str | None] = mapped_column(String(500), default=None)
+    face_mask_key: Mapped[str | None] = mapped_column(String(500), default=None)
+    placement: Mapped[dict[str, Any] | None] = mapped_column(default=None)
