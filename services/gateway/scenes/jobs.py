@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Response
+
 from services.gateway.deps import SessionDep, StateDep, TenantDep
 from services.gateway.jobs.idempotency import IdempotencyKeyDep
 from services.gateway.jobs.schemas import JobOut
