@@ -70,7 +70,7 @@ def scene(client: httpx.Client, body: dict[str, Any]) -> dict[str, Any]:
     response = client.post("/v1/scenes", json=body)
     assert response.status_code == 202, response.text
     job = wait_terminal(client, response.json()["id"], timeout=300)
-    assert job["status"] == "succeeded", job
+    assert job["status"] == "succeeded", job.get("error")
     return job
 
 

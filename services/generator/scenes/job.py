@@ -164,7 +164,7 @@ async def run_scene(ctx: dict[str, Any], task: SceneTask, *, queued_s: float) ->
 
     # Stage 1: the body, inside the body mask, following the pose guide.
     body_spec = GenerationSpec(
-        mode=GenerationMode.INPAINT, prompt=prompt, negative_prompt=spec.negative_prompt,
+        mode=GenerationMode.INPAINT, prompt=prompt, negative_prompt=spec.negative_prompt or "",
         model=task.model, width=task.width, height=task.height, steps=task.steps,
         guidance_scale=task.guidance_scale, seed=task.seed, scheduler=task.scheduler,
         num_images=spec.num_images, strength=spec.strength.body, init_image="scene:background",
