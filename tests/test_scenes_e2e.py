@@ -185,3 +185,32 @@ def test_bad_scenes_are_refused_naming_the_field_and_make_no_job(
                        for f in fields) or field == "body", (field, problem)
         after = len(client.get("/v1/jobs", params={"limit": 100}).json()["items"])
         assert after == before
+
+
+def test_match_previews_the_ranking_and_caches_embeddings(stack: RunningStack) -> None:
+    with stack.client("bob") as client:
+        for name, description in (("wave-m", "standing and waving hello with one raised hand"),
+                                  ("sit-m", "sitting down on a park bench, resting")):
+            made = client.post("/v1/actions", json={"name": name, "description": description,
+                                                    "shots": {"close": {"pose": POSE}}})
+            assert made.status_code == 201, made.text
+        first = client.post("/v1/actions/match", json={"text": "resting on a seat",
+                                                       "shot": "CLS"})
+        assert first.status_code == 200, first.text
+        scores = first.json()["scores"]
+        assert scores[0]["name"] == "sit-m" and {s["name"] for s in scores} == {"wave-m", "sit-m"}
+        again = client.post("/v1/actions/match", json={"text": "resting on a seat",
+                                                       "shot": "close"}).json()["scores"]
+        assert again == scores  # from the cached embeddings: the same figures
+        from sqlalchemy import create_engine, text
+
+        engine = create_engine(stack.database_url.replace("+aiosqlite", ""))
+        with engine.connect() as conn:
+            cached = conn.execute(text("SELECT name, embedding_hash FROM actions "
+                                       "WHERE name IN ('wave-m', 'sit-m')")).all()
+        engine.dispose()
+        assert len(cached) == 2 and all(row.embedding_hash for row in cached)
+        for bad, field in (({"text": "  "}, "text"), ({"text": "x", "shot": "aerial"}, "shot")):
+            response = client.post("/v1/actions/match", json=bad)
+            assert response.status_code == 422, response.text
+            assert any(e["field"].endswith(field) for e in response.json()["errors"])

@@ -32,6 +32,7 @@ from services.gateway.loras.routes import router as loras_router
 from services.gateway.models.routes import router as models_router
 from services.gateway.problems import install_problem_handlers
 from services.gateway.scenes.jobs import router as scene_jobs_router
+from services.gateway.scenes.matching import router as match_router
 from services.gateway.scenes.routes import actions_router, places_router
 from services.gateway.sweeps.routes import router as sweeps_router
 from services.gateway.taggings.routes import router as taggings_router
@@ -125,8 +126,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_docs(app)
     for router in (generations_router, sweeps_router, uploads_router, control_router,
                    loras_router, datasets_router, taggings_router, trainings_router, jobs_router,
-                   places_router, actions_router, scene_jobs_router, models_router, health_router,
-                   files_router):
+                   places_router, match_router, actions_router, scene_jobs_router, models_router,
+                   health_router, files_router):
         app.include_router(router)
     generate_openapi = app.openapi
 

@@ -30,10 +30,17 @@ from services.workerctx import CONTEXT_KEY
 from shared.errors import JobFailure, LoomisError
 from shared.keys import job_prefix, upload_key
 from shared.models import ModelRegistry
-from shared.queue import GENERATE_TASK, GENERATOR_QUEUE, PREPROCESS_TASK, SCENE_TASK, SWEEP_TASK
+from shared.queue import (
+    GENERATE_TASK,
+    GENERATOR_QUEUE,
+    MATCH_ACTIONS_TASK,
+    PREPROCESS_TASK,
+    SCENE_TASK,
+    SWEEP_TASK,
+)
 from shared.settings import Settings, get_settings
 from shared.specs import GenerationTask, JobKind, JobStatus, PreprocessTask, SweepTask
-from shared.specs.scene import SceneTask
+from shared.specs.scene import SceneAction, SceneTask
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +163,15 @@ async def scene(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:
     )
 
 
+async def match_actions(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:
+    """``POST /v1/actions/match``'s ranking, answered to the waiting gateway (not a job)."""
+    from services.generator.scenes.job import score_actions
+
+    actions = [SceneAction.model_validate(a) for a in payload["actions"]]
+    scores, fresh = await score_actions(payload["text"], actions)
+    return {"scores": [s.model_dump() for s in scores], "embeddings": fresh}
+
+
 def build_worker(settings: Settings | None = None) -> Worker:
     settings = settings or get_settings()
     cfg = settings.generator
@@ -164,6 +180,7 @@ def build_worker(settings: Settings | None = None) -> Worker:
         functions=[func(generate, name=GENERATE_TASK),
                    func(sweep, name=SWEEP_TASK),
                    func(scene, name=SCENE_TASK),
+                   func(match_actions, name=MATCH_ACTIONS_TASK, max_tries=1),
                    func(preprocess_control, name=PREPROCESS_TASK, max_tries=1)],
         queue=GENERATOR_QUEUE, startup=startup, job_timeout_s=cfg.job_timeout_s,
         max_tries=cfg.max_tries, poll_delay_s=cfg.poll_delay_s,

@@ -66,12 +66,11 @@ def _png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-async def pick_action(task: SceneTask) -> tuple[SceneAction, list[ActionScore] | None,
-                                                 dict[str, dict[str, Any]]]:
-    """The named action, or the candidate closest in meaning to ``action_text``: with the
-    scores of all of them, and the embeddings computed here for the gateway to cache."""
-    if task.spec.action_text is None:
-        return task.actions[0], None, {}
+async def score_actions(text: str, actions: list[SceneAction]) -> tuple[
+        list[ActionScore], dict[str, dict[str, Any]]]:
+    """Every action ranked by how close its name and description are to ``text`` (cosine of
+    MiniLM sentence embeddings), best first, and the embeddings computed here (an action's
+    cached one is used while its hash says it is of the current text)."""
     from services.models.embeddings import (
         action_text,
         embed_texts,
@@ -82,22 +81,31 @@ async def pick_action(task: SceneTask) -> tuple[SceneAction, list[ActionScore] |
     fresh: dict[str, dict[str, Any]] = {}
     vectors: dict[str, list[float]] = {}
     stale = []
-    for action in task.actions:
+    for action in actions:
         text_hash = embedding_source_hash(action_text(action.name, action.description))
         if action.embedding is not None and action.embedding_hash == text_hash:
             vectors[action.id] = action.embedding
         else:
             stale.append((action, text_hash))
-    texts = [action_text(a.name, a.description) for a, _ in stale] + [task.spec.action_text]
+    texts = [action_text(a.name, a.description) for a, _ in stale] + [text]
     embedded = await asyncio.to_thread(embed_texts, texts)
     for (action, text_hash), vector in zip(stale, embedded, strict=False):
         vectors[action.id] = vector
         fresh[action.id] = {"hash": text_hash, "vector": vector}
-    ranking = rank(embedded[-1], [(a.id, vectors[a.id]) for a in task.actions])
-    by_id = {a.id: a for a in task.actions}
-    scores = [ActionScore(id=action_id, name=by_id[action_id].name, score=score)
-              for action_id, score in ranking]
-    return by_id[scores[0].id], scores, fresh
+    names = {a.id: a.name for a in actions}
+    ranking = rank(embedded[-1], [(a.id, vectors[a.id]) for a in actions])
+    return [ActionScore(id=action_id, name=names[action_id], score=score)
+            for action_id, score in ranking], fresh
+
+
+async def pick_action(task: SceneTask) -> tuple[SceneAction, list[ActionScore] | None,
+                                                 dict[str, dict[str, Any]]]:
+    """The named action, or the candidate closest in meaning to ``action_text``, with the
+    scores of all of them and the embeddings computed here for the gateway to cache."""
+    if task.spec.action_text is None:
+        return task.actions[0], None, {}
+    scores, fresh = await score_actions(task.spec.action_text, task.actions)
+    return next(a for a in task.actions if a.id == scores[0].id), scores, fresh
 
 
 def prompt_values(task: SceneTask, action: SceneAction) -> dict[str, str]:
