@@ -8,6 +8,7 @@ background exactly; stage 2 touches only the face mask; the pose guide's Control
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,17 @@ def test_a_scene_with_a_face_lora_changes_only_the_masked_pixels(
     assert "a gravel path under trees" in result["prompt"]
     assert result["action"]["id"] == scene_setup["action"]
     assert job["spec"]["seed"] == 21 and job["kind"] == "scene"
+    # progress spans both stages, each with its own step count
+    with stack.client() as client, httpx.stream(
+            "GET", f"{stack.url}/v1/jobs/{job['id']}/events", headers=client.headers,
+            timeout=30) as response:
+        data = [json.loads(line[5:]) for line in response.iter_lines()
+                if line.startswith("data:")]
+    progress = [e["data"] for e in data if e["type"] == "progress"]
+    assert {p["stage"] for p in progress} == {"body", "face"}
+    assert all(p["step"] <= p["total_steps"] for p in progress)
+    fractions = [p["progress"] for p in progress]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
 
 
 def test_control_scale_changes_the_body(stack: RunningStack, scene_setup: dict[str, str]) -> None:
@@ -214,3 +226,69 @@ def test_match_previews_the_ranking_and_caches_embeddings(stack: RunningStack) -
             response = client.post("/v1/actions/match", json=bad)
             assert response.status_code == 422, response.text
             assert any(e["field"].endswith(field) for e in response.json()["errors"])
+
+
+def test_the_demo_catalog_makes_a_scene_in_one_request(stack: RunningStack) -> None:
+    """A new user's path: the demo catalog, then one request naming its place, image, action
+    and shot; a close-up with a placement reaching past the frame works too."""
+    import subprocess
+    import sys
+
+    from services.gateway.scenes.demo_places import DEMO_PLACES
+    from services.gateway.scenes.demo_poses import DEMO_ACTIONS
+
+    installed = subprocess.run(
+        [sys.executable, "-m", "services.cli", "scenes", "demo-catalog", "--tenant", "bob"],
+        env=stack.stack.child_env(), capture_output=True, text=True, timeout=300)
+    assert installed.returncode == 0, installed.stderr
+    place = DEMO_PLACES[0]
+    with stack.client("bob") as client:
+        for action, shot in ((DEMO_ACTIONS[1].name, "far"), (DEMO_ACTIONS[0].name, "close")):
+            job = scene(client, {"place": place.name, "image": place.images[0].name,
+                                 "action": action, "shot": shot,
+                                 "subject": {"age": "old", "gender": "man"},
+                                 "model": "tiny-sd15", "steps": 2, "seed": 3})
+            body = fetch(by_kind(job, "body_mask")[0]["url"]) > 0
+            final = fetch(by_kind(job, "image")[0]["url"])
+            assert final.shape[:2] == body.shape and 0 < body.mean() < 0.9
+            assert job["result"]["action"]["name"] == action
+
+
+def _job_keys(stack: RunningStack, job_id: str) -> list[str]:
+    return [key for key in stack.s3_keys("outputs/") if f"/{job_id}/" in key]
+
+
+def test_a_face_stage_failure_leaves_no_artifacts(stack: RunningStack, model_cache: Path,
+                                                  scene_setup: dict[str, str]) -> None:
+    with stack.client() as client:
+        lora = client.post("/v1/loras", data={"base_model": "tiny-sd15", "name": "gone-face"},
+                           files={"file": ("gone.safetensors",
+                                           make_lora("sd15", cache_dir=model_cache, seed=9),
+                                           "application/octet-stream")}).json()["id"]
+        # its file vanishes from storage after registration: stage 1 runs, stage 2 cannot
+        for key in stack.s3_keys("loras/"):
+            if lora in key:
+                stack.s3.client().delete_object(Bucket=stack.bucket, Key=key)
+        response = client.post("/v1/scenes", json=base_body(scene_setup, lora={"id": lora}))
+        assert response.status_code == 202, response.text
+        job = wait_terminal(client, response.json()["id"], timeout=300)
+    assert job["status"] == "failed", job
+    assert _job_keys(stack, job["id"]) == [] and job["artifacts"] == []
+
+
+def test_a_scene_can_be_canceled_in_its_face_stage(stack: RunningStack,
+                                                    scene_setup: dict[str, str]) -> None:
+    with stack.client() as client:
+        response = client.post("/v1/scenes", json=base_body(
+            scene_setup, lora={"id": scene_setup["lora"]}, steps=60, num_images=2))
+        assert response.status_code == 202, response.text
+        job_id = response.json()["id"]
+        with httpx.stream("GET", f"{stack.url}/v1/jobs/{job_id}/events",
+                          headers=client.headers, timeout=120) as events:
+            for line in events.iter_lines():
+                if line.startswith("data:") and '"stage": "face"' in line.replace('":"', '": "'):
+                    assert client.post(f"/v1/jobs/{job_id}/cancel").status_code == 202
+                    break
+        job = wait_terminal(client, job_id, timeout=120)
+    assert job["status"] == "canceled", job
+    assert _job_keys(stack, job_id) == []
