@@ -167,9 +167,17 @@ def test_an_action_is_picked_from_text_with_its_scores(stack: RunningStack,
 
 
 def test_bad_scenes_are_refused_naming_the_field_and_make_no_job(
-        stack: RunningStack, scene_setup: dict[str, str]) -> None:
+        stack: RunningStack, scene_setup: dict[str, str], model_cache: Path) -> None:
     with stack.client() as client, stack.client("bob") as bob:
         theirs = catalog(bob, "-theirs")
+        their_lora = bob.post("/v1/loras", data={"base_model": "tiny-sd15", "name": "bob-face"},
+                              files={"file": ("b.safetensors", make_lora(
+                                  "sd15", cache_dir=model_cache, seed=6),
+                                  "application/octet-stream")}).json()["id"]
+        sdxl_lora = client.post("/v1/loras", data={"base_model": "tiny-sdxl", "name": "xl-face"},
+                                files={"file": ("x.safetensors", make_lora(
+                                    "sdxl", cache_dir=model_cache, seed=6),
+                                    "application/octet-stream")}).json()["id"]
         before = len(client.get("/v1/jobs", params={"limit": 100}).json()["items"])
         body = base_body(scene_setup)
         cases: list[tuple[dict[str, Any], str]] = [
@@ -184,6 +192,8 @@ def test_bad_scenes_are_refused_naming_the_field_and_make_no_job(
             ({**body, "place": theirs["place"]}, "place"),
             ({**body, "action": theirs["action"]}, "action"),
             ({**body, "lora": {"id": "no-such-lora"}}, "lora.id"),
+            ({**body, "lora": {"id": their_lora}}, "lora.id"),
+            ({**body, "lora": {"id": sdxl_lora}}, "lora.id"),  # another family's
             ({**body, "model": "flux-schnell"}, "model"),  # it has no openpose ControlNet
             ({**body, "prompt_template": "a {person}"}, "prompt_template"),
         ]
@@ -292,3 +302,17 @@ def test_a_scene_can_be_canceled_in_its_face_stage(stack: RunningStack,
         job = wait_terminal(client, job_id, timeout=120)
     assert job["status"] == "canceled", job
     assert _job_keys(stack, job_id) == []
+
+
+@pytest.mark.parametrize("model", ["tiny-sdxl", "tiny-flux"])
+def test_scenes_on_the_other_tiny_families(stack: RunningStack, scene_setup: dict[str, str],
+                                           model: str) -> None:
+    """Each family with inpainting and an openpose ControlNet runs a scene; pixels outside the
+    body mask stay the background's."""
+    with stack.client() as client:
+        job = scene(client, base_body(scene_setup, model=model, steps=2))
+    final = fetch(by_kind(job, "image")[0]["url"]).astype(int)
+    body = fetch(by_kind(job, "body_mask")[0]["url"]) > 0
+    bg = np.asarray(background()).astype(int)
+    assert np.array_equal(final[~body], bg[~body])
+    assert job["result"]["model"]["name"] == model
