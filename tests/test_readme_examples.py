@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from PIL import Image
 
 from tests.conftest import RunningStack, create_key, wait_terminal
 
@@ -43,6 +44,11 @@ def test_readme_curl_examples_run_as_written(stack: RunningStack, tmp_path: Path
     (tmp_path / ".loomis" / "dev-api-key").write_text(key + "\n")
     subprocess.run([sys.executable, "-m", "services.cli", "examples"], cwd=tmp_path,
                    check=True, capture_output=True, timeout=120)
+    # the Scenes walk-through's first step, for this tenant (the README's is `--tenant dev`)
+    assert "loomis scenes demo-catalog --tenant dev" in README.read_text()
+    subprocess.run([sys.executable, "-m", "services.cli", "scenes", "demo-catalog", "--tenant",
+                    tenant], env=stack.stack.child_env(), check=True, capture_output=True,
+                   timeout=300)
 
     # Every curl fails on an HTTP error, and the script stops at the first failing command.
     script = ["set -euo pipefail",
@@ -57,12 +63,14 @@ def test_readme_curl_examples_run_as_written(stack: RunningStack, tmp_path: Path
                       headers={"Authorization": f"Bearer {key}"}) as client:
         jobs = client.get("/v1/jobs").json()["items"]
         assert sorted(job["kind"] for job in jobs) == [
-            "generation", "generation", "generation", "tagging"]
+            "generation", "generation", "generation", "scene", "tagging"]
         for job in jobs:
             finished = wait_terminal(client, job["id"], timeout=240)
             assert finished["status"] == "succeeded", finished
         with_lora = next(job for job in jobs if job["spec"].get("loras"))
         assert with_lora["spec"]["loras"][0]["weight"] == pytest.approx(0.8)
+    with Image.open(tmp_path / "scene.png") as scene:  # the walk-through's image
+        assert scene.size[0] > 0
     names = zipfile.ZipFile(tmp_path / "dogs-kohya.zip").namelist()
     assert "dataset_config.toml" in names
     assert sum(name.endswith(".png") for name in names) == 4
