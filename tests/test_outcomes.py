@@ -51,7 +51,8 @@ def test_event_data_is_what_the_worker_set_with_whole_artifacts() -> None:
 
 
 def test_succeeded_jobs_go_to_their_own_domain() -> None:
-    assert set(ON_SUCCEEDED) == {JobKind.TRAINING, JobKind.TAGGING}
+    assert set(ON_SUCCEEDED) == {JobKind.TRAINING, JobKind.TAGGING, JobKind.SCENE}
+    assert ON_SUCCEEDED[JobKind.SCENE].__module__ == "services.gateway.scenes.outcome"
     assert ON_SUCCEEDED[JobKind.TRAINING].__module__ == "services.gateway.trainings.outcome"
     assert ON_SUCCEEDED[JobKind.TAGGING].__module__ == "services.gateway.taggings.outcome"
 
@@ -61,7 +62,7 @@ def test_openapi_documents_each_kinds_result() -> None:
     schemas = spec["components"]["schemas"]
     refs = {ref["$ref"].rsplit("/", 1)[1] for ref in schemas["JobOut"]["properties"]["result"]["anyOf"]}
     assert refs == {model.__name__ for model in OUTCOMES.values()} == {
-        "GenerationOutcome", "SweepOutcome", "TaggingOutcome", "TrainingOutcome"}
+        "GenerationOutcome", "SweepOutcome", "TaggingOutcome", "TrainingOutcome", "SceneOutcome"}
     assert schemas["TrainingOutcome"]["properties"]["lora"]["anyOf"][0]["$ref"] == \
         "#/components/schemas/TrainedLora"
     assert "TrainedLora" in schemas and "steps" in schemas["TrainingOutcome"]["properties"]

@@ -132,22 +132,28 @@ class SceneSpec(RequestModel):
     action_text: str | None = Field(default=None, min_length=1, max_length=500, description="Or: "
                                     "what the person does, in words; the closest action is used.")
     shot: ShotName
-    subject: SceneSubject
+    subject: SceneSubject = Field(description="Who is put in: age, gender and details.")
     lora: SceneLora | None = Field(default=None, description="Your LoRA for the face stage; "
                                    "without one the scene has only the body stage.")
     prompt_template: str | None = Field(default=None, max_length=1000, description="Overrides the "
                                         f"prompt template `{DEFAULT_PROMPT_TEMPLATE}`; fields: "
                                         + ", ".join(f"`{{{n}}}`" for n in PROMPT_FIELDS) + ".")
-    negative_prompt: str | None = Field(default=None, max_length=2000)
+    negative_prompt: str | None = Field(default=None, max_length=2000, description="What the "
+                                        "images should not show.")
     model: str | None = Field(default=None, max_length=100, description="Default: the server's.")
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="Default: drawn.")
-    steps: int | None = Field(default=None, ge=1, le=150)
-    guidance_scale: float | None = Field(default=None, ge=0, le=30)
-    scheduler: str | None = Field(default=None, max_length=50)
-    strength: SceneStrength = Field(default_factory=SceneStrength)
+    steps: int | None = Field(default=None, ge=1, le=150, description="Denoising steps per "
+                              "stage. Default: the model's.")
+    guidance_scale: float | None = Field(default=None, ge=0, le=30, description="Default: the "
+                                         "model's.")
+    scheduler: str | None = Field(default=None, max_length=50, description="As in a generation. "
+                                  "Default: the model's.")
+    strength: SceneStrength = Field(default_factory=SceneStrength, description="Per stage: how "
+                                    "much is repainted (`body`, `face`).")
     control_scale: float = Field(default=1.0, ge=0, le=2, description="How strongly the pose guide "
                                  "holds in stage 1 (0: not at all).")
-    num_images: int = Field(default=1, ge=1, le=4)
+    num_images: int = Field(default=1, ge=1, le=4, description="Images, each with its own face "
+                            "stage; image i uses seed + i.")
 
     @field_validator("action_text")
     @classmethod

@@ -46,7 +46,7 @@ class MatchIn(RequestModel):
 
 
 class MatchOut(BaseModel):
-    text: str
+    text: str = Field(description="The text, as sent.")
     scores: list[ActionScore] = Field(description="Every candidate action, best first: the "
                                       "first is what a scene with this `action_text` uses.")
 
