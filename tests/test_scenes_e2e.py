@@ -196,6 +196,10 @@ def test_bad_scenes_are_refused_naming_the_field_and_make_no_job(
             ({**body, "lora": {"id": sdxl_lora}}, "lora.id"),  # another family's
             ({**body, "model": "flux-schnell"}, "model"),  # it has no openpose ControlNet
             ({**body, "prompt_template": "a {person}"}, "prompt_template"),
+            ({**body, "prompt_template": "{age:>99999999}"}, "prompt_template"),
+            ({**body, "prompt_template": "{details}", "subject": {"gender": "man"}},
+             "prompt_template"),  # an empty prompt
+            ({**body, "prompt_template": "{action}" * 60}, "prompt_template"),  # too long
         ]
         for case, field in cases:
             response = client.post("/v1/scenes", json=case)

@@ -78,15 +78,32 @@ DEFAULT_PROMPT_TEMPLATE = "a photo of {trigger}{age} {gender}{wearing}, {action}
 def template_fields(template: str) -> list[str]:
     """The names a template uses; a ValueError for a malformed one or an unknown name."""
     try:
-        names = [name for _, name, spec, conv in string.Formatter().parse(template)
-                 if name is not None]
+        parsed = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template)
+                  if name is not None]
     except ValueError as exc:
         raise ValueError(f"not a valid template: {exc}") from exc
-    for name in names:
+    names = [name for name, _, _ in parsed]
+    for name, spec, conv in parsed:
+        # `{age:>99999999}` would make a prompt of any size; fields are only ever inserted
+        if spec or conv:
+            raise ValueError(f"{{{name}}} takes no format spec or conversion")
         if name not in PROMPT_FIELDS:
             raise ValueError(f"unknown field {{{name}}}; use any of: "
                              + ", ".join(f"{{{n}}}" for n in PROMPT_FIELDS))
     return names
+
+
+def prompt_values(subject: SceneSubject, *, action_name: str, action_description: str,
+                  place: str, image: str, trigger: str = "") -> dict[str, str]:
+    """What each template field becomes for one scene (``trigger``: the LoRA's trigger words,
+    in the face stage only)."""
+    details = subject.details.strip()
+    return {
+        "age": subject.age.value, "gender": subject.gender.value, "details": details,
+        "wearing": f", wearing {details}" if details else "",
+        "action": action_description or action_name, "action_name": action_name,
+        "place": place, "image": image, "trigger": f"{trigger} " if trigger else "",
+    }
 
 
 def render_prompt(template: str, values: dict[str, str]) -> str:

@@ -26,6 +26,7 @@ from services.gateway.scenes.service import (
 from shared.errors import LoomisError, ValidationFailed
 from shared.queue import GENERATOR_QUEUE, SCENE_TASK
 from shared.specs import (
+    MAX_PROMPT_CHARS,
     ControlSpec,
     GenerationMode,
     GenerationSpec,
@@ -34,7 +35,15 @@ from shared.specs import (
     RectShape,
 )
 from shared.specs.generation import LoraUse
-from shared.specs.scene import SceneAction, SceneSpec, SceneTask, ShotAssets
+from shared.specs.scene import (
+    DEFAULT_PROMPT_TEMPLATE,
+    SceneAction,
+    SceneSpec,
+    SceneTask,
+    ShotAssets,
+    prompt_values,
+    render_prompt,
+)
 
 # A resolve_generation error's field, as the scene request names it.
 _FIELDS = {"strength": "strength.body", "num_images": "num_images"}
@@ -124,6 +133,8 @@ async def resolve_scene(
         triggers = list((row.info or {}).get("trigger_words") or []) if row is not None else []
         lora = {**ref.model_dump(), "trigger_words": triggers}
 
+    _check_prompts(spec, actions, place=place.description, image=image.description,
+                   trigger=" ".join((lora or {}).get("trigger_words") or []))
     task = SceneTask(
         job_id="", tenant_id=tenant.id, spec=spec,
         place={"id": place.id, "name": place.name, "description": place.description},
@@ -137,6 +148,24 @@ async def resolve_scene(
                 "height": task.height, "steps": task.steps, "guidance_scale": task.guidance_scale,
                 "seed": task.seed, "scheduler": task.scheduler}
     return task, recorded
+
+
+def _check_prompts(spec: SceneSpec, actions: list[SceneAction], *, place: str, image: str,
+                   trigger: str) -> None:
+    """Every prompt the job could run (each candidate action, each stage) is a prompt a
+    generation accepts: not empty, not over the limit. Found here, not as a failed job."""
+    template = spec.prompt_template or DEFAULT_PROMPT_TEMPLATE
+    for action in actions:
+        for stage_trigger in {"", trigger}:
+            prompt = render_prompt(template, prompt_values(
+                spec.subject, action_name=action.name, action_description=action.description,
+                place=place, image=image, trigger=stage_trigger))
+            if not prompt.strip() or len(prompt) > MAX_PROMPT_CHARS:
+                field = "prompt_template" if spec.prompt_template else "subject.details"
+                raise ValidationFailed([{"field": field, "message": (
+                    f"with action {action.name!r} the prompt would be "
+                    + ("empty" if not prompt.strip() else
+                       f"{len(prompt)} characters (at most {MAX_PROMPT_CHARS})"))}])
 
 
 def _scene_field(field: str, spec: SceneSpec) -> str:

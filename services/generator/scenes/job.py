@@ -37,7 +37,13 @@ from shared.specs import (
     MaskSpec,
 )
 from shared.specs.generation import LoraUse
-from shared.specs.scene import DEFAULT_PROMPT_TEMPLATE, SceneAction, SceneTask, render_prompt
+from shared.specs.scene import (
+    DEFAULT_PROMPT_TEMPLATE,
+    SceneAction,
+    SceneTask,
+    prompt_values,
+    render_prompt,
+)
 
 
 class SceneManifest(BaseModel):
@@ -108,18 +114,6 @@ async def pick_action(task: SceneTask) -> tuple[SceneAction, list[ActionScore] |
     return next(a for a in task.actions if a.id == scores[0].id), scores, fresh
 
 
-def prompt_values(task: SceneTask, action: SceneAction) -> dict[str, str]:
-    subject = task.spec.subject
-    details = subject.details.strip()
-    return {
-        "age": subject.age.value, "gender": subject.gender.value, "details": details,
-        "wearing": f", wearing {details}" if details else "",
-        "action": action.description or action.name, "action_name": action.name,
-        "place": task.place.get("description", ""),
-        "image": str(task.image.get("description", "")),
-    }
-
-
 async def run_scene(ctx: dict[str, Any], task: SceneTask, *, queued_s: float) -> dict[str, Any]:
     context = GeneratorContext.of(ctx)
     store, events = context.store, context.events
@@ -129,15 +123,19 @@ async def run_scene(ctx: dict[str, Any], task: SceneTask, *, queued_s: float) ->
 
     action, scores, fresh = await pick_action(task)
     timings["pick_s"] = round(time.perf_counter() - t0, 4)
-    values = prompt_values(task, action)
     template = spec.prompt_template or DEFAULT_PROMPT_TEMPLATE
-    prompt = render_prompt(template, {**values, "trigger": ""})
+
+    def prompt_with(trigger: str) -> str:
+        return render_prompt(template, prompt_values(
+            spec.subject, action_name=action.name, action_description=action.description,
+            place=task.place.get("description", ""),
+            image=str(task.image.get("description", "")), trigger=trigger))
+
+    prompt = prompt_with("")
     lora = task.lora
     face_prompt = None
     if lora is not None:
-        triggers = " ".join(lora.get("trigger_words") or [])
-        face_prompt = render_prompt(template, {**values, "trigger": f"{triggers} " if triggers
-                                               else ""})
+        face_prompt = prompt_with(" ".join(lora.get("trigger_words") or []))
 
     # The shot's pose guide and masks, fitted onto the background at the generation size.
     t1 = time.perf_counter()
