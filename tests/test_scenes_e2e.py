@@ -320,3 +320,17 @@ def test_scenes_on_the_other_tiny_families(stack: RunningStack, scene_setup: dic
     bg = np.asarray(background()).astype(int)
     assert np.array_equal(final[~body], bg[~body])
     assert job["result"]["model"]["name"] == model
+
+
+def test_a_scene_retried_with_its_idempotency_key_is_one_job(
+        stack: RunningStack, scene_setup: dict[str, str]) -> None:
+    with stack.client() as client:
+        body, headers = base_body(scene_setup, seed=99), {"Idempotency-Key": "scene-once"}
+        first = client.post("/v1/scenes", json=body, headers=headers)
+        again = client.post("/v1/scenes", json=body, headers=headers)
+        other = client.post("/v1/scenes", json={**body, "seed": 98}, headers=headers)
+        assert first.status_code == again.status_code == 202, first.text
+        assert again.json()["id"] == first.json()["id"]
+        assert again.headers.get("Idempotent-Replayed") == "true"
+        assert other.status_code == 409
+        wait_terminal(client, first.json()["id"], timeout=300)
