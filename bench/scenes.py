@@ -102,6 +102,7 @@ def old_way_once(request_file: Path) -> int:
     controlnet = controlnet_cls.from_pretrained(req["controlnet_dir"], torch_dtype=torch.float32)
     body_pipe = body_cls.from_pretrained(req["inpaint_dir"], controlnet=controlnet,
                                          torch_dtype=torch.float32, **no_checker)
+    body_pipe.to(req["device"])
     body_pipe.set_progress_bar_config(disable=True)
     body_loaded = time.perf_counter()
     with torch.inference_mode():
@@ -119,6 +120,7 @@ def old_way_once(request_file: Path) -> int:
     if req.get("lora"):
         face_pipe = face_cls.from_pretrained(req["base_dir"], torch_dtype=torch.float32,
                                              **no_checker)
+        face_pipe.to(req["device"])
         face_pipe.set_progress_bar_config(disable=True)
         face_pipe.load_lora_weights(req["lora"])
         face_loaded = time.perf_counter()
@@ -263,6 +265,7 @@ def bench(args: argparse.Namespace, workdir: Path) -> int:
 
     from services.devstack import Child, Stack, free_port, start_redis, stop_child, wait_port
     from services.gateway.auth.service import provision_api_key
+    from services.models.device import pick_device
     from services.models.tiny.diffusion import ensure_tiny_model
 
     model_cache = (args.model_cache or workdir / "models").resolve()
@@ -296,7 +299,7 @@ def bench(args: argparse.Namespace, workdir: Path) -> int:
             catalog = make_catalog(client, model_cache=model_cache, background=background)
             print(f"{MODEL} scenes: {BACKGROUND_SIZE[0]}x{BACKGROUND_SIZE[1]} background, "
                   f"{STEPS} steps, medium shot; p50 of {args.runs} after one warm-up per series; "
-                  f"{os.cpu_count()} CPUs", flush=True)
+                  f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}", flush=True)
 
             cold: dict[str, dict[str, Any]] = {}
             series: dict[str, tuple[list[float], list[dict[str, Any]]]] = {}
@@ -328,6 +331,8 @@ def bench(args: argparse.Namespace, workdir: Path) -> int:
                 "controlnet_dir": str(ensure_tiny_model(f"{MODEL}-controlnet-openpose",
                                                         model_cache)),
                 "lora": str(lora_file),
+                # the worker's device ("auto"); tiny-sd15's preset runs float32 on every device
+                "device": pick_device("auto"),
                 "background": str(inputs / "background.png"),
                 **{name: str(download(client, artifact_of(reference, kind), inputs / f"{name}.png"))
                    for name, kind in (("pose", "pose_control"), ("body_mask", "body_mask"),
@@ -355,7 +360,7 @@ def bench(args: argparse.Namespace, workdir: Path) -> int:
 
     # Measured with the stack stopped, so the worker's idle polling takes no CPU from it.
     print(f"\nold way: a fresh process per request loading both pipelines "
-          f"({size[0]}x{size[1]}, {STEPS} steps)", flush=True)
+          f"({size[0]}x{size[1]}, {STEPS} steps, {request['device']})", flush=True)
     first_wall, _ = run_old_way(request, inputs, spec["seed"])  # warm-up: the page cache
 
     def same_pixels(service: Path, old_way: Path) -> str:
@@ -387,7 +392,7 @@ def bench(args: argparse.Namespace, workdir: Path) -> int:
 
     new = p50(series["body + face"][0])
     print(f"\nold / new, body + face: {old / new:6.1f} x  ({old * 1000:.1f} ms / "
-          f"{new * 1000:.1f} ms)")
+          f"{new * 1000:.1f} ms); load average now {os.getloadavg()[0]:.2f}")
 
     # One model, loaded once: the stages derive their pipelines from it.
     models, loras = worker_loads(worker_log)
