@@ -9,7 +9,7 @@ background, an action posed by keypoints (medium shot; masks derived from them) 
 tiny-sd15, then times ``--runs`` scenes per series after one warm-up each: the body stage
 alone, then body + face with the LoRA. It prints the p50 wall (submit to a terminal status
 read through ``GET /v1/jobs/{id}``) and each stage's share of it from the jobs'
-``result.timings``.
+``result.timings``, with the diffusers call alone from their manifests' ``stages``.
 
 The old way gets the very pose map, masks and prompts the service used (read back from a
 scene's artifacts and result), so both do the same work at the same size, steps and seed:
@@ -233,7 +233,20 @@ def download(client: Any, artifact: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def print_series(label: str, walls: list[float], jobs: list[dict[str, Any]]) -> None:
+def pipeline_seconds(client: Any, job: dict[str, Any]) -> dict[str, float]:
+    """Per stage, the diffusers call alone (the manifest's ``stages[].seconds``): the rest of
+    a stage's time is reading its inputs, preparing them and the per-step events."""
+    manifest = client.get(artifact_of(job, "manifest")["url"])
+    manifest.raise_for_status()
+    seconds: dict[str, float] = {}
+    for stage in manifest.json()["stages"]:
+        key = f"{stage['stage']}_s"
+        seconds[key] = seconds.get(key, 0.0) + stage["seconds"]
+    return seconds
+
+
+def print_series(label: str, walls: list[float], jobs: list[dict[str, Any]],
+                 calls: list[dict[str, float]]) -> None:
     """The p50 wall and each stage's p50 as a share of it; what the worker's timings do not
     cover (gateway, queue hand-over, events, polling) is the rest."""
     wall = p50(walls)
@@ -248,6 +261,10 @@ def print_series(label: str, walls: list[float], jobs: list[dict[str, Any]]) -> 
     for key in timings[0]:
         value = p50([t.get(key, 0.0) for t in timings])
         print(f"    {key:46} {value * 1000:8.1f} ms  {100 * value / wall:5.1f} %")
+        if key in calls[0]:
+            call = p50([c[key] for c in calls])
+            print(f"      {'of which the diffusers call':44} {call * 1000:8.1f} ms  "
+                  f"{100 * call / wall:5.1f} %")
 
 
 def worker_loads(log: Path) -> tuple[list[str], list[str]]:
@@ -311,7 +328,8 @@ def bench(args: argparse.Namespace, workdir: Path) -> int:
                     walls.append(wall)
                     jobs.append(job)
                 series[name] = (walls, jobs)
-                print_series(f"scene, {name}" + (" (LoRA)" if face else ""), walls, jobs)
+                print_series(f"scene, {name}" + (" (LoRA)" if face else ""), walls, jobs,
+                             [pipeline_seconds(client, job) for job in jobs])
             size = (series["body + face"][1][0]["spec"]["width"],
                     series["body + face"][1][0]["spec"]["height"])
 
