@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -232,6 +232,46 @@ class WorkerSettings(BaseModel):
         return self
 
 
+# ≈ 3 days in all: immediately, 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 14 h, 20 h, 24 h.
+DEFAULT_WEBHOOK_RETRY_SCHEDULE_S = [0, 5, 300, 1800, 7200, 18000, 36000, 50400, 72000, 86400]
+
+
+class WebhookSettings(BaseModel):
+    """Outbound webhooks: what the gateway may call, how long it keeps trying, what it keeps."""
+
+    allow_http: bool = Field(default=False, description="Accept http:// webhook URLs; off: "
+                             "https only.")
+    allow_private_networks: bool = Field(
+        default=False,
+        description="Let webhooks reach loopback, private, link-local and cloud metadata "
+        "addresses (tests, single-machine setups). Off in production: it is what stops SSRF.")
+    timeout_s: float = Field(default=15, gt=0, description="A delivery attempt that takes "
+                             "longer (connect and response) fails with a timeout.")
+    retry_schedule_s: list[Annotated[float, Field(ge=0)]] = Field(
+        default_factory=lambda: list(DEFAULT_WEBHOOK_RETRY_SCHEDULE_S), min_length=1,
+        description="Delay before each attempt, from the previous one; after the last the "
+        "delivery is failed (redeliverable by hand). The default spans about three days.")
+    retry_jitter: float = Field(default=0.1, ge=0, le=1, description="Each delay is scaled by "
+                                "a random factor within ±this fraction, so retries spread out.")
+    progress_interval_s: float = Field(default=2.0, ge=0, description="At most one progress "
+                                       "webhook per endpoint per job in this interval.")
+    # SigV4 query signatures are valid for at most 7 days; local-store links have no ceiling.
+    url_ttl_s: int = Field(default=86_400, gt=0, le=604_800, description="Lifetime of the "
+                           "presigned artifact URLs in a payload, from when it is sent.")
+    max_request_bytes: int = Field(default=256 * 1024, gt=0, description="Largest request "
+                                   "body a delivery may send.")
+    max_response_bytes: int = Field(default=64 * 1024, ge=1024, description="Most of a "
+                                    "receiver's response read; its first KiB is logged.")
+    disable_after_s: float = Field(default=5 * 86_400, gt=0, description="An endpoint whose "
+                                   "every delivery failed for this long is disabled.")
+    secret_overlap_s: float = Field(default=86_400, ge=0, description="After a secret "
+                                    "rotation the old secret keeps signing this long.")
+    dispatch_interval_s: float = Field(default=1.0, gt=0, description="How often a gateway "
+                                       "looks for deliveries that are due.")
+    dispatch_batch: int = Field(default=50, ge=1, description="Deliveries a gateway takes "
+                                "per look.")
+
+
 class Settings(BaseSettings):
     """All of Loomis' configuration; each service reads the part it needs."""
 
@@ -256,6 +296,7 @@ class Settings(BaseSettings):
     tagger: TaggerSettings = TaggerSettings()
     trainer: TrainerSettings = TrainerSettings()
     worker: WorkerSettings = WorkerSettings()
+    webhooks: WebhookSettings = WebhookSettings()
 
     @model_validator(mode="before")
     @classmethod

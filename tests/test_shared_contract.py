@@ -24,8 +24,9 @@ FORBIDDEN = ("torch", "fastapi", "starlette", "sqlalchemy", "alembic", "diffuser
 # pose drawing and the tokenizers moved out; 3,400 after upload streaming and download-link
 # signing (to the gateway's files/stores.py), the optimizer package check, the per-kind outcome
 # lookups and the kohya sampler -> scheduler map moved out; raised to 3,650 for the scene job's
-# contract (shared/specs/scene.py, SceneOutcome) and to 3,700 for the scenes catalog's keys
-MAX_SHARED_LINES = 3_700
+# contract (shared/specs/scene.py, SceneOutcome), to 3,700 for the scenes catalog's keys and
+# to 3,750 for the webhooks' settings (LOOMIS_WEBHOOKS__*)
+MAX_SHARED_LINES = 3_750
 
 # shared modules allowed a single consumer, each with the reason; empty while none needs it.
 SINGLE_CONSUMER_ALLOWED: dict[str, str] = {}
