@@ -1,0 +1,1 @@
+"""Webhooks: signed, durable, SSRF-checked notifications of job events to tenants' URLs."""
