@@ -233,7 +233,7 @@ class WorkerSettings(BaseModel):
 
 
 # ≈ 3 days in all: immediately, 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 14 h, 20 h, 24 h.
-DEFAULT_WEBHOOK_RETRY_SCHEDULE_S = [0, 5, 300, 1800, 7200, 18000, 36000, 50400, 72000, 86400]
+DEFAULT_WEBHOOK_RETRY_SCHEDULE_S: list[float] = [0, 5, 300, 1800, 7200, 18000, 36000, 50400, 72000, 86400]
 
 
 class WebhookSettings(BaseModel):
