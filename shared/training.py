@@ -35,7 +35,7 @@ from shared.kohya import (
     kohya_sampler,
     parse_sample_prompts,
 )
-from shared.specs import LORA_NAME_RULE, MAX_SEED, LoraName
+from shared.specs import LORA_NAME_RULE, MAX_SEED, JobWebhook, LoraName
 from shared.storage import ObjectStore
 from shared.text import MULTILINE, RequestModel
 
@@ -292,6 +292,7 @@ class TrainingSpec(_Options):
     save: SaveOptions = Field(default_factory=SaveOptions, description="Checkpoints and resumable state.")
     resume_from: str | None = Field(default=None, description="A training job id whose saved "
                                     "state this run continues.")
+    webhook: JobWebhook = None
 
     @field_validator("diffusion")
     @classmethod

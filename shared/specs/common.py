@@ -1,6 +1,6 @@
 """What every job kind shares: kinds, statuses, seeds, prompts, artifacts, LoRA references,
-the LoRA name rule (a training names its LoRA by it, as an upload does) and the safety policy
-a worker applies to its outputs.
+the LoRA name rule (a training names its LoRA by it, as an upload does), the safety policy
+a worker applies to its outputs and the webhook a job may carry.
 """
 
 from __future__ import annotations
@@ -12,11 +12,12 @@ from typing import Annotated, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    ConfigDict,
     Field,
 )
 from pydantic_core import PydanticCustomError
 
-from shared.text import MULTILINE
+from shared.text import MULTILINE, RequestModel
 
 MAX_PROMPT_CHARS = 2000
 MAX_SEED = 2**32 - 1
@@ -117,3 +118,36 @@ class ArtifactRef(BaseModel):
     width: int | None = Field(default=None, description="Images: width in pixels.")
     height: int | None = Field(default=None, description="Images: height in pixels.")
     seed: int | None = Field(default=None, description="Images: the seed this image was generated with.")
+
+
+# The job events a webhook can follow (``queued`` is not one: the submission's 202 says it).
+WebhookEventType = Literal["running", "progress", "sample", "succeeded", "failed", "canceled"]
+WEBHOOK_EVENT_TYPES: tuple[WebhookEventType, ...] = (
+    "running", "progress", "sample", "succeeded", "failed", "canceled")
+TERMINAL_EVENT_TYPES: tuple[WebhookEventType, ...] = ("succeeded", "failed", "canceled")
+MAX_WEBHOOK_URL_CHARS = 2048
+
+
+class WebhookTarget(RequestModel):
+    """Where one job's events are posted (signed with the tenant's job secret); the gateway
+    checks the URL against private networks before the job exists."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"url": "https://example.com/loomis-hook", "events": ["succeeded", "failed"]}]})
+
+    url: str = Field(min_length=1, max_length=MAX_WEBHOOK_URL_CHARS,
+                     description="An https URL (http only where the server allows it) that is "
+                     "not on a private network.")
+    events: list[WebhookEventType] = Field(
+        default_factory=lambda: list(TERMINAL_EVENT_TYPES), min_length=1,
+        max_length=len(WEBHOOK_EVENT_TYPES), description="The job events to post: "
+        + ", ".join(WEBHOOK_EVENT_TYPES) + ". Default: the terminal ones.")
+
+
+# The field every job spec carries (``webhook: JobWebhook = None``). ``exclude``: it never
+# leaves the gateway in a dump, so the worker's task, the manifest and the job's recorded spec
+# stay what they were; the gateway keeps it on the job row and counts it in the request hash
+# itself.
+JobWebhook = Annotated[WebhookTarget | None, Field(
+    exclude=True, description="Post this job's events to a URL: "
+    "`{url, events}`, signed with your job secret (`GET /v1/webhooks/job-secret`).")]

@@ -23,7 +23,15 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from shared.models import ControlType
 from shared.poses import parse_openpose_json
-from shared.specs.common import MAX_PROMPT_CHARS, MAX_SEED, LoraRef, Prompt, SafetyPolicy, Size
+from shared.specs.common import (
+    MAX_PROMPT_CHARS,
+    MAX_SEED,
+    JobWebhook,
+    LoraRef,
+    Prompt,
+    SafetyPolicy,
+    Size,
+)
 from shared.text import MULTILINE, RequestModel
 
 # A standing figure, COCO-18 keypoints normalised to the canvas (x, y, confidence).
@@ -304,6 +312,7 @@ class GenerationSpec(RequestModel):
                                         "applied in any mode, up to 4.")
     loras: list[LoraUse] = Field(default_factory=list, max_length=5, description="Uploaded or trained "
                                  "LoRAs to apply with their weights, up to 5.")
+    webhook: JobWebhook = None
 
     @model_validator(mode="after")
     def _mode_inputs(self) -> GenerationSpec:

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from shared.models import ControlType
-from shared.specs.common import MAX_SEED, SafetyPolicy
+from shared.specs.common import MAX_SEED, JobWebhook, SafetyPolicy
 from shared.text import RequestModel
 
 
@@ -171,6 +171,7 @@ class SceneSpec(RequestModel):
                                  "holds in stage 1 (0: not at all).")
     num_images: int = Field(default=1, ge=1, le=4, description="Images, each with its own face "
                             "stage; image i uses seed + i.")
+    webhook: JobWebhook = None
 
     @field_validator("action_text")
     @classmethod

@@ -16,7 +16,7 @@ from pydantic import (
 from pydantic import ValidationError as PydanticValidationError
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from shared.specs.common import LoraRef, SafetyPolicy
+from shared.specs.common import JobWebhook, LoraRef, SafetyPolicy
 from shared.specs.generation import GenerationSpec
 from shared.text import MULTILINE, RequestModel
 
@@ -51,6 +51,7 @@ class SweepSpec(RequestModel):
     axes: list[SweepAxis] = Field(min_length=1, max_length=2, description="The first axis runs "
                                   "along the sheet's columns, the second down its rows.")
     title: str = Field(default="", max_length=200, description="Printed at the top of the contact sheet.")
+    webhook: JobWebhook = None
 
     @model_validator(mode="after")
     def _grid(self) -> SweepSpec:
@@ -69,6 +70,9 @@ class SweepSpec(RequestModel):
             cells *= len(axis.values)
         if cells > MAX_SWEEP_CELLS:
             refuse(("axes",), f"{cells} cells; a sweep makes at most {MAX_SWEEP_CELLS}", cells)
+        if self.base.webhook is not None:
+            refuse(("base", "webhook"), "a sweep is one job: give its webhook as the sweep's "
+                   "`webhook`", None)
         if self.base.num_images != 1:
             refuse(("base", "num_images"), "a sweep renders one image per cell: leave it at 1",
                    self.base.num_images)

@@ -9,7 +9,7 @@ from pydantic import (
     model_validator,
 )
 
-from shared.specs.common import MAX_SEED
+from shared.specs.common import MAX_SEED, JobWebhook
 from shared.text import RequestModel
 
 
@@ -98,6 +98,7 @@ class TaggingSpec(RequestModel):
                                  "and tags this job writes, unless already there: in kohya a caption "
                                  "replaces the class tokens, so without it training never sees the "
                                  "trigger. Captions the job does not write are left as they are.")
+    webhook: JobWebhook = None
 
     @model_validator(mode="after")
     def _something(self) -> TaggingSpec:
