@@ -110,6 +110,9 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    # The job's own webhook, {url, events} (a WebhookTarget): kept here, not in ``spec``, so
+    # no worker ever sees it.
+    webhook: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), default=None)
 
     artifacts: Mapped[list[Artifact]] = relationship(
         order_by="Artifact.id", lazy="selectin", cascade="all, delete-orphan"
@@ -299,3 +302,95 @@ class ActionShot(Base):
     body_mask_key: Mapped[str | None] = mapped_column(String(500), default=None)
     face_mask_key: Mapped[str | None] = mapped_column(String(500), default=None)
     placement: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+
+
+class WebhookEndpoint(Base):
+    """A tenant's standing webhook: every job event matching one of its ``events`` filters
+    (``"kind.type"``, ``*`` for any) becomes a :class:`WebhookDelivery` to ``url``."""
+
+    __tablename__ = "webhook_endpoints"
+    __table_args__ = (Index("ix_webhook_endpoints_tenant_created", "tenant_id", "created_at",
+                            "id"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    url: Mapped[str] = mapped_column(String(2048))
+    events: Mapped[list[str]] = mapped_column(JSON)
+    description: Mapped[str] = mapped_column(Text, default="")
+    enabled: Mapped[bool] = mapped_column(default=True)
+    # Why the gateway disabled it (a 410, days of failures); null when enabled or when the
+    # tenant disabled it.
+    disabled_reason: Mapped[str | None] = mapped_column(Text, default=None)
+    # Signing secrets ("whsec_…"); the previous one keeps signing beside the new one until
+    # ``previous_secret_until`` after a rotation.
+    secret: Mapped[str] = mapped_column(String(100))
+    previous_secret: Mapped[str | None] = mapped_column(String(100), default=None)
+    previous_secret_until: Mapped[datetime | None] = mapped_column(default=None)
+    # The first failed attempt since the last success: the dispatcher disables an endpoint
+    # that has failed everything for long enough.
+    failing_since: Mapped[datetime | None] = mapped_column(default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class TenantWebhookSecret(Base):
+    """The secret that signs a tenant's per-job webhooks (``jobs.webhook``), made on first use."""
+
+    __tablename__ = "tenant_webhook_secrets"
+
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"),
+                                           primary_key=True)
+    secret: Mapped[str] = mapped_column(String(100))
+    previous_secret: Mapped[str | None] = mapped_column(String(100), default=None)
+    previous_secret_until: Mapped[datetime | None] = mapped_column(default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class WebhookDelivery(Base):
+    """One event to send to one URL, durable until it succeeds or its retries run out.
+
+    ``event_id`` is the ``webhook-id`` header: stable per (job, seq, target), and kept by a
+    redelivery, so a receiver can drop what it has already seen. The dispatcher picks rows by
+    (status, next_attempt_at).
+    """
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
+        Index("ix_webhook_deliveries_endpoint_created", "endpoint_id", "created_at", "id"),
+        Index("ix_webhook_deliveries_job_created", "job_id", "created_at", "id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"),
+                                           index=True)
+    # null: the job's own webhook (jobs.webhook), or an endpoint deleted since
+    endpoint_id: Mapped[str | None] = mapped_column(
+        ForeignKey("webhook_endpoints.id", ondelete="SET NULL"), default=None)
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"),
+                                               default=None)
+    url: Mapped[str] = mapped_column(String(2048))
+    event_type: Mapped[str] = mapped_column(String(40))
+    event_id: Mapped[str] = mapped_column(String(120))
+    seq: Mapped[int | None] = mapped_column(Integer, default=None)
+    status: Mapped[str] = mapped_column(String(20), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(default=None)
+    last_attempt_at: Mapped[datetime | None] = mapped_column(default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class WebhookAttempt(Base):
+    """One try of a delivery: what the receiver answered (its first KiB) or why it failed."""
+
+    __tablename__ = "webhook_attempts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[str] = mapped_column(
+        ForeignKey("webhook_deliveries.id", ondelete="CASCADE"), index=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    status_code: Mapped[int | None] = mapped_column(Integer, default=None)
+    latency_ms: Mapped[float] = mapped_column(Float, default=0.0)
+    response_head: Mapped[str] = mapped_column(Text, default="")
+    error: Mapped[str | None] = mapped_column(Text, default=None)
