@@ -38,6 +38,8 @@ from services.gateway.sweeps.routes import router as sweeps_router
 from services.gateway.taggings.routes import router as taggings_router
 from services.gateway.trainings.routes import router as trainings_router
 from services.gateway.uploads.routes import router as uploads_router
+from services.gateway.webhooks.routes import job_deliveries_router
+from services.gateway.webhooks.routes import router as webhooks_router
 from shared.events import JobEvents
 from shared.logs import configure_logging
 from shared.models import ModelRegistry
@@ -50,7 +52,8 @@ Loomis generates images on GPU workers behind a job queue.
 
 * Authenticate with `Authorization: Bearer <api key>` (`loomis keys create --tenant NAME`).
 * Submitting returns **202** with a job; follow it by polling `GET /v1/jobs/{id}`, by
-  Server-Sent Events on `GET /v1/jobs/{id}/events` (resumable with `Last-Event-ID`).
+  Server-Sent Events on `GET /v1/jobs/{id}/events` (resumable with `Last-Event-ID`), or by
+  webhook (`webhook` in the request, or an endpoint registered with `POST /v1/webhooks`).
 * Errors are RFC 9457 `application/problem+json` with a stable `code` and the offending
   `errors[].field`.
 """
@@ -93,6 +96,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             max_attempts=settings.gateway.consumer_max_attempts,
             dead_letter_stream=settings.redis.events_dead_letter_stream, events=events,
             write_lock=app.state.loomis.write_lock,
+            webhook_progress_interval_s=settings.webhooks.progress_interval_s,
         )
         stop = asyncio.Event()
         task = asyncio.create_task(consumer.run(stop), name="event-consumer")
@@ -127,7 +131,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in (generations_router, sweeps_router, uploads_router, control_router,
                    loras_router, datasets_router, taggings_router, trainings_router, jobs_router,
                    places_router, match_router, actions_router, scene_jobs_router, models_router,
-                   health_router, files_router):
+                   webhooks_router, job_deliveries_router, health_router, files_router):
         app.include_router(router)
     generate_openapi = app.openapi
 

@@ -12,6 +12,7 @@ from services.gateway.generations.resolve import resolve_generation
 from services.gateway.jobs.submission import create_and_enqueue, find_replay, request_hash
 from services.gateway.loras.service import resolve_loras
 from services.gateway.uploads.service import resolve_inputs
+from services.gateway.webhooks.service import check_job_webhook
 from shared.models import ControlType
 from shared.queue import GENERATE_TASK
 from shared.specs import (
@@ -62,12 +63,13 @@ async def submit_generation(
                                   digest=digest)
     ):
         return existing, False
+    webhook = await check_job_webhook(settings=state.settings, webhook=spec.webhook)
     resolved, inputs, loras, _ = await prepare_generation(
         session=session, state=state, tenant=tenant, spec=spec)
     return await create_and_enqueue(
         session=session, state=state, tenant=tenant, kind=JobKind.GENERATION,
         spec=resolved.model_dump(mode="json"), digest=digest, idempotency_key=idempotency_key,
-        task_name=GENERATE_TASK,
+        task_name=GENERATE_TASK, webhook=webhook,
         payload=lambda job_id: GenerationTask(
             job_id=job_id, tenant_id=tenant.id, spec=resolved, inputs=inputs, loras=loras,
             safety=safety_policy(tenant)).model_dump(mode="json"),

@@ -26,9 +26,10 @@ from sqlalchemy.orm.attributes import set_committed_value
 
 from services.gateway.db.models import Job, Tenant, new_id, utcnow
 from services.gateway.deps import GatewayState
+from services.gateway.webhooks.service import CheckedWebhook
 from shared.errors import Conflict, ServiceUnavailable
 from shared.queue import GENERATOR_QUEUE
-from shared.specs import JobKind, JobStatus
+from shared.specs import JobKind, JobStatus, WebhookTarget
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +58,14 @@ async def enqueue(redis: Any, *, queue: str, task: str, job_id: str, payload: di
 
 
 def request_hash(spec: BaseModel) -> str:
-    """Hash of what the client sent (not of server-filled fields such as a drawn seed)."""
+    """Hash of what the client sent (not of server-filled fields such as a drawn seed).
+
+    A spec's ``webhook`` is left out of every dump (it must not reach a worker), so it is added
+    here: the same body with another webhook is another request."""
     sent = spec.model_dump(mode="json", exclude_unset=True)
+    webhook = getattr(spec, "webhook", None)
+    if isinstance(webhook, WebhookTarget):
+        sent["webhook"] = webhook.model_dump(mode="json", exclude_unset=True)
     return hashlib.sha256(json.dumps(sent, sort_keys=True).encode()).hexdigest()
 
 
@@ -80,8 +87,12 @@ async def create_and_enqueue(
     *, session: AsyncSession, state: GatewayState, tenant: Tenant, kind: JobKind,
     spec: dict[str, Any], digest: str, idempotency_key: str | None, task_name: str,
     payload: Callable[[str], dict[str, Any]], queue: str = GENERATOR_QUEUE,
+    webhook: CheckedWebhook | None = None,
 ) -> tuple[Job, bool]:
-    """Commit the job row, then enqueue it; a queue failure ends the job in ``failed``."""
+    """Commit the job row, then enqueue it; a queue failure ends the job in ``failed``.
+
+    ``webhook`` (the spec's, as ``check_job_webhook`` passed it) goes on the row, beside the
+    spec the worker gets, never into it."""
     if session.new or session.dirty or session.deleted:
         raise RuntimeError("a submission commits its job row alone; commit other changes first")
     now = utcnow()
@@ -91,6 +102,7 @@ async def create_and_enqueue(
         "request_hash": digest, "result": {}, "progress": 0.0, "last_seq": 0, "attempts": 0,
         "cancel_requested": False, "error_code": None, "error_message": None,
         "created_at": now, "started_at": None, "finished_at": None, "updated_at": now,
+        "webhook": webhook,
     }
     try:
         await state.job_inserts.insert(row)

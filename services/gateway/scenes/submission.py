@@ -23,6 +23,7 @@ from services.gateway.scenes.service import (
     find_place_image,
     list_actions_with_shot,
 )
+from services.gateway.webhooks.service import check_job_webhook
 from shared.errors import LoomisError, ValidationFailed
 from shared.queue import GENERATOR_QUEUE, SCENE_TASK
 from shared.specs import (
@@ -188,10 +189,11 @@ async def submit_scene(
                                       digest=digest)
     ):
         return existing, False
+    webhook = await check_job_webhook(settings=state.settings, webhook=spec.webhook)
     task, recorded = await resolve_scene(session=session, state=state, tenant=tenant, spec=spec)
     return await create_and_enqueue(
         session=session, state=state, tenant=tenant, kind=JobKind.SCENE, spec=recorded,
         digest=digest, idempotency_key=idempotency_key, task_name=SCENE_TASK,
-        queue=GENERATOR_QUEUE,
+        queue=GENERATOR_QUEUE, webhook=webhook,
         payload=lambda job_id: task.model_copy(update={"job_id": job_id}).model_dump(mode="json"),
     )

@@ -10,6 +10,7 @@ from services.gateway.generations.resolve import resolve_generation
 from services.gateway.generations.service import prepare_generation, safety_policy
 from services.gateway.jobs.submission import create_and_enqueue, find_replay, request_hash
 from services.gateway.sweeps.cells import sweep_cells
+from services.gateway.webhooks.service import check_job_webhook
 from shared.errors import ValidationFailed
 from shared.queue import SWEEP_TASK
 from shared.specs import GenerationSpec, JobKind, SweepSpec, SweepTask
@@ -24,6 +25,7 @@ async def submit_sweep(
     if idempotency_key and (existing := await find_replay(session=session, tenant=tenant,
                                                       key=idempotency_key, digest=digest)):
         return existing, False
+    webhook = await check_job_webhook(settings=state.settings, webhook=sweep.webhook)
     try:
         base, inputs, loras, input_size = await prepare_generation(
             session=session, state=state, tenant=tenant, spec=sweep.base)
@@ -47,7 +49,7 @@ async def submit_sweep(
     return await create_and_enqueue(
         session=session, state=state, tenant=tenant, kind=JobKind.SWEEP,
         spec={**sweep.model_dump(mode="json"), "cells": len(cells)}, digest=digest,
-        idempotency_key=idempotency_key, task_name=SWEEP_TASK,
+        idempotency_key=idempotency_key, task_name=SWEEP_TASK, webhook=webhook,
         payload=lambda job_id: SweepTask(
             job_id=job_id, tenant_id=tenant.id, sweep=sweep, cells=cells, inputs=inputs,
             loras=loras, safety=safety_policy(tenant)).model_dump(mode="json"),

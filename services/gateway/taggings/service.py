@@ -14,6 +14,7 @@ from services.gateway.datasets.service import (
 from services.gateway.db.models import Job, Tenant
 from services.gateway.deps import GatewayState
 from services.gateway.jobs.submission import create_and_enqueue, find_replay, request_hash
+from services.gateway.webhooks.service import check_job_webhook
 from shared.errors import ValidationFailed
 from shared.keys import tagging_prefix
 from shared.queue import TAG_TASK, TAGGER_QUEUE
@@ -28,6 +29,7 @@ async def submit_tagging(
     if idempotency_key and (existing := await find_replay(
             session=session, tenant=tenant, key=idempotency_key, digest=digest)):
         return existing, False
+    webhook = await check_job_webhook(settings=state.settings, webhook=spec.webhook)
     dataset = await get_dataset(session=session, tenant=tenant, dataset_id=spec.dataset_id)
     items = await dataset_items(session=session, dataset=dataset)
     if not items:
@@ -41,6 +43,7 @@ async def submit_tagging(
         session=session, state=state, tenant=tenant, kind=JobKind.TAGGING,
         spec={**spec.model_dump(mode="json"), "images": len(items)}, digest=digest,
         idempotency_key=idempotency_key, task_name=TAG_TASK, queue=TAGGER_QUEUE,
+        webhook=webhook,
         payload=lambda job_id: TaggingTask(
             job_id=job_id, tenant_id=tenant.id, spec=spec, items=queued_items,
             caption_extension=dataset.caption_extension,

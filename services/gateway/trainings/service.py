@@ -33,6 +33,7 @@ from services.gateway.jobs.submission import create_and_enqueue, find_replay, re
 from services.gateway.trainings.buckets import assign_bucket, epoch_plan
 from services.gateway.trainings.schemas import TrainingRequest
 from services.gateway.trainings.triggers import trained_triggers
+from services.gateway.webhooks.service import check_job_webhook
 from shared.errors import NotFound, ValidationFailed
 from shared.keys import lora_key, training_prefix
 from shared.kohya import ConfigError
@@ -270,6 +271,7 @@ async def submit_training(
     if idempotency_key and (existing := await find_replay(
             session=session, tenant=tenant, key=idempotency_key, digest=digest)):
         return existing, False
+    webhook = await check_job_webhook(settings=state.settings, webhook=spec.webhook)
     check_trainable(state=state, spec=spec)
     spec = await resolve_dataset_config(session=session, tenant=tenant, spec=spec)
     try:
@@ -285,7 +287,7 @@ async def submit_training(
         session=session, state=state, tenant=tenant, kind=JobKind.TRAINING,
         spec={**spec.model_dump(mode="json"), "images": len(examples), "lora_id": lora_id},
         digest=digest, idempotency_key=idempotency_key, task_name=TRAIN_TASK,
-        queue=TRAINER_QUEUE,
+        queue=TRAINER_QUEUE, webhook=webhook,
         payload=lambda job_id: TrainingTask(
             job_id=job_id, tenant_id=tenant.id, spec=spec, examples=examples,
             trigger_words=triggers, warnings=[note for _, note in notes] + [g.message for g in gaps],
