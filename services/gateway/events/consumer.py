@@ -33,7 +33,7 @@ from services.gateway.db.models import Job
 from services.gateway.db.session import WriteLock
 from services.gateway.jobs.service import apply_event
 from shared.events import ACTIVE, JobEvent, JobEvents, decode_event
-from shared.settings import RedisSettings
+from shared.settings import RedisSettings, WebhookSettings
 from shared.specs import JobStatus
 
 logger = logging.getLogger(__name__)
@@ -93,6 +93,7 @@ class EventConsumer:
         dead_letter_stream: str | None = None,
         events: JobEvents | None = None,
         write_lock: WriteLock | None = None,
+        webhook_progress_interval_s: float | None = None,
     ) -> None:
         self.redis = redis
         self.sessionmaker = sessionmaker
@@ -109,6 +110,10 @@ class EventConsumer:
         self.applied = 0
         self.parked = 0
         self.write_lock = write_lock
+        # the consumer applies the progress events, so it holds their webhook throttle
+        self.webhook_progress_interval_s = (
+            WebhookSettings().progress_interval_s if webhook_progress_interval_s is None
+            else webhook_progress_interval_s)
 
     async def ensure_group(self) -> None:
         try:
@@ -170,7 +175,9 @@ class EventConsumer:
         applied = 0
         async with self.write_lock or contextlib.nullcontext(), self.sessionmaker() as session:
             for _entry_id, _fields, event in decoded:
-                if await apply_event(session=session, event=event):
+                if await apply_event(
+                        session=session, event=event,
+                        webhook_progress_interval_s=self.webhook_progress_interval_s):
                     applied += 1
             await session.commit()
         return applied

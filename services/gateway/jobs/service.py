@@ -14,7 +14,7 @@ from sqlalchemy import and_, bindparam, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import joinedload
+from sqlalchemy.orm import joinedload, lazyload
 
 from services.gateway.db.models import Artifact, Job, JobEventRow, Tenant, utcnow
 from services.gateway.db.reads import Reads
@@ -23,6 +23,7 @@ from services.gateway.jobs.schemas import ArtifactOut, JobError, JobOut, JobPage
 from services.gateway.scenes.outcome import cache_action_embeddings
 from services.gateway.taggings.outcome import write_item_results
 from services.gateway.trainings.outcome import register_trained_lora
+from services.gateway.webhooks.service import enqueue_deliveries
 from shared.errors import BadRequest, Conflict, NotFound
 from shared.events import JobEvent, JobEvents
 from shared.outcomes import (
@@ -33,7 +34,7 @@ from shared.outcomes import (
     TaggingSucceeded,
     TrainingSucceeded,
 )
-from shared.specs import TERMINAL_STATUSES, JobKind, JobStatus
+from shared.specs import TERMINAL_STATUSES, WEBHOOK_EVENT_TYPES, JobKind, JobStatus
 from shared.text import control_character
 
 _TERMINAL = [s.value for s in TERMINAL_STATUSES]
@@ -53,8 +54,8 @@ def parse_succeeded(kind: JobKind, data: dict[str, Any]) -> Succeeded:
     return SUCCEEDED[kind].model_validate(data)
 
 
-# Each kind's domain takes what a succeeded job of that kind made; webhooks and subjects hook
-# in here too.
+# Each kind's domain takes what a succeeded job of that kind made; subjects hook in here too.
+# (Webhooks take every event of every kind, in ``apply_event`` itself.)
 ON_SUCCEEDED: dict[JobKind, Callable[[AsyncSession, Job, Succeeded], Awaitable[None]]] = {
     JobKind.TRAINING: register_trained_lora,
     JobKind.TAGGING: write_item_results,
@@ -234,8 +235,13 @@ def _insert_ignoring_duplicates(session: AsyncSession, model: Any) -> Any:
     return insert(model).on_conflict_do_nothing()
 
 
-async def apply_event(*, session: AsyncSession, event: JobEvent) -> bool:
+async def apply_event(*, session: AsyncSession, event: JobEvent,
+                      webhook_progress_interval_s: float = 0.0) -> bool:
     """Persist one worker event exactly once; returns whether it changed the job.
+
+    The event's webhook deliveries are queued in the same transaction, so they exist exactly
+    when the event does. ``webhook_progress_interval_s`` throttles progress webhooks: the
+    event consumer, the one caller that applies progress events, passes the setting.
 
     Re-delivered events hit the unique (job, seq) and are dropped; events older than the
     job's ``last_seq`` (possible when replicas share the stream) are recorded but do not move
@@ -298,9 +304,13 @@ async def apply_event(*, session: AsyncSession, event: JobEvent) -> bool:
     )
     if changed.rowcount == 0:  # type: ignore[attr-defined]
         return False
+    if outcome is None and event.type not in WEBHOOK_EVENT_TYPES:
+        return True  # ``queued``, one per submission: nothing more takes it
+    # The artifacts stay unloaded: nothing below reads them, and a job loaded by an earlier
+    # event of the batch (or the cancel route, artifacts and all) is returned as it is.
+    job = await session.get(Job, event.job_id, options=[lazyload(Job.artifacts)])
+    assert job is not None  # updated above
     if outcome is not None:
-        job = await session.get(Job, event.job_id)
-        assert job is not None  # locked above
         for ref in outcome.artifacts:
             await session.execute(
                 _insert_ignoring_duplicates(session, Artifact).values(
@@ -310,6 +320,7 @@ async def apply_event(*, session: AsyncSession, event: JobEvent) -> bool:
         handler = ON_SUCCEEDED.get(JobKind(job.kind))
         if handler is not None:  # the job's own domain takes what the job made
             await handler(session, job, outcome)
+    await enqueue_deliveries(session, job, event, webhook_progress_interval_s)
     return True
 
 
