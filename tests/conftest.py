@@ -156,6 +156,10 @@ def launch_stack(
         "LOOMIS_MODELS__CACHE_DIR": str(model_cache),
         "LOOMIS_GATEWAY__CONSUMER_CLAIM_IDLE_MS": "2000",
         "LOOMIS_GATEWAY__CONSUMER_MAX_ATTEMPTS": "3",
+        # webhook receivers in tests listen on loopback over http; a test of the SSRF rules
+        # turns these off in its own stack (extra_env)
+        "LOOMIS_WEBHOOKS__ALLOW_HTTP": "true",
+        "LOOMIS_WEBHOOKS__ALLOW_PRIVATE_NETWORKS": "true",
         **s3.env(bucket),
         **(extra_env or {}),
     }
