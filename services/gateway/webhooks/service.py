@@ -234,7 +234,10 @@ async def job_secret(*, session: AsyncSession, tenant_id: str) -> TenantWebhookS
 
 async def rotate_job_secret(*, session: AsyncSession, settings: Settings,
                             tenant: Tenant) -> TenantWebhookSecret:
-    held = await job_secret(session=session, tenant_id=tenant.id)
+    """A tenant without one gets its first: there is no old secret anyone could hold."""
+    held = await session.get(TenantWebhookSecret, tenant.id)
+    if held is None:
+        return await job_secret(session=session, tenant_id=tenant.id)
     _rotated(held, overlap_s=settings.webhooks.secret_overlap_s)
     await session.commit()
     return held
