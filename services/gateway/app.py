@@ -33,6 +33,7 @@ from services.gateway.models.routes import router as models_router
 from services.gateway.problems import install_problem_handlers
 from services.gateway.scenes.jobs import router as scene_jobs_router
 from services.gateway.scenes.matching import router as match_router
+from services.gateway.webhooks.dispatcher import Dispatcher
 from services.gateway.scenes.routes import actions_router, places_router
 from services.gateway.sweeps.routes import router as sweeps_router
 from services.gateway.taggings.routes import router as taggings_router
@@ -98,16 +99,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             write_lock=app.state.loomis.write_lock,
             webhook_progress_interval_s=settings.webhooks.progress_interval_s,
         )
+        dispatcher = Dispatcher(engine=engine, sessionmaker=sessionmaker, store=store,
+                                settings=settings.webhooks, write_lock=write_lock)
         stop = asyncio.Event()
-        task = asyncio.create_task(consumer.run(stop), name="event-consumer")
+        tasks = [asyncio.create_task(consumer.run(stop), name="event-consumer"),
+                 asyncio.create_task(dispatcher.run(stop), name="webhook-dispatcher")]
         logger.info("gateway ready (consumer %s)", consumer.name)
         try:
             yield
         finally:
             stop.set()
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            for task in tasks:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await redis.aclose()
             await reads.dispose()
             job_inserts.dispose()

@@ -147,8 +147,10 @@ async def read_job(*, reads: Reads, tenant: Tenant, store: GatewayStore, job_id:
     return job_out(rows[0], store=store, artifacts=artifacts)
 
 
-def job_out(job: _JobFields, *, store: GatewayStore, artifacts: Sequence[_ArtifactFields]) -> JobOut:
-    """The API's view of a job (a loaded :class:`Job` passes its own ``artifacts``)."""
+def job_out(job: _JobFields, *, store: GatewayStore, artifacts: Sequence[_ArtifactFields],
+            url_ttl_s: int | None = None) -> JobOut:
+    """The API's view of a job (a loaded :class:`Job` passes its own ``artifacts``);
+    ``url_ttl_s``: how long its artifact URLs last (default: the store's)."""
     error = JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None
     return JobOut(
         id=job.id,
@@ -160,7 +162,7 @@ def job_out(job: _JobFields, *, store: GatewayStore, artifacts: Sequence[_Artifa
         error=error,
         artifacts=[
             ArtifactOut(
-                kind=a.kind, index=a.index, url=store.presign_get(a.key),
+                kind=a.kind, index=a.index, url=store.presign_get(a.key, expires_s=url_ttl_s),
                 content_type=a.content_type, size=a.size, sha256=a.sha256,
                 width=a.width, height=a.height, seed=a.seed,
             )
