@@ -33,12 +33,12 @@ from services.gateway.models.routes import router as models_router
 from services.gateway.problems import install_problem_handlers
 from services.gateway.scenes.jobs import router as scene_jobs_router
 from services.gateway.scenes.matching import router as match_router
-from services.gateway.webhooks.dispatcher import Dispatcher
 from services.gateway.scenes.routes import actions_router, places_router
 from services.gateway.sweeps.routes import router as sweeps_router
 from services.gateway.taggings.routes import router as taggings_router
 from services.gateway.trainings.routes import router as trainings_router
 from services.gateway.uploads.routes import router as uploads_router
+from services.gateway.webhooks.dispatcher import Dispatcher
 from services.gateway.webhooks.routes import job_deliveries_router
 from services.gateway.webhooks.routes import router as webhooks_router
 from shared.events import JobEvents

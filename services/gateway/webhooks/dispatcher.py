@@ -172,15 +172,17 @@ class Dispatcher:
             delivery = await session.get(WebhookDelivery, delivery_id)
             if delivery is None:
                 return
+            url, event_id = delivery.url, delivery.event_id
             endpoint = (await session.get(WebhookEndpoint, delivery.endpoint_id)
                         if delivery.endpoint_id else None)
             holder: WebhookEndpoint | TenantWebhookSecret | None = endpoint
             if delivery.endpoint_id is None:
                 holder = await session.get(TenantWebhookSecret, delivery.tenant_id)
+            disabled = delivery.endpoint_id is not None and (endpoint is None
+                                                             or not endpoint.enabled)
             payload = await self._payload(session, delivery, now)
             secrets = _secrets(holder, now)
-            await session.rollback()
-        if delivery.endpoint_id is not None and (endpoint is None or not endpoint.enabled):
+        if disabled:
             await self._finish(delivery_id, None, failed="the endpoint is disabled or deleted")
             return
         if payload is None or not secrets:
@@ -192,9 +194,9 @@ class Dispatcher:
                                f"over the {self.settings.max_request_bytes}-byte limit")
             return
         timestamp = int(time.time())
-        headers = webhook_headers(delivery.event_id, timestamp, signature_header(
-            secrets, delivery.event_id, timestamp, body))
-        result = await send(delivery.url, body=body, headers=headers,
+        headers = webhook_headers(event_id, timestamp, signature_header(
+            secrets, event_id, timestamp, body))
+        result = await send(url, body=body, headers=headers,
                             timeout_s=self.settings.timeout_s,
                             max_response_bytes=self.settings.max_response_bytes,
                             allow_private=self.settings.allow_private_networks)
