@@ -53,7 +53,7 @@ CONCURRENCY = 16
 
 
 def _now() -> datetime:
-    return datetime.now(UTC).replace(tzinfo=None)
+    return datetime.now(UTC)
 
 
 def next_delay(attempts: int, settings: WebhookSettings, *,
@@ -73,7 +73,7 @@ def _secrets(holder: WebhookEndpoint | TenantWebhookSecret | None, now: datetime
         return []
     secrets = [holder.secret]
     until = holder.previous_secret_until
-    if holder.previous_secret and until is not None and until.replace(tzinfo=None) > now:
+    if holder.previous_secret and until is not None and until > now:
         secrets.append(holder.previous_secret)
     return secrets
 
@@ -153,7 +153,7 @@ class Dispatcher:
 
     async def _payload(self, session: AsyncSession, delivery: WebhookDelivery,
                        now: datetime) -> dict[str, Any] | None:
-        stamp = now.replace(tzinfo=UTC).isoformat()
+        stamp = now.isoformat()
         if delivery.job_id is None:
             return {"type": delivery.event_type, "timestamp": stamp,
                     "data": {"endpoint_id": delivery.endpoint_id}}
@@ -243,9 +243,8 @@ class Dispatcher:
                 if endpoint is not None:
                     since = endpoint.failing_since or now
                     endpoint.failing_since = since
-                    if (now - since.replace(tzinfo=None)).total_seconds() \
-                            >= self.settings.disable_after_s:
-                        _disable(endpoint, f"every delivery failed since {since.isoformat()}Z")
+                    if (now - since).total_seconds() >= self.settings.disable_after_s:
+                        _disable(endpoint, f"every delivery failed since {since.isoformat()}")
             await session.commit()
 
 
