@@ -6,9 +6,11 @@ fractions of a second instead of days.
 
 from __future__ import annotations
 
+import io
 import json
 import threading
 import time
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -17,7 +19,8 @@ from typing import Any
 
 import httpx
 import pytest
-from standardwebhooks import Webhook
+from PIL import Image
+from standardwebhooks import Webhook, WebhookVerificationError
 
 from services.devstack import free_port, stop_child
 from tests.conftest import RunningStack, S3Server, launch_stack, wait_terminal
@@ -104,7 +107,8 @@ def hooks_stack(tmp_path_factory: pytest.TempPathFactory, s3_server: S3Server,
                 model_cache: Path) -> Iterator[RunningStack]:
     tmp = tmp_path_factory.mktemp("hooks")
     running = launch_stack(tmp, database_url=f"sqlite+aiosqlite:///{tmp / 'loomis.db'}",
-                           s3=s3_server, model_cache=model_cache, extra_env=WEBHOOK_ENV)
+                           s3=s3_server, model_cache=model_cache, extra_env=WEBHOOK_ENV,
+                           tagger=True, trainer=True)
     yield running
     running.stack.stop()
     running.redis.stop()
@@ -152,6 +156,73 @@ def test_a_job_notifies_its_endpoint_and_its_own_webhook(hooks_stack: RunningSta
         image = next(a for a in payload["data"]["artifacts"] if a["kind"] == "image")
         assert httpx.get(image["url"]).status_code == 200
     assert "secret" not in json.dumps(client_listing(hooks_stack))
+
+
+def _one_image_dataset(client: httpx.Client) -> str:
+    buffer, image = io.BytesIO(), io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(image, format="PNG")
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("img/1_sks dog/0.png", image.getvalue())
+        archive.writestr("img/1_sks dog/0.caption", "a red square, rating:general")
+    created = client.post("/v1/datasets", data={"name": "hooked", "min_side": "64"},
+                          files=[("zip", ("d.zip", buffer.getvalue(), "application/zip"))])
+    assert created.status_code == 201, created.text
+    return created.json()["id"]  # type: ignore[no-any-return]
+
+
+def _without_urls(job: dict[str, Any]) -> dict[str, Any]:
+    """A job as GET shows it, less the presigned URLs (each view signs its own)."""
+    return {**job, "artifacts": [{k: v for k, v in a.items() if k != "url"}
+                                 for a in job["artifacts"]]}
+
+
+def test_a_tagging_and_a_training_notify_their_endpoint_and_their_own_webhooks(
+        hooks_stack: RunningStack, receiver: Receiver) -> None:
+    """The cheapest job of each kind (cleaning only, no model; one training step on one
+    64 px image): each success reaches the tenant's endpoint, signed with its secret, and the
+    job's own webhook, signed with the tenant's job secret, carrying the job as GET shows it."""
+    with hooks_stack.client() as client:
+        hook = endpoint(client, receiver.url, ["tagging.succeeded", "training.succeeded"])
+        job_secret = client.get("/v1/webhooks/job-secret").json()["secret"]
+        dataset_id = _one_image_dataset(client)
+        own = {"webhook": {"url": receiver.url}}
+        submitted = [
+            client.post("/v1/taggings", json={"dataset_id": dataset_id, "caption": None,
+                                              "tags": None, "clean": {}, **own}),
+            client.post("/v1/trainings", json={
+                "name": "hooked", "dataset_id": dataset_id, "network": {"rank": 1},
+                "data": {"resolution": 64, "enable_bucket": False},
+                "optim": {"max_train_steps": 1, "seed": 1}, **own}),
+        ]
+        assert [r.status_code for r in submitted] == [202, 202], [r.text for r in submitted]
+        jobs = [r.json()["id"] for r in submitted]
+        for job_id in jobs:
+            wait_terminal(client, job_id, timeout=120)
+        received = receiver.wait(4)
+        time.sleep(0.3)  # a fifth delivery (a duplicate, another event) would be here by now
+        assert len(receiver.received) == 4, [r.headers for r in receiver.received]
+        views = {job_id: client.get(f"/v1/jobs/{job_id}").json() for job_id in jobs}
+        client.delete(f"/v1/webhooks/{hook['id']}")
+    assert {job["kind"]: job["status"] for job in views.values()} == {
+        "tagging": "succeeded", "training": "succeeded"}, views
+    targets = set()
+    for message in received:
+        to_endpoint = message.headers["webhook-id"].endswith(f"_{hook['id']}")
+        secret, other = ((hook["secret"], job_secret) if to_endpoint
+                         else (job_secret, hook["secret"]))
+        payload = verify(secret, message)
+        with pytest.raises(WebhookVerificationError):
+            verify(other, message)
+        data = payload["data"]
+        targets.add((data["id"], to_endpoint))
+        assert payload["type"] == "job.succeeded" and payload["seq"] >= 3
+        assert _without_urls(data) == _without_urls(views[data["id"]])
+        assert data["artifacts"], data
+        for artifact in data["artifacts"]:
+            assert httpx.get(artifact["url"]).status_code == 200, artifact
+    assert targets == {(job_id, to_endpoint) for job_id in jobs for to_endpoint in (True, False)}
+    kinds = {view["kind"]: {a["kind"] for a in view["artifacts"]} for view in views.values()}
+    assert kinds["tagging"] >= {"metadata", "results"} and "lora" in kinds["training"], kinds
 
 
 def client_listing(stack: RunningStack) -> Any:
