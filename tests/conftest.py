@@ -95,6 +95,11 @@ def _pg_reachable() -> bool:
 @pytest.fixture(scope="session")
 def pg_database() -> Iterator[str]:
     """A fresh PostgreSQL database for this run, dropped afterwards."""
+    yield from fresh_pg_database()
+
+
+def fresh_pg_database() -> Iterator[str]:
+    """A new database (a stack of its own must not share tenants and jobs with another)."""
     if not _pg_reachable():
         if os.environ.get("CI"):
             pytest.fail("PostgreSQL is not reachable at 127.0.0.1:5432 (.ci/run starts it)")

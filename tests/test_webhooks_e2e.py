@@ -23,7 +23,13 @@ from PIL import Image
 from standardwebhooks import Webhook, WebhookVerificationError
 
 from services.devstack import free_port, stop_child
-from tests.conftest import RunningStack, S3Server, launch_stack, wait_terminal
+from tests.conftest import (
+    RunningStack,
+    S3Server,
+    fresh_pg_database,
+    launch_stack,
+    wait_terminal,
+)
 
 SPEC = {"prompt": "a webhook fox", "model": "tiny-sd15", "steps": 1, "width": 64, "height": 64}
 WEBHOOK_ENV = {
@@ -102,16 +108,23 @@ class Receiver:
         return self.received
 
 
-@pytest.fixture(scope="module")
-def hooks_stack(tmp_path_factory: pytest.TempPathFactory, s3_server: S3Server,
-                model_cache: Path) -> Iterator[RunningStack]:
-    tmp = tmp_path_factory.mktemp("hooks")
-    running = launch_stack(tmp, database_url=f"sqlite+aiosqlite:///{tmp / 'loomis.db'}",
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def hooks_stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+                s3_server: S3Server, model_cache: Path) -> Iterator[RunningStack]:
+    """On PostgreSQL the dispatchers claim with FOR UPDATE SKIP LOCKED; on SQLite with a
+    conditional UPDATE: the same tests hold both to the same guarantees."""
+    tmp = tmp_path_factory.mktemp(f"hooks-{request.param}")
+    databases = fresh_pg_database() if request.param == "postgres" else None
+    database_url = (next(databases) if databases is not None
+                    else f"sqlite+aiosqlite:///{tmp / 'loomis.db'}")
+    running = launch_stack(tmp, database_url=database_url,
                            s3=s3_server, model_cache=model_cache, extra_env=WEBHOOK_ENV,
                            tagger=True, trainer=True)
     yield running
     running.stack.stop()
     running.redis.stop()
+    if databases is not None:
+        next(databases, None)  # drops it
 
 
 @pytest.fixture
@@ -365,3 +378,14 @@ def test_both_secrets_verify_during_a_rotation(hooks_stack: RunningStack,
         assert verify(hook["secret"], message) == verify(rotated["secret"], message)
         assert len(message.headers["webhook-signature"].split()) == 2
         client.delete(f"/v1/webhooks/{hook['id']}")
+
+
+def test_a_jobs_own_webhook_is_signed_even_before_the_secret_was_read(
+        hooks_stack: RunningStack, receiver: Receiver) -> None:
+    """The job secret is made on first use: by the first delivery, if nobody asked for it."""
+    with hooks_stack.client("bob") as client:
+        job = client.post("/v1/generations", json={**SPEC, "webhook": {"url": receiver.url}})
+        assert job.status_code == 202, job.text
+        message = receiver.wait(1)[0]
+        secret = client.get("/v1/webhooks/job-secret").json()["secret"]
+    assert verify(secret, message)["data"]["id"] == job.json()["id"]

@@ -41,6 +41,7 @@ from services.gateway.db.session import WriteLock
 from services.gateway.files.stores import GatewayStore
 from services.gateway.jobs.service import job_out
 from services.gateway.webhooks.sender import SendResult, send
+from services.gateway.webhooks.service import job_secret
 from services.gateway.webhooks.signing import signature_header, webhook_headers
 from shared.settings import WebhookSettings
 
@@ -178,6 +179,11 @@ class Dispatcher:
             holder: WebhookEndpoint | TenantWebhookSecret | None = endpoint
             if delivery.endpoint_id is None:
                 holder = await session.get(TenantWebhookSecret, delivery.tenant_id)
+                if holder is None:
+                    # "made on first use": a tenant that never asked for its job secret
+                    # still gets its deliveries, and reads the secret whenever it likes
+                    async with self.write_lock:
+                        holder = await job_secret(session=session, tenant_id=delivery.tenant_id)
             disabled = delivery.endpoint_id is not None and (endpoint is None
                                                              or not endpoint.enabled)
             payload = await self._payload(session, delivery, now)
