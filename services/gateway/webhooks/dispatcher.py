@@ -132,24 +132,30 @@ class Dispatcher:
                       WebhookDelivery.next_attempt_at <= now)
                .order_by(WebhookDelivery.next_attempt_at)
                .limit(self.settings.dispatch_batch))
-        async with self.write_lock, self.sessionmaker() as session:
-            if self.postgres:
+        if self.postgres:
+            async with self.sessionmaker() as session:
                 rows = (await session.execute(due.with_for_update(skip_locked=True))).all()
                 ids = [row.id for row in rows]
                 if ids:
                     await session.execute(update(WebhookDelivery).where(
                         WebhookDelivery.id.in_(ids)).values(status=DELIVERING,
                                                              next_attempt_at=lease))
-            else:
-                ids = []
-                for row in (await session.execute(due)).all():
+                await session.commit()
+            return ids
+        async with self.sessionmaker() as session:
+            rows = (await session.execute(due)).all()  # an idle look takes no write lock
+            if not rows:
+                return []
+            ids = []
+            async with self.write_lock:
+                for row in rows:
                     changed = await session.execute(update(WebhookDelivery).where(
                         WebhookDelivery.id == row.id, WebhookDelivery.status == row.status,
                         WebhookDelivery.next_attempt_at == row.next_attempt_at,
                     ).values(status=DELIVERING, next_attempt_at=lease))
                     if changed.rowcount == 1:  # type: ignore[attr-defined]
                         ids.append(row.id)
-            await session.commit()
+                await session.commit()
         return ids
 
     async def _payload(self, session: AsyncSession, delivery: WebhookDelivery,
