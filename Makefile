@@ -71,6 +71,7 @@ bench: install redis-server wrk
 	$(PY) bench/overhead.py
 	$(PY) bench/gateway.py
 	$(PY) bench/scenes.py
+	$(PY) bench/webhooks.py
 	$(PY) bench/lora_swap.py
 	$(PY) bench/batching.py
 	$(PY) bench/pipeline_cache.py
