@@ -74,7 +74,8 @@ def _problem_fields(response: httpx.Response) -> set[str]:
 
 
 def _fresh(delivery: dict[str, Any]) -> bool:
-    return delivery["status"] == "pending" or bool(delivery["attempts"])
+    """Not yet sent, being sent (the dispatcher claimed it), or sent at least once."""
+    return delivery["status"] in ("pending", "delivering") or bool(delivery["attempts"])
 
 
 def _deliveries(client: httpx.Client, path: str) -> list[dict[str, Any]]:

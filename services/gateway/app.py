@@ -81,13 +81,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         job_inserts = JobInserts(engine, write_lock)
         events = JobEvents(redis, stream=settings.redis.events_stream,
                            maxlen=settings.redis.events_maxlen, ttl_s=settings.redis.job_ttl_s)
+        dispatcher = Dispatcher(engine=engine, sessionmaker=sessionmaker, store=store,
+                                settings=settings.webhooks, write_lock=write_lock)
         app.state.loomis = GatewayState(
             settings=settings,
             registry=ModelRegistry.load(settings.models.models_file,
                                         settings.models.models_dir),
             sessionmaker=sessionmaker, redis=redis, events=events, store=store,
             reads=reads, write_lock=write_lock, job_inserts=job_inserts,
-            api_keys=ApiKeyLookups(reads),
+            api_keys=ApiKeyLookups(reads), wake_webhooks=dispatcher.wake,
         )
         consumer = EventConsumer(
             redis=redis, sessionmaker=sessionmaker, stream=settings.redis.events_stream,
@@ -98,9 +100,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             dead_letter_stream=settings.redis.events_dead_letter_stream, events=events,
             write_lock=app.state.loomis.write_lock,
             webhook_progress_interval_s=settings.webhooks.progress_interval_s,
+            on_deliveries=dispatcher.wake,
         )
-        dispatcher = Dispatcher(engine=engine, sessionmaker=sessionmaker, store=store,
-                                settings=settings.webhooks, write_lock=write_lock)
         stop = asyncio.Event()
         tasks = [asyncio.create_task(consumer.run(stop), name="event-consumer"),
                  asyncio.create_task(dispatcher.run(stop), name="webhook-dispatcher")]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -37,6 +37,8 @@ class GatewayState:
     events: JobEvents
     store: GatewayStore
     api_keys: ApiKeyLookups
+    # wakes this gateway's webhook dispatcher: deliveries just queued go out at once
+    wake_webhooks: Callable[[], None] = lambda: None
 
 
 async def refuse_control_characters_in_url(request: Request) -> None:

@@ -21,6 +21,7 @@ import logging
 import os
 import socket
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -32,6 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from services.gateway.db.models import Job
 from services.gateway.db.session import WriteLock
 from services.gateway.jobs.service import apply_event
+from services.gateway.webhooks.service import DELIVERIES_QUEUED
 from shared.events import ACTIVE, JobEvent, JobEvents, decode_event
 from shared.settings import RedisSettings, WebhookSettings
 from shared.specs import JobStatus
@@ -93,6 +95,7 @@ class EventConsumer:
         dead_letter_stream: str | None = None,
         events: JobEvents | None = None,
         write_lock: WriteLock | None = None,
+        on_deliveries: Callable[[], None] | None = None,
         webhook_progress_interval_s: float | None = None,
     ) -> None:
         self.redis = redis
@@ -110,6 +113,7 @@ class EventConsumer:
         self.applied = 0
         self.parked = 0
         self.write_lock = write_lock
+        self.on_deliveries = on_deliveries  # wakes the webhook dispatcher
         # the consumer applies the progress events, so it holds their webhook throttle
         self.webhook_progress_interval_s = (
             WebhookSettings().progress_interval_s if webhook_progress_interval_s is None
@@ -180,6 +184,8 @@ class EventConsumer:
                         webhook_progress_interval_s=self.webhook_progress_interval_s):
                     applied += 1
             await session.commit()
+            if session.info.pop(DELIVERIES_QUEUED, False) and self.on_deliveries is not None:
+                self.on_deliveries()
         return applied
 
     async def _ack(self, entry_ids: list[Any]) -> None:

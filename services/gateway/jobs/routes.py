@@ -17,6 +17,7 @@ from services.gateway.deps import SessionDep, StateDep, TenantDep
 from services.gateway.jobs import service
 from services.gateway.jobs.schemas import JobOut, JobPage, JobStreamEvent
 from services.gateway.problems import PROBLEM_RESPONSES
+from services.gateway.webhooks.service import DELIVERIES_QUEUED
 from shared.events import JobEvent
 from shared.specs import JobKind, JobStatus
 
@@ -170,6 +171,8 @@ async def job_events(
                     async with state.sessionmaker() as db:
                         await service.apply_event(session=db, event=event)
                         await db.commit()
+                        if db.info.pop(DELIVERIES_QUEUED, False):
+                            state.wake_webhooks()
                     yield _sse(event)
                     return
                 yield _sse(event)

@@ -113,12 +113,13 @@ async def rotate_endpoint_secret(endpoint_id: str, session: SessionDep, tenant: 
 
 @router.post("/{endpoint_id}/test", response_model=WebhookDeliveryOut, status_code=202,
              summary="Send a ping to an endpoint")
-async def ping_endpoint(endpoint_id: str, session: SessionDep,
-                        tenant: TenantDep) -> WebhookDeliveryOut:
+async def ping_endpoint(endpoint_id: str, session: SessionDep, tenant: TenantDep,
+                        state: StateDep) -> WebhookDeliveryOut:
     """A `ping` delivery, due now; follow it in the endpoint's deliveries."""
     endpoint = await service.get_endpoint(session=session, tenant=tenant,
                                           endpoint_id=endpoint_id)
     delivery = await service.ping(session=session, endpoint=endpoint)
+    state.wake_webhooks()
     return await service.delivery_out(session=session, delivery=delivery)
 
 
@@ -140,12 +141,13 @@ async def list_endpoint_deliveries(endpoint_id: str, session: SessionDep, tenant
              response_model=WebhookDeliveryOut, status_code=202,
              summary="Send an endpoint's delivery again")
 async def redeliver_endpoint_delivery(endpoint_id: str, delivery_id: str, session: SessionDep,
-                                      tenant: TenantDep) -> WebhookDeliveryOut:
+                                      tenant: TenantDep, state: StateDep) -> WebhookDeliveryOut:
     """A new delivery of the same event (same `event_id`), due now, to the endpoint's URL."""
     endpoint = await service.get_endpoint(session=session, tenant=tenant,
                                           endpoint_id=endpoint_id)
     delivery = await service.redeliver_endpoint_delivery(session=session, endpoint=endpoint,
                                                          delivery_id=delivery_id)
+    state.wake_webhooks()
     return await service.delivery_out(session=session, delivery=delivery)
 
 
@@ -167,8 +169,9 @@ async def list_job_deliveries(job_id: str, session: SessionDep, tenant: TenantDe
                             response_model=WebhookDeliveryOut, status_code=202,
                             summary="Send a job's delivery again")
 async def redeliver_job_delivery(job_id: str, delivery_id: str, session: SessionDep,
-                                 tenant: TenantDep) -> WebhookDeliveryOut:
+                                 tenant: TenantDep, state: StateDep) -> WebhookDeliveryOut:
     """A new delivery of the same event (same `event_id`), due now."""
     delivery = await service.redeliver_job_delivery(session=session, tenant=tenant,
                                                     job_id=job_id, delivery_id=delivery_id)
+    state.wake_webhooks()
     return await service.delivery_out(session=session, delivery=delivery)

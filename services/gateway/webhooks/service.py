@@ -47,6 +47,9 @@ from shared.text import control_character
 
 PENDING, DELIVERING, SUCCEEDED, FAILED = "pending", "delivering", "succeeded", "failed"
 PING = "ping"
+# Set in ``session.info`` when deliveries were queued: after its commit the caller wakes this
+# gateway's dispatcher, so a delivery goes out at once instead of at its next look.
+DELIVERIES_QUEUED = "loomis.webhook_deliveries_queued"
 
 # A job's webhook as its row keeps it, once its URL passed :func:`check_url`: the only thing
 # ``create_and_enqueue`` takes, so no submission can store an unchecked URL.
@@ -293,6 +296,7 @@ async def enqueue_deliveries(session: AsyncSession, job: Job, event: JobEvent,
         targets = [target for target in targets if target[0] not in recent]
         if not targets:
             return
+    session.info[DELIVERIES_QUEUED] = True  # whoever commits wakes the dispatcher
     await session.execute(insert(WebhookDelivery), [
         {"id": new_id(), "tenant_id": job.tenant_id, "endpoint_id": endpoint_id,
          "job_id": job.id, "url": url, "event_type": event_type,
