@@ -151,6 +151,7 @@ def make_worker(
     settings: Settings, *, functions: list[Any], queue: str,
     startup: StartupShutdown, job_timeout_s: int, max_tries: int,
     poll_delay_s: float, max_jobs: int = 1, completion_wait_s: int | None = None,
+    shutdown: StartupShutdown | None = None,
 ) -> Worker:
     """An arq worker with the settings every Loomis worker needs to agree on."""
     return LeasedWorker(
@@ -159,6 +160,7 @@ def make_worker(
         redis_settings=resilient_redis_settings(settings.redis.url,
                                                 retry_s=settings.worker.redis_retry_s),
         on_startup=startup,
+        on_shutdown=shutdown,
         ctx={"settings": settings},
         max_jobs=max_jobs,
         # A dead worker's job is re-delivered one lease after its last renewal, not after

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import time
 from pathlib import Path
 
 import httpx
@@ -62,6 +64,30 @@ def test_lora_weights_switching_and_unloading(stack: RunningStack, model_cache: 
         assert client.get(f"/v1/loras/{subject}").status_code == 404
         gone = client.post("/v1/generations", json={**BASE, "loras": [{"id": subject}]})
         assert gone.status_code == 422
+
+
+def test_a_deleted_lora_leaves_the_workers_cache(stack: RunningStack, model_cache: Path) -> None:
+    data = make_lora("sd15", cache_dir=model_cache, seed=7)
+    cached = model_cache / "loras" / f"{hashlib.sha256(data).hexdigest()}.safetensors"
+    with stack.client() as client:
+        uploaded = upload_lora(client, data, name="forget-me")
+        assert uploaded.status_code == 201, uploaded.text
+        lora_id = uploaded.json()["id"]
+        job = run(client, {**BASE, "loras": [{"id": lora_id}]})
+        assert job["status"] == "succeeded", job
+        assert cached.exists()  # the worker keeps the file for the next job
+
+        assert client.delete(f"/v1/loras/{lora_id}").status_code == 204
+        deadline = time.monotonic() + 10
+        while cached.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not cached.exists()
+        gone = client.post("/v1/generations", json={**BASE, "loras": [{"id": lora_id}]})
+        assert gone.status_code == 422 and gone.json()["errors"][0]["field"] == "loras.0.id"
+        sweep = client.post("/v1/sweeps", json={"base": {**BASE, "loras": [{"id": lora_id}]},
+                                                "axes": [{"param": "seed", "values": [1, 2]}]})
+        assert sweep.status_code == 422
+        assert sweep.json()["errors"][0]["field"] == "base.loras.0.id"
 
 
 def test_bad_lora_uploads_are_refused(stack: RunningStack, model_cache: Path) -> None:

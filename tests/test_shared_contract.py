@@ -26,8 +26,9 @@ FORBIDDEN = ("torch", "fastapi", "starlette", "sqlalchemy", "alembic", "diffuser
 # lookups and the kohya sampler -> scheduler map moved out; raised to 3,650 for the scene job's
 # contract (shared/specs/scene.py, SceneOutcome), to 3,700 for the scenes catalog's keys and
 # to 3,750 for the webhooks' settings (LOOMIS_WEBHOOKS__*), to 3,800 for the per-job webhook
-# every job spec takes (WebhookTarget)
-MAX_SHARED_LINES = 3_800
+# every job spec takes (WebhookTarget), to 3,850 for the LoRA evictions stream workers follow
+# (shared/evictions.py)
+MAX_SHARED_LINES = 3_850
 
 # shared modules allowed a single consumer, each with the reason; empty while none needs it.
 SINGLE_CONSUMER_ALLOWED: dict[str, str] = {}

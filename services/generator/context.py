@@ -10,6 +10,7 @@ from typing import Any
 from PIL import Image
 
 from services.generator.batching import Batcher
+from services.generator.evictions import LoraEvictor
 from services.generator.loras import LoraAdapterCache, LoraFiles
 from services.generator.pipelines import PipelineCache
 from services.workerctx import WorkerContext
@@ -34,6 +35,7 @@ class GeneratorContext(WorkerContext):
     cache: PipelineCache = field(kw_only=True)
     lora_files: LoraFiles = field(kw_only=True)
     lora_cache: LoraAdapterCache = field(kw_only=True)
+    lora_evictor: LoraEvictor = field(kw_only=True)
     # One pipeline call at a time per worker (one GPU): arq may hand us batch_size jobs at
     # once, but only to group them; loading another model also waits for the slot, so a
     # model is never evicted while it renders.

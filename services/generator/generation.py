@@ -176,34 +176,40 @@ async def render_task(
         loaded: LoadedModel = await asyncio.to_thread(GeneratorContext.of(ctx).cache.get,
                                                       cast(str, spec.model))
     raw = await load_inputs(store, task.inputs)
-    await _fetch_loras(ctx, task.loras)
-    try:
-        prepared = await asyncio.to_thread(
-            prepare_inputs, spec, raw, model_cache=settings.model_cache,
-            resolve=GeneratorContext.of(ctx).cache.resolve_source, depth_model=settings.generator.depth_model)
-    except PreprocessError as exc:
-        raise JobFailure(str(exc), code="preprocess_failed") from exc
-    model_ready_s = time.perf_counter() - t0
+    evictor = GeneratorContext.of(ctx).lora_evictor
+    if task.loras:
+        await evictor.catch_up()  # applied even if the background follower lags
+    # Pinned until rendered: a deletion arriving meanwhile evicts the file after this job.
+    with evictor.pinned(lora.sha256 for lora in task.loras):
+        await _fetch_loras(ctx, task.loras)
+        try:
+            prepared = await asyncio.to_thread(
+                prepare_inputs, spec, raw, model_cache=settings.model_cache,
+                resolve=GeneratorContext.of(ctx).cache.resolve_source,
+                depth_model=settings.generator.depth_model)
+        except PreprocessError as exc:
+            raise JobFailure(str(exc), code="preprocess_failed") from exc
+        model_ready_s = time.perf_counter() - t0
 
-    async def step_hook(step: int, total: int) -> None:
-        if await events.cancel_requested(task.job_id):
-            raise JobCanceled()
-        await progress(step, total)
+        async def step_hook(step: int, total: int) -> None:
+            if await events.cancel_requested(task.job_id):
+                raise JobCanceled()
+            await progress(step, total)
 
-    abandoned = threading.Event()
+        abandoned = threading.Event()
 
-    def on_step(step: int, total: int) -> None:
-        if abandoned.is_set():  # the job timed out: stop burning the GPU on it
-            raise JobCanceled()
-        asyncio.run_coroutine_threadsafe(step_hook(step, total), loop).result()
+        def on_step(step: int, total: int) -> None:
+            if abandoned.is_set():  # the job timed out: stop burning the GPU on it
+                raise JobCanceled()
+            asyncio.run_coroutine_threadsafe(step_hook(step, total), loop).result()
 
-    batcher = GeneratorContext.of(ctx).batcher
-    item = BatchItem(key=_batch_key(loaded, task), payload=_Job(task, loaded, prepared),
-                     on_step=on_step)
-    try:
-        result: RenderResult = await batcher.submit(item)
-    finally:
-        abandoned.set()
+        batcher = GeneratorContext.of(ctx).batcher
+        item = BatchItem(key=_batch_key(loaded, task), payload=_Job(task, loaded, prepared),
+                         on_step=on_step)
+        try:
+            result: RenderResult = await batcher.submit(item)
+        finally:
+            abandoned.set()
 
     images: list[Image.Image | None] = list(result.images)
     safety: list[dict[str, Any]] = []

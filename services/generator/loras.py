@@ -61,6 +61,14 @@ class LoraFiles:
                 os.unlink(tmp)
         return target
 
+    def remove(self, sha256: str) -> bool:
+        """Whether there was a copy to remove (a worker that never used the LoRA has none)."""
+        try:
+            self.path(sha256).unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
 
 class LoraAdapterCache:
     """Which adapters each pipeline holds, least recently used first, at most ``max_loaded``."""
@@ -111,6 +119,27 @@ class LoraAdapterCache:
             self._active[pipe] = wanted
         return [{"id": lora.id, "name": lora.name, "sha256": lora.sha256, "weight": lora.weight,
                  "adapter": name} for lora, name in zip(loras, names, strict=True)]
+
+    def unload(self, pipe: Any, sha256s: set[str]) -> list[str]:
+        """Drop the adapters of these files from ``pipe``; returns the adapter names dropped.
+
+        Called with the model's lock held. The rest stay loaded but disabled: peft makes the
+        remaining adapters active when one is deleted, and the next job that wants them
+        enables exactly its own set.
+        """
+        held = self._loaded.get(pipe)
+        if not held:
+            return []
+        names = [name for name, sha256 in held.items() if sha256 in sha256s]
+        for name in names:
+            pipe.delete_adapters(name)
+            del held[name]
+            logger.info("unloaded LoRA adapter %s of a deleted LoRA", name)
+        if names:
+            if held:
+                pipe.disable_lora()
+            self._active[pipe] = ()
+        return names
 
     def _load(self, pipe: Any, lora: LoraRef, name: str) -> None:
         from safetensors.torch import load_file

@@ -325,6 +325,10 @@ class PipelineCache:
     def loaded_names(self) -> list[str]:
         return list(self._loaded)
 
+    def loaded_models(self) -> list[LoadedModel]:
+        with self._lock:
+            return list(self._loaded.values())
+
     def _evict_oldest(self) -> None:
         evicted, loaded = self._loaded.popitem(last=False)
         logger.info("evicting model %s", evicted)

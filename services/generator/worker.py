@@ -8,6 +8,7 @@ refuses to leave a terminal state.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import logging
@@ -20,6 +21,7 @@ from arq.worker import Worker, func
 from services.generator.batching import Batcher
 from services.generator.context import GeneratorContext, LazySafetyFilter
 from services.generator.control import PreprocessError
+from services.generator.evictions import LoraEvictor
 from services.generator.generation import load_inputs, run_batch, run_generation
 from services.generator.loras import LoraAdapterCache, LoraFiles
 from services.generator.pipelines import PipelineCache
@@ -44,6 +46,8 @@ from shared.specs.scene import SceneAction, SceneTask
 
 logger = logging.getLogger(__name__)
 
+_FOLLOWER_KEY = "lora_evictions_follower"
+
 
 def library_versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
@@ -61,19 +65,23 @@ async def startup(ctx: dict[str, Any]) -> None:
     base.versions = library_versions()
     settings = base.settings
     lora_files = LoraFiles(settings.model_cache / "loras")
+    lora_cache = LoraAdapterCache(lora_files, max_loaded=settings.generator.max_loaded_loras)
     render_slot = asyncio.Lock()
+    cache = PipelineCache(
+        registry=ModelRegistry.load(settings.models.models_file, settings.models.models_dir),
+        cache_dir=settings.model_cache, device=settings.generator.device,
+        allow_downloads=settings.models.allow_downloads,
+        max_loaded=settings.generator.max_loaded_models,
+        max_bytes=settings.generator.max_model_bytes,
+    )
+    evictor = LoraEvictor(redis=ctx["redis"], files=lora_files, adapters=lora_cache,
+                          models=cache, render_slot=render_slot)
     context = GeneratorContext.extend(
         base,
-        cache=PipelineCache(
-            registry=ModelRegistry.load(settings.models.models_file,
-                                        settings.models.models_dir),
-            cache_dir=settings.model_cache, device=settings.generator.device,
-            allow_downloads=settings.models.allow_downloads,
-            max_loaded=settings.generator.max_loaded_models,
-            max_bytes=settings.generator.max_model_bytes,
-        ),
+        cache=cache,
         lora_files=lora_files,
-        lora_cache=LoraAdapterCache(lora_files, max_loaded=settings.generator.max_loaded_loras),
+        lora_cache=lora_cache,
+        lora_evictor=evictor,
         render_slot=render_slot,
         batcher=Batcher(lambda items, on_step: run_batch(ctx, items, on_step),
                         max_size=settings.generator.batch_size,
@@ -82,10 +90,21 @@ async def startup(ctx: dict[str, Any]) -> None:
         safety=LazySafetyFilter(),
     )
     ctx[CONTEXT_KEY] = context
+    # LoRAs deleted while this worker was down leave its cache before it takes a job.
+    await evictor.catch_up()
+    ctx[_FOLLOWER_KEY] = asyncio.create_task(evictor.follow())
     try:
         await asyncio.to_thread(context.cache.get, settings.generator.default_model)
     except LoomisError as exc:
         logger.warning("default model not preloaded: %s", exc.detail)
+
+
+async def shutdown(ctx: dict[str, Any]) -> None:
+    follower = ctx.pop(_FOLLOWER_KEY, None)
+    if follower is not None:
+        follower.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await follower
 
 
 async def preprocess_control(ctx: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:
@@ -182,7 +201,7 @@ def build_worker(settings: Settings | None = None) -> Worker:
                    func(scene, name=SCENE_TASK),
                    func(match_actions, name=MATCH_ACTIONS_TASK, max_tries=1),
                    func(preprocess_control, name=PREPROCESS_TASK, max_tries=1)],
-        queue=GENERATOR_QUEUE, startup=startup, job_timeout_s=cfg.job_timeout_s,
+        queue=GENERATOR_QUEUE, startup=startup, shutdown=shutdown, job_timeout_s=cfg.job_timeout_s,
         max_tries=cfg.max_tries, poll_delay_s=cfg.poll_delay_s,
         # One pipeline per GPU: jobs beyond one only wait in the batcher for compatible
         # company, and run together as one pipeline call.

@@ -89,5 +89,6 @@ async def get_lora(lora_id: str, session: SessionDep, tenant: TenantDep) -> Lora
 @router.delete("/{lora_id}", status_code=204, summary="Delete a LoRA adapter")
 async def delete_lora(lora_id: str, session: SessionDep, tenant: TenantDep,
                       state: StateDep) -> Response:
-    await service.delete_lora(session=session, store=state.store, tenant=tenant, lora_id=lora_id)
+    await service.delete_lora(session=session, store=state.store, redis=state.redis,
+                             tenant=tenant, lora_id=lora_id)
     return Response(status_code=204)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from redis.asyncio import Redis
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -16,6 +17,7 @@ from services.gateway.loras.fit import check_lora_for_model, lora_name_from_file
 from services.gateway.loras.inspection import LoraInfo, LoraRejected, inspect_lora
 from services.gateway.loras.schemas import LoraOut
 from shared.errors import NotFound, ValidationFailed
+from shared.evictions import record_lora_eviction
 from shared.keys import lora_key, lora_prefix
 from shared.models import ModelPreset, ModelRegistry
 from shared.specs import LoraRef, LoraUse
@@ -91,13 +93,17 @@ async def list_loras(*, session: AsyncSession, tenant: Tenant, family: str | Non
     return list(await session.scalars(query.order_by(Lora.created_at.desc(), Lora.id)))
 
 
-async def delete_lora(*, session: AsyncSession, store: GatewayStore, tenant: Tenant,
-                      lora_id: str) -> None:
-    """The row goes first so no new job can pick the LoRA up; jobs already queued fail cleanly."""
+async def delete_lora(*, session: AsyncSession, store: GatewayStore, redis: Redis,
+                      tenant: Tenant, lora_id: str) -> None:
+    """The row goes first so no new job can pick the LoRA up; jobs already queued fail cleanly.
+    The eviction is recorded last: once the file is gone from storage no worker can cache it
+    again after applying it."""
     lora = await get_lora(session=session, tenant=tenant, lora_id=lora_id)
+    sha256 = lora.sha256
     await session.delete(lora)
     await session.commit()
     await store.delete_prefix(lora_prefix(tenant.id, lora_id))
+    await record_lora_eviction(redis, lora_id=lora_id, sha256=sha256)
 
 
 async def resolve_loras(
