@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from types import SimpleNamespace
 from typing import Any, Protocol
 
-from sqlalchemy import and_, bindparam, or_, select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -20,11 +17,12 @@ from services.gateway.db.models import Artifact, Job, JobEventRow, Tenant, utcno
 from services.gateway.db.reads import Reads
 from services.gateway.files.stores import GatewayStore
 from services.gateway.jobs.schemas import ArtifactOut, JobError, JobOut, JobPage
+from services.gateway.pagination import encode_cursor, newest_first
 from services.gateway.scenes.outcome import cache_action_embeddings
 from services.gateway.taggings.outcome import write_item_results
 from services.gateway.trainings.outcome import register_trained_lora
 from services.gateway.webhooks.service import enqueue_deliveries
-from shared.errors import BadRequest, Conflict, NotFound
+from shared.errors import Conflict, NotFound
 from shared.events import JobEvent, JobEvents
 from shared.outcomes import (
     GenerationSucceeded,
@@ -35,7 +33,6 @@ from shared.outcomes import (
     TrainingSucceeded,
 )
 from shared.specs import TERMINAL_STATUSES, WEBHOOK_EVENT_TYPES, JobKind, JobStatus
-from shared.text import control_character
 
 _TERMINAL = [s.value for s in TERMINAL_STATUSES]
 _KINDS = {kind.value for kind in JobKind}
@@ -181,27 +178,6 @@ def job_out(job: _JobFields, *, store: GatewayStore, artifacts: Sequence[_Artifa
     )
 
 
-def _encode_cursor(job: _JobFields) -> str:
-    raw = json.dumps([job.created_at.isoformat(), job.id]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str) -> tuple[datetime, str]:
-    """A cursor is client input: what it decodes to reaches SQL, so a NUL in its id or a
-    timestamp that overflows in UTC (year 1 at +01:00) is refused here, not a 500 there."""
-    try:
-        padded = cursor + "=" * (-len(cursor) % 4)
-        created, job_id = json.loads(base64.urlsafe_b64decode(padded))
-        if not isinstance(created, str) or not isinstance(job_id, str):
-            raise TypeError("a cursor holds a timestamp and an id")
-        if control_character(job_id) is not None:
-            raise ValueError("control character in the cursor's id")
-        at = datetime.fromisoformat(created)
-        return (at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)), job_id
-    except (ValueError, TypeError, OverflowError, binascii.Error) as exc:
-        raise BadRequest("cursor is not one this API returned", code="invalid_cursor") from exc
-
-
 async def list_jobs(
     *, reads: Reads, tenant: Tenant, store: GatewayStore, limit: int,
     cursor: str | None, kind: JobKind | None, status: JobStatus | None,
@@ -212,11 +188,7 @@ async def list_jobs(
         query = query.where(Job.kind == kind.value)
     if status is not None:
         query = query.where(Job.status == status.value)
-    if cursor:
-        created, job_id = _decode_cursor(cursor)
-        query = query.where(or_(Job.created_at < created,
-                                and_(Job.created_at == created, Job.id < job_id)))
-    query = query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
+    query = newest_first(query, Job.created_at, Job.id, limit=limit, cursor=cursor)
 
     def page(conn: Connection) -> tuple[list[Any], dict[str, list[Any]]]:
         rows = list(conn.execute(query))
@@ -227,7 +199,7 @@ async def list_jobs(
     rows = rows[:limit]
     return JobPage(
         items=[job_out(row, store=store, artifacts=artifacts[row.id]) for row in rows],
-        next_cursor=_encode_cursor(rows[-1]) if more and rows else None,
+        next_cursor=encode_cursor(rows[-1].created_at, rows[-1].id) if more and rows else None,
     )
 
 

@@ -9,16 +9,12 @@ items by id or by name (:func:`find_place`, :func:`find_action`); names are uniq
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import hashlib
 import io
-import json
-from datetime import UTC, datetime
 from typing import TypeVar
 
 from PIL import Image
-from sqlalchemy import Select, and_, delete, or_, select
+from sqlalchemy import Select, delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -33,6 +29,7 @@ from services.gateway.db.models import (
 )
 from services.gateway.files.stores import GatewayStore
 from services.gateway.images import decode_image
+from services.gateway.pagination import encode_cursor, newest_first
 from services.gateway.scenes import shots as shot_assets
 from services.gateway.scenes.schemas import (
     ActionIn,
@@ -44,10 +41,9 @@ from services.gateway.scenes.schemas import (
     PlacePatch,
     ShotIn,
 )
-from shared.errors import BadRequest, Conflict, NotFound, ValidationFailed
+from shared.errors import Conflict, NotFound, ValidationFailed
 from shared.keys import action_prefix, place_image_key, place_prefix, place_thumb_key
 from shared.specs.scene import Shot
-from shared.text import control_character
 
 THUMB_SIDE = 256
 Row = TypeVar("Row", Place, PlaceImage, Action)
@@ -56,36 +52,14 @@ Row = TypeVar("Row", Place, PlaceImage, Action)
 # --- pages -----------------------------------------------------------------------------------
 
 
-def _encode_cursor(row: Place | PlaceImage | Action) -> str:
-    raw = json.dumps([row.created_at.isoformat(), row.id]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str) -> tuple[datetime, str]:
-    """A cursor is client input that reaches SQL: refused here unless it is one we made."""
-    try:
-        created, row_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        if not isinstance(created, str) or not isinstance(row_id, str) \
-                or control_character(row_id) is not None:
-            raise TypeError("a cursor holds a timestamp and an id")
-        at = datetime.fromisoformat(created)
-        return (at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)), row_id
-    except (ValueError, TypeError, OverflowError, binascii.Error) as exc:
-        raise BadRequest("cursor is not one this API returned", code="invalid_cursor") from exc
-
-
 async def _page(session: AsyncSession, query: Select[Row], model: type[Row], *,
                 limit: int, cursor: str | None) -> tuple[list[Row], str | None]:
     """Newest first; the cursor is the last row's (created_at, id), so pages never shift."""
-    if cursor:
-        created, row_id = _decode_cursor(cursor)
-        query = query.where(or_(model.created_at < created,
-                                and_(model.created_at == created, model.id < row_id)))
     rows = list(await session.scalars(
-        query.order_by(model.created_at.desc(), model.id.desc()).limit(limit + 1)))
+        newest_first(query, model.created_at, model.id, limit=limit, cursor=cursor)))
     more = len(rows) > limit
     rows = rows[:limit]
-    return rows, (_encode_cursor(rows[-1]) if more and rows else None)
+    return rows, (encode_cursor(rows[-1].created_at, rows[-1].id) if more and rows else None)
 
 
 # --- names -----------------------------------------------------------------------------------

@@ -8,14 +8,11 @@ is notified exactly when it is recorded, and a crash loses neither.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any, NewType
 
-from sqlalchemy import Select, and_, insert, or_, select, update
+from sqlalchemy import Select, and_, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -29,6 +26,7 @@ from services.gateway.db.models import (
     new_id,
     utcnow,
 )
+from services.gateway.pagination import encode_cursor, newest_first
 from services.gateway.webhooks.schemas import (
     WebhookAttemptOut,
     WebhookDeliveryOut,
@@ -39,11 +37,10 @@ from services.gateway.webhooks.schemas import (
 )
 from services.gateway.webhooks.signing import new_secret
 from services.gateway.webhooks.ssrf import UrlRefused, check_url
-from shared.errors import BadRequest, Conflict, NotFound, ValidationFailed
+from shared.errors import Conflict, NotFound, ValidationFailed
 from shared.events import JobEvent
 from shared.settings import Settings
 from shared.specs import WEBHOOK_EVENT_TYPES, WebhookTarget
-from shared.text import control_character
 
 PENDING, DELIVERING, SUCCEEDED, FAILED = "pending", "delivering", "succeeded", "failed"
 PING = "ping"
@@ -82,32 +79,9 @@ async def check_job_webhook(*, settings: Settings,
 # --- pages -----------------------------------------------------------------------------------
 
 
-def _encode_cursor(created_at: datetime, row_id: str) -> str:
-    raw = json.dumps([created_at.isoformat(), row_id]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str) -> tuple[datetime, str]:
-    """A cursor is client input that reaches SQL: refused here unless it is one we made."""
-    try:
-        created, row_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        if not isinstance(created, str) or not isinstance(row_id, str) \
-                or control_character(row_id) is not None:
-            raise TypeError("a cursor holds a timestamp and an id")
-        at = datetime.fromisoformat(created)
-        return (at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)), row_id
-    except (ValueError, TypeError, OverflowError, binascii.Error) as exc:
-        raise BadRequest("cursor is not one this API returned", code="invalid_cursor") from exc
-
-
 def _newest_first(query: Select[Any], model: type[WebhookEndpoint] | type[WebhookDelivery], *,
                   limit: int, cursor: str | None) -> Select[Any]:
-    """Newest first; the cursor is the last row's (created_at, id), so pages never shift."""
-    if cursor:
-        created, row_id = _decode_cursor(cursor)
-        query = query.where(or_(model.created_at < created,
-                                and_(model.created_at == created, model.id < row_id)))
-    return query.order_by(model.created_at.desc(), model.id.desc()).limit(limit + 1)
+    return newest_first(query, model.created_at, model.id, limit=limit, cursor=cursor)
 
 
 # --- endpoints -------------------------------------------------------------------------------
@@ -154,7 +128,7 @@ async def page_endpoints(*, session: AsyncSession, tenant: Tenant, limit: int,
         select(WebhookEndpoint).where(WebhookEndpoint.tenant_id == tenant.id), WebhookEndpoint,
         limit=limit, cursor=cursor)))
     more, rows = len(rows) > limit, rows[:limit]
-    return rows, (_encode_cursor(rows[-1].created_at, rows[-1].id) if more and rows else None)
+    return rows, (encode_cursor(rows[-1].created_at, rows[-1].id) if more and rows else None)
 
 
 async def patch_endpoint(*, session: AsyncSession, settings: Settings,
@@ -350,7 +324,7 @@ async def _page_deliveries(session: AsyncSession, where: Any, *, limit: int,
         select(WebhookDelivery).where(where), WebhookDelivery, limit=limit, cursor=cursor)))
     more, rows = len(rows) > limit, rows[:limit]
     return (await _deliveries_out(session, rows),
-            _encode_cursor(rows[-1].created_at, rows[-1].id) if more and rows else None)
+            encode_cursor(rows[-1].created_at, rows[-1].id) if more and rows else None)
 
 
 async def page_endpoint_deliveries(
