@@ -13,13 +13,16 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
 from services.client import ApiError, LoomisClient
 from services.devstack import Stack, StackError, Supervisor, free_port
+
+T = TypeVar("T")
 
 
 def _gateway_settings() -> Any:
@@ -310,45 +313,54 @@ def cmd_tenants_safety(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_loras_import(args: argparse.Namespace) -> int:
-    """Import a webui models/Lora folder for a tenant, one line per file."""
+def _for_tenant(tenant_name: str, work: Callable[[Any, Any, Any, Any], Awaitable[T]]) -> T:
+    """Run ``work(session, store, tenant, settings)`` against this installation's database and
+    storage (migrated, bucket made) for the named tenant; LookupError when there is none."""
     from sqlalchemy import select
 
     from services.gateway.db.models import Tenant
     from services.gateway.db.session import make_engine, make_sessionmaker, migrate
     from services.gateway.files.stores import S3Store, build_store
-    from services.gateway.loras.service import import_lora_folder
-    from shared.models import ModelRegistry
     from shared.settings import Settings
 
-    folder = Path(args.dir)
-    if not folder.is_dir():
-        print(f"error: {folder} is not a folder", file=sys.stderr)
-        return 1
     settings = Settings()
 
-    async def run() -> list[Any]:
+    async def run() -> T:
         engine = make_engine(settings.database_url)
         try:
             await migrate(engine)
             store = build_store(settings)
             if isinstance(store, S3Store):
                 await store.ensure_bucket()
-            registry = ModelRegistry.load(settings.models.models_file,
-                                          settings.models.models_dir)
             async with make_sessionmaker(engine)() as session:
-                tenant = await session.scalar(select(Tenant).where(Tenant.name == args.tenant))
+                tenant = await session.scalar(select(Tenant).where(Tenant.name == tenant_name))
                 if tenant is None:
-                    raise LookupError(f"no tenant {args.tenant!r} (`loomis keys create "
-                                      f"--tenant {args.tenant}` creates it)")
-                return await import_lora_folder(
-                    session=session, store=store, registry=registry, tenant=tenant,
-                    folder=folder, base_model=args.base_model)
+                    raise LookupError(f"no tenant {tenant_name!r} (`loomis keys create "
+                                      f"--tenant {tenant_name}` creates it)")
+                return await work(session, store, tenant, settings)
         finally:
             await engine.dispose()
 
+    return asyncio.run(run())
+
+
+def cmd_loras_import(args: argparse.Namespace) -> int:
+    """Import a webui models/Lora folder for a tenant, one line per file."""
+    from services.gateway.loras.service import import_lora_folder
+    from shared.models import ModelRegistry
+
+    folder = Path(args.dir)
+    if not folder.is_dir():
+        print(f"error: {folder} is not a folder", file=sys.stderr)
+        return 1
+
+    async def work(session: Any, store: Any, tenant: Any, settings: Any) -> list[Any]:
+        registry = ModelRegistry.load(settings.models.models_file, settings.models.models_dir)
+        return await import_lora_folder(session=session, store=store, registry=registry,
+                                        tenant=tenant, folder=folder, base_model=args.base_model)
+
     try:
-        results = asyncio.run(run())
+        results = _for_tenant(args.tenant, work)
     except LookupError as exc:
         print(f"error: {exc.args[0]}", file=sys.stderr)
         return 1
@@ -368,34 +380,13 @@ def cmd_loras_import(args: argparse.Namespace) -> int:
 
 def cmd_scenes_demo_catalog(args: argparse.Namespace) -> int:
     """Install the demo places and actions for a tenant; what it has already is kept."""
-    from sqlalchemy import select
-
-    from services.gateway.db.models import Tenant
-    from services.gateway.db.session import make_engine, make_sessionmaker, migrate
-    from services.gateway.files.stores import S3Store, build_store
     from services.gateway.scenes.demo import install_demo_catalog
-    from shared.settings import Settings
 
-    settings = Settings()
-
-    async def run() -> list[Any]:
-        engine = make_engine(settings.database_url)
-        try:
-            await migrate(engine)
-            store = build_store(settings)
-            if isinstance(store, S3Store):
-                await store.ensure_bucket()
-            async with make_sessionmaker(engine)() as session:
-                tenant = await session.scalar(select(Tenant).where(Tenant.name == args.tenant))
-                if tenant is None:
-                    raise LookupError(f"no tenant {args.tenant!r} (`loomis keys create "
-                                      f"--tenant {args.tenant}` creates it)")
-                return await install_demo_catalog(session=session, store=store, tenant=tenant)
-        finally:
-            await engine.dispose()
+    async def work(session: Any, store: Any, tenant: Any, _settings: Any) -> list[Any]:
+        return await install_demo_catalog(session=session, store=store, tenant=tenant)
 
     try:
-        items = asyncio.run(run())
+        items = _for_tenant(args.tenant, work)
     except LookupError as exc:
         print(f"error: {exc.args[0]}", file=sys.stderr)
         return 1
