@@ -196,6 +196,9 @@ def test_bad_scenes_are_refused_naming_the_field_and_make_no_job(
             ({**body, "lora": {"id": sdxl_lora}}, "lora.id"),  # another family's
             ({**body, "model": "flux-schnell"}, "model"),  # it has no openpose ControlNet
             ({**body, "prompt_template": "a {person}"}, "prompt_template"),
+            ({**body, "lora": {"id": scene_setup["lora"]}, "strength": {"face": 0.1}},
+             "strength.face"),  # 0.1 x 3 steps: no denoising step left
+            ({**body, "strength": {"body": 0.1}}, "strength.body"),
             ({**body, "prompt_template": "{age:>99999999}"}, "prompt_template"),
             ({**body, "prompt_template": "{details}", "subject": {"gender": "man"}},
              "prompt_template"),  # an empty prompt
@@ -334,3 +337,40 @@ def test_a_scene_retried_with_its_idempotency_key_is_one_job(
         assert again.headers.get("Idempotent-Replayed") == "true"
         assert other.status_code == 409
         wait_terminal(client, first.json()["id"], timeout=300)
+
+
+def test_every_scene_option_changes_the_result(stack: RunningStack,
+                                               scene_setup: dict[str, str]) -> None:
+    """Each generation control of a scene reaches the stage it belongs to: changing it changes
+    the pixels (or the prompt) against the same scene without the change."""
+    lora = {"id": scene_setup["lora"]}
+    base = base_body(scene_setup, lora=lora)
+
+    def final(job: dict[str, Any], index: int = 0) -> np.ndarray:  # type: ignore[type-arg]
+        return fetch(by_kind(job, "image")[index]["url"]).astype(int)
+
+    with stack.client() as client:
+        reference = scene(client, base)
+        variants = {
+            "strength.body": {"strength": {"body": 0.5, "face": 0.6}},
+            "strength.face": {"strength": {"body": 1.0, "face": 1.0}},
+            "lora.weight": {"lora": {**lora, "weight": 0.3}},
+            "guidance_scale": {"guidance_scale": 2.0},
+            "steps": {"steps": 5},
+            "scheduler": {"scheduler": "DDIM"},
+            "negative_prompt": {"negative_prompt": "blurry"},
+            "seed": {"seed": 22},
+            "subject.details": {"subject": {"age": "adult", "gender": "woman",
+                                            "details": "a blue hat"}},
+        }
+        for name, change in variants.items():
+            changed = scene(client, {**base, **change})
+            assert not np.array_equal(final(changed), final(reference)), name
+        templated = scene(client, {**base, "prompt_template": "{gender} {action}, {image}"})
+        two = scene(client, {**base, "num_images": 2})
+    assert templated["result"]["prompt"] == \
+        "woman standing upright, arms at the sides, a gravel path under trees"
+    assert not np.array_equal(final(templated), final(reference))
+    assert len(by_kind(two, "image")) == 2 and len(by_kind(two, "stage_image")) == 2
+    assert two["result"]["seeds"] == [21, 22]  # image i uses seed + i
+    assert not np.array_equal(final(two, 0), final(two, 1))

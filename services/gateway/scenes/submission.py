@@ -122,6 +122,12 @@ async def resolve_scene(
                                 for error in exc.errors]) from exc
     preset = state.registry.get(resolved.model or "")
     assert preset is not None  # resolve_generation checked it
+    steps = resolved.steps or 0
+    if spec.lora is not None and int(steps * spec.strength.face) < 1:
+        # diffusers denoises int(steps * strength) steps; zero fails in the worker
+        raise ValidationFailed([{"field": "strength.face", "message": (
+            f"strength {spec.strength.face} x {steps} steps leaves the face stage no "
+            "denoising step; raise strength.face or steps")}])
 
     lora: dict[str, Any] | None = None
     if spec.lora is not None:
