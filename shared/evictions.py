@@ -8,6 +8,7 @@ drop the entries a long-stopped worker still has to apply; an entry is ~100 byte
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
@@ -16,15 +17,22 @@ LORA_EVICTIONS_STREAM = "loomis:lora-evictions"
 LORA_EVICTIONS_MAXLEN = 100_000
 
 
+def eviction_digest(sha256: str) -> str:
+    """What an eviction names: a hash of the file's hash, never the LoRA's id or its hash.
+
+    Forgetting a person must leave nothing that names their LoRA, the eviction record
+    included; a worker holds the hashes of the files it cached and recognises its own."""
+    return hashlib.sha256(f"loomis-lora-eviction:{sha256}".encode()).hexdigest()
+
+
 @dataclass(frozen=True)
 class LoraEviction:
-    lora_id: str
-    sha256: str  # workers cache files and adapters by content hash, not by id
+    digest: str  # eviction_digest of the file's SHA-256
 
 
-async def record_lora_eviction(redis: Redis, *, lora_id: str, sha256: str) -> None:
+async def record_lora_eviction(redis: Redis, *, sha256: str) -> None:
     """After the row and the stored file are gone, so no worker can fetch the file again."""
-    await redis.xadd(LORA_EVICTIONS_STREAM, {"lora_id": lora_id, "sha256": sha256},
+    await redis.xadd(LORA_EVICTIONS_STREAM, {"digest": eviction_digest(sha256)},
                      maxlen=LORA_EVICTIONS_MAXLEN, approximate=True)
 
 
@@ -40,5 +48,8 @@ async def read_lora_evictions(
             last = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
             norm = {(k.decode() if isinstance(k, bytes) else k):
                     (v.decode() if isinstance(v, bytes) else v) for k, v in fields.items()}
-            out.append(LoraEviction(lora_id=norm["lora_id"], sha256=norm["sha256"]))
+            if "digest" in norm:
+                out.append(LoraEviction(digest=norm["digest"]))
+            elif "sha256" in norm:  # recorded before evictions were blinded
+                out.append(LoraEviction(digest=eviction_digest(norm["sha256"])))
     return last, out

@@ -89,6 +89,9 @@ class GatewaySettings(BaseModel):
         description="FastAPI's native OpenTelemetry spans and metrics, exported to the "
         "providers that OTEL_* settings configure.",
     )
+    subjects_sweep_interval_s: float = Field(
+        default=5.0, gt=0, description="How often unfinished subjects, photo deletions and "
+        "deletions under way are looked at again (what finishes them after a crash).")
 
 
 class ModelSettings(BaseModel):

@@ -90,7 +90,7 @@ def test_evictions_apply_live_at_startup_and_after_pins(tmp_path: Path) -> None:
             down = tmp_path / "down"
             LoraFiles(down).save(deleted, deleted_data)
 
-            await record_lora_eviction(redis, lora_id="l0", sha256=deleted)
+            await record_lora_eviction(redis, sha256=deleted)
             assert await live.catch_up() == 2  # the adapter and the file
             assert not live.files.has(deleted) and live.files.has(kept)
             assert pipe.adapters == [adapter_name(kept)] and not pipe.lora_enabled
@@ -105,14 +105,14 @@ def test_evictions_apply_live_at_startup_and_after_pins(tmp_path: Path) -> None:
             # A file an in-flight job has fetched stays until its render is over.
             live.files.save(deleted, deleted_data)
             with live.pinned([deleted]):
-                await record_lora_eviction(redis, lora_id="l9", sha256=deleted)
+                await record_lora_eviction(redis, sha256=deleted)
                 assert await live.catch_up() == 0 and live.files.has(deleted)
             assert await live.catch_up() == 1 and not live.files.has(deleted)
 
             # The background follower applies one as soon as it is recorded.
             follower = asyncio.create_task(live.follow(block_ms=200))
             live.files.save(deleted, deleted_data)
-            await record_lora_eviction(redis, lora_id="l0", sha256=deleted)
+            await record_lora_eviction(redis, sha256=deleted)
             for _ in range(50):
                 if not live.files.has(deleted):
                     break

@@ -34,6 +34,8 @@ from services.gateway.problems import install_problem_handlers
 from services.gateway.scenes.jobs import router as scene_jobs_router
 from services.gateway.scenes.matching import router as match_router
 from services.gateway.scenes.routes import actions_router, places_router
+from services.gateway.subjects.chain import SubjectChain
+from services.gateway.subjects.routes import router as subjects_router
 from services.gateway.sweeps.routes import router as sweeps_router
 from services.gateway.taggings.routes import router as taggings_router
 from services.gateway.trainings.routes import router as trainings_router
@@ -91,6 +93,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             reads=reads, write_lock=write_lock, job_inserts=job_inserts,
             api_keys=ApiKeyLookups(reads), wake_webhooks=dispatcher.wake,
         )
+        chain = SubjectChain(app.state.loomis,
+                             sweep_interval_s=settings.gateway.subjects_sweep_interval_s)
+        app.state.loomis.wake_subjects = chain.wake
         consumer = EventConsumer(
             redis=redis, sessionmaker=sessionmaker, stream=settings.redis.events_stream,
             group=settings.gateway.consumer_group,
@@ -100,11 +105,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             dead_letter_stream=settings.redis.events_dead_letter_stream, events=events,
             write_lock=app.state.loomis.write_lock,
             webhook_progress_interval_s=settings.webhooks.progress_interval_s,
-            on_deliveries=dispatcher.wake,
+            on_deliveries=dispatcher.wake, on_subjects=chain.wake,
         )
         stop = asyncio.Event()
         tasks = [asyncio.create_task(consumer.run(stop), name="event-consumer"),
-                 asyncio.create_task(dispatcher.run(stop), name="webhook-dispatcher")]
+                 asyncio.create_task(dispatcher.run(stop), name="webhook-dispatcher"),
+                 asyncio.create_task(chain.run(stop), name="subject-chain")]
         logger.info("gateway ready (consumer %s)", consumer.name)
         try:
             yield
@@ -137,6 +143,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in (generations_router, sweeps_router, uploads_router, control_router,
                    loras_router, datasets_router, taggings_router, trainings_router, jobs_router,
                    places_router, match_router, actions_router, scene_jobs_router, models_router,
+                   subjects_router,
                    webhooks_router, job_deliveries_router, health_router, files_router):
         app.include_router(router)
     generate_openapi = app.openapi

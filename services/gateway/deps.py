@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -39,6 +39,8 @@ class GatewayState:
     api_keys: ApiKeyLookups
     # wakes this gateway's webhook dispatcher: deliveries just queued go out at once
     wake_webhooks: Callable[[], None] = lambda: None
+    # moves these subjects' chains on (next stage, photo deletion) at once
+    wake_subjects: Callable[[Iterable[str]], None] = lambda subject_ids: None
 
 
 async def refuse_control_characters_in_url(request: Request) -> None:

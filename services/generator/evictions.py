@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 
 from services.generator.loras import LoraAdapterCache, LoraFiles
 from services.generator.pipelines import PipelineCache
-from shared.evictions import LORA_EVICTIONS_STREAM, read_lora_evictions
+from shared.evictions import LORA_EVICTIONS_STREAM, eviction_digest, read_lora_evictions
 
 logger = logging.getLogger(__name__)
 
@@ -62,12 +62,16 @@ class LoraEvictor:
         adapters went. One ``XREAD`` from a stream id when nothing is new."""
         async with self._reading:
             due = {sha for sha in self._waiting if sha not in self._pins}
+            digests: set[str] = set()
             while True:
                 last, evictions = await read_lora_evictions(self.redis, after=self.last_id)
-                due.update(e.sha256 for e in evictions)
+                digests.update(e.digest for e in evictions)
                 self.last_id = last
                 if len(evictions) < _BATCH:
                     break
+            if digests:  # evictions name files by a digest of their hash: match ours
+                held = self.files.cached() | self.adapters.held() | set(self._pins)
+                due.update(sha for sha in held if eviction_digest(sha) in digests)
             self._waiting = {sha for sha in self._waiting | due if sha in self._pins}
             due -= self._waiting
             if not due:

@@ -61,6 +61,12 @@ class LoraFiles:
                 os.unlink(tmp)
         return target
 
+    def cached(self) -> set[str]:
+        """The hashes of the files on disk."""
+        if not self.root.is_dir():
+            return set()
+        return {path.name.removesuffix(".safetensors") for path in self.root.glob("*.safetensors")}
+
     def remove(self, sha256: str) -> bool:
         """Whether there was a copy to remove (a worker that never used the LoRA has none)."""
         try:
@@ -117,8 +123,14 @@ class LoraAdapterCache:
             pipe.enable_lora()
             pipe.set_adapters(names, adapter_weights=[lora.weight for lora in loras])
             self._active[pipe] = wanted
+        # the manifest names the file's hash and, for a subject's LoRA, the subject
         return [{"id": lora.id, "name": lora.name, "sha256": lora.sha256, "weight": lora.weight,
-                 "adapter": name} for lora, name in zip(loras, names, strict=True)]
+                 "adapter": name, **({"subject_id": lora.subject_id} if lora.subject_id else {})}
+                for lora, name in zip(loras, names, strict=True)]
+
+    def held(self) -> set[str]:
+        """The hashes of every adapter loaded into any pipeline."""
+        return {sha for held in self._loaded.values() for sha in held.values()}
 
     def unload(self, pipe: Any, sha256s: set[str]) -> list[str]:
         """Drop the adapters of these files from ``pipe``; returns the adapter names dropped.

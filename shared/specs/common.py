@@ -69,6 +69,7 @@ class LoraRef(BaseModel):
     key: str
     sha256: str
     weight: float
+    subject_id: str | None = None  # the subject it was trained from: named in manifests
 
 
 # A LoRA's name is written into prompts (`<lora:name:0.8>`), PNG text and manifests, and is the

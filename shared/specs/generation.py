@@ -311,7 +311,10 @@ class GenerationSpec(RequestModel):
     controls: list[ControlSpec] = Field(default_factory=list, max_length=4, description="ControlNets "
                                         "applied in any mode, up to 4.")
     loras: list[LoraUse] = Field(default_factory=list, max_length=5, description="Uploaded or trained "
-                                 "LoRAs to apply with their weights, up to 5.")
+                                 "LoRAs (or subjects, by id) to apply with their weights, up to 5.")
+    subject: str | None = Field(default=None, min_length=1, max_length=64, description="A ready "
+                                "subject's id: its LoRA at weight 1, its trigger words first in "
+                                "the prompt.")
     webhook: JobWebhook = None
 
     @model_validator(mode="after")

@@ -54,8 +54,23 @@ class Gender(StrEnum):
 class SceneSubject(RequestModel):
     model_config = ConfigDict(extra="forbid")
 
+    id: str | None = Field(default=None, min_length=1, max_length=64, description="A ready "
+                           "subject's id (`POST /v1/subjects`): its LoRA and trigger words in the "
+                           "face stage. A bare id string may stand for the whole object.")
     age: Age = Field(default=Age.ADULT, description="young, adult or old.")
-    gender: Gender = Field(description="man or woman.")
+    gender: Gender | None = Field(default=None, description="man or woman; with a subject `id`, "
+                                  "its class word (man, woman, person…) when left out.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_id(cls, value: Any) -> Any:
+        return {"id": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _someone(self) -> SceneSubject:
+        if self.gender is None and self.id is None:
+            raise ValueError("give `gender` (or a subject's `id`)")
+        return self
     details: str = Field(default="", max_length=300, description="What they wear or look like; "
                          "in the prompt as \"wearing …\".")
 
@@ -94,12 +109,13 @@ def template_fields(template: str) -> list[str]:
 
 
 def prompt_values(subject: SceneSubject, *, action_name: str, action_description: str,
-                  place: str, image: str, trigger: str = "") -> dict[str, str]:
+                  place: str, image: str, trigger: str = "", gender: str = "person") -> dict[str, str]:
     """What each template field becomes for one scene (``trigger``: the LoRA's trigger words,
-    in the face stage only)."""
+    in the face stage only; ``gender``: the word when the subject gives none)."""
     details = subject.details.strip()
     return {
-        "age": subject.age.value, "gender": subject.gender.value, "details": details,
+        "age": subject.age.value, "gender": subject.gender.value if subject.gender else gender,
+        "details": details,
         "wearing": f", wearing {details}" if details else "",
         "action": action_description or action_name, "action_name": action_name,
         "place": place, "image": image, "trigger": f"{trigger} " if trigger else "",
@@ -237,3 +253,4 @@ class SceneTask(BaseModel):
     scheduler: str | None = None
     lora: dict[str, Any] | None = None  # a LoraRef's fields plus ``trigger_words``
     safety: SafetyPolicy | None = None
+    gender: str = "person"  # the prompt's {gender} when the subject gives none: its class word

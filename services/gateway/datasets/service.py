@@ -136,14 +136,16 @@ def without_caption_file(flags: dict[str, Any]) -> dict[str, Any]:
 async def create_dataset(
     *, session: AsyncSession, store: GatewayStore, tenant: Tenant, name: str,
     files: list[tuple[str, Upload]], zips: list[tuple[str, Upload]], caption_extension: str,
-    min_side: int,
+    min_side: int, dataset_id: str | None = None, checked: IngestResult | None = None,
 ) -> tuple[Dataset, list[DatasetItem]]:
-    """Ingest (pure, may refuse), store every object, then commit the rows; undo on failure.
+    """Ingest (pure, may refuse), store every object, then commit the rows (with whatever
+    else the caller added to the session); undo on failure.
 
-    Images are read back from the upload one at a time as they are stored.
+    Images are read back from the upload one at a time as they are stored. ``checked``: the
+    caller's own ingest of these very files, not repeated.
     """
     extensions = tuple(dict.fromkeys((caption_extension, ".caption", ".txt")))
-    result: IngestResult = await asyncio.to_thread(
+    result: IngestResult = checked if checked is not None else await asyncio.to_thread(
         ingest, files=files, zips=zips, caption_extensions=extensions,
         limits=IngestLimits(min_side=min_side))
     if result.config_toml is not None:
@@ -151,7 +153,7 @@ async def create_dataset(
                              subsets=result.subsets, plain_folders={
                                  folder for item in result.items
                                  if (folder := plain_folder(item.subset, item.path))})
-    dataset_id = new_id()
+    dataset_id = dataset_id or new_id()
     prefix = dataset_prefix(tenant.id, dataset_id)
     dataset = Dataset(
         id=dataset_id, tenant_id=tenant.id, name=name, caption_extension=caption_extension,

@@ -170,6 +170,8 @@ class Lora(Base):
     rank: Mapped[int] = mapped_column(Integer)
     info: Mapped[dict[str, Any]] = mapped_column(default=dict)
     source: Mapped[str] = mapped_column(String(20), default="upload")
+    # The subject it was trained from (a person's photos): deleted with the subject.
+    subject_id: Mapped[str | None] = mapped_column(String(36), default=None, index=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -379,6 +381,8 @@ class WebhookDelivery(Base):
     last_attempt_at: Mapped[datetime | None] = mapped_column(default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    # A subject's stage change (``job_id`` null): the payload is the subject as it is then.
+    subject_id: Mapped[str | None] = mapped_column(String(36), default=None, index=True)
 
 
 class WebhookAttempt(Base):
@@ -394,3 +398,88 @@ class WebhookAttempt(Base):
     latency_ms: Mapped[float] = mapped_column(Float, default=0.0)
     response_head: Mapped[str] = mapped_column(Text, default="")
     error: Mapped[str | None] = mapped_column(Text, default=None)
+
+
+class JobLora(Base):
+    """Lineage: a LoRA a job used (and the subject it came from), recorded with the job row, so
+    forgetting a LoRA or a subject finds every output made with it."""
+
+    __tablename__ = "job_loras"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"),
+                                        primary_key=True)
+    lora_id: Mapped[str] = mapped_column(String(36), primary_key=True, index=True)
+    tenant_id: Mapped[str] = mapped_column(String(36))
+    subject_id: Mapped[str | None] = mapped_column(String(36), default=None, index=True)
+    sha256: Mapped[str] = mapped_column(String(64))
+
+
+class Subject(Base):
+    """A person's photos on their way to a LoRA, and what became of everything derived from
+    them. ``status`` is the lifecycle (preparing, captioning, training, ready, failed, canceled,
+    deleting); each stage's job id is set when the stage starts."""
+
+    __tablename__ = "subjects"
+    __table_args__ = (Index("ix_subjects_tenant_created", "tenant_id", "created_at", "id"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(100))
+    class_word: Mapped[str] = mapped_column(String(40))
+    token: Mapped[str] = mapped_column(String(40))
+    preset: Mapped[str] = mapped_column(String(20))
+    # the training request the preset and overrides made (less dataset and name)
+    training: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    overrides: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    caption: Mapped[bool] = mapped_column(default=False)
+    retain_photos: Mapped[bool] = mapped_column(default=False)
+    consent: Mapped[str] = mapped_column(Text)
+    webhook: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), default=None)
+    status: Mapped[str] = mapped_column(String(20), index=True)
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    cancel_requested: Mapped[bool] = mapped_column(default=False)
+    photos: Mapped[int] = mapped_column(Integer, default=0)
+    duplicates: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    dataset_id: Mapped[str | None] = mapped_column(String(36), default=None)
+    tagging_job_id: Mapped[str | None] = mapped_column(String(36), default=None, index=True)
+    training_job_id: Mapped[str | None] = mapped_column(String(36), default=None, index=True)
+    lora_id: Mapped[str | None] = mapped_column(String(36), default=None)
+    trigger_words: Mapped[list[str]] = mapped_column(JSON, default=list)
+    error_code: Mapped[str | None] = mapped_column(String(64), default=None)
+    error_message: Mapped[str | None] = mapped_column(Text, default=None)
+    # what retention removed and when ({at, objects, items, ...}); null while photos are kept
+    purged: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), default=None)
+    # a DELETE in progress: what it must remove, kept until it is done
+    deletion: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), default=None)
+    last_seq: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class SubjectEvent(Base):
+    """A subject's stage changes, in order: its event stream's durable part."""
+
+    __tablename__ = "subject_events"
+    __table_args__ = (UniqueConstraint("subject_id", "seq", name="uq_subject_events_seq"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    subject_id: Mapped[str] = mapped_column(ForeignKey("subjects.id", ondelete="CASCADE"),
+                                            index=True)
+    seq: Mapped[int] = mapped_column(Integer)
+    type: Mapped[str] = mapped_column(String(20))
+    stage: Mapped[str] = mapped_column(String(20))
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    data: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class LoraDeletion(Base):
+    """A ``DELETE /v1/loras/{id}`` still under way (its row is gone, its traces may not be):
+    retried until done, then removed."""
+
+    __tablename__ = "lora_deletions"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    plan: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

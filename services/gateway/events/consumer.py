@@ -33,6 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from services.gateway.db.models import Job
 from services.gateway.db.session import WriteLock
 from services.gateway.jobs.service import apply_event
+from services.gateway.subjects.service import ADVANCE
 from services.gateway.webhooks.service import DELIVERIES_QUEUED
 from shared.events import ACTIVE, JobEvent, JobEvents, decode_event
 from shared.settings import RedisSettings, WebhookSettings
@@ -97,6 +98,7 @@ class EventConsumer:
         write_lock: WriteLock | None = None,
         on_deliveries: Callable[[], None] | None = None,
         webhook_progress_interval_s: float | None = None,
+        on_subjects: Callable[[set[str]], None] | None = None,
     ) -> None:
         self.redis = redis
         self.sessionmaker = sessionmaker
@@ -114,6 +116,7 @@ class EventConsumer:
         self.parked = 0
         self.write_lock = write_lock
         self.on_deliveries = on_deliveries  # wakes the webhook dispatcher
+        self.on_subjects = on_subjects  # moves subjects whose stage a committed event changed
         # the consumer applies the progress events, so it holds their webhook throttle
         self.webhook_progress_interval_s = (
             WebhookSettings().progress_interval_s if webhook_progress_interval_s is None
@@ -186,6 +189,9 @@ class EventConsumer:
             await session.commit()
             if session.info.pop(DELIVERIES_QUEUED, False) and self.on_deliveries is not None:
                 self.on_deliveries()
+            subjects = session.info.pop(ADVANCE, None)
+            if subjects and self.on_subjects is not None:
+                self.on_subjects(subjects)
         return applied
 
     async def _ack(self, entry_ids: list[Any]) -> None:

@@ -11,15 +11,19 @@ from services.gateway.deps import GatewayState
 from services.gateway.generations.resolve import resolve_generation
 from services.gateway.jobs.submission import create_and_enqueue, find_replay, request_hash
 from services.gateway.loras.service import resolve_loras
+from services.gateway.subjects.service import subject_loras, subject_triggers, with_triggers
 from services.gateway.uploads.service import resolve_inputs
 from services.gateway.webhooks.service import check_job_webhook
+from shared.errors import ValidationFailed
 from shared.models import ControlType
 from shared.queue import GENERATE_TASK
 from shared.specs import (
+    MAX_PROMPT_CHARS,
     GenerationSpec,
     GenerationTask,
     JobKind,
     LoraRef,
+    LoraUse,
     SafetyPolicy,
 )
 
@@ -47,8 +51,21 @@ async def prepare_generation(
     )
     preset = state.registry.get(resolved.model or "")
     assert preset is not None  # resolve_generation checked it
-    loras = await resolve_loras(session=session, tenant=tenant, uses=resolved.loras,
-                                preset=preset)
+    uses = list(resolved.loras)
+    if resolved.subject is not None:
+        person = await subject_loras(session, tenant, resolved.subject, field="subject")
+        if person.lora_id not in {use.id for use in uses} | {person.id}:
+            uses.append(LoraUse(id=person.lora_id or "", weight=1.0))
+    loras = await resolve_loras(session=session, tenant=tenant, uses=uses, preset=preset)
+    triggers = [word for subject_id in dict.fromkeys(lora.subject_id for lora in loras
+                                                     if lora.subject_id)
+                for word in await subject_triggers(session, subject_id or "")]
+    if triggers:  # a subject's LoRA learned its trigger: the prompt names it
+        prompt = with_triggers(resolved.prompt, triggers)
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise ValidationFailed([{"field": "prompt", "message": "with the subject's trigger "
+                                     f"words the prompt is over {MAX_PROMPT_CHARS} characters"}])
+        resolved = resolved.model_copy(update={"prompt": prompt})
     return resolved, inputs, loras, input_size
 
 
@@ -73,4 +90,5 @@ async def submit_generation(
         payload=lambda job_id: GenerationTask(
             job_id=job_id, tenant_id=tenant.id, spec=resolved, inputs=inputs, loras=loras,
             safety=safety_policy(tenant)).model_dump(mode="json"),
+        loras=loras,
     )

@@ -23,11 +23,12 @@ from sqlalchemy import insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.gateway.db.models import Job
+from services.gateway.db.models import Job, JobLora
 from services.gateway.db.reads import sqlite_file_engine
 from services.gateway.db.session import WriteLock
 
 _INSERT = insert(Job)
+_LINEAGE = insert(JobLora)
 
 
 class JobInserts:
@@ -36,13 +37,14 @@ class JobInserts:
         self.write_lock = write_lock
         self._sync = sqlite_file_engine(engine, connections=1, read_only=False)
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="sql-write") if self._sync else None
-        self._pending: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
+        self._pending: list[tuple[_Row, asyncio.Future[None]]] = []
         self._task: asyncio.Task[None] | None = None
 
-    async def insert(self, row: dict[str, Any]) -> None:
-        """Return once the row is committed; raise what the database said if it was refused."""
+    async def insert(self, row: dict[str, Any], lineage: list[dict[str, Any]] | None = None) -> None:
+        """Return once the row (and its ``job_loras`` lineage rows, in the same transaction) is
+        committed; raise what the database said if it was refused."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((row, future))
+        self._pending.append(((row, lineage or []), future))
         if self._task is None:
             self._task = asyncio.create_task(self._drain(), name="job-inserts")
         await future
@@ -68,7 +70,7 @@ class JobInserts:
         finally:
             self._task = None
 
-    async def _commit_alone(self, row: dict[str, Any], future: asyncio.Future[None]) -> None:
+    async def _commit_alone(self, row: _Row, future: asyncio.Future[None]) -> None:
         try:
             await self._commit([row])
         except Exception as exc:
@@ -76,25 +78,34 @@ class JobInserts:
         else:
             _settle(future, None)
 
-    async def _commit(self, rows: list[dict[str, Any]]) -> None:
+    async def _commit(self, rows: list[_Row]) -> None:
+        jobs = [job for job, _ in rows]
+        lineage = [link for _, links in rows for link in links]
         async with self.write_lock:
             if self._sync is None:
                 async with self.engine.begin() as conn:
-                    await conn.execute(_INSERT, rows)
+                    await conn.execute(_INSERT, jobs)
+                    if lineage:
+                        await conn.execute(_LINEAGE, lineage)
             else:
                 await asyncio.get_running_loop().run_in_executor(self._thread, self._commit_here,
-                                                                 rows)
+                                                                 jobs, lineage)
 
-    def _commit_here(self, rows: list[dict[str, Any]]) -> None:
+    def _commit_here(self, jobs: list[dict[str, Any]], lineage: list[dict[str, Any]]) -> None:
         assert self._sync is not None
         with self._sync.begin() as conn:
-            conn.execute(_INSERT, rows)
+            conn.execute(_INSERT, jobs)
+            if lineage:
+                conn.execute(_LINEAGE, lineage)
 
     def dispose(self) -> None:
         if self._thread is not None:
             self._thread.shutdown(wait=True)
         if self._sync is not None:
             self._sync.dispose()
+
+
+_Row = tuple[dict[str, Any], list[dict[str, Any]]]  # a job row and its lineage rows
 
 
 def _settle(future: asyncio.Future[None], exc: BaseException | None) -> None:

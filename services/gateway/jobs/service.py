@@ -19,6 +19,7 @@ from services.gateway.files.stores import GatewayStore
 from services.gateway.jobs.schemas import ArtifactOut, JobError, JobOut, JobPage
 from services.gateway.pagination import encode_cursor, newest_first
 from services.gateway.scenes.outcome import cache_action_embeddings
+from services.gateway.subjects.service import on_job_finished
 from services.gateway.taggings.outcome import write_item_results
 from services.gateway.trainings.outcome import register_trained_lora
 from services.gateway.webhooks.service import enqueue_deliveries
@@ -51,7 +52,8 @@ def parse_succeeded(kind: JobKind, data: dict[str, Any]) -> Succeeded:
     return SUCCEEDED[kind].model_validate(data)
 
 
-# Each kind's domain takes what a succeeded job of that kind made; subjects hook in here too.
+# Each kind's domain takes what a succeeded job of that kind made (subjects take every
+# terminal event of their own jobs, below).
 # (Webhooks take every event of every kind, in ``apply_event`` itself.)
 ON_SUCCEEDED: dict[JobKind, Callable[[AsyncSession, Job, Succeeded], Awaitable[None]]] = {
     JobKind.TRAINING: register_trained_lora,
@@ -294,6 +296,8 @@ async def apply_event(*, session: AsyncSession, event: JobEvent,
         handler = ON_SUCCEEDED.get(JobKind(job.kind))
         if handler is not None:  # the job's own domain takes what the job made
             await handler(session, job, outcome)
+    if event.status in TERMINAL_STATUSES:  # a subject's stage ended: its next one
+        await on_job_finished(session, job, event, outcome)
     await enqueue_deliveries(session, job, event, webhook_progress_interval_s)
     return True
 

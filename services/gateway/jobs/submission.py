@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from arq.constants import job_key_prefix, result_key_prefix
@@ -29,7 +29,7 @@ from services.gateway.deps import GatewayState
 from services.gateway.webhooks.service import CheckedWebhook
 from shared.errors import Conflict, ServiceUnavailable
 from shared.queue import GENERATOR_QUEUE
-from shared.specs import JobKind, JobStatus, WebhookTarget
+from shared.specs import JobKind, JobStatus, LoraRef, WebhookTarget
 
 logger = logging.getLogger(__name__)
 
@@ -87,12 +87,13 @@ async def create_and_enqueue(
     *, session: AsyncSession, state: GatewayState, tenant: Tenant, kind: JobKind,
     spec: dict[str, Any], digest: str, idempotency_key: str | None, task_name: str,
     payload: Callable[[str], dict[str, Any]], queue: str = GENERATOR_QUEUE,
-    webhook: CheckedWebhook | None = None,
+    webhook: CheckedWebhook | None = None, loras: Sequence[LoraRef] = (),
 ) -> tuple[Job, bool]:
     """Commit the job row, then enqueue it; a queue failure ends the job in ``failed``.
 
     ``webhook`` (the spec's, as ``check_job_webhook`` passed it) goes on the row, beside the
-    spec the worker gets, never into it."""
+    spec the worker gets, never into it. ``loras`` (those the job will apply) are recorded as
+    its lineage in the same transaction: forgetting a LoRA or a subject finds the job."""
     if session.new or session.dirty or session.deleted:
         raise RuntimeError("a submission commits its job row alone; commit other changes first")
     now = utcnow()
@@ -105,7 +106,10 @@ async def create_and_enqueue(
         "webhook": webhook,
     }
     try:
-        await state.job_inserts.insert(row)
+        await state.job_inserts.insert(row, [
+            {"job_id": row["id"], "lora_id": lora.id, "tenant_id": tenant.id,
+             "subject_id": lora.subject_id, "sha256": lora.sha256}
+            for lora in {lora.id: lora for lora in loras}.values()])
     except IntegrityError:
         # A concurrent request with the same key won the race: answer as its replay.
         if idempotency_key and (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
@@ -20,6 +21,9 @@ from services.gateway.multipart import (
     too_large,
 )
 from services.gateway.problems import PROBLEM_RESPONSES
+from services.gateway.subjects.forget import finish_lora_deletion, start_lora_deletion
+from services.gateway.subjects.routes import DELETE_WAIT_S
+from shared.errors import Conflict
 from shared.specs import LoraName
 from shared.text import RequestModel
 
@@ -86,9 +90,30 @@ async def get_lora(lora_id: str, session: SessionDep, tenant: TenantDep) -> Lora
     return service.lora_out(await service.get_lora(session=session, tenant=tenant, lora_id=lora_id))
 
 
-@router.delete("/{lora_id}", status_code=204, summary="Delete a LoRA adapter")
-async def delete_lora(lora_id: str, session: SessionDep, tenant: TenantDep,
-                      state: StateDep) -> Response:
-    await service.delete_lora(session=session, store=state.store, redis=state.redis,
-                             tenant=tenant, lora_id=lora_id)
+@router.delete(
+    "/{lora_id}", status_code=204, summary="Delete a LoRA adapter",
+    responses={202: {"description": "Deletion under way (a job using the LoRA is still "
+                     "stopping); it finishes on its own."}})
+async def delete_lora(
+    lora_id: str, session: SessionDep, tenant: TenantDep, state: StateDep,
+    outputs: Annotated[bool, Query(description="Also delete every output made with it "
+                                   "(images and manifests).")] = False,
+) -> Response:
+    """The LoRA is unusable at once (a generation naming it is a 422); jobs using it are
+    canceled, its file removed from storage and from every worker's cache, and, with
+    ``outputs=true``, every output made with it deleted. A subject's LoRA is deleted with its
+    subject (`DELETE /v1/subjects/{id}`): 409 here."""
+    lora = await service.get_lora(session=session, tenant=tenant, lora_id=lora_id)
+    if lora.subject_id is not None:
+        raise Conflict(f"LoRA {lora_id} belongs to subject {lora.subject_id}; delete the "
+                       "subject (DELETE /v1/subjects/{id}) to forget both",
+                       code="lora_of_subject")
+    deletion_id = await start_lora_deletion(session=session, state=state, tenant=tenant,
+                                            lora=lora, outputs=outputs)
+    await session.close()
+    deadline = asyncio.get_running_loop().time() + DELETE_WAIT_S
+    while not await finish_lora_deletion(state, deletion_id):
+        if asyncio.get_running_loop().time() > deadline:
+            return Response(status_code=202)
+        await asyncio.sleep(0.25)
     return Response(status_code=204)

@@ -7,17 +7,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from redis.asyncio import Redis
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.gateway.db.models import Lora, Tenant, new_id, utcnow
+from services.gateway.db.models import Lora, Subject, Tenant, new_id, utcnow
 from services.gateway.files.stores import GatewayStore
 from services.gateway.loras.fit import check_lora_for_model, lora_name_from_filename, width_mismatch
 from services.gateway.loras.inspection import LoraInfo, LoraRejected, inspect_lora
 from services.gateway.loras.schemas import LoraOut
 from shared.errors import NotFound, ValidationFailed
-from shared.evictions import record_lora_eviction
 from shared.keys import lora_key, lora_prefix
 from shared.models import ModelPreset, ModelRegistry
 from shared.specs import LoraRef, LoraUse
@@ -93,19 +91,6 @@ async def list_loras(*, session: AsyncSession, tenant: Tenant, family: str | Non
     return list(await session.scalars(query.order_by(Lora.created_at.desc(), Lora.id)))
 
 
-async def delete_lora(*, session: AsyncSession, store: GatewayStore, redis: Redis,
-                      tenant: Tenant, lora_id: str) -> None:
-    """The row goes first so no new job can pick the LoRA up; jobs already queued fail cleanly.
-    The eviction is recorded last: once the file is gone from storage no worker can cache it
-    again after applying it."""
-    lora = await get_lora(session=session, tenant=tenant, lora_id=lora_id)
-    sha256 = lora.sha256
-    await session.delete(lora)
-    await session.commit()
-    await store.delete_prefix(lora_prefix(tenant.id, lora_id))
-    await record_lora_eviction(redis, lora_id=lora_id, sha256=sha256)
-
-
 async def resolve_loras(
     *, session: AsyncSession, tenant: Tenant, uses: list[LoraUse], preset: ModelPreset,
 ) -> list[LoraRef]:
@@ -118,6 +103,15 @@ async def resolve_loras(
     for index, use in enumerate(uses):
         lora = await session.scalar(
             select(Lora).where(Lora.id == use.id, Lora.tenant_id == tenant.id))
+        if lora is None:  # a subject's id stands for its LoRA
+            subject = await session.scalar(select(Subject).where(
+                Subject.id == use.id, Subject.tenant_id == tenant.id))
+            if subject is not None and subject.status == "ready" and subject.lora_id:
+                lora = await session.get(Lora, subject.lora_id)
+            elif subject is not None:
+                errors.append({"field": f"loras.{index}.id", "message": f"subject {use.id} is "
+                               f"{subject.status}, not ready"})
+                continue
         if lora is None:
             errors.append({"field": f"loras.{index}.id", "message": f"no LoRA {use.id!r}"})
             continue
@@ -137,7 +131,7 @@ async def resolve_loras(
                            f"(checked against {lora.base_model}) {mismatch}"})
             continue
         refs.append(LoraRef(id=lora.id, name=lora.name, key=lora.key, sha256=lora.sha256,
-                            weight=use.weight))
+                            weight=use.weight, subject_id=lora.subject_id))
     if errors:
         raise ValidationFailed(errors)
     return refs

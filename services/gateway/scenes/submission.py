@@ -23,6 +23,7 @@ from services.gateway.scenes.service import (
     find_place_image,
     list_actions_with_shot,
 )
+from services.gateway.subjects.service import subject_loras
 from services.gateway.webhooks.service import check_job_webhook
 from shared.errors import LoomisError, ValidationFailed
 from shared.queue import GENERATOR_QUEUE, SCENE_TASK
@@ -32,6 +33,7 @@ from shared.specs import (
     GenerationMode,
     GenerationSpec,
     JobKind,
+    LoraRef,
     MaskSpec,
     RectShape,
 )
@@ -123,25 +125,38 @@ async def resolve_scene(
     preset = state.registry.get(resolved.model or "")
     assert preset is not None  # resolve_generation checked it
     steps = resolved.steps or 0
-    if spec.lora is not None and int(steps * spec.strength.face) < 1:
-        # diffusers denoises int(steps * strength) steps; zero fails in the worker
-        raise ValidationFailed([{"field": "strength.face", "message": (
-            f"strength {spec.strength.face} x {steps} steps leaves the face stage no "
-            "denoising step; raise strength.face or steps")}])
 
     lora: dict[str, Any] | None = None
-    if spec.lora is not None:
+    gender = "person"
+    use, field, triggers = None, "lora.id", []
+    if spec.subject.id is not None:  # a subject's LoRA and trigger words, as a LoRA's
+        if spec.lora is not None:
+            raise ValidationFailed([{"field": "lora", "message": "give `lora` or a subject "
+                                     "`id`, not both: the subject brings its own LoRA"}])
+        person = await subject_loras(session, tenant, spec.subject.id, field="subject.id")
+        use, field, triggers = LoraUse(id=person.lora_id or "", weight=1.0), "subject.id", list(
+            person.trigger_words)
+        gender = person.class_word
+    elif spec.lora is not None:
+        use = LoraUse(id=spec.lora.id, weight=spec.lora.weight)
+    if spec.lora is not None or spec.subject.id is not None:
+        if int(steps * spec.strength.face) < 1:
+            # diffusers denoises int(steps * strength) steps; zero fails in the worker
+            raise ValidationFailed([{"field": "strength.face", "message": (
+                f"strength {spec.strength.face} x {steps} steps leaves the face stage no "
+                "denoising step; raise strength.face or steps")}])
+    if use is not None:
         try:
-            (ref,) = await resolve_loras(session=session, tenant=tenant, preset=preset,
-                                         uses=[LoraUse(id=spec.lora.id, weight=spec.lora.weight)])
+            (ref,) = await resolve_loras(session=session, tenant=tenant, preset=preset, uses=[use])
         except ValidationFailed as exc:
-            raise ValidationFailed([{**error, "field": "lora.id"} for error in exc.errors]) from exc
-        row = await session.get(Lora, ref.id)
-        triggers = list((row.info or {}).get("trigger_words") or []) if row is not None else []
+            raise ValidationFailed([{**error, "field": field} for error in exc.errors]) from exc
+        if not triggers:
+            row = await session.get(Lora, ref.id)
+            triggers = list((row.info or {}).get("trigger_words") or []) if row is not None else []
         lora = {**ref.model_dump(), "trigger_words": triggers}
 
     _check_prompts(spec, actions, place=place.description, image=image.description,
-                   trigger=" ".join((lora or {}).get("trigger_words") or []))
+                   trigger=" ".join((lora or {}).get("trigger_words") or []), gender=gender)
     task = SceneTask(
         job_id="", tenant_id=tenant.id, spec=spec,
         place={"id": place.id, "name": place.name, "description": place.description},
@@ -150,7 +165,7 @@ async def resolve_scene(
         actions=actions, model=resolved.model or "", width=resolved.width or 0,
         height=resolved.height or 0, steps=resolved.steps or 0,
         guidance_scale=resolved.guidance_scale or 0.0, seed=resolved.seed or 0,
-        scheduler=resolved.scheduler, lora=lora, safety=safety_policy(tenant))
+        scheduler=resolved.scheduler, lora=lora, safety=safety_policy(tenant), gender=gender)
     recorded = {**spec.model_dump(mode="json"), "model": task.model, "width": task.width,
                 "height": task.height, "steps": task.steps, "guidance_scale": task.guidance_scale,
                 "seed": task.seed, "scheduler": task.scheduler}
@@ -158,7 +173,7 @@ async def resolve_scene(
 
 
 def _check_prompts(spec: SceneSpec, actions: list[SceneAction], *, place: str, image: str,
-                   trigger: str) -> None:
+                   trigger: str, gender: str) -> None:
     """Every prompt the job could run (each candidate action, each stage) is a prompt a
     generation accepts: not empty, not over the limit. Found here, not as a failed job."""
     template = spec.prompt_template or DEFAULT_PROMPT_TEMPLATE
@@ -166,7 +181,7 @@ def _check_prompts(spec: SceneSpec, actions: list[SceneAction], *, place: str, i
         for stage_trigger in {"", trigger}:
             prompt = render_prompt(template, prompt_values(
                 spec.subject, action_name=action.name, action_description=action.description,
-                place=place, image=image, trigger=stage_trigger))
+                place=place, image=image, trigger=stage_trigger, gender=gender))
             if not prompt.strip() or len(prompt) > MAX_PROMPT_CHARS:
                 field = "prompt_template" if spec.prompt_template else "subject.details"
                 raise ValidationFailed([{"field": field, "message": (
@@ -202,4 +217,5 @@ async def submit_scene(
         digest=digest, idempotency_key=idempotency_key, task_name=SCENE_TASK,
         queue=GENERATOR_QUEUE, webhook=webhook,
         payload=lambda job_id: task.model_copy(update={"job_id": job_id}).model_dump(mode="json"),
+        loras=[LoraRef.model_validate(task.lora)] if task.lora else [],
     )

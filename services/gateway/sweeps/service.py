@@ -53,4 +53,5 @@ async def submit_sweep(
         payload=lambda job_id: SweepTask(
             job_id=job_id, tenant_id=tenant.id, sweep=sweep, cells=cells, inputs=inputs,
             loras=loras, safety=safety_policy(tenant)).model_dump(mode="json"),
+        loras=loras,
     )

@@ -32,6 +32,7 @@ from sqlalchemy.orm import selectinload
 
 from services.gateway.db.models import (
     Job,
+    Subject,
     TenantWebhookSecret,
     WebhookAttempt,
     WebhookDelivery,
@@ -161,6 +162,15 @@ class Dispatcher:
     async def _payload(self, session: AsyncSession, delivery: WebhookDelivery,
                        now: datetime) -> dict[str, Any] | None:
         stamp = now.isoformat()
+        if delivery.subject_id is not None:
+            from services.gateway.subjects.service import subject_out
+
+            subject = await session.get(Subject, delivery.subject_id)
+            if subject is None:
+                return None
+            body = await subject_out(session, subject)
+            return {"type": delivery.event_type, "timestamp": stamp, "seq": delivery.seq,
+                    "data": body.model_dump(mode="json")}
         if delivery.job_id is None:
             return {"type": delivery.event_type, "timestamp": stamp,
                     "data": {"endpoint_id": delivery.endpoint_id}}

@@ -129,7 +129,7 @@ async def run_scene(ctx: dict[str, Any], task: SceneTask, *, queued_s: float) ->
         return render_prompt(template, prompt_values(
             spec.subject, action_name=action.name, action_description=action.description,
             place=task.place.get("description", ""),
-            image=str(task.image.get("description", "")), trigger=trigger))
+            image=str(task.image.get("description", "")), trigger=trigger, gender=task.gender))
 
     prompt = prompt_with("")
     lora = task.lora
@@ -207,7 +207,8 @@ async def run_scene(ctx: dict[str, Any], task: SceneTask, *, queued_s: float) ->
             stage_keys.append(key)
         # Stage 2: each stage-1 image's face, inside the face mask, with the LoRA.
         ref_lora = LoraRef(id=lora["id"], name=lora["name"], key=lora["key"],
-                           sha256=lora["sha256"], weight=lora["weight"])
+                           sha256=lora["sha256"], weight=lora["weight"],
+                           subject_id=lora.get("subject_id"))
         finals, safety = [], []
         t3 = time.perf_counter()
         for index, key in enumerate(stage_keys):

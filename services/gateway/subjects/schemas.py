@@ -1,0 +1,111 @@
+"""The subjects API's shapes: the multipart fields of a new subject, and a subject as read."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, Json
+
+from shared.text import RequestModel
+
+SubjectStatus = Literal["preparing", "captioning", "training", "ready", "failed", "canceled",
+                        "deleting"]
+ACTIVE_STATUSES = ("preparing", "captioning", "training")
+FINISHED_STATUSES = ("ready", "failed", "canceled")
+MIN_PHOTOS, MAX_PHOTOS = 3, 50
+
+
+class SubjectWebhook(RequestModel):
+    """Where the subject's stage changes are posted (signed as job webhooks are)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(min_length=1, max_length=2048, description="An https URL.")
+
+
+class SubjectFields(RequestModel):
+    """The text fields of ``POST /v1/subjects``; the photos travel beside them (``photos``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=100, description="What you call the subject.")
+    class_word: str = Field(min_length=2, max_length=40, pattern=r"^[a-z][a-z ]*[a-z]$",
+                            description="What the subject is: `person`, `man`, `woman`, `boy`, "
+                            "`girl`, `dog`… (lowercase letters and spaces).")
+    token: str | None = Field(default=None, min_length=3, max_length=20,
+                              pattern=r"^[a-z][a-z0-9]+$", description="The trigger word "
+                              "(lowercase letters and digits). Default: a new rare token.")
+    preset: Literal["quick", "standard"] = Field(
+        default="standard", description="`standard`: the classic recipe (each photo repeated "
+        "300 times, one epoch: 5 photos train 1,500 steps, SD1.5 at 512 px); `quick`: a few "
+        "steps at 64 px on tiny-sd15, for tests and CPUs.")
+    overrides: Json[dict[str, Any]] | None = Field(
+        default=None, description="Any training option over the preset, as JSON in a "
+        "training request's shape, e.g. `{\"optim\": {\"max_train_steps\": 800}}`.")
+    caption: bool = Field(default=False, description="Caption and tag the photos with the "
+                          "tagger before training (the trigger first in each caption).")
+    retain_photos: bool = Field(default=False, description="Keep the photos and everything "
+                                "derived from them once the LoRA is made. Default: delete them.")
+    consent: str = Field(min_length=10, max_length=2000, description="Who gave consent and for "
+                         "what purpose; stored with the subject.")
+    webhook: Json[SubjectWebhook] | None = Field(
+        default=None, description="JSON `{\"url\": …}`: notified at each stage change and at "
+        "the end.")
+
+
+class SubjectStage(BaseModel):
+    """The stage now under way: its job and how far it is."""
+
+    name: str
+    job_id: str | None
+    progress: float
+
+
+class SubjectOut(BaseModel):
+    id: str
+    name: str
+    status: SubjectStatus
+    class_word: str
+    token: str
+    trigger_words: list[str] = Field(description="Put these in a prompt (generations and scenes "
+                                     "naming the subject get them added).")
+    preset: str
+    training: dict[str, Any] = Field(description="The training options the preset and "
+                                     "overrides made.")
+    caption: bool
+    retain_photos: bool
+    consent: str
+    photos: int = Field(description="Distinct photos accepted.")
+    duplicates: list[dict[str, Any]] = Field(description="Photos dropped as copies of another.")
+    stage: SubjectStage | None = Field(description="The stage under way; null when finished.")
+    progress: float = Field(description="Progress of the current stage, 0-1.")
+    dataset_id: str | None
+    tagging_job_id: str | None
+    training_job_id: str | None
+    lora_id: str | None
+    error: dict[str, Any] | None
+    purged: dict[str, Any] | None = Field(description="What retention deleted and when (the "
+                                          "photos and everything derived from them).")
+    lineage: dict[str, Any] = Field(description="What was derived from the subject: dataset, "
+                                    "jobs, LoRA versions, outputs made with it.")
+    created_at: datetime
+    finished_at: datetime | None
+    links: dict[str, str]
+
+
+class SubjectPage(BaseModel):
+    items: list[SubjectOut]
+    next_cursor: str | None = None
+
+
+class SubjectStreamEvent(BaseModel):
+    """One message of ``GET /v1/subjects/{id}/events``."""
+
+    subject_id: str
+    seq: int | None = Field(description="Stage events' order (the SSE id); null on progress.")
+    type: str = Field(description="A status (preparing, captioning, training, ready, failed, "
+                      "canceled), `photos_deleted`, or `progress`.")
+    stage: str = Field(description="The stage the event belongs to.")
+    at: datetime
+    data: dict[str, Any]
