@@ -27,8 +27,9 @@ FORBIDDEN = ("torch", "fastapi", "starlette", "sqlalchemy", "alembic", "diffuser
 # contract (shared/specs/scene.py, SceneOutcome), to 3,700 for the scenes catalog's keys and
 # to 3,750 for the webhooks' settings (LOOMIS_WEBHOOKS__*), to 3,800 for the per-job webhook
 # every job spec takes (WebhookTarget), to 3,850 for the LoRA evictions stream workers follow
-# (shared/evictions.py)
-MAX_SHARED_LINES = 3_850
+# (shared/evictions.py), to 3,875 for subjects: a scene subject named by id, the LoRA's subject
+# on LoraRef (manifests name it), blinded eviction digests and the chain's sweep setting
+MAX_SHARED_LINES = 3_875
 
 # shared modules allowed a single consumer, each with the reason; empty while none needs it.
 SINGLE_CONSUMER_ALLOWED: dict[str, str] = {}

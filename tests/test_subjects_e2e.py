@@ -3,7 +3,6 @@ a LoRA out, usable in scenes and generations at once, and forgotten completely o
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from pathlib import Path
@@ -13,7 +12,6 @@ import httpx
 import numpy as np
 import pytest
 from httpx_sse import connect_sse
-from PIL import Image
 
 from tests.conftest import RunningStack, wait_terminal
 from tests.subject_support import create, photos, scan, sha, wait_subject
@@ -64,7 +62,7 @@ def test_photos_become_a_lora_used_in_a_scene_then_every_trace_is_deleted(
 
         # retention: the LoRA is kept, nothing made from the photos is
         keys = stack.s3_keys("")
-        assert any(k.startswith(f"loras/") and ready["lora_id"] in k for k in keys)
+        assert any(k.startswith("loras/") and ready["lora_id"] in k for k in keys)
         assert not [k for k in keys if ready["dataset_id"] in k or training["id"] in k]
         found = scan(stack, [model_cache], {f"photo {i}": sha(img) for i, img in enumerate(images)})
         assert not found, found
@@ -107,3 +105,192 @@ def test_photos_become_a_lora_used_in_a_scene_then_every_trace_is_deleted(
             **{f"photo {i}": sha(img) for i, img in enumerate(images)}})
         # the scene without the subject is not the subject's: it stays
         assert client.get(f"/v1/jobs/{plain['id']}").status_code == 200
+
+
+def _problem_field(response: httpx.Response) -> set[str]:
+    assert response.headers["content-type"].startswith("application/problem+json"), response.text
+    return {str(error.get("field")) for error in response.json().get("errors", [])}
+
+
+def test_bad_subject_requests_are_problems_naming_the_field_and_store_nothing(
+        stack: RunningStack) -> None:
+    images = photos(3, seed=5)
+    with stack.client() as client:
+        before = stack.s3_keys("datasets/")
+        count = len(client.get("/v1/subjects").json()["items"])
+        not_image = [images[0], images[1], b"this is not an image at all"]
+        cases: list[tuple[httpx.Response, str]] = [
+            (create(client, []), "photos"),
+            (create(client, photos(51, seed=1, side=16)), "photos"),
+            (create(client, photos(2)), "photos"),
+            (create(client, not_image), "photos[2]"),
+            (create(client, [images[0]] * 5), "photos"),
+            (client.post("/v1/subjects", data={"name": "x", "class_word": "woman"},
+                         files=[("photos", (f"{i}.png", img, "image/png"))
+                                for i, img in enumerate(images)]), "consent"),
+            (create(client, images, preset="huge"), "preset"),
+            (create(client, images, overrides={"optim": {"nonsense": 1}}),
+             "overrides.optim.nonsense"),
+            (create(client, images, overrides={"optim": {"max_train_steps": 0}}),
+             "overrides.optim.max_train_steps"),
+            (create(client, images, overrides={"dataset_id": "x"}), "overrides.dataset_id"),
+            (create(client, images, overrides={"diffusion": {"cache_latents_to_disk": True}}),
+             "overrides.diffusion.cache_latents_to_disk"),
+            (create(client, images, token="Bad Token"), "token"),
+            (create(client, images, class_word="woman", token="woman"), "token"),
+            (create(client, images, webhook={"url": "ftp://x"}), "webhook.url"),
+        ]
+        for response, field in cases:
+            assert 400 <= response.status_code < 500, (field, response.text)
+            assert field in _problem_field(response), (field, response.text)
+        assert stack.s3_keys("datasets/") == before
+        assert len(client.get("/v1/subjects").json()["items"]) == count
+
+
+def test_another_tenant_cannot_see_or_use_a_subject(stack: RunningStack) -> None:
+    with stack.client() as client, stack.client("bob") as bob:
+        made = create(client, photos(3, seed=21), retain_photos=True)
+        assert made.status_code == 202, made.text
+        sid = made.json()["id"]
+        subject = wait_subject(client, sid, ("ready",))
+        assert subject["purged"] is None  # kept: retain_photos
+        assert bob.get(f"/v1/subjects/{sid}").status_code == 404
+        assert bob.post(f"/v1/subjects/{sid}/cancel").status_code == 404
+        assert bob.delete(f"/v1/subjects/{sid}").status_code == 404
+        assert sid not in {s["id"] for s in bob.get("/v1/subjects").json()["items"]}
+        response = bob.post("/v1/generations", json={"prompt": "x", "model": "tiny-sd15",
+                                                     "subject": sid})
+        assert response.status_code == 422 and _problem_field(response) == {"subject"}
+        response = bob.post("/v1/generations", json={"prompt": "x", "model": "tiny-sd15",
+                                                     "loras": [{"id": sid}]})
+        assert response.status_code == 422 and _problem_field(response) == {"loras.0.id"}
+        scene_body = {"place": "p", "image": "i", "action": "a", "shot": "medium",
+                      "subject": sid}
+        response = bob.post("/v1/scenes", json=scene_body)
+        assert response.status_code == 422
+        # kept photos stay until the subject is deleted; then they go too
+        dataset = client.get(f"/v1/datasets/{subject['dataset_id']}")
+        assert dataset.status_code == 200
+        assert client.delete(f"/v1/subjects/{sid}").status_code == 204
+        assert client.get(f"/v1/datasets/{subject['dataset_id']}").status_code == 404
+        assert not [k for k in stack.s3_keys("") if subject["dataset_id"] in k
+                    or subject["lora_id"] in k]
+
+
+def test_cancel_during_training_stops_the_chain_and_deletes_the_photos(
+        stack: RunningStack) -> None:
+    images = photos(3, seed=31)
+    with stack.client() as client:
+        made = create(client, images, overrides={"optim": {"max_train_steps": 2000}})
+        assert made.status_code == 202, made.text
+        sid = made.json()["id"]
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            subject = client.get(f"/v1/subjects/{sid}").json()
+            if subject["status"] == "training" and subject["progress"] > 0:
+                break
+            time.sleep(0.2)
+        assert subject["status"] == "training", subject
+        canceled = client.post(f"/v1/subjects/{sid}/cancel")
+        assert canceled.status_code == 202, canceled.text
+        subject = wait_subject(client, sid, ("canceled",), timeout=120, purged=True)
+        assert wait_terminal(client, subject["training_job_id"])["status"] == "canceled"
+        assert subject["lora_id"] is None and subject["purged"]["photos"] == 3
+        assert client.post(f"/v1/subjects/{sid}/cancel").status_code == 409
+        assert not [k for k in stack.s3_keys("") if subject["dataset_id"] in k]
+
+
+def test_the_chain_survives_a_gateway_restart_between_captioning_and_training(
+        stack: RunningStack) -> None:
+    from tests.test_webhooks_e2e import _restart_gateway
+
+    with stack.client() as client:
+        made = create(client, photos(3, seed=41), caption=True)
+        assert made.status_code == 202, made.text
+        sid = made.json()["id"]
+        subject = wait_subject(client, sid, ("captioning",), timeout=60)
+    gateway = next(c for c in stack.stack.children if c.name == "gateway")
+    from services.devstack import stop_child
+
+    stop_child(gateway)  # while the tagger works: its end arrives with no gateway up
+    stack.stack.children.remove(gateway)
+    time.sleep(3)
+    stack.stack.start_gateway()
+    stack.stack.wait_ready()
+    with stack.client() as client:
+        subject = wait_subject(client, sid, ("ready", "failed"), timeout=300)
+        assert subject["status"] == "ready", subject
+        assert subject["tagging_job_id"] and subject["training_job_id"]
+        stages = [e["type"] for e in stream(client, sid) if e["seq"] is not None]
+        assert stages == ["preparing", "captioning", "training", "ready", "photos_deleted"]
+        assert client.delete(f"/v1/subjects/{sid}").status_code == 204
+    _ = _restart_gateway  # the webhook tests' helper restarts the same way
+
+
+def test_an_interrupted_deletion_reads_deleting_and_finishes_after_a_restart(
+        stack: RunningStack, model_cache: Path) -> None:
+    """The state a gateway killed right after a DELETE's first commit leaves (subject
+    ``deleting`` with its plan, LoRA row gone, nothing else done yet) is finished by the
+    restarted gateway's sweep."""
+    import sqlite3
+
+    from services.devstack import stop_child
+
+    images = photos(3, seed=51)
+    with stack.client() as client:
+        made = create(client, images, retain_photos=True)
+        sid = made.json()["id"]
+        subject = wait_subject(client, sid, ("ready",))
+        lora = client.get(f"/v1/loras/{subject['lora_id']}").json()
+    gateway = next(c for c in stack.stack.children if c.name == "gateway")
+    stop_child(gateway)
+    stack.stack.children.remove(gateway)
+    db = sqlite3.connect(stack.database_url.split("///", 1)[1])
+    plan = {"loras": [{"id": lora["id"], "sha256": lora["sha256"]}], "outputs": True}
+    db.execute("update subjects set status = 'deleting', deletion = ? where id = ?",
+               (json.dumps(plan), sid))
+    db.execute("delete from loras where id = ?", (lora["id"],))
+    db.commit()
+    db.close()
+    stack.stack.start_gateway()
+    stack.stack.wait_ready()
+    with stack.client() as client:
+        deadline = time.monotonic() + 60
+        seen = []
+        while time.monotonic() < deadline:
+            response = client.get(f"/v1/subjects/{sid}")
+            seen.append(response.json().get("status") if response.status_code == 200 else 404)
+            if response.status_code == 404:
+                break
+            time.sleep(0.1)
+        assert seen[-1] == 404 and "ready" not in seen, seen
+    wait_clean(stack, model_cache, {"subject id": sid, "lora id": lora["id"],
+                                    "lora hash": lora["sha256"],
+                                    **{f"photo {i}": sha(img) for i, img in enumerate(images)}})
+
+
+def test_deleting_an_uploaded_lora_with_outputs_removes_what_it_made(
+        stack: RunningStack, model_cache: Path) -> None:
+    from tests.lora_files import make_lora
+
+    with stack.client() as client:
+        upload = client.post("/v1/loras", data={"base_model": "tiny-sd15", "name": "gone"},
+                             files={"file": ("g.safetensors",
+                                             make_lora("sd15", cache_dir=model_cache, seed=77),
+                                             "application/octet-stream")})
+        assert upload.status_code == 201, upload.text
+        lora = upload.json()
+        made = client.post("/v1/generations", json={"prompt": "a cat", "model": "tiny-sd15",
+                                                    "steps": 2, "loras": [{"id": lora["id"]}]})
+        job = wait_terminal(client, made.json()["id"], timeout=120)
+        assert job["status"] == "succeeded"
+        kept = client.post("/v1/generations", json={"prompt": "a cat", "model": "tiny-sd15",
+                                                    "steps": 2})
+        kept_job = wait_terminal(client, kept.json()["id"], timeout=120)
+        assert client.delete(f"/v1/loras/{lora['id']}", params={"outputs": "true"}).status_code == 204
+        assert client.get(f"/v1/jobs/{job['id']}").status_code == 404
+        assert not stack.s3_keys(f"outputs/{job['id']}") and not [
+            k for k in stack.s3_keys("outputs/") if job["id"] in k]
+        assert client.get(f"/v1/jobs/{kept_job['id']}").status_code == 200
+        assert client.delete(f"/v1/loras/{lora['id']}").status_code == 404
+    wait_clean(stack, model_cache, {"lora id": lora["id"], "lora hash": lora["sha256"]})

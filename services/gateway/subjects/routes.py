@@ -28,11 +28,13 @@ from services.gateway.subjects.forget import finish_subject_deletion, start_subj
 from services.gateway.subjects.schemas import (
     ACTIVE_STATUSES,
     MAX_PHOTOS,
+    MIN_PHOTOS,
     SubjectFields,
     SubjectOut,
     SubjectPage,
     SubjectStreamEvent,
 )
+from shared.errors import ValidationFailed
 
 router = APIRouter(prefix="/v1/subjects", tags=["subjects"], responses=PROBLEM_RESPONSES)
 
@@ -57,6 +59,10 @@ async def create_subject(request: Request, session: SessionDep, tenant: TenantDe
     stored as the subject's dataset, then captioned (``caption=true``) and trained into a
     LoRA. Follow it on `GET /v1/subjects/{id}/events`. Unless ``retain_photos``, the photos and
     everything derived from them are deleted once it is finished."""
+    if request.headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
+        # what a form with its text fields and no files is sent as: the photos are missing
+        raise ValidationFailed([{"field": "photos", "message": f"send {MIN_PHOTOS} to "
+                                 f"{MAX_PHOTOS} photos as multipart/form-data files (got none)"}])
     async with read_multipart(request, max_bytes=_BODY_LIMIT, file_field="photos",
                               max_files=MAX_PHOTOS + 10) as form:
         fields = parse_fields(SubjectFields, form)

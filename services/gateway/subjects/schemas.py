@@ -57,55 +57,59 @@ class SubjectFields(RequestModel):
 class SubjectStage(BaseModel):
     """The stage now under way: its job and how far it is."""
 
-    name: str
-    job_id: str | None
-    progress: float
+    name: str = Field(description="preparing, captioning or training.")
+    job_id: str | None = Field(description="The stage's job (`GET /v1/jobs/{id}`); null "
+                               "until it is submitted.")
+    progress: float = Field(description="The job's progress, 0-1.")
 
 
 class SubjectOut(BaseModel):
-    id: str
-    name: str
-    status: SubjectStatus
-    class_word: str
-    token: str
+    id: str = Field(description="The subject's id: use it as `subject` in generations and "
+                    "scenes.")
+    name: str = Field(description="What you call the subject.")
+    status: SubjectStatus = Field(description="preparing -> captioning -> training -> ready | "
+                                  "failed | canceled; deleting while a DELETE finishes.")
+    class_word: str = Field(description="What the subject is (person, man, woman…).")
+    token: str = Field(description="The trigger word.")
     trigger_words: list[str] = Field(description="Put these in a prompt (generations and scenes "
                                      "naming the subject get them added).")
-    preset: str
+    preset: str = Field(description="quick or standard.")
     training: dict[str, Any] = Field(description="The training options the preset and "
                                      "overrides made.")
-    caption: bool
-    retain_photos: bool
-    consent: str
+    caption: bool = Field(description="Whether the photos are captioned before training.")
+    retain_photos: bool = Field(description="Whether the photos are kept once it is finished.")
+    consent: str = Field(description="The consent statement given at creation.")
     photos: int = Field(description="Distinct photos accepted.")
     duplicates: list[dict[str, Any]] = Field(description="Photos dropped as copies of another.")
     stage: SubjectStage | None = Field(description="The stage under way; null when finished.")
     progress: float = Field(description="Progress of the current stage, 0-1.")
-    dataset_id: str | None
-    tagging_job_id: str | None
-    training_job_id: str | None
-    lora_id: str | None
-    error: dict[str, Any] | None
+    dataset_id: str | None = Field(description="The dataset its photos were stored as.")
+    tagging_job_id: str | None = Field(description="The captioning job (caption=true).")
+    training_job_id: str | None = Field(description="The training job.")
+    lora_id: str | None = Field(description="Its LoRA, once ready.")
+    error: dict[str, Any] | None = Field(description="Why it failed: `code` and `message`.")
     purged: dict[str, Any] | None = Field(description="What retention deleted and when (the "
                                           "photos and everything derived from them).")
     lineage: dict[str, Any] = Field(description="What was derived from the subject: dataset, "
                                     "jobs, LoRA versions, outputs made with it.")
-    created_at: datetime
-    finished_at: datetime | None
-    links: dict[str, str]
+    created_at: datetime = Field(description="When it was created.")
+    finished_at: datetime | None = Field(description="When it became ready, failed or canceled.")
+    links: dict[str, str] = Field(description="Its own URL, its events and cancel.")
 
 
 class SubjectPage(BaseModel):
-    items: list[SubjectOut]
-    next_cursor: str | None = None
+    items: list[SubjectOut] = Field(description="Newest first.")
+    next_cursor: str | None = Field(default=None, description="Pass as `cursor` for the next "
+                                    "page; null on the last.")
 
 
 class SubjectStreamEvent(BaseModel):
     """One message of ``GET /v1/subjects/{id}/events``."""
 
-    subject_id: str
+    subject_id: str = Field(description="The subject.")
     seq: int | None = Field(description="Stage events' order (the SSE id); null on progress.")
     type: str = Field(description="A status (preparing, captioning, training, ready, failed, "
                       "canceled), `photos_deleted`, or `progress`.")
     stage: str = Field(description="The stage the event belongs to.")
-    at: datetime
-    data: dict[str, Any]
+    at: datetime = Field(description="When it happened.")
+    data: dict[str, Any] = Field(description="Details: the job, the LoRA, what was deleted.")
