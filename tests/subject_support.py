@@ -79,8 +79,9 @@ def scan(stack: RunningStack, model_dirs: list[Path], needles: dict[str, str],
             key = obj["Key"]
             check(f"s3 key {key}", key)
             if not key.startswith(skip_keys):
-                check(f"s3 object {key}",
-                      s3.get_object(Bucket=stack.bucket, Key=key)["Body"].read())
+                body = s3.get_object(Bucket=stack.bucket, Key=key)["Body"].read()
+                check(f"s3 object {key}", body)
+                check(f"s3 object {key} is a photo", sha(body))  # the bytes themselves
     url = stack.database_url
     if url.startswith("sqlite"):
         conn = sqlite3.connect(url.split("///", 1)[1])

@@ -17,7 +17,7 @@ from tests.conftest import RunningStack, wait_terminal
 from tests.subject_support import create, photos, scan, sha, wait_subject
 from tests.test_scenes_e2e import base_body, by_kind, catalog, fetch, scene
 
-pytestmark = pytest.mark.parametrize("stack", ["sqlite"], indirect=True)
+SQLITE = pytest.mark.parametrize("stack", ["sqlite"], indirect=True)
 
 
 def stream(client: httpx.Client, subject_id: str) -> list[dict[str, Any]]:
@@ -38,6 +38,7 @@ def wait_clean(stack: RunningStack, model_cache: Path, needles: dict[str, str],
     raise AssertionError(f"still found after deletion: {found}")
 
 
+@pytest.mark.parametrize("stack", ["sqlite", "postgres"], indirect=True)
 def test_photos_become_a_lora_used_in_a_scene_then_every_trace_is_deleted(
         stack: RunningStack, model_cache: Path) -> None:
     images = photos(5)
@@ -112,6 +113,7 @@ def _problem_field(response: httpx.Response) -> set[str]:
     return {str(error.get("field")) for error in response.json().get("errors", [])}
 
 
+@SQLITE
 def test_bad_subject_requests_are_problems_naming_the_field_and_store_nothing(
         stack: RunningStack) -> None:
     images = photos(3, seed=5)
@@ -147,6 +149,7 @@ def test_bad_subject_requests_are_problems_naming_the_field_and_store_nothing(
         assert len(client.get("/v1/subjects").json()["items"]) == count
 
 
+@SQLITE
 def test_another_tenant_cannot_see_or_use_a_subject(stack: RunningStack) -> None:
     with stack.client() as client, stack.client("bob") as bob:
         made = create(client, photos(3, seed=21), retain_photos=True)
@@ -177,6 +180,7 @@ def test_another_tenant_cannot_see_or_use_a_subject(stack: RunningStack) -> None
                     or subject["lora_id"] in k]
 
 
+@SQLITE
 def test_cancel_during_training_stops_the_chain_and_deletes_the_photos(
         stack: RunningStack) -> None:
     images = photos(3, seed=31)
@@ -200,10 +204,9 @@ def test_cancel_during_training_stops_the_chain_and_deletes_the_photos(
         assert not [k for k in stack.s3_keys("") if subject["dataset_id"] in k]
 
 
+@SQLITE
 def test_the_chain_survives_a_gateway_restart_between_captioning_and_training(
         stack: RunningStack) -> None:
-    from tests.test_webhooks_e2e import _restart_gateway
-
     with stack.client() as client:
         made = create(client, photos(3, seed=41), caption=True)
         assert made.status_code == 202, made.text
@@ -224,9 +227,9 @@ def test_the_chain_survives_a_gateway_restart_between_captioning_and_training(
         stages = [e["type"] for e in stream(client, sid) if e["seq"] is not None]
         assert stages == ["preparing", "captioning", "training", "ready", "photos_deleted"]
         assert client.delete(f"/v1/subjects/{sid}").status_code == 204
-    _ = _restart_gateway  # the webhook tests' helper restarts the same way
 
 
+@SQLITE
 def test_an_interrupted_deletion_reads_deleting_and_finishes_after_a_restart(
         stack: RunningStack, model_cache: Path) -> None:
     """The state a gateway killed right after a DELETE's first commit leaves (subject
@@ -269,6 +272,7 @@ def test_an_interrupted_deletion_reads_deleting_and_finishes_after_a_restart(
                                     **{f"photo {i}": sha(img) for i, img in enumerate(images)}})
 
 
+@SQLITE
 def test_deleting_an_uploaded_lora_with_outputs_removes_what_it_made(
         stack: RunningStack, model_cache: Path) -> None:
     from tests.lora_files import make_lora
@@ -294,3 +298,40 @@ def test_deleting_an_uploaded_lora_with_outputs_removes_what_it_made(
         assert client.get(f"/v1/jobs/{kept_job['id']}").status_code == 200
         assert client.delete(f"/v1/loras/{lora['id']}").status_code == 404
     wait_clean(stack, model_cache, {"lora id": lora["id"], "lora hash": lora["sha256"]})
+
+
+@SQLITE
+def test_a_subject_webhook_hears_every_stage_signed(stack: RunningStack) -> None:
+    from standardwebhooks import Webhook
+
+    from tests.test_webhooks_e2e import Receiver
+
+    own, endpoint = Receiver().start(), Receiver().start()
+    try:
+        with stack.client() as client:
+            hook = client.post("/v1/webhooks", json={"url": endpoint.url,
+                                                     "events": ["subject.ready"]})
+            assert hook.status_code == 201, hook.text
+            bad = client.post("/v1/webhooks", json={"url": endpoint.url,
+                                                    "events": ["subject.succeeded"]})
+            assert bad.status_code == 422
+            made = create(client, photos(3, seed=61), webhook={"url": own.url})
+            assert made.status_code == 202, made.text
+            sid = made.json()["id"]
+            wait_subject(client, sid, ("ready",), purged=True)
+            secret = client.get("/v1/webhooks/job-secret").json()["secret"]
+            received = own.wait(4)
+            payloads = [Webhook(secret).verify(r.body, r.headers) for r in received]
+            assert [p["type"] for p in payloads] == [
+                "subject.preparing", "subject.training", "subject.ready",
+                "subject.photos_deleted"]
+            assert all(p["data"]["id"] == sid for p in payloads)
+            assert payloads[2]["data"]["lora_id"]
+            (only,) = endpoint.wait(1)
+            assert Webhook(hook.json()["secret"]).verify(only.body, only.headers)["type"] == (
+                "subject.ready")
+            assert client.delete(f"/v1/subjects/{sid}").status_code == 204
+            client.delete(f"/v1/webhooks/{hook.json()['id']}")
+    finally:
+        own.stop()
+        endpoint.stop()

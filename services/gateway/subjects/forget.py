@@ -163,6 +163,15 @@ async def finish_subject_deletion(state: Any, subject_id: str) -> bool:
                                           .where(JobLora.subject_id == subject_id)))
         if await stop_jobs(state, session, own | made):
             return False  # a job still runs: it could write after its outputs are gone
+        # read again now that every job has stopped: a training that finished meanwhile
+        # added its LoRA to the plan (see subjects.service.on_job_finished)
+        await session.refresh(subject)
+        plan = dict(subject.deletion or {})
+        lora_ids = [lora["id"] for lora in plan.get("loras", [])]
+        made = await _lineage_jobs(session, lora_ids) | set(await session.scalars(
+            select(JobLora.job_id).where(JobLora.subject_id == subject_id)))
+        if made - own and await stop_jobs(state, session, made):
+            return False
         outputs = made if plan.get("outputs") else set()
         removed = await count_and_delete(state.store, _prefixes(
             tenant_id, subject.dataset_id, own, lora_ids, outputs))

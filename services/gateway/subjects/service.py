@@ -242,7 +242,8 @@ async def record_event(session: AsyncSession, subject: Subject, event_type: str,
             select(WebhookEndpoint.id, WebhookEndpoint.url, WebhookEndpoint.events).where(
                 WebhookEndpoint.tenant_id == subject.tenant_id,
                 WebhookEndpoint.enabled.is_(True)))).all()
-        if any(filter_matches(p, kind="subject", event_type=event_type) for p in row.events)]
+        if any(p.startswith("subject.")
+               and filter_matches(p, kind="subject", event_type=event_type) for p in row.events)]
     if subject.webhook:
         targets.append((None, subject.webhook["url"]))
     if not targets:
@@ -288,7 +289,19 @@ async def on_job_finished(session: AsyncSession, job: Job, event: JobEvent,
     if not key.startswith("subject:"):
         return
     subject = await session.get(Subject, key.split(":")[1])
-    if subject is None or subject.status not in ACTIVE_STATUSES:
+    if subject is None:
+        return
+    if subject.status == "deleting":
+        # a training that finished as the subject was being deleted: its LoRA goes too
+        lora = outcome.register_lora if isinstance(outcome, TrainingSucceeded) else None
+        row = await session.get(Lora, lora.id) if lora is not None else None
+        if row is not None:
+            row.subject_id = subject.id
+            plan = dict(subject.deletion or {})
+            plan["loras"] = [*plan.get("loras", []), {"id": row.id, "sha256": row.sha256}]
+            subject.deletion = plan
+        return
+    if subject.status not in ACTIVE_STATUSES:
         return
     column = "tagging_job_id" if job.kind == JobKind.TAGGING.value else "training_job_id"
     if getattr(subject, column) is None:

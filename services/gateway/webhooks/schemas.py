@@ -16,14 +16,20 @@ from shared.specs import MAX_WEBHOOK_URL_CHARS, WEBHOOK_EVENT_TYPES, JobKind
 from shared.text import MULTILINE, RequestModel
 
 DEFAULT_FILTERS = ["*.succeeded", "*.failed", "*.canceled"]
+# A subject's stage changes: taken only by `subject.…` filters (a `*` kind means every job kind).
+SUBJECT_EVENT_TYPES = ("preparing", "captioning", "training", "ready", "failed", "canceled",
+                       "photos_deleted")
 FILTER_RULE = ("`kind.type`: a job kind (" + ", ".join(kind.value for kind in JobKind)
                + ") or `*`, a dot, and an event type (" + ", ".join(WEBHOOK_EVENT_TYPES)
+               + ") or `*`; or `subject.` and a subject event (" + ", ".join(SUBJECT_EVENT_TYPES)
                + ") or `*`")
 
 
 def _check_filter(value: str) -> str:
     kind, dot, event_type = value.partition(".")
     kinds = {k.value for k in JobKind}
+    if kind == "subject" and (event_type == "*" or event_type in SUBJECT_EVENT_TYPES):
+        return value
     if not dot or (kind != "*" and kind not in kinds) or (
             event_type != "*" and event_type not in WEBHOOK_EVENT_TYPES):
         raise PydanticCustomError("webhook_filter", "'{value}' is not {rule}",
