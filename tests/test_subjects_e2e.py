@@ -141,6 +141,9 @@ def test_bad_subject_requests_are_problems_naming_the_field_and_store_nothing(
             (create(client, images, token="Bad Token"), "token"),
             (create(client, images, class_word="woman", token="woman"), "token"),
             (create(client, images, webhook={"url": "ftp://x"}), "webhook.url"),
+            (create(client, images, webhook={"url": "http://127.0.0.1:9/h", "events": ["bogus"]}),
+             "webhook.events.0"),
+            (create(client, images, consent="   "), "consent"),
         ]
         for response, field in cases:
             assert 400 <= response.status_code < 500, (field, response.text)
@@ -213,9 +216,8 @@ def test_the_chain_survives_a_gateway_restart_between_captioning_and_training(
         sid = made.json()["id"]
         subject = wait_subject(client, sid, ("captioning",), timeout=60)
     gateway = next(c for c in stack.stack.children if c.name == "gateway")
-    from services.devstack import stop_child
-
-    stop_child(gateway)  # while the tagger works: its end arrives with no gateway up
+    gateway.popen.kill()  # SIGKILL while the tagger works: its end arrives with no gateway up
+    gateway.popen.wait(10)
     stack.stack.children.remove(gateway)
     time.sleep(3)
     stack.stack.start_gateway()
@@ -315,13 +317,15 @@ def test_a_subject_webhook_hears_every_stage_signed(stack: RunningStack) -> None
             bad = client.post("/v1/webhooks", json={"url": endpoint.url,
                                                     "events": ["subject.succeeded"]})
             assert bad.status_code == 422
-            made = create(client, photos(3, seed=61), webhook={"url": own.url})
+            made = create(client, photos(3, seed=61), webhook=own.url)  # a bare URL will do
             assert made.status_code == 202, made.text
             sid = made.json()["id"]
             wait_subject(client, sid, ("ready",), purged=True)
             secret = client.get("/v1/webhooks/job-secret").json()["secret"]
             received = own.wait(4)
-            payloads = [Webhook(secret).verify(r.body, r.headers) for r in received]
+            # sent at once, so they may arrive in any order: `seq` orders them
+            payloads = sorted((Webhook(secret).verify(r.body, r.headers) for r in received),
+                              key=lambda p: p["seq"])
             assert [p["type"] for p in payloads] == [
                 "subject.preparing", "subject.training", "subject.ready",
                 "subject.photos_deleted"]
@@ -332,6 +336,20 @@ def test_a_subject_webhook_hears_every_stage_signed(stack: RunningStack) -> None
                 "subject.ready")
             assert client.delete(f"/v1/subjects/{sid}").status_code == 204
             client.delete(f"/v1/webhooks/{hook.json()['id']}")
+            # its own webhook's `events` choose the stages: only the end here
+            picky = Receiver().start()
+            try:
+                made = create(client, photos(3, seed=62),
+                              webhook={"url": picky.url, "events": ["succeeded", "failed"]})
+                sid = made.json()["id"]
+                wait_subject(client, sid, ("ready",), purged=True)
+                (end,) = picky.wait(1)
+                time.sleep(1.0)
+                assert len(picky.received) == 1
+                assert Webhook(secret).verify(end.body, end.headers)["type"] == "subject.ready"
+                assert client.delete(f"/v1/subjects/{sid}").status_code == 204
+            finally:
+                picky.stop()
     finally:
         own.stop()
         endpoint.stop()

@@ -99,6 +99,8 @@ async def run_sweep(ctx: dict[str, Any], task: SweepTask, *, queued_s: float) ->
     meta_ref = meta_ref.model_copy(update={"kind": "metadata"})
     manifest = {"job_id": task.job_id, "tenant_id": task.tenant_id,
                 "sweep": task.sweep.model_dump(mode="json"), "model": loaded.describe(),
+                # which LoRA files (and subjects) every cell was made with
+                "loras": [lora.model_dump(exclude={"key"}) for lora in task.loras],
                 "versions": GeneratorContext.of(ctx).versions, "device": loaded.device, "timings": timings,
                 "artifacts": [r.model_dump() for r in [*refs, sheet_ref, meta_ref]],
                 "created_at": datetime.now(UTC).isoformat()}

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Json
+from pydantic import BaseModel, ConfigDict, Field, Json, field_validator
 
 from shared.text import RequestModel
 
@@ -16,12 +17,23 @@ FINISHED_STATUSES = ("ready", "failed", "canceled")
 MIN_PHOTOS, MAX_PHOTOS = 3, 50
 
 
+SubjectWebhookEvent = Literal["preparing", "captioning", "training", "ready", "failed",
+                             "canceled", "photos_deleted", "succeeded", "*"]
+
+
+def _every_event() -> list[SubjectWebhookEvent]:
+    return ["*"]
+
+
 class SubjectWebhook(RequestModel):
     """Where the subject's stage changes are posted (signed as job webhooks are)."""
 
     model_config = ConfigDict(extra="forbid")
 
     url: str = Field(min_length=1, max_length=2048, description="An https URL.")
+    events: list[SubjectWebhookEvent] = Field(
+        default_factory=_every_event, max_length=10, description="Which stage changes to "
+        "send (`succeeded` is `ready`). Default: all of them.")
 
 
 class SubjectFields(RequestModel):
@@ -30,12 +42,12 @@ class SubjectFields(RequestModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, max_length=100, description="What you call the subject.")
-    class_word: str = Field(min_length=2, max_length=40, pattern=r"^[a-z][a-z ]*[a-z]$",
+    class_word: str = Field(min_length=2, max_length=40, pattern=r"^[A-Za-z][A-Za-z -]*[A-Za-z]$",
                             description="What the subject is: `person`, `man`, `woman`, `boy`, "
-                            "`girl`, `dog`… (lowercase letters and spaces).")
-    token: str | None = Field(default=None, min_length=3, max_length=20,
-                              pattern=r"^[a-z][a-z0-9]+$", description="The trigger word "
-                              "(lowercase letters and digits). Default: a new rare token.")
+                            "`girl`, `dog`… (letters, spaces and hyphens).")
+    token: str | None = Field(default=None, min_length=2, max_length=30,
+                              pattern=r"^[A-Za-z][A-Za-z0-9_]+$", description="The trigger word "
+                              "(letters, digits, `_`). Default: a new rare made-up word.")
     preset: Literal["quick", "standard"] = Field(
         default="standard", description="`standard`: the classic recipe (each photo repeated "
         "300 times, one epoch: 5 photos train 1,500 steps, SD1.5 at 512 px); `quick`: a few "
@@ -47,11 +59,25 @@ class SubjectFields(RequestModel):
                           "tagger before training (the trigger first in each caption).")
     retain_photos: bool = Field(default=False, description="Keep the photos and everything "
                                 "derived from them once the LoRA is made. Default: delete them.")
-    consent: str = Field(min_length=10, max_length=2000, description="Who gave consent and for "
+    consent: str = Field(min_length=1, max_length=2000, description="Who gave consent and for "
                          "what purpose; stored with the subject.")
     webhook: Json[SubjectWebhook] | None = Field(
-        default=None, description="JSON `{\"url\": …}`: notified at each stage change and at "
-        "the end.")
+        default=None, description="A URL, or JSON `{\"url\": …, \"events\": […]}`: notified "
+        "at each stage change and at the end.")
+
+    @field_validator("consent")
+    @classmethod
+    def _a_statement(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must say who consented and for what purpose")
+        return value.strip()
+
+    @field_validator("webhook", mode="before")
+    @classmethod
+    def _bare_url(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.lstrip().startswith("{"):
+            return json.dumps({"url": value.strip()})
+        return value
 
 
 class SubjectStage(BaseModel):

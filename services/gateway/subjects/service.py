@@ -103,14 +103,14 @@ async def create_subject(
     if not MIN_PHOTOS <= len(photos) <= MAX_PHOTOS:
         raise _invalid("photos", f"send {MIN_PHOTOS} to {MAX_PHOTOS} photos (got {len(photos)})")
     options = training_options(fields.preset, fields.overrides or {})
-    if fields.token is not None and fields.token == fields.class_word:
+    if fields.token is not None and fields.token.lower() in fields.class_word.lower().split():
         raise _invalid("token", "the token must differ from the class word")
     webhook = None
     if fields.webhook is not None:
         from services.gateway.webhooks.service import check_target_url
 
         await check_target_url(fields.webhook.url, settings=state.settings, field="webhook.url")
-        webhook = {"url": fields.webhook.url}
+        webhook = {"url": fields.webhook.url, "events": list(fields.webhook.events)}
     token = await _unique_token(session, tenant, fields.token)
     folder = f"{REPEATS[fields.preset]}_{token} {fields.class_word}"
     named = [(_photo_name(i, filename, folder), data) for i, (filename, data) in enumerate(photos)]
@@ -244,7 +244,10 @@ async def record_event(session: AsyncSession, subject: Subject, event_type: str,
                 WebhookEndpoint.enabled.is_(True)))).all()
         if any(p.startswith("subject.")
                and filter_matches(p, kind="subject", event_type=event_type) for p in row.events)]
-    if subject.webhook:
+    wanted = set((subject.webhook or {}).get("events") or ["*"])
+    if "succeeded" in wanted:
+        wanted.add("ready")
+    if subject.webhook and ("*" in wanted or event_type in wanted):
         targets.append((None, subject.webhook["url"]))
     if not targets:
         return
