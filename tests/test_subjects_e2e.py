@@ -353,3 +353,33 @@ def test_a_subject_webhook_hears_every_stage_signed(stack: RunningStack) -> None
     finally:
         own.stop()
         endpoint.stop()
+
+
+@SQLITE
+def test_deleting_a_subject_mid_training_cancels_it_first_and_leaves_nothing(
+        stack: RunningStack, model_cache: Path) -> None:
+    images = photos(3, seed=71)
+    with stack.client() as client:
+        made = create(client, images, retain_photos=True,
+                      overrides={"optim": {"max_train_steps": 2000}})
+        sid = made.json()["id"]
+        deadline = time.monotonic() + 120
+        subject = made.json()
+        while time.monotonic() < deadline and not (
+                subject["status"] == "training" and subject["progress"] > 0):
+            time.sleep(0.2)
+            subject = client.get(f"/v1/subjects/{sid}").json()
+        assert subject["status"] == "training", subject
+        job_id = subject["training_job_id"]
+        response = client.delete(f"/v1/subjects/{sid}", params={"outputs": "true"})
+        assert response.status_code in (202, 204), response.text
+        if response.status_code == 202:
+            assert response.json()["status"] == "deleting"
+        deadline = time.monotonic() + 60
+        while client.get(f"/v1/subjects/{sid}").status_code != 404:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert client.get(f"/v1/jobs/{job_id}").status_code == 404
+        assert client.delete(f"/v1/subjects/{sid}").status_code == 404
+    wait_clean(stack, model_cache, {"subject id": sid, "training job": job_id,
+                                    **{f"photo {i}": sha(img) for i, img in enumerate(images)}})
