@@ -31,7 +31,7 @@ folder unless ``--model-cache`` names one.
 Last, the LoRA of one quick subject is used in a generation (``"subject": id``) and that
 subject is deleted (``DELETE /v1/subjects/{id}?outputs=true``), each timed once.
 
-    python bench/subject.py [--runs 5] [--standard-steps 5] [--model-cache DIR] [--keep]
+    python bench/subject.py [--runs 5] [--standard-steps 10] [--model-cache DIR] [--keep]
 """
 
 from __future__ import annotations
@@ -237,6 +237,9 @@ def print_stages(label: str, runs: list[dict[str, Any]], total_key: str) -> floa
     total = p50([r[total_key] for r in runs])
     print(f"  {label}: p50 {total:6.2f} s  (min {min(r[total_key] for r in runs):.2f}, "
           f"max {max(r[total_key] for r in runs):.2f}, n {len(runs)})")
+    slowest = max(runs, key=lambda r: float(r[total_key]))
+    print(f"    each run: {', '.join(f'{r[total_key]:.2f}' for r in runs)} s; the slowest's stages: "
+          + ", ".join(f"{stage} {slowest['stages'][stage]:.2f}" for stage in STAGES))
     for stage in STAGES:
         value = p50([r["stages"][stage] for r in runs])
         print(f"    {stage:30} {value:7.2f} s  {100 * value / total:5.1f} %")
@@ -396,7 +399,8 @@ def bench(args: argparse.Namespace, workdir: Path) -> int:
           f"({ready_one / ready_hand:.2f} x), to photos deleted {done_one:.2f} s vs "
           f"{done_hand:.2f} s ({done_one / done_hand:.2f} x); standard recipe on {MODEL} "
           f"{step_s:.3f} s/step here vs 2.4-3.6 s/step for SD1.5 on a GTX 1060 (hardware and "
-          "model differ: not like for like)")
+          "model differ: not like for like); load average now "
+          f"{os.getloadavg()[0]:.2f}")
     return 0 if ok else 1
 
 
@@ -404,7 +408,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5,
                         help="timed one-call / by-hand pairs after one warm-up each")
-    parser.add_argument("--standard-steps", type=int, default=5,
+    parser.add_argument("--standard-steps", type=int, default=10,
                         help="steps of the standard recipe to time")
     parser.add_argument("--model-cache", type=Path, default=None,
                         help="where tiny models are built/found (default: a temp dir)")
