@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from fastapi import Depends, Header, Request, Security
@@ -21,6 +23,23 @@ from shared.events import JobEvents
 from shared.models import ModelRegistry
 from shared.settings import Settings
 from shared.text import control_character, printable
+
+
+class News:
+    """A wake-up for whoever waits on a change in this process (a subject's event stream):
+    ``notify`` wakes every current waiter; a waiter also wakes after its timeout, which is what
+    catches changes another gateway made."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def notify(self) -> None:
+        self._event.set()
+        self._event = asyncio.Event()
+
+    async def wait(self, timeout_s: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._event.wait(), timeout_s)
 
 
 @dataclass
@@ -41,6 +60,7 @@ class GatewayState:
     wake_webhooks: Callable[[], None] = lambda: None
     # moves these subjects' chains on (next stage, photo deletion) at once
     wake_subjects: Callable[[Iterable[str]], None] = lambda subject_ids: None
+    subject_news: News = field(default_factory=News)  # a subject of this gateway changed
 
 
 async def refuse_control_characters_in_url(request: Request) -> None:

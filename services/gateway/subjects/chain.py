@@ -54,6 +54,7 @@ class SubjectChain:
     def wake(self, subject_ids: Iterable[str]) -> None:
         self._due.update(subject_ids)
         self._wake.set()
+        self.state.subject_news.notify()  # their event streams read the change now
 
     async def run(self, stop: asyncio.Event) -> None:
         next_sweep = 0.0
@@ -91,6 +92,12 @@ class SubjectChain:
 
     async def advance(self, subject_id: str) -> None:
         """Do whatever the subject's state asks next; nothing when nothing is due."""
+        try:
+            await self._advance(subject_id)
+        finally:
+            self.state.subject_news.notify()
+
+    async def _advance(self, subject_id: str) -> None:
         async with self.state.sessionmaker() as session:
             subject = await session.get(Subject, subject_id)
             if subject is None:
@@ -107,7 +114,7 @@ class SubjectChain:
                     return
                 await move(session, subject, "captioning" if subject.caption else "training")
                 await session.commit()
-            await self.advance(subject_id)
+            await self._advance(subject_id)
         elif status == "captioning":
             await self._start(subject_id, "captioning")
         elif status == "training":

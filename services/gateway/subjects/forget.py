@@ -135,8 +135,9 @@ async def start_subject_deletion(*, session: AsyncSession, state: Any, subject: 
     async with state.write_lock:
         plan = dict(subject.deletion or {})
         loras = list(await session.scalars(select(Lora).where(Lora.subject_id == subject.id)))
-        plan["loras"] = [*plan.get("loras", []),
-                         *({"id": lora.id, "sha256": lora.sha256} for lora in loras)]
+        known = {lora["id"]: lora for lora in plan.get("loras", [])}
+        known.update({lora.id: {"id": lora.id, "sha256": lora.sha256} for lora in loras})
+        plan["loras"] = list(known.values())
         plan["outputs"] = bool(plan.get("outputs")) or outputs
         plan.setdefault("started_at", utcnow().isoformat())
         plan.setdefault("was", subject.status)

@@ -191,6 +191,6 @@ async def subject_events(
                     if (subject.retain_photos or subject.purged is not None
                             or loop.time() - finished_at > 60):
                         return
-            await asyncio.sleep(0.5)
+            await state.subject_news.wait(0.5)  # woken by this gateway's changes
 
     return EventSourceResponse(stream(), ping=15)

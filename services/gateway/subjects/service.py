@@ -313,7 +313,7 @@ async def on_job_finished(session: AsyncSession, job: Job, event: JobEvent,
         return
     stage = subject.status
     if event.status is JobStatus.SUCCEEDED:
-        if subject.cancel_requested:
+        if subject.cancel_requested and job.kind == JobKind.TAGGING.value:
             await move(session, subject, "canceled", data={"stage": stage})
         elif job.kind == JobKind.TAGGING.value:
             await move(session, subject, "training", data={"tagging_job_id": job.id})
@@ -329,9 +329,13 @@ async def on_job_finished(session: AsyncSession, job: Job, event: JobEvent,
                 row.subject_id = subject.id
             subject.lora_id = lora.id
             subject.trigger_words = [f"{subject.token} {subject.class_word}"]
+            # A cancel that came after the training's last step is too late: the LoRA exists
+            # and is the subject's (so DELETE /v1/subjects/{id} removes it), never an orphan.
             await move(session, subject, "ready", data={
                 "lora_id": lora.id, "trigger_words": subject.trigger_words,
-                "training_job_id": job.id})
+                "training_job_id": job.id,
+                **({"cancel": "asked for after the training finished"}
+                   if subject.cancel_requested else {})})
         return
     error = event.data.get("error") if isinstance(event.data.get("error"), dict) else None
     if event.status is JobStatus.CANCELED or subject.cancel_requested:
