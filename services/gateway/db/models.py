@@ -420,7 +420,8 @@ class Subject(Base):
     deleting); each stage's job id is set when the stage starts."""
 
     __tablename__ = "subjects"
-    __table_args__ = (Index("ix_subjects_tenant_created", "tenant_id", "created_at", "id"),)
+    __table_args__ = (Index("ix_subjects_tenant_created", "tenant_id", "created_at", "id"),
+                      UniqueConstraint("tenant_id", "token", name="uq_subjects_tenant_token"))
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import func, insert, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.gateway.datasets.ingest import IMAGE_EXTENSIONS, IngestLimits, Upload, ingest
@@ -145,6 +146,8 @@ async def create_subject(
             min_side=limits.min_side, dataset_id=subject.dataset_id, checked=checked)
     except ValidationFailed as exc:
         raise _as_photos_field(exc) from exc
+    except IntegrityError as exc:  # a concurrent subject took the token first
+        raise _invalid("token", f"another of your subjects uses the token {token!r}") from exc
     return subject
 
 

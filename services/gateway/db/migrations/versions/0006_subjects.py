@@ -67,6 +67,7 @@ def upgrade() -> None:
         sa.Column("created_at", TS, nullable=False),
         sa.Column("updated_at", TS, nullable=False),
         sa.Column("finished_at", TS, nullable=True),
+        sa.UniqueConstraint("tenant_id", "token", name="uq_subjects_tenant_token"),
     )
     op.create_index("ix_subjects_tenant_created", "subjects", ["tenant_id", "created_at", "id"])
     op.create_index("ix_subjects_status", "subjects", ["status"])
