@@ -383,3 +383,70 @@ def test_deleting_a_subject_mid_training_cancels_it_first_and_leaves_nothing(
         assert client.delete(f"/v1/subjects/{sid}").status_code == 404
     wait_clean(stack, model_cache, {"subject id": sid, "training job": job_id,
                                     **{f"photo {i}": sha(img) for i, img in enumerate(images)}})
+
+
+def _at_once(calls: list[Any]) -> list[httpx.Response]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(calls)) as pool:
+        return list(pool.map(lambda call: call(), calls))
+
+
+@pytest.mark.parametrize("stack", ["sqlite", "postgres"], indirect=True)
+def test_racing_requests_never_500_nor_leave_anything(stack: RunningStack,
+                                                      model_cache: Path) -> None:
+    """Found by hostile testing: concurrent DELETEs overwrote each other's plan (the LoRA file
+    stayed), a DELETE right after the POST left the stage's job behind, concurrent cancels
+    were 500s (a duplicate event seq)."""
+    import redis as redis_client
+
+    from shared.evictions import LORA_EVICTIONS_STREAM, eviction_digest
+
+    r = redis_client.Redis.from_url(stack.redis.url)
+    with stack.client() as client:
+        made = create(client, photos(3, seed=81), retain_photos=True)
+        sid = made.json()["id"]
+        subject = wait_subject(client, sid, ("ready",))
+        lora = client.get(f"/v1/loras/{subject['lora_id']}").json()
+        clients = [stack.client() for _ in range(4)]
+        answers = _at_once([lambda c=c: c.delete(f"/v1/subjects/{sid}") for c in clients])
+        assert all(a.status_code in (204, 404) for a in answers), [a.text for a in answers]
+        assert not [k for k in stack.s3_keys("loras/") if lora["id"] in k]
+        digests = [fields[b"digest"].decode() for _, fields in r.xrange(LORA_EVICTIONS_STREAM)]
+        assert eviction_digest(lora["sha256"]) in digests
+
+        # a DELETE at once after the POST: the stage job it started goes too
+        made = create(client, photos(3, seed=82), caption=True)
+        sid = made.json()["id"]
+        assert client.delete(f"/v1/subjects/{sid}").status_code in (202, 204)
+        deadline = time.monotonic() + 60
+        while client.get(f"/v1/subjects/{sid}").status_code != 404:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        # a stage job made as the DELETE ran is dropped once it has stopped
+        wait_clean(stack, model_cache, {"subject id": sid})
+
+        # three cancels at once: one 202, the others 202 or 409, never a 500
+        made = create(client, photos(3, seed=83))
+        sid = made.json()["id"]
+        answers = _at_once([lambda c=c: c.post(f"/v1/subjects/{sid}/cancel") for c in clients])
+        assert {a.status_code for a in answers} <= {202, 409}, [a.text for a in answers]
+        assert wait_subject(client, sid, ("canceled",), purged=True)["status"] == "canceled"
+        odd = client.get(f"/v1/subjects/{sid}/events", headers={"Last-Event-ID": "²".encode("latin-1")})
+        assert odd.status_code == 200
+        for c in clients:
+            c.close()
+        assert client.delete(f"/v1/subjects/{sid}").status_code == 204
+
+        # a token names one subject, whatever its case
+        first = create(client, photos(3, seed=84), token="Zeta")
+        assert first.status_code == 202 and first.json()["token"] == "zeta"
+        second = create(client, photos(3, seed=85), token="ZETA")
+        assert second.status_code == 422 and _problem_field(second) == {"token"}
+        wait_subject(client, first.json()["id"], ("ready",))
+        both = client.post("/v1/generations", json={
+            "prompt": "x", "model": "tiny-sd15", "loras": [
+                {"id": first.json()["id"]}, {"id": client.get(
+                    f"/v1/subjects/{first.json()['id']}").json()["lora_id"]}]})
+        assert both.status_code == 422 and _problem_field(both) == {"loras.1.id"}
+        assert client.delete(f"/v1/subjects/{first.json()['id']}").status_code == 204

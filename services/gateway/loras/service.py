@@ -130,6 +130,10 @@ async def resolve_loras(
             errors.append({"field": f"loras.{index}.id", "message": f"LoRA {lora.name!r} "
                            f"(checked against {lora.base_model}) {mismatch}"})
             continue
+        if lora.id in {ref.id for ref in refs}:  # once by its id, once by its subject's
+            errors.append({"field": f"loras.{index}.id", "message": f"LoRA {lora.name!r} "
+                           "appears twice in `loras` (a subject's id stands for its LoRA)"})
+            continue
         refs.append(LoraRef(id=lora.id, name=lora.name, key=lora.key, sha256=lora.sha256,
                             weight=use.weight, subject_id=lora.subject_id))
     if errors:

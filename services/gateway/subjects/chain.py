@@ -27,7 +27,7 @@ from services.gateway.subjects.forget import (
     purge_photos,
 )
 from services.gateway.subjects.schemas import ACTIVE_STATUSES, FINISHED_STATUSES
-from services.gateway.subjects.service import move
+from services.gateway.subjects.service import locked_subject, move
 from services.gateway.trainings.schemas import TrainingRequest
 from shared.errors import LoomisError, ServiceUnavailable
 from shared.specs import TaggingSpec
@@ -109,7 +109,7 @@ class SubjectChain:
             await purge_photos(self.state, subject_id)
         elif status == "preparing":
             async with self.state.write_lock, self.state.sessionmaker() as session:
-                subject = await session.get(Subject, subject_id)
+                subject = await locked_subject(session, subject_id)
                 if subject is None or subject.status != "preparing":
                     return
                 await move(session, subject, "captioning" if subject.caption else "training")
@@ -152,7 +152,7 @@ class SubjectChain:
             except LoomisError as exc:
                 await session.rollback()
                 async with self.state.write_lock:
-                    subject = await session.get(Subject, subject_id)
+                    subject = await locked_subject(session, subject_id)
                     if subject is not None and subject.status == stage:
                         await move(session, subject, "failed", data={"stage": stage}, error={
                             "code": f"{stage}_not_started",
@@ -161,15 +161,31 @@ class SubjectChain:
                 return
             job_id = job.id
         async with self.state.write_lock, self.state.sessionmaker() as session:
-            subject = await session.get(Subject, subject_id)
-            if subject is not None and subject.status == stage and getattr(subject, column) is None:
+            subject = await locked_subject(session, subject_id)
+            if subject is not None and getattr(subject, column) is None:
+                # recorded whatever happened meanwhile: a deletion or a purge under way then
+                # finds the job (waits for it to stop, deletes it) through the subject
                 setattr(subject, column, job_id)
+                status = subject.status
                 await session.commit()
-                return
-            if subject is not None and subject.status not in ("canceled", "deleting"):
-                return  # the job's own end moved the subject on already
-        # canceled or deleted while the job was being made: that job is not wanted
-        from services.gateway.subjects.forget import stop_jobs
+                if status == stage:
+                    return
+            elif subject is not None:
+                return  # the job's own end recorded it (and moved the subject on)
+        # canceled, being deleted or gone while the job was being made: it is not wanted
+        await self._drop(job_id, gone=subject is None)
 
+    async def _drop(self, job_id: str, *, gone: bool) -> None:
+        """Stop an unwanted stage job; when its subject is already gone, nothing else will
+        delete it, so wait for it to stop and delete it (rows, objects, Redis) here."""
+        from services.gateway.subjects.forget import forget_jobs, stop_jobs
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60
         async with self.state.sessionmaker() as session:
-            await stop_jobs(self.state, session, {job_id})
+            while await stop_jobs(self.state, session, {job_id}):
+                if not gone or loop.time() > deadline:
+                    return
+                await asyncio.sleep(0.25)
+        if gone:
+            await forget_jobs(self.state, {job_id})

@@ -33,7 +33,13 @@ from services.gateway.db.models import (
 )
 from shared.events import cancel_key, job_stream_key, state_key
 from shared.evictions import record_lora_eviction
-from shared.keys import dataset_prefix, job_prefix, lora_prefix, training_prefix
+from shared.keys import (
+    dataset_prefix,
+    job_prefix,
+    lora_prefix,
+    tagging_prefix,
+    training_prefix,
+)
 from shared.specs import TERMINAL_STATUSES, JobStatus
 
 logger = logging.getLogger(__name__)
@@ -132,7 +138,15 @@ async def start_subject_deletion(*, session: AsyncSession, state: Any, subject: 
                                  outputs: bool) -> None:
     """Commit the plan and take the LoRA away; :func:`finish_subject_deletion` does the rest.
     A second DELETE while one runs only widens it (``outputs``)."""
+    from services.gateway.subjects.service import locked_subject
+
     async with state.write_lock:
+        # re-read under the lock: a concurrent DELETE may have committed its plan (and taken
+        # the LoRA rows) since this request loaded the subject
+        fresh = await locked_subject(session, subject.id)
+        if fresh is None:
+            return
+        subject = fresh
         plan = dict(subject.deletion or {})
         loras = list(await session.scalars(select(Lora).where(Lora.subject_id == subject.id)))
         known = {lora["id"]: lora for lora in plan.get("loras", [])}
@@ -181,6 +195,14 @@ async def finish_subject_deletion(state: Any, subject_id: str) -> bool:
             dead_letter=state.settings.redis.events_dead_letter_stream,
             job_ids=own | outputs | {subject_id, *lora_ids})
         async with state.write_lock:
+            from services.gateway.subjects.service import locked_subject
+
+            fresh = await locked_subject(session, subject_id)
+            if fresh is None:
+                return True
+            if {fresh.tagging_job_id, fresh.training_job_id} - own - {None}:
+                await session.rollback()  # a stage job was recorded since: the next pass
+                return False
             await session.execute(delete(WebhookDelivery)
                                   .where(WebhookDelivery.subject_id == subject_id))
             await _delete_jobs(session, own | outputs)
@@ -202,6 +224,25 @@ def _prefixes(tenant_id: str, dataset_id: str | None, own: set[str], lora_ids: l
             *(training_prefix(tenant_id, job_id) for job_id in sorted(own)),
             *(lora_prefix(tenant_id, lora_id) for lora_id in lora_ids),
             *(job_prefix(tenant_id, job_id) for job_id in sorted(outputs))]
+
+
+async def forget_jobs(state: Any, job_ids: set[str]) -> None:
+    """Delete stopped jobs whole: their objects (any prefix a job of any kind writes under),
+    Redis entries and rows."""
+    async with state.sessionmaker() as session:
+        rows = (await session.execute(select(Job.id, Job.tenant_id, Job.spec)
+                                      .where(Job.id.in_(job_ids)))).all()
+        prefixes = [prefix for row in rows for prefix in (
+            job_prefix(row.tenant_id, row.id), training_prefix(row.tenant_id, row.id),
+            *([tagging_prefix(row.tenant_id, str(row.spec["dataset_id"]), row.id)]
+              if isinstance(row.spec, dict) and row.spec.get("dataset_id") else []))]
+        await count_and_delete(state.store, prefixes)
+        await scrub_redis(state.redis, stream=state.settings.redis.events_stream,
+                          dead_letter=state.settings.redis.events_dead_letter_stream,
+                          job_ids=job_ids)
+        async with state.write_lock:
+            await _delete_jobs(session, job_ids)
+            await session.commit()
 
 
 async def start_lora_deletion(*, session: AsyncSession, state: Any, tenant: Tenant,
@@ -269,9 +310,13 @@ async def purge_photos(state: Any, subject_id: str) -> bool:
                           dead_letter=state.settings.redis.events_dead_letter_stream,
                           job_ids=own)
         async with state.write_lock:
-            await session.refresh(subject)
-            if subject.purged is not None or subject.status == "deleting":
+            from services.gateway.subjects.service import locked_subject
+
+            fresh = await locked_subject(session, subject_id)
+            if fresh is None or fresh.purged is not None or fresh.status == "deleting":
+                await session.rollback()
                 return False
+            subject = fresh
             await session.execute(delete(Artifact).where(Artifact.job_id.in_(own or {""})))
             await _delete_dataset(session, subject.dataset_id)
             subject.purged = {"at": utcnow().isoformat(), "objects": objects, "photos": items,

@@ -152,7 +152,8 @@ async def subject_events(
     finished (after its photos are deleted, when they are not kept)."""
     await service.get_subject(session=session, tenant=tenant, subject_id=subject_id)
     await session.close()
-    after = int(last_event_id) if last_event_id and last_event_id.isdigit() else 0
+    after = (int(last_event_id) if last_event_id and last_event_id.isascii()
+             and last_event_id.isdigit() else 0)  # `²` is a digit to isdigit, not to int
     after = min(after, 2**31 - 1)
 
     async def stream() -> AsyncIterator[ServerSentEvent]:

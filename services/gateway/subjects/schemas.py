@@ -47,7 +47,7 @@ class SubjectFields(RequestModel):
                             "`girl`, `dog`… (letters, spaces and hyphens).")
     token: str | None = Field(default=None, min_length=2, max_length=30,
                               pattern=r"^[A-Za-z][A-Za-z0-9_]+$", description="The trigger word "
-                              "(letters, digits, `_`). Default: a new rare made-up word.")
+                              "(letters, digits, `_`; kept lowercase). Default: a new rare made-up word.")
     preset: Literal["quick", "standard"] = Field(
         default="standard", description="`standard`: the classic recipe (each photo repeated "
         "300 times, one epoch: 5 photos train 1,500 steps, SD1.5 at 512 px); `quick`: a few "
@@ -64,6 +64,12 @@ class SubjectFields(RequestModel):
     webhook: Json[SubjectWebhook] | None = Field(
         default=None, description="A URL, or JSON `{\"url\": …, \"events\": […]}`: notified "
         "at each stage change and at the end.")
+
+    @field_validator("token")
+    @classmethod
+    def _lowercase(cls, value: str | None) -> str | None:
+        # CLIP lowercases prompts: `Zeta` and `zeta` are one trigger
+        return value.lower() if value is not None else None
 
     @field_validator("consent")
     @classmethod

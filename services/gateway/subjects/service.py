@@ -68,7 +68,8 @@ def rare_token() -> str:
 
 
 async def _unique_token(session: AsyncSession, tenant: Tenant, wanted: str | None) -> str:
-    taken = set(await session.scalars(select(Subject.token).where(Subject.tenant_id == tenant.id)))
+    taken = {token.lower() for token in await session.scalars(
+        select(Subject.token).where(Subject.tenant_id == tenant.id))}
     if wanted is not None:
         if wanted in taken:
             raise _invalid("token", f"another of your subjects uses the token {wanted!r}; a "
@@ -158,6 +159,15 @@ async def get_subject(*, session: AsyncSession, tenant: Tenant, subject_id: str)
     if subject is None:
         raise NotFound(f"subject {subject_id} not found", code="subject_not_found")
     return subject
+
+
+async def locked_subject(session: AsyncSession, subject_id: str) -> Subject | None:
+    """The subject as committed now, its row locked to the end of the transaction: every
+    writer (the event consumer, cancel, delete, the chain) re-reads it this way before a stage
+    change, so two never build on the same stale state (PostgreSQL row lock; on SQLite the
+    writers hold the process's write lock and SQLite has one writer)."""
+    return await session.scalar(select(Subject).where(Subject.id == subject_id)
+                                .with_for_update().execution_options(populate_existing=True))
 
 
 def current_job_id(subject: Subject) -> str | None:
@@ -294,7 +304,7 @@ async def on_job_finished(session: AsyncSession, job: Job, event: JobEvent,
     key = job.idempotency_key or ""
     if not key.startswith("subject:"):
         return
-    subject = await session.get(Subject, key.split(":")[1])
+    subject = await locked_subject(session, key.split(":")[1])
     if subject is None:
         return
     if subject.status == "deleting":
@@ -356,13 +366,19 @@ async def request_cancel(*, session: AsyncSession, state: Any, tenant: Tenant,
     next step when running) and the subject ends ``canceled`` when the job does."""
     from services.gateway.jobs.service import cancel_job
 
-    if subject.status not in ACTIVE_STATUSES:
-        raise Conflict(f"subject {subject.id} is {subject.status}", code="subject_finished")
+    subject_id = subject.id
     async with state.write_lock:
-        subject.cancel_requested = True
-        job_id = current_job_id(subject)
+        fresh = await locked_subject(session, subject_id)
+        if fresh is None:
+            raise NotFound(f"subject {subject_id} not found", code="subject_not_found")
+        if fresh.status not in ACTIVE_STATUSES:
+            status = fresh.status
+            await session.rollback()  # (expires the loaded rows: nothing of them is read after)
+            raise Conflict(f"subject {subject_id} is {status}", code="subject_finished")
+        fresh.cancel_requested = True
+        job_id = current_job_id(fresh)
         if job_id is None:
-            await move(session, subject, "canceled", data={"stage": subject.status})
+            await move(session, fresh, "canceled", data={"stage": fresh.status})
         await session.commit()
     if job_id is not None:
         with contextlib.suppress(Conflict):  # finished meanwhile: its event moves the subject
