@@ -323,7 +323,8 @@ def bench(args: argparse.Namespace, workdir: Path) -> int:
             print(f"  on the server's clock (the POST's start to the `ready` event's `at`) the one "
                   f"call was ready at {server_ready:.2f} s: {server_ready / ready_hand:.2f} x by "
                   "hand's client-seen time")
-            print(f"  (the SSE stream looks for new events every 0.5 s: the one-call client "
+            print(f"  (the SSE stream wakes on its gateway's changes, else looks every 0.5 s: the "
+                  "one-call client "
                   f"learned of photos_deleted {lag * 1000:.0f} ms after it happened, p50; "
                   f"{p50([r['progress_events'] for r in subjects]):.0f} progress events per "
                   "subject)")
