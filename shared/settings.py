@@ -275,6 +275,25 @@ class WebhookSettings(BaseModel):
                                 "per look.")
 
 
+class CompatSettings(BaseModel):
+    """The OpenAI Images and AUTOMATIC1111 API adapters (``LOOMIS_COMPAT__*``)."""
+
+    wait_s: float = Field(default=300, gt=0, description="How long an adapter waits for its "
+                          "job; then a 504 names the job, which keeps running.")
+    openai_models: dict[str, str] = Field(default_factory=lambda: {
+        "dall-e-2": "sd15", "dall-e-3": "sdxl", "gpt-image-1": "sdxl", "gpt-image-1-mini": "sd15"},
+        description="OpenAI model names -> Loomis presets; a preset's own name works too.")
+    edit_strength: float = Field(default=0.75, gt=0, le=1, description="OpenAI edits with no "
+                                 "mask and no transparency: img2img at this strength.")
+    variation_strength: float = Field(default=0.6, gt=0, le=1, description="OpenAI variations: "
+                                      "img2img at this strength.")
+    variation_prompt: str = Field(default="", max_length=2000, description="OpenAI variations' "
+                                  "prompt (empty: the image alone guides).")
+    a1111_open: bool = Field(default=False, description="AUTOMATIC1111 routes without "
+                             "credentials act as `a1111_tenant` (local tools only).")
+    a1111_tenant: str | None = Field(default=None, description="The tenant `a1111_open` implies.")
+
+
 class Settings(BaseSettings):
     """All of Loomis' configuration; each service reads the part it needs."""
 
@@ -300,6 +319,7 @@ class Settings(BaseSettings):
     trainer: TrainerSettings = TrainerSettings()
     worker: WorkerSettings = WorkerSettings()
     webhooks: WebhookSettings = WebhookSettings()
+    compat: CompatSettings = CompatSettings()
 
     @model_validator(mode="before")
     @classmethod

@@ -28,8 +28,10 @@ FORBIDDEN = ("torch", "fastapi", "starlette", "sqlalchemy", "alembic", "diffuser
 # to 3,750 for the webhooks' settings (LOOMIS_WEBHOOKS__*), to 3,800 for the per-job webhook
 # every job spec takes (WebhookTarget), to 3,850 for the LoRA evictions stream workers follow
 # (shared/evictions.py), to 3,875 for subjects: a scene subject named by id, the LoRA's subject
-# on LoraRef (manifests name it), blinded eviction digests and the chain's sweep setting
-MAX_SHARED_LINES = 3_875
+# on LoraRef (manifests name it), blinded eviction digests and the chain's sweep setting; to
+# 3,900 for the compatibility adapters' settings (LOOMIS_COMPAT__*) and an img2img prompt that
+# may be empty
+MAX_SHARED_LINES = 3_900
 
 # shared modules allowed a single consumer, each with the reason; empty while none needs it.
 SINGLE_CONSUMER_ALLOWED: dict[str, str] = {}

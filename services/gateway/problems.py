@@ -5,7 +5,7 @@ from __future__ import annotations
 import email.message
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from fastapi import FastAPI, Request, params
 from fastapi.exceptions import RequestValidationError
@@ -59,10 +59,27 @@ PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+class ErrorShape(Protocol):
+    """Renders an error in a foreign API's shape (the compatibility adapters' clients parse
+    their own error bodies, not problem+json)."""
+
+    def __call__(self, request: Request, *, status: int, code: str, title: str, detail: str,
+                 errors: list[dict[str, Any]] | None,
+                 headers: dict[str, str] | None) -> JSONResponse: ...
+
+
+# (path prefix, shape): the first match renders every error of a route under the prefix
+ERROR_SHAPES: list[tuple[str, ErrorShape]] = []
+
+
 def problem_response(
     request: Request, *, status: int, code: str, title: str, detail: str,
     errors: list[dict[str, Any]] | None = None, headers: dict[str, str] | None = None,
 ) -> JSONResponse:
+    for prefix, shape in ERROR_SHAPES:
+        if request.url.path.startswith(prefix):
+            return shape(request, status=status, code=code, title=title, detail=detail,
+                         errors=errors, headers=headers)
     body: dict[str, Any] = {
         "type": f"urn:loomis:problem:{code}",
         "title": title,

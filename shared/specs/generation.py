@@ -28,7 +28,6 @@ from shared.specs.common import (
     MAX_SEED,
     JobWebhook,
     LoraRef,
-    Prompt,
     SafetyPolicy,
     Size,
 )
@@ -271,9 +270,11 @@ class GenerationSpec(RequestModel):
 
     mode: GenerationMode = Field(default=GenerationMode.TXT2IMG, description="txt2img, img2img, inpaint or "
                                  "outpaint: which inputs the job uses.")
-    prompt: Prompt = Field(description="What to draw, 1-2000 characters. webui weighting `(word:1.3)`, "
-                           "`(word)`, `[word]` and `BREAK` work; longer than 77 tokens is chunked "
-                           "(SD1.5/SDXL).")
+    prompt: Annotated[str, MULTILINE] = Field(
+        max_length=MAX_PROMPT_CHARS, description="What to draw, up to 2000 characters; empty "
+        "only with an init image (img2img, inpaint, outpaint: the image alone guides). webui "
+        "weighting `(word:1.3)`, `(word)`, `[word]` and `BREAK` work; longer than 77 tokens "
+        "is chunked (SD1.5/SDXL).", examples=["a red fox in snow, golden hour"])
     negative_prompt: Annotated[str, MULTILINE] = Field(default="", max_length=MAX_PROMPT_CHARS,
                                                        description="What to steer away from (same syntax "
                                                        "as prompt).")
@@ -327,6 +328,9 @@ class GenerationSpec(RequestModel):
             errors.append(InitErrorDetails(type=PydanticCustomError(
                 "value_error", "{reason}", {"reason": message}), loc=loc, input=value))
 
+        if self.mode == GenerationMode.TXT2IMG and not self.prompt.strip():
+            refuse(("prompt",), "must not be empty or only whitespace (only a mode with an "
+                   "init image may leave it empty)", self.prompt)
         needs = {
             GenerationMode.TXT2IMG: set(),
             GenerationMode.IMG2IMG: {"init_image"},

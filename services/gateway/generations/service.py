@@ -3,6 +3,8 @@ applied, LoRAs found); recording and enqueueing is ``services.gateway.jobs.submi
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.gateway.control.service import check_openpose_photo
@@ -71,9 +73,12 @@ async def prepare_generation(
 
 async def submit_generation(
     *, session: AsyncSession, state: GatewayState, tenant: Tenant, spec: GenerationSpec,
-    idempotency_key: str | None,
+    idempotency_key: str | None, origin: dict[str, Any] | None = None,
 ) -> tuple[Job, bool]:
-    """Returns the job and whether it was created now (False: an idempotent replay)."""
+    """Returns the job and whether it was created now (False: an idempotent replay).
+
+    ``origin``: where a compatibility adapter's request came from, recorded in the job's spec
+    as ``compat`` (never sent to the worker)."""
     digest = request_hash(spec)
     if idempotency_key and (
         existing := await find_replay(session=session, tenant=tenant, key=idempotency_key,
@@ -85,7 +90,8 @@ async def submit_generation(
         session=session, state=state, tenant=tenant, spec=spec)
     return await create_and_enqueue(
         session=session, state=state, tenant=tenant, kind=JobKind.GENERATION,
-        spec=resolved.model_dump(mode="json"), digest=digest, idempotency_key=idempotency_key,
+        spec={**resolved.model_dump(mode="json"), **({"compat": origin} if origin else {})},
+        digest=digest, idempotency_key=idempotency_key,
         task_name=GENERATE_TASK, webhook=webhook,
         payload=lambda job_id: GenerationTask(
             job_id=job_id, tenant_id=tenant.id, spec=resolved, inputs=inputs, loras=loras,
