@@ -13,7 +13,7 @@ from arq.connections import RedisSettings as ArqRedisSettings
 from fastapi import Depends, FastAPI
 
 from services.gateway.auth.service import ApiKeyLookups
-from services.gateway.compat import openai_api
+from services.gateway.compat import a1111, openai_api
 from services.gateway.control.routes import router as control_router
 from services.gateway.datasets.routes import router as datasets_router
 from services.gateway.db.reads import Reads
@@ -148,6 +148,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                    webhooks_router, job_deliveries_router, health_router, files_router):
         app.include_router(router)
     openai_api.install(app)
+    a1111.install(app)
     generate_openapi = app.openapi
 
     def openapi() -> dict[str, Any]:

@@ -484,3 +484,15 @@ class LoraDeletion(Base):
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
     plan: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class CompatOption(Base):
+    """An AUTOMATIC1111 client's settings (``POST /sdapi/v1/options``), per API key: the model
+    its requests use when they name none (``sd_model_checkpoint``)."""
+
+    __tablename__ = "compat_options"
+
+    key_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    options: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)

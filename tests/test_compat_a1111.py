@@ -1,0 +1,191 @@
+"""The real `webuiapi` client against Loomis' AUTOMATIC1111 API: only the host, port and
+credentials change."""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+import pytest
+import webuiapi
+from PIL import Image, ImageFilter
+
+from tests.conftest import RunningStack, wait_terminal
+from tests.lora_files import make_lora
+from tests.test_compat_openai import picture
+
+pytestmark = pytest.mark.parametrize("stack", ["sqlite"], indirect=True)
+
+
+def webui(stack: RunningStack, tenant: str = "alice") -> webuiapi.WebUIApi:
+    url = urlparse(stack.url)
+    api = webuiapi.WebUIApi(host=url.hostname, port=url.port, sampler="Euler a", steps=2)
+    api.set_auth("loomis", stack.keys[tenant])
+    return api
+
+
+def arr(image: Image.Image) -> np.ndarray:  # type: ignore[type-arg]
+    return np.asarray(image.convert("RGB")).astype(int)
+
+
+def test_txt2img_batch_equals_the_native_generation(stack: RunningStack) -> None:
+    api = webui(stack)
+    result = api.txt2img(prompt="a red fox", negative_prompt="blurry", seed=1234, steps=3,
+                         cfg_scale=6.5, width=64, height=64, batch_size=2, sampler_name="DDIM")
+    assert len(result.images) == 2
+    assert result.info["seed"] == 1234 and result.info["all_seeds"] == [1234, 1235]
+    assert result.info["sampler_name"] == "DDIM" and result.info["steps"] == 3
+    assert "Steps: 3" in result.images[0].info["parameters"]
+    assert len(result.info["infotexts"]) == 2
+    with stack.client() as client:
+        native = client.post("/v1/generations", json={
+            "prompt": "a red fox", "negative_prompt": "blurry", "seed": 1234, "steps": 3,
+            "guidance_scale": 6.5, "width": 64, "height": 64, "num_images": 2,
+            "scheduler": "DDIM", "model": "tiny-sd15"})
+        job = wait_terminal(client, native.json()["id"], timeout=120)
+        images = sorted((a for a in job["artifacts"] if a["kind"] == "image"),
+                        key=lambda a: a["index"])
+        import httpx
+
+        for ours, theirs in zip(result.images, images, strict=True):
+            native_image = Image.open(io.BytesIO(httpx.get(theirs["url"]).content))
+            assert np.array_equal(arr(ours), arr(native_image))
+        # the compat request is a job of the key's tenant, with its origin
+        compat_job = client.get(f"/v1/jobs/{result.info['loomis_job_ids'][0]}").json()
+        assert compat_job["spec"]["compat"]["api"] == "a1111.txt2img"
+    with stack.client("bob") as bob:
+        assert bob.get(f"/v1/jobs/{result.info['loomis_job_ids'][0]}").status_code == 404
+
+
+def test_img2img_and_inpainting_keep_unmasked_pixels(stack: RunningStack) -> None:
+    api = webui(stack)
+    source = picture()
+    changed = api.img2img(images=[source], prompt="autumn", seed=5, steps=3, width=64,
+                          height=64, denoising_strength=0.6)
+    assert changed.image.size == (64, 64)
+    assert not np.array_equal(arr(changed.image), arr(source))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (20, 20, 44, 44))
+    for full_res in (True, False):
+        painted = api.img2img(images=[source], mask_image=mask, prompt="a window", seed=5,
+                              steps=3, width=64, height=64, denoising_strength=1.0,
+                              inpaint_full_res=full_res, mask_blur=4, inpainting_fill=1)
+        out, original = arr(painted.image), arr(source)
+        near = np.asarray(mask.filter(ImageFilter.MaxFilter(25))) > 0  # mask + 3 sigma of blur
+        assert np.array_equal(out[~near], original[~near]), full_res
+        inside = np.asarray(mask) > 0
+        assert (np.abs(out[inside] - original[inside]).sum(axis=1) > 0).any()
+
+
+def test_controlnet_unit_by_module_and_model(stack: RunningStack) -> None:
+    api = webui(stack)
+    assert "canny" in api.controlnet_model_list()
+    assert "canny" in api.controlnet_module_list()
+    base = {"prompt": "a house", "seed": 8, "steps": 3, "width": 64, "height": 64}
+    plain = api.txt2img(**base)
+    unit = webuiapi.ControlNetUnit(image=picture(), module="canny", model="canny", weight=1.0,
+                                   threshold_a=50, threshold_b=150)
+    controlled = api.txt2img(**base, controlnet_units=[unit])
+    assert not np.array_equal(arr(plain.image), arr(controlled.image))
+    detected = api.controlnet_detect(images=[picture()], module="canny")
+    assert detected.image.size[0] > 0
+    again = api.txt2img(**base)  # a later call without units has none (webuiapi's defaults)
+    assert np.array_equal(arr(plain.image), arr(again.image))
+
+
+def test_lora_in_the_prompt_and_weight_zero(stack: RunningStack, model_cache: Path) -> None:
+    with stack.client() as client:
+        upload = client.post("/v1/loras", data={"base_model": "tiny-sd15", "name": "webui-style"},
+                             files={"file": ("s.safetensors",
+                                             make_lora("sd15", cache_dir=model_cache, seed=12),
+                                             "application/octet-stream")})
+        assert upload.status_code == 201, upload.text
+    api = webui(stack)
+    assert "webui-style" in {lora["name"] for lora in api.get_loras()}
+    base = {"seed": 21, "steps": 3, "width": 64, "height": 64}
+    none = api.txt2img(prompt="a cat", **base)
+    weighted = api.txt2img(prompt="a cat <lora:webui-style:0.8>", **base)
+    zero = api.txt2img(prompt="a cat <lora:webui-style:0>", **base)
+    assert not np.array_equal(arr(none.image), arr(weighted.image))
+    assert np.array_equal(arr(none.image), arr(zero.image))
+    assert weighted.info["prompt"] == "a cat"
+    with pytest.raises(RuntimeError, match="no LoRA named"):
+        api.txt2img(prompt="a cat <lora:missing:1>", **base)
+
+
+def test_models_samplers_options_progress_interrupt_and_png_info(stack: RunningStack) -> None:
+    api = webui(stack)
+    titles = api.util_get_model_names()
+    assert "tiny-sd15" in titles
+    assert "Euler a" in api.util_get_sampler_names()
+    assert {s["name"] for s in api.get_schedulers()} >= {"automatic", "karras"}
+    api.util_set_model("tiny-sd15")
+    assert api.get_options()["sd_model_checkpoint"] == "tiny-sd15"
+    assert api.util_get_current_model() == "tiny-sd15"
+    assert api.get_progress()["state"]["job_count"] == 0
+    # a long request in a thread; its progress shows, interrupt cancels it
+    failure: list[BaseException] = []
+
+    def long_run() -> None:
+        try:
+            webui(stack).txt2img(prompt="slow", steps=150, width=256, height=256, seed=1)
+        except BaseException as exc:  # noqa: BLE001 - the interrupt makes it fail
+            failure.append(exc)
+
+    worker = threading.Thread(target=long_run)
+    worker.start()
+    deadline = time.monotonic() + 60
+    seen = {}
+    while time.monotonic() < deadline:
+        seen = api.get_progress()
+        if seen["state"]["job_count"] and seen["state"]["sampling_step"] > 0:
+            break
+        time.sleep(0.1)
+    assert seen["progress"] > 0 and seen["state"]["sampling_steps"] == 150, seen
+    api.interrupt()
+    worker.join(60)
+    assert failure and "canceled" in str(failure[0])
+    assert api.get_progress()["state"]["job_count"] == 0
+    # png-info of a Loomis PNG
+    made = api.txt2img(prompt="a boat", seed=3, steps=2, width=64, height=64)
+    buffer = io.BytesIO()
+    made.image.save(buffer, format="PNG", pnginfo=_text(made.image))
+    info = api.png_info(Image.open(io.BytesIO(buffer.getvalue())))
+    assert info.parameters["Prompt"] == "a boat" and info.parameters["Seed"] == "3"
+    assert info.parameters["Size-1"] == "64"
+    assert api.get_scripts()["txt2img"] and "ram" in api.get_memory()
+    assert isinstance(api.get_cmd_flags(), dict)
+    assert api.controlnet_version() == 2
+
+
+def _text(image: Image.Image):  # type: ignore[no-untyped-def]
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    for key, value in image.info.items():
+        if isinstance(value, str):
+            info.add_text(key, value)
+    return info
+
+
+def test_unsupported_fields_are_refused_and_credentials_checked(stack: RunningStack) -> None:
+    api = webui(stack)
+    for field, kwargs in (("enable_hr", {"enable_hr": True}),
+                          ("restore_faces", {"restore_faces": True}),
+                          ("tiling", {"tiling": True}),
+                          ("script_name", {"script_name": "x/y/z plot"})):
+        with pytest.raises(RuntimeError, match=field):
+            api.txt2img(prompt="x", steps=2, width=64, height=64, **kwargs)
+    with pytest.raises(RuntimeError, match="sampler"):
+        api.txt2img(prompt="x", steps=2, width=64, height=64, sampler_name="Magic")
+    url = urlparse(stack.url)
+    stranger = webuiapi.WebUIApi(host=url.hostname, port=url.port)
+    stranger.set_auth("loomis", "lmk_wrong")
+    with pytest.raises(RuntimeError, match="401"):
+        stranger.txt2img(prompt="x", steps=2, width=64, height=64)
+    _ = base64
