@@ -55,8 +55,26 @@ from shared.errors import Conflict, Unauthorized, ValidationFailed
 from shared.models import ControlType, ModelPreset
 from shared.specs import ControlSpec, GenerationMode, GenerationSpec, LoraUse, MaskSpec
 
-router = APIRouter(prefix="/sdapi/v1", tags=["automatic1111-compatible"])
-controlnet_router = APIRouter(prefix="/controlnet", tags=["automatic1111-compatible"])
+class A1111Error(BaseModel):
+    """webui's error body; ``fields`` (Loomis') names each offending field."""
+
+    error: str = Field(description="What kind of error (a Loomis problem code).")
+    detail: str = Field(description="What went wrong, naming the field.")
+    body: str = Field(description="Empty (webui's own field).")
+    errors: str = Field(description="`<status>: <detail>`, as webui writes it.")
+    fields: list[dict[str, Any]] = Field(description="`{field, message}` per problem.")
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": A1111Error, "description": text} for status, text in (
+        (400, "A field Loomis cannot honour, or an invalid value (named in `detail`)"),
+        (401, "Missing or unknown API key"), (404, "Not found"), (413, "Too large"),
+        (415, "Not JSON"), (422, "Invalid JSON fields"),
+        (500, "The job failed (its id in `detail`)"), (503, "The queue is unavailable"),
+        (504, "The job did not finish in LOOMIS_COMPAT__WAIT_S; its id is in `detail`"))}
+router = APIRouter(prefix="/sdapi/v1", tags=["automatic1111-compatible"], responses=_ERRORS)
+controlnet_router = APIRouter(prefix="/controlnet", tags=["automatic1111-compatible"],
+                              responses=_ERRORS)
 
 
 def a1111_error(request: Request, *, status: int, code: str, title: str, detail: str,

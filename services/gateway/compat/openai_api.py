@@ -34,7 +34,26 @@ from shared.models import ModelPreset
 from shared.specs import GenerationMode, GenerationSpec, MaskSpec
 from shared.text import RequestModel
 
-router = APIRouter(tags=["openai-compatible"])
+class OpenAIErrorDetail(BaseModel):
+    message: str = Field(description="What went wrong.")
+    type: str = Field(description="invalid_request_error, rate_limit_error or server_error.")
+    param: str | None = Field(description="The offending parameter, if one.")
+    code: str | None = Field(description="A stable code (Loomis' problem code).")
+
+
+class OpenAIError(BaseModel):
+    error: OpenAIErrorDetail = Field(description="OpenAI's error envelope.")
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": OpenAIError, "description": text} for status, text in (
+        (400, "Invalid request (`param` names the field)"), (401, "Missing or unknown key"),
+        (404, "Not found"), (409, "Conflict"), (422, "Not sent (400 instead)"),
+        (429, "The queue is unavailable: retry after `retry-after`"),
+        (500, "The job failed (`x-should-retry: false`)"),
+        (504, "The job did not finish in LOOMIS_COMPAT__WAIT_S (`x-should-retry: false`); "
+              "the message names it"))}
+router = APIRouter(tags=["openai-compatible"], responses=_ERRORS)
 
 # quality -> steps as a share of the preset's default; style -> guidance added to the preset's
 QUALITY_STEPS = {"low": 0.5, "medium": 1.0, "standard": 1.0, "auto": 1.0, "high": 1.5, "hd": 1.5}
