@@ -189,3 +189,53 @@ def test_unsupported_fields_are_refused_and_credentials_checked(stack: RunningSt
     with pytest.raises(RuntimeError, match="401"):
         stranger.txt2img(prompt="x", steps=2, width=64, height=64)
     _ = base64
+
+
+def test_every_honoured_option_changes_the_result(stack: RunningStack) -> None:
+    """Accepted options must do something: each pair differs only in one option."""
+    api = webui(stack)
+    source = picture()
+    wide = source.resize((96, 64))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 40))
+    base = {"images": [source], "mask_image": mask, "prompt": "a door", "seed": 9, "steps": 3,
+            "width": 64, "height": 64, "denoising_strength": 0.6, "inpaint_full_res": False}
+
+    def img(**change: object) -> np.ndarray:  # type: ignore[type-arg]
+        return arr(api.img2img(**{**base, **change}).image)
+
+    assert not np.array_equal(img(inpainting_mask_invert=0), img(inpainting_mask_invert=1))
+    fills = [img(inpainting_fill=fill) for fill in (0, 1, 2, 3)]
+    assert all(not np.array_equal(fills[i], fills[j]) for i in range(4) for j in range(i + 1, 4))
+    assert not np.array_equal(img(mask_blur=0), img(mask_blur=8))
+    assert not np.array_equal(img(inpaint_full_res=True, inpaint_full_res_padding=0),
+                              img(inpaint_full_res=True, inpaint_full_res_padding=16))
+    plain = {"images": [wide], "prompt": "a door", "seed": 9, "steps": 3, "width": 64,
+             "height": 64, "denoising_strength": 0.5}
+    assert not np.array_equal(arr(api.img2img(**plain, resize_mode=0).image),
+                              arr(api.img2img(**plain, resize_mode=1).image))
+    txt = {"prompt": "a hill", "seed": 2, "steps": 3, "width": 64, "height": 64}
+    two = api.txt2img(**txt, n_iter=2)
+    assert len(two.images) == 2 and two.info["all_seeds"] == [2, 3]
+    assert not np.array_equal(arr(api.txt2img(**txt, sampler_name="DPM++ 2M").image),
+                              arr(api.txt2img(**txt, sampler_name="DPM++ 2M",
+                                              scheduler="karras").image))
+    other = api.txt2img(**txt, override_settings={"sd_model_checkpoint": "tiny-sdxl"})
+    assert other.info["sd_model_name"] == "tiny-sdxl"
+
+    shapes = Image.new("RGB", (64, 64), (100, 100, 100))
+    shapes.paste((130, 130, 130), (8, 8, 30, 30))  # a faint edge: only low thresholds see it
+    shapes.paste((250, 250, 250), (36, 36, 58, 58))  # a strong one
+
+    def unit(**change: object) -> np.ndarray:  # type: ignore[type-arg]
+        fields: dict[str, object] = {"image": shapes, "module": "canny", "model": "canny",
+                                     "threshold_a": 100, "threshold_b": 200, **change}
+        return arr(api.txt2img(**txt, controlnet_units=[webuiapi.ControlNetUnit(
+            **fields)]).image)  # type: ignore[arg-type]
+
+    reference = unit()
+    for change in ({"weight": 0.3}, {"guidance_end": 0.3}, {"guidance_start": 0.5},
+                   {"threshold_a": 20, "threshold_b": 60}, {"module": "none"},
+                   {"resize_mode": "Crop and Resize", "image": shapes.resize((96, 64))},
+                   {"processor_res": 32}):
+        assert not np.array_equal(reference, unit(**change)), change
