@@ -26,7 +26,7 @@ def slow_stack(tmp_path_factory: pytest.TempPathFactory, s3_server: S3Server,
     tmp = tmp_path_factory.mktemp("compat")
     running = launch_stack(tmp, database_url=f"sqlite+aiosqlite:///{tmp / 'loomis.db'}",
                            s3=s3_server, model_cache=model_cache, extra_env={
-                               "LOOMIS_COMPAT__WAIT_S": "1.5",
+                               "LOOMIS_COMPAT__WAIT_S": "4",
                                "LOOMIS_COMPAT__A1111_OPEN": "true",
                                "LOOMIS_COMPAT__A1111_TENANT": "alice"})
     yield running
@@ -38,7 +38,7 @@ def test_a_wait_that_runs_out_is_a_504_naming_the_job(slow_stack: RunningStack) 
     client = openai.OpenAI(base_url=f"{slow_stack.url}/v1", api_key=slow_stack.keys["alice"],
                            max_retries=2)
     with pytest.raises(openai.InternalServerError) as raised:
-        client.images.generate(model="tiny-sd15", prompt="slow", size="512x512",
+        client.images.generate(model="tiny-sd15", prompt="slow", size="768x768",
                                quality="high")
     error = raised.value
     assert error.status_code == 504 and error.response.headers["x-should-retry"] == "false"

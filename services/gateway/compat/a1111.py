@@ -25,6 +25,7 @@ from fastapi import APIRouter, Body, Depends, Header, Request
 from fastapi.responses import JSONResponse
 from PIL import Image, ImageFilter, PngImagePlugin
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ValidationError as PydanticValidationError
 from sqlalchemy import select
 
 from services.gateway.auth.service import hash_key
@@ -55,6 +56,7 @@ from shared.errors import Conflict, Unauthorized, ValidationFailed
 from shared.models import ControlType, ModelPreset
 from shared.specs import ControlSpec, GenerationMode, GenerationSpec, LoraUse, MaskSpec
 
+
 class A1111Error(BaseModel):
     """webui's error body; ``fields`` (Loomis') names each offending field."""
 
@@ -73,6 +75,11 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         (500, "The job failed (its id in `detail`)"), (503, "The queue is unavailable"),
         (504, "The job did not finish in LOOMIS_COMPAT__WAIT_S; its id is in `detail`"))}
 router = APIRouter(prefix="/sdapi/v1", tags=["automatic1111-compatible"], responses=_ERRORS)
+MAX_IMAGES = 64  # batch_size x n_iter of one request
+# a Loomis spec field's name in webui's request
+_WEBUI_FIELDS = {"guidance_scale": "cfg_scale", "num_images": "batch_size",
+                 "init_image": "init_images", "strength": "denoising_strength",
+                 "scheduler": "sampler_name", "controls": "alwayson_scripts.ControlNet.args"}
 controlnet_router = APIRouter(prefix="/controlnet", tags=["automatic1111-compatible"],
                               responses=_ERRORS)
 
@@ -416,12 +423,18 @@ async def _generate(request: Request, body: _Request, *, img2img: bool, session:
                                         feather=float(body.mask_blur or 0)))
         else:
             fields["init_image"] = data_url(fit(init, size, resize))
+    total = body.batch_size * body.n_iter
+    if total > MAX_IMAGES:
+        raise invalid("batch_size", f"batch_size x n_iter is {total} images; at most "
+                      f"{MAX_IMAGES} per request")
     try:
         spec = GenerationSpec.model_validate(fields)
-    except ValueError as exc:
-        raise invalid("prompt" if not prompt.strip() else "body",
-                      str(exc).splitlines()[-1]) from exc
-    total = body.batch_size * body.n_iter
+    except PydanticValidationError as exc:
+        error = ValidationFailed([{"field": _WEBUI_FIELDS.get(str(e["loc"][0]), str(e["loc"][0]))
+                                   if e["loc"] else "body", "message": e["msg"]}
+                                  for e in exc.errors()])
+        error.status = 400
+        raise error from exc
     outcome = await jobs.run(session=session, state=state, tenant=who.tenant, spec=spec,
                              total=total, origin={"api": "a1111.img2img" if img2img
                                                   else "a1111.txt2img", "key": who.key[:16]})
@@ -459,8 +472,11 @@ def _answer(body: _Request, outcome: jobs.Outcome, *, preset: ModelPreset,
         "job_timestamp": datetime.now(UTC).strftime("%Y%m%d%H%M%S"), "clip_skip": 1,
         "is_using_inpainting_conditioning": False, "version": "loomis",
         "loomis_job_ids": [job.id for job in outcome.jobs]}
+    # the images sent are not echoed back (webui leaves them out unless include_init_images)
+    parameters = {**body.model_dump(), **({"init_images": None, "mask": None}
+                                          if isinstance(body, Img2ImgRequest) else {})}
     return GenerationAnswer(images=[i for i in images if i is not None],
-                            parameters=body.model_dump(), info=json.dumps(info))
+                            parameters=parameters, info=json.dumps(info))
 
 
 def _paste_back(generated: Image.Image, init: Image.Image,

@@ -34,6 +34,7 @@ from shared.models import ModelPreset
 from shared.specs import GenerationMode, GenerationSpec, MaskSpec
 from shared.text import RequestModel
 
+
 class OpenAIErrorDetail(BaseModel):
     message: str = Field(description="What went wrong.")
     type: str = Field(description="invalid_request_error, rate_limit_error or server_error.")
