@@ -237,5 +237,25 @@ def test_every_honoured_option_changes_the_result(stack: RunningStack) -> None:
     for change in ({"weight": 0.3}, {"guidance_end": 0.3}, {"guidance_start": 0.5},
                    {"threshold_a": 20, "threshold_b": 60}, {"module": "none"},
                    {"resize_mode": "Crop and Resize", "image": shapes.resize((96, 64))},
-                   {"processor_res": 32}):
+                   {"processor_res": 32}, {"pixel_perfect": True}):
         assert not np.array_equal(reference, unit(**change)), change
+
+
+def test_skip_cancels_the_running_request(stack: RunningStack) -> None:
+    api = webui(stack)
+    failure: list[BaseException] = []
+
+    def long_run() -> None:
+        try:
+            webui(stack).txt2img(prompt="slow", steps=150, width=256, height=256, seed=2)
+        except BaseException as exc:  # noqa: BLE001 - skip makes it fail
+            failure.append(exc)
+
+    worker = threading.Thread(target=long_run)
+    worker.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not api.get_progress()["state"]["sampling_step"]:
+        time.sleep(0.1)
+    assert api.skip() is None
+    worker.join(60)
+    assert failure and "canceled" in str(failure[0])
