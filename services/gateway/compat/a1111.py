@@ -123,7 +123,7 @@ async def caller(state: StateDep, session: SessionDep,
         elif scheme.lower() == "basic":
             try:
                 user, _, password = base64.b64decode(value.strip()).decode().partition(":")
-            except (binascii.Error, UnicodeDecodeError) as exc:
+            except (binascii.Error, ValueError) as exc:  # UnicodeDecodeError is a ValueError
                 raise Unauthorized("malformed Basic credentials", code="invalid_api_key") from exc
             token = password or user
     if token:
@@ -206,6 +206,15 @@ class GenerationAnswer(BaseModel):
     info: str = Field(description="A JSON string: seed, all_seeds, prompt, infotexts, …")
 
 
+# webui request fields that would change the image, with the values that change nothing
+_EXTRAS_THAT_CHANGE_THE_RESULT: dict[str, tuple[Any, ...]] = {
+    "refiner_checkpoint": (None, ""), "refiner_switch_at": (None, 0, 0.0),
+    "s_min_uncond": (None, 0, 0.0), "infotext": (None, ""), "latent_mask": (None, ""),
+    "hr_checkpoint_name": (None, ""), "image_cfg_scale": (None, 1.5, 0, 1.5),
+    "sampler_noise_scheduler_override": (None,),
+}
+
+
 def _refuse_unhonoured(body: _Request) -> None:
     """What would change the result and Loomis does not do: a 400 naming it."""
     errors = []
@@ -245,10 +254,15 @@ def _refuse_unhonoured(body: _Request) -> None:
     for key, script in (body.alwayson_scripts or {}).items():
         if key.lower() == "controlnet":
             continue
-        args = (script or {}).get("args") if isinstance(script, dict) else None
-        if args in (None, [], [False]):
+        args = script.get("args") if isinstance(script, dict) else "?"
+        if args is None or args == [] or (isinstance(args, list) and len(args) == 1
+                                          and args[0] is False):
             continue  # a disabled extension, as webuiapi sends one it found
         refuse(f"alwayson_scripts.{key}", "not available here (only ControlNet)")
+    extras = body.model_extra or {}
+    for key, harmless in _EXTRAS_THAT_CHANGE_THE_RESULT.items():
+        if key in extras and extras[key] not in harmless:
+            refuse(key, "not supported here")
     if isinstance(body, Img2ImgRequest):
         if body.initial_noise_multiplier not in (None, 1, 1.0):
             refuse("initial_noise_multiplier", "only 1 is supported")
@@ -266,6 +280,8 @@ def _refuse_unhonoured(body: _Request) -> None:
 async def _model(state: GatewayState, session: Any, who: Caller, body: _Request) -> ModelPreset:
     name = (body.override_settings or {}).get("sd_model_checkpoint")
     field = "override_settings.sd_model_checkpoint"
+    if name is not None and not isinstance(name, str):
+        raise invalid(field, "expected a model title or name")
     if not name:
         option = await session.get(CompatOption, who.key)
         name = (option.options if option else {}).get("sd_model_checkpoint")
@@ -300,22 +316,73 @@ async def _loras(session: Any, tenant: Tenant, tags: list[tuple[str, float]]) ->
                           "(GET /sdapi/v1/loras)")
         if any(use.id == rows[0].id for use in uses):
             raise invalid("prompt", f"<lora:{name}:…> appears twice")
-        uses.append(LoraUse(id=rows[0].id, weight=weight))
+        try:
+            uses.append(LoraUse(id=rows[0].id, weight=weight))
+        except PydanticValidationError as exc:
+            raise invalid("prompt", f"<lora:{name}:{weight}>: the weight must be a number "
+                          "from -4 to 4") from exc
     return uses
 
 
 def _control_units(body: _Request, size: tuple[int, int]) -> list[ControlSpec]:
-    scripts = {key.lower(): value for key, value in (body.alwayson_scripts or {}).items()}
-    units = (scripts.get("controlnet") or {}).get("args") or []
+    named = [key for key in (body.alwayson_scripts or {}) if key.lower() == "controlnet"]
+    if len(named) > 1:
+        raise invalid(f"alwayson_scripts.{named[1]}", "ControlNet is given twice")
+    script = (body.alwayson_scripts or {}).get(named[0]) if named else None
+    if script is not None and not isinstance(script, dict):
+        raise invalid(f"alwayson_scripts.{named[0]}", "expected {\"args\": [units]}")
+    units = (script or {}).get("args") or []
+    if not isinstance(units, list):
+        raise invalid(f"alwayson_scripts.{named[0]}.args", "expected a list of units")
     controls: list[ControlSpec] = []
     for index, unit in enumerate(units):
         field = f"alwayson_scripts.ControlNet.args.{index}"
         if not isinstance(unit, dict):
             raise invalid(field, "a ControlNet unit is an object")
-        if unit.get("enabled") is False:
+        if not _flag(unit.get("enabled"), f"{field}.enabled", True):
             continue
         controls.append(_control(unit, field, size))
     return controls
+
+
+def _at(field: str, key: str) -> str:
+    return key if field == "body" else f"{field}.{key}"
+
+
+def _number(unit: dict[str, Any], key: str, default: float, field: str) -> float:
+    value = unit.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise invalid(_at(field, key), "expected a number")
+    try:
+        number = float(value)
+    except ValueError as exc:
+        raise invalid(_at(field, key), "expected a number") from exc
+    if number != number or number in (float("inf"), float("-inf")):
+        raise invalid(_at(field, key), "expected a finite number")
+    return number
+
+
+def _flag(value: Any, field: str, default: bool) -> bool:
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+        return value.lower() in ("true", "1")
+    raise invalid(field, "expected true or false")
+
+
+def _resize_mode(value: Any, field: str) -> str:
+    key = value.lower() if isinstance(value, str) else value
+    mode = RESIZE_MODES.get(key) if isinstance(key, int | str) and not isinstance(
+        key, bool) else None
+    if mode is None:
+        raise invalid(field, "Just Resize, Crop and Resize or Resize and Fill (or 0, 1, 2)")
+    return mode
 
 
 def _control(unit: dict[str, Any], field: str, size: tuple[int, int]) -> ControlSpec:
@@ -350,30 +417,36 @@ def _control(unit: dict[str, Any], field: str, size: tuple[int, int]) -> Control
     if isinstance(source, list):
         raise invalid(f"{field}.image", "one image per unit")
     image = image_of(source, field=f"{field}.image")
-    resize = RESIZE_MODES.get(unit.get("resize_mode", "Just Resize") if not isinstance(
-        unit.get("resize_mode"), str) else str(unit["resize_mode"]).lower())
-    if resize is None:
-        raise invalid(f"{field}.resize_mode", "Just Resize, Crop and Resize or Resize and Fill")
+    resize = _resize_mode(unit.get("resize_mode") or "just resize", f"{field}.resize_mode")
     image = fit(image, size, resize)
-    res = int(unit.get("processor_res") or -1)
-    if kind is not None and not unit.get("pixel_perfect") and res > 0:
+    res = int(_number(unit, "processor_res", -1, field))
+    if res > 4096:
+        raise invalid(f"{field}.processor_res", "at most 4096")
+    pixel_perfect = _flag(unit.get("pixel_perfect"), f"{field}.pixel_perfect", False)
+    if kind is not None and not pixel_perfect and res > 0:
         # the preprocessor runs at processor_res (its short side), as webui's does
         scale = res / min(image.size)
         image = image.resize((max(8, round(image.width * scale)),
                               max(8, round(image.height * scale))), Image.Resampling.LANCZOS)
     low, high = 100, 200
     if control_type is ControlType.CANNY and kind is not None:
-        a, b = unit.get("threshold_a"), unit.get("threshold_b")
-        low = int(a) if a not in (None, -1) else 100
-        high = int(b) if b not in (None, -1) else 200
+        a, b = _number(unit, "threshold_a", -1, field), _number(unit, "threshold_b", -1, field)
+        low = int(a) if a != -1 else 100
+        high = int(b) if b != -1 else 200
     try:
         return ControlSpec(type=control_type, image=data_url(image), preprocess=kind is not None,
-                           scale=float(unit.get("weight", 1.0)),
-                           start=float(unit.get("guidance_start", 0.0)),
-                           end=float(unit.get("guidance_end", 1.0)),
+                           scale=_number(unit, "weight", 1.0, field),
+                           start=_number(unit, "guidance_start", 0.0, field),
+                           end=_number(unit, "guidance_end", 1.0, field),
                            low_threshold=low, high_threshold=high)
-    except ValueError as exc:
-        raise invalid(field, str(exc).splitlines()[-1]) from exc
+    except PydanticValidationError as exc:
+        names = {"scale": "weight", "start": "guidance_start", "end": "guidance_end",
+                 "low_threshold": "threshold_a", "high_threshold": "threshold_b"}
+        error = ValidationFailed([{"field": f"{field}." + names.get(
+            str(e["loc"][0]) if e["loc"] else "", str(e["loc"][0]) if e["loc"] else "unit"),
+            "message": e["msg"]} for e in exc.errors()])
+        error.status = 400
+        raise error from exc
 
 
 async def _generate(request: Request, body: _Request, *, img2img: bool, session: Any,
@@ -381,9 +454,14 @@ async def _generate(request: Request, body: _Request, *, img2img: bool, session:
     _refuse_unhonoured(body)
     preset = await _model(state, session, who, body)
     prompt, tags = lora_tags(body.prompt)
+    if _flag((body.model_extra or {}).get("disable_extra_networks"), "disable_extra_networks",
+             False):
+        tags = []  # webui: the <lora:…> tags are taken out of the prompt and not applied
     loras = await _loras(session, who.tenant, tags)
-    scheduler = loomis_scheduler(body.sampler_name or body.sampler_index, body.scheduler,
-                                 field="sampler_name")
+    sampler = body.sampler_name or body.sampler_index
+    if not sampler and body.scheduler and body.scheduler.lower() != "automatic":
+        raise invalid("scheduler", "a schedule type needs its sampler_name")
+    scheduler = loomis_scheduler(sampler, body.scheduler, field="sampler_name")
     size = (body.width, body.height)
     fields: dict[str, Any] = {
         "prompt": prompt, "negative_prompt": body.negative_prompt, "model": preset.name,
@@ -396,15 +474,15 @@ async def _generate(request: Request, body: _Request, *, img2img: bool, session:
         assert isinstance(body, Img2ImgRequest)
         if not body.init_images:
             raise invalid("init_images", "img2img needs an init image")
-        init = image_of(body.init_images[0], field="init_images.0")
         resize = RESIZE_MODES[body.resize_mode]
+        # webui fits the init image (and mask) to width x height first: the answer has that size
+        init = fit(image_of(body.init_images[0], field="init_images.0"), size, resize)
         fields.update(mode=GenerationMode.IMG2IMG, strength=body.denoising_strength
                       if body.denoising_strength is not None else 0.75)
         if body.mask:
             mask = webui_mask(image_of(body.mask, field="mask", mode="RGBA"),
                               invert=bool(body.inpainting_mask_invert))
-            if mask.size != init.size:
-                mask = mask.resize(init.size, Image.Resampling.NEAREST)
+            mask = fit(mask, size, resize).point(lambda v: 255 if v > 127 else 0)
             if mask.getbbox() is None:
                 raise invalid("mask", "the mask repaints nothing (white repaints)")
             init_filled = prefill(init, mask, body.inpainting_fill, seed=max(body.seed, 0))
@@ -437,13 +515,17 @@ async def _generate(request: Request, body: _Request, *, img2img: bool, session:
         raise error from exc
     outcome = await jobs.run(session=session, state=state, tenant=who.tenant, spec=spec,
                              total=total, origin={"api": "a1111.img2img" if img2img
-                                                  else "a1111.txt2img", "key": who.key[:16]})
+                                                  else "a1111.txt2img", "key": who.key[:16]},
+                             canceled_ok=True)  # interrupt/skip: a 200 with what was made
     return _answer(body, outcome, preset=preset, crop=crop, init=init)
 
 
 def _answer(body: _Request, outcome: jobs.Outcome, *, preset: ModelPreset,
             crop: Any, init: Image.Image | None) -> GenerationAnswer:
-    spec = outcome.jobs[0].spec
+    spec = outcome.jobs[0].spec if outcome.jobs else {
+        "prompt": body.prompt, "negative_prompt": body.negative_prompt, "width": body.width,
+        "height": body.height, "steps": body.steps, "guidance_scale": body.cfg_scale,
+        "scheduler": None, "strength": body.denoising_strength}
     images, infotexts, seeds = [], [], []
     for image in outcome.images:
         with Image.open(io.BytesIO(image.png)) as opened:
@@ -454,7 +536,8 @@ def _answer(body: _Request, outcome: jobs.Outcome, *, preset: ModelPreset,
         infotexts.append(text)
         seeds.append(image.seed if image.seed is not None else 0)
         images.append(base64.b64encode(png).decode() if body.send_images else None)
-    sampler, schedule = webui_sampler(str(spec.get("scheduler") or ""))
+    sampler, schedule = webui_sampler(str(spec.get("scheduler") or "")) if spec.get(
+        "scheduler") else (body.sampler_name or body.sampler_index or "", "Automatic")
     info = {
         "prompt": spec.get("prompt"), "all_prompts": [spec.get("prompt")] * len(seeds),
         "negative_prompt": spec.get("negative_prompt", ""),
@@ -471,10 +554,12 @@ def _answer(body: _Request, outcome: jobs.Outcome, *, preset: ModelPreset,
         "index_of_first_image": 0, "infotexts": infotexts, "styles": [],
         "job_timestamp": datetime.now(UTC).strftime("%Y%m%d%H%M%S"), "clip_skip": 1,
         "is_using_inpainting_conditioning": False, "version": "loomis",
-        "loomis_job_ids": [job.id for job in outcome.jobs]}
+        "loomis_job_ids": [job.id for job in outcome.jobs] + outcome.canceled,
+        "interrupted": bool(outcome.canceled)}
     # the images sent are not echoed back (webui leaves them out unless include_init_images)
-    parameters = {**body.model_dump(), **({"init_images": None, "mask": None}
-                                          if isinstance(body, Img2ImgRequest) else {})}
+    parameters = {**body.model_dump(exclude=set(body.model_extra or {})),
+                  **({"init_images": None, "mask": None}
+                     if isinstance(body, Img2ImgRequest) else {})}
     return GenerationAnswer(images=[i for i in images if i is not None],
                             parameters=parameters, info=json.dumps(info))
 
@@ -714,20 +799,33 @@ async def controlnet_detect(body: Annotated[dict[str, Any], Body()], session: Se
     sources = body.get("controlnet_input_images") or body.get("controlnet_images") or []
     if not sources:
         raise invalid("controlnet_input_images", "no image selected")
-    a, b = body.get("controlnet_threshold_a", -1), body.get("controlnet_threshold_b", -1)
+    if not isinstance(sources, list):
+        raise invalid("controlnet_input_images", "expected a list of images")
+    a = _number(body, "controlnet_threshold_a", -1, "body")
+    b = _number(body, "controlnet_threshold_b", -1, "body")
+    res = int(_number(body, "controlnet_processor_res", -1, "body"))
+    if res > 4096:
+        raise invalid("controlnet_processor_res", "at most 4096")
     images = []
     for index, source in enumerate(sources):
         image = image_of(source, field=f"controlnet_input_images.{index}")
-        res = int(body.get("controlnet_processor_res") or -1)
         if res > 0:
             scale = res / min(image.size)
             image = image.resize((max(8, round(image.width * scale)) // 8 * 8,
                                   max(8, round(image.height * scale)) // 8 * 8))
-        spec = PreprocessSpec(type=kind, image=data_url(image),
-                              low_threshold=int(a) if kind is ControlType.CANNY and a not in
-                              (None, -1) else 100,
-                              high_threshold=int(b) if kind is ControlType.CANNY and b not in
-                              (None, -1) else 200)
+        try:
+            spec = PreprocessSpec(
+                type=kind, image=data_url(image),
+                low_threshold=int(a) if kind is ControlType.CANNY and a != -1 else 100,
+                high_threshold=int(b) if kind is ControlType.CANNY and b != -1 else 200)
+        except PydanticValidationError as exc:
+            names = {"low_threshold": "controlnet_threshold_a",
+                     "high_threshold": "controlnet_threshold_b"}
+            error = ValidationFailed([{"field": names.get(str(e["loc"][0]) if e["loc"] else "",
+                                                          "controlnet_input_images"),
+                                       "message": e["msg"]} for e in exc.errors()])
+            error.status = 400
+            raise error from exc
         response = await preprocess(spec, session, who.tenant, state)
         images.append(base64.b64encode(bytes(response.body)).decode())
     return {"images": images, "info": "Success"}

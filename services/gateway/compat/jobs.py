@@ -47,8 +47,9 @@ class Image:
 
 @dataclass(frozen=True)
 class Outcome:
-    jobs: list[JobOut]
+    jobs: list[JobOut]  # those that succeeded
     images: list[Image]
+    canceled: list[str]  # with ``canceled_ok``: jobs canceled (webui's interrupt and skip)
 
 
 async def submit_all(*, session: AsyncSession, state: GatewayState, tenant: Tenant,
@@ -75,13 +76,14 @@ async def submit_all(*, session: AsyncSession, state: GatewayState, tenant: Tena
 
 
 async def wait_for(*, state: GatewayState, tenant: Tenant, job_ids: list[str],
-                   timeout_s: float) -> Outcome:
+                   timeout_s: float, canceled_ok: bool = False) -> Outcome:
     """Block until every job has ended as SQL records it; a 504 naming the jobs after
     ``timeout_s`` (they keep running: nothing is lost), a 500 with the job's error when one
     failed or was canceled."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     jobs: list[JobOut] = []
+    canceled: list[str] = []
     for job_id in job_ids:
         after = "0"
         while True:
@@ -104,6 +106,9 @@ async def wait_for(*, state: GatewayState, tenant: Tenant, job_ids: list[str],
                 if not any(event.status.terminal for _, event in events):
                     continue
             await asyncio.sleep(0.02)
+        if job.status is JobStatus.CANCELED and canceled_ok:
+            canceled.append(job.id)
+            continue
         if job.status is not JobStatus.SUCCEEDED:
             error = job.error
             raise JobFailed(f"job {job.id} {job.status.value}: "
@@ -117,7 +122,7 @@ async def wait_for(*, state: GatewayState, tenant: Tenant, job_ids: list[str],
         for index, key, seed in row:
             images.append(Image(png=await state.store.get(key), key=key, seed=seed,
                                 job_id=job.id, index=index))
-    return Outcome(jobs=jobs, images=images)
+    return Outcome(jobs=jobs, images=images, canceled=canceled)
 
 
 async def _artifact_keys(state: GatewayState, tenant: Tenant,
@@ -134,9 +139,10 @@ async def _artifact_keys(state: GatewayState, tenant: Tenant,
 
 
 async def run(*, session: AsyncSession, state: GatewayState, tenant: Tenant,
-              spec: GenerationSpec, total: int, origin: dict[str, Any]) -> Outcome:
+              spec: GenerationSpec, total: int, origin: dict[str, Any],
+              canceled_ok: bool = False) -> Outcome:
     job_ids = await submit_all(session=session, state=state, tenant=tenant, spec=spec,
                                total=total, origin=origin)
     await session.close()  # waiting may take minutes: hold no pooled connection
     return await wait_for(state=state, tenant=tenant, job_ids=job_ids,
-                          timeout_s=state.settings.compat.wait_s)
+                          timeout_s=state.settings.compat.wait_s, canceled_ok=canceled_ok)

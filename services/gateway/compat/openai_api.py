@@ -146,7 +146,8 @@ def openai_error(request: Request, *, status: int, code: str, title: str, detail
         message = "; ".join(f"{e.get('field')}: {e.get('message')}" for e in errors)
     status = {422: 400, 413: 400, 415: 400, 503: 429}.get(status, status)
     kind = {400: "invalid_request_error", 401: "invalid_request_error",
-            404: "invalid_request_error", 409: "invalid_request_error",
+            404: "invalid_request_error", 405: "invalid_request_error",
+            409: "invalid_request_error",
             429: "rate_limit_error"}.get(status, "server_error")
     out = dict(headers or {})
     if status == 429:
