@@ -37,15 +37,21 @@ def slow_stack(tmp_path_factory: pytest.TempPathFactory, s3_server: S3Server,
 def test_a_wait_that_runs_out_is_a_504_naming_the_job(slow_stack: RunningStack) -> None:
     client = openai.OpenAI(base_url=f"{slow_stack.url}/v1", api_key=slow_stack.keys["alice"],
                            max_retries=2)
+    with slow_stack.client() as http:  # the one generator is busy for far longer than the wait
+        blocker = http.post("/v1/generations", json={
+            "prompt": "busy", "model": "tiny-sd15", "width": 1024, "height": 1024,
+            "steps": 150}).json()["id"]
     with pytest.raises(openai.InternalServerError) as raised:
-        client.images.generate(model="tiny-sd15", prompt="slow", size="768x768",
-                               quality="high")
+        client.images.generate(model="tiny-sd15", prompt="slow", size="64x64")
+    with slow_stack.client() as http:
+        http.post(f"/v1/jobs/{blocker}/cancel")
     error = raised.value
     assert error.status_code == 504 and error.response.headers["x-should-retry"] == "false"
     job_id = str(error.body["message"]).split("/v1/jobs/")[1].split(";")[0].split(" ")[0]  # type: ignore[index]
     with slow_stack.client() as http:
         jobs = http.get("/v1/jobs", params={"limit": 10}).json()["items"]
         assert len([j for j in jobs if j["spec"].get("compat")]) == 1  # not retried
+        assert job_id != blocker
         assert wait_terminal(http, job_id, timeout=300)["status"] == "succeeded"  # not lost
 
 

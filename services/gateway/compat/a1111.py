@@ -18,11 +18,13 @@ import binascii
 import io
 import json
 import os
+import secrets
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, Header, Request
+from fastapi import APIRouter, Body, Depends, Header, Request, Security
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBasic, HTTPBasicCredentials
 from PIL import Image, ImageFilter, PngImagePlugin
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic import ValidationError as PydanticValidationError
@@ -49,11 +51,11 @@ from services.gateway.compat.a1111_params import (
     webui_sampler,
 )
 from services.gateway.db.models import CompatOption, Job, JobEventRow, Lora, Tenant
-from services.gateway.deps import GatewayState, SessionDep, StateDep
+from services.gateway.deps import GatewayState, SessionDep, StateDep, bearer_auth
 from services.gateway.jobs.service import cancel_job
 from services.gateway.problems import ERROR_SHAPES
 from shared.errors import Conflict, Unauthorized, ValidationFailed
-from shared.models import ControlType, ModelPreset
+from shared.models import ControlType, ModelFamily, ModelPreset
 from shared.specs import ControlSpec, GenerationMode, GenerationSpec, LoraUse, MaskSpec
 
 
@@ -111,7 +113,13 @@ class Caller(BaseModel):
     key: str
 
 
+basic_auth = HTTPBasic(scheme_name="basicAuth", auto_error=False,
+                       description="webui's --api-auth: any user name, the API key as password.")
+
+
 async def caller(state: StateDep, session: SessionDep,
+                 _basic: Annotated[HTTPBasicCredentials | None, Security(basic_auth)],
+                 _bearer: Annotated[HTTPAuthorizationCredentials | None, Security(bearer_auth)],
                  authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
                  ) -> Caller:
     """Basic (the key as password, or as user name with an empty password) or Bearer."""
@@ -144,11 +152,56 @@ async def caller(state: StateDep, session: SessionDep,
 CallerDep = Annotated[Caller, Depends(caller)]
 
 
-class _Request(BaseModel):
-    """webui's request fields Loomis reads or checks; unknown fields are webui's own extras
-    (kept in `parameters`), and the legacy ones webui itself ignores."""
+_DOCS = {
+    "prompt": "The prompt; `<lora:name:weight>` applies your LoRA of that name.",
+    "negative_prompt": "What to steer away from.",
+    "styles": "Saved styles: refused when not empty.",
+    "seed": "-1: drawn (the answer's `info.seed`); image i uses seed + i.",
+    "subseed": "Unused while subseed_strength is 0.",
+    "subseed_strength": "Variation seeds: refused when not 0.",
+    "seed_resize_from_h": "Refused when over 0.", "seed_resize_from_w": "Refused when over 0.",
+    "sampler_name": "Euler a, Euler, DPM++ 2M, DDIM, UniPC, Heun, LMS, PLMS, DPM2, DPM2 a, "
+                    "DPM++ 2S (GET /sdapi/v1/samplers).",
+    "sampler_index": "Read when sampler_name is empty.",
+    "scheduler": "Schedule type: automatic, or karras (DPM++ 2M).",
+    "batch_size": "Images per batch; batch_size x n_iter at most 64.",
+    "n_iter": "Batches.", "steps": "Denoising steps.", "cfg_scale": "Guidance scale.",
+    "width": "Pixels, a multiple of the model's.", "height": "Pixels, a multiple of the model's.",
+    "restore_faces": "Refused when true.", "tiling": "Refused when true.",
+    "eta": "0 or 1 (webuiapi's default) only; not applied.",
+    "s_churn": "Refused unless 0.", "s_tmax": "Refused unless 0.", "s_tmin": "Refused unless 0.",
+    "s_noise": "Refused unless 1.",
+    "override_settings": "Only sd_model_checkpoint (and CLIP_stop_at_last_layers 1).",
+    "script_name": "Refused when set (no scripts).", "script_args": "Unused without a script.",
+    "send_images": "False: the answer has no images.",
+    "alwayson_scripts": "ControlNet units (`{\"ControlNet\": {\"args\": [unit, …]}}`); "
+                        "any other enabled script is refused.",
+    "denoising_strength": "img2img: how much is redrawn (default 0.75).",
+    "enable_hr": "Hires fix: refused when true.",
+    "firstphase_width": "Hires fix: refused when over 0.",
+    "firstphase_height": "Hires fix: refused when over 0.",
+    "init_images": "img2img: one image, base64 or a data URL.",
+    "resize_mode": "0 just resize, 1 crop and resize, 2 resize and fill, 3 just resize.",
+    "mask": "Inpainting: white repaints (base64 or a data URL).",
+    "mask_blur": "Feather of the mask's edge, px.",
+    "inpainting_fill": "Masked content: 0 fill, 1 original, 2 latent noise, 3 latent nothing.",
+    "inpaint_full_res": "Only masked: the masked region repainted at full size, pasted back.",
+    "inpaint_full_res_padding": "Only masked: pixels around the mask's box.",
+    "inpainting_mask_invert": "1: repaint the black area instead.",
+    "initial_noise_multiplier": "Only 1.",
+}
 
-    model_config = ConfigDict(extra="allow")
+
+def _describe(schema: dict[str, Any]) -> None:
+    for name, prop in schema.get("properties", {}).items():
+        prop.setdefault("description", _DOCS.get(name, "As in webui."))
+
+
+class _Request(BaseModel):
+    """webui's request fields Loomis reads or checks; unknown fields are webui's own extras,
+    and the legacy ones webui itself ignores."""
+
+    model_config = ConfigDict(extra="allow", json_schema_extra=_describe)
 
     prompt: str = ""
     negative_prompt: str = ""
@@ -462,6 +515,8 @@ async def _generate(request: Request, body: _Request, *, img2img: bool, session:
     if not sampler and body.scheduler and body.scheduler.lower() != "automatic":
         raise invalid("scheduler", "a schedule type needs its sampler_name")
     scheduler = loomis_scheduler(sampler, body.scheduler, field="sampler_name")
+    if preset.family == ModelFamily.FLUX and scheduler in ("Euler", "Euler a"):
+        scheduler = "FlowMatch Euler"  # what Forge and ComfyUI run Flux with for "Euler"
     size = (body.width, body.height)
     fields: dict[str, Any] = {
         "prompt": prompt, "negative_prompt": body.negative_prompt, "model": preset.name,
@@ -485,7 +540,8 @@ async def _generate(request: Request, body: _Request, *, img2img: bool, session:
             mask = fit(mask, size, resize).point(lambda v: 255 if v > 127 else 0)
             if mask.getbbox() is None:
                 raise invalid("mask", "the mask repaints nothing (white repaints)")
-            init_filled = prefill(init, mask, body.inpainting_fill, seed=max(body.seed, 0))
+            noise_seed = body.seed if body.seed >= 0 else secrets.randbelow(2**31)
+            init_filled = prefill(init, mask, body.inpainting_fill, seed=noise_seed)
             if body.inpaint_full_res:
                 region = masked_region(mask, body.inpaint_full_res_padding
                                        + (body.mask_blur or 0), size)

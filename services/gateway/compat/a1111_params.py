@@ -42,7 +42,7 @@ RESIZE_MODES = {0: "Just Resize", 1: "Crop and Resize", 2: "Resize and Fill", 3:
                 "scale to fit (inner fit)": "Crop and Resize",
                 "outer fit (shrink to fit)": "Resize and Fill",
                 "envelope (outer fit)": "Resize and Fill"}
-_LORA = re.compile(r"<(lora|lyco|hypernet):([^:>]+)(?::([^:>]*))?(?::[^>]*)?>", re.IGNORECASE)
+_LORA = re.compile(r"<(lora|lyco|hypernet):([^:>]+)(?::([^:>]*))?(:[^>]*)?>", re.IGNORECASE)
 
 
 def invalid(field: str, message: str) -> ValidationFailed:
@@ -84,9 +84,12 @@ def webui_sampler(scheduler: str) -> tuple[str, str]:
 def lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
     """The prompt without its ``<lora:name:weight>`` tags, and the tags (weight default 1)."""
     found: list[tuple[str, float]] = []
-    for kind, name, weight in _LORA.findall(prompt):
+    for kind, name, weight, extra in _LORA.findall(prompt):
         if kind.lower() != "lora":
             raise invalid("prompt", f"<{kind}:…> is not supported; LoRAs are `<lora:name:weight>`")
+        if extra:
+            raise invalid("prompt", f"<lora:{name}:{weight}{extra}>: only a name and one "
+                          "weight are supported (no text-encoder weight or block weights)")
         try:
             value = float(weight) if weight not in ("", None) else 1.0
         except ValueError as exc:

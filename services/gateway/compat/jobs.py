@@ -85,7 +85,7 @@ async def wait_for(*, state: GatewayState, tenant: Tenant, job_ids: list[str],
     jobs: list[JobOut] = []
     canceled: list[str] = []
     for job_id in job_ids:
-        after = "0"
+        after, ended = "0", False
         while True:
             job = await read_job(reads=state.reads, tenant=tenant, store=state.store,
                                  job_id=job_id)
@@ -99,13 +99,14 @@ async def wait_for(*, state: GatewayState, tenant: Tenant, job_ids: list[str],
                                  job_ids=job_ids)
             # the job's own stream wakes this at once; SQL (which the consumer writes just
             # after) stays what is read, so the answer is what GET /v1/jobs/{id} says
+            if ended:  # the end is in Redis; SQL has it once the consumer commits
+                await asyncio.sleep(0.01)
+                continue
             events = await state.events.read_job_stream(
                 job_id, after_stream_id=after, block_ms=int(min(left, 1.0) * 1000))
             if events:
                 after = events[-1][0]
-                if not any(event.status.terminal for _, event in events):
-                    continue
-            await asyncio.sleep(0.02)
+                ended = any(event.status.terminal for _, event in events)
         if job.status is JobStatus.CANCELED and canceled_ok:
             canceled.append(job.id)
             continue

@@ -121,19 +121,20 @@ class VariationFields(_Options):
 
 
 class ImageData(BaseModel):
-    b64_json: str | None = None
-    url: str | None = None
-    revised_prompt: str | None = None
+    b64_json: str | None = Field(default=None, description="The image, base64.")
+    url: str | None = Field(default=None, description="A presigned URL of the image.")
+    revised_prompt: str | None = Field(default=None, description="The prompt as it ran.")
 
 
 class ImagesResponse(BaseModel):
-    created: int
-    data: list[ImageData]
-    output_format: str
-    size: str
-    quality: str
-    background: str = "opaque"
-    usage: dict[str, Any]
+    created: int = Field(description="Unix seconds.")
+    data: list[ImageData] = Field(description="One per image.")
+    output_format: str = Field(description="png, jpeg or webp.")
+    size: str = Field(description="`WxH` as made.")
+    quality: str = Field(description="As asked (auto by default).")
+    background: str = Field(default="opaque", description="Always opaque.")
+    usage: dict[str, Any] = Field(description="Words of the prompt (Loomis does not bill "
+                                  "tokens).")
 
 
 def openai_error(request: Request, *, status: int, code: str, title: str, detail: str,
