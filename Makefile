@@ -72,6 +72,7 @@ bench: install redis-server wrk
 	$(PY) bench/gateway.py
 	$(PY) bench/scenes.py
 	$(PY) bench/webhooks.py
+	$(PY) bench/compat.py
 	$(PY) bench/subject.py
 	$(PY) bench/lora_swap.py
 	$(PY) bench/batching.py
