@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install lock demo test lint bench up redis-server curl-jq wrk clean
+.PHONY: install lock demo test lint bench up redis-server curl-jq chromium wrk clean
 
 # requirements/cpu.txt pins every package of the environment (see `make lock`); the venv is
 # installed from it exactly, then checked: `pip check` and tests/test_lock.py catch drift.
@@ -53,6 +53,14 @@ curl-jq:
 	  SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq curl jq >/dev/null; }
 
+# The console's browser tests drive Debian's Chromium (Playwright's own download cannot work
+# without internet access to its CDN).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "chromium missing: installing it with apt"; \
+	  SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null; }
+
 # bench/gateway.py drives the gateway with wrk.
 wrk:
 	@command -v wrk >/dev/null 2>&1 || { \
@@ -60,7 +68,7 @@ wrk:
 	  SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq wrk >/dev/null; }
 
-test: install redis-server curl-jq
+test: install redis-server curl-jq chromium
 	$(PY) -m pytest
 
 lint: install

@@ -14,6 +14,7 @@ from fastapi import Depends, FastAPI
 
 from services.gateway.auth.service import ApiKeyLookups
 from services.gateway.compat import a1111, openai_api
+from services.gateway.console import routes as console
 from services.gateway.control.routes import router as control_router
 from services.gateway.datasets.routes import router as datasets_router
 from services.gateway.db.reads import Reads
@@ -149,6 +150,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(router)
     openai_api.install(app)
     a1111.install(app)
+    console.install(app)
     generate_openapi = app.openapi
 
     def openapi() -> dict[str, Any]:

@@ -1,0 +1,139 @@
+"""The web console in a real browser: Debian's Chromium driven by Playwright against the real
+stack (tiny models). Screenshots go to $LOOMIS_CONSOLE_SCREENSHOTS when set (the README's
+come from there), else to the test's temporary folder."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+from tests.conftest import RunningStack
+from tests.test_compat_openai import picture, png
+
+pytestmark = pytest.mark.parametrize("stack", ["sqlite"], indirect=True)
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield launched
+        launched.close()
+
+
+def shots(tmp_path: Path) -> Path:
+    folder = Path(os.environ.get("LOOMIS_CONSOLE_SCREENSHOTS") or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def signed_in(browser: Browser, stack: RunningStack, width: int = 1280, height: int = 800) -> Page:
+    page = browser.new_page(viewport={"width": width, "height": height})
+    page.goto(f"{stack.url}/")
+    expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+    page.get_by_label("API key").fill("lmk_wrong")
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.locator('.error[data-field="key"]')).not_to_be_empty()
+    page.get_by_label("API key").fill(stack.keys["alice"])
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.get_by_role("heading", name="Generate")).to_be_visible()
+    return page
+
+
+def test_sign_in_generate_with_live_progress_and_sign_out(
+        stack: RunningStack, browser: Browser, tmp_path: Path) -> None:
+    folder = shots(tmp_path)
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    page.goto(f"{stack.url}/")
+    page.screenshot(path=str(folder / "sign-in.png"))
+    page.close()
+    page = signed_in(browser, stack)
+    page.get_by_label("Prompt", exact=True).fill("a red fox in snow")
+    page.get_by_label("Model", exact=True).select_option("tiny-sd15")
+    page.get_by_label("Width").fill("64")
+    page.get_by_label("Height").fill("64")
+    page.get_by_label("Steps").fill("12")
+    page.locator("#seed").fill("42")
+    page.get_by_role("button", name="Generate").click()
+    image = page.locator("#results img").first
+    expect(image).to_be_visible(timeout=120_000)
+    progress = page.locator("#progress")
+    assert int(progress.get_attribute("data-updates") or 0) >= 2  # it moved, step by step
+    assert page.evaluate("document.querySelector('#progress').value") == 1
+    page.wait_for_function("document.querySelector('#results img').naturalWidth === 64")
+    page.screenshot(path=str(folder / "generate.png"), full_page=True)
+    # "use again" puts the parameters back in the form
+    page.get_by_role("button", name="Use again").first.click()
+    expect(page.get_by_label("Prompt", exact=True)).to_have_value("a red fox in snow")
+    expect(page.locator("#seed")).to_have_value("42")
+    page.get_by_role("link", name="Jobs").click()
+    expect(page.get_by_role("heading", name="Jobs")).to_be_visible()
+    expect(page.locator("#job-rows tr").first).to_contain_text("generation")
+    page.screenshot(path=str(folder / "jobs.png"))
+    page.locator("#job-rows a").first.click()
+    expect(page.locator("#job-status")).to_have_text("succeeded")
+    page.screenshot(path=str(folder / "job.png"), full_page=True)
+    page.get_by_role("button", name="Sign out").click()
+    expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+    assert page.evaluate("localStorage.getItem('loomis.key')") is None
+
+
+def test_a_drawn_mask_inpaints_and_keeps_every_unmasked_pixel(
+        stack: RunningStack, browser: Browser, tmp_path: Path) -> None:
+    source = tmp_path / "photo.png"
+    source.write_bytes(png(picture()))
+    page = signed_in(browser, stack)
+    page.get_by_label("Prompt", exact=True).fill("a window")
+    page.get_by_label("Model", exact=True).select_option("tiny-sd15")
+    page.get_by_label("Mode", exact=True).select_option("inpaint")
+    page.get_by_label("Init image", exact=True).set_input_files(str(source))
+    page.wait_for_function("document.querySelector('#init-canvas').width === 64")
+    page.get_by_label("Steps").fill("4")
+    box = page.locator("#mask-canvas").bounding_box()
+    assert box is not None
+    page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.3)
+    page.mouse.down()
+    for step in range(10):
+        page.mouse.move(box["x"] + box["width"] * (0.3 + 0.04 * step),
+                        box["y"] + box["height"] * (0.3 + 0.04 * step))
+    page.mouse.up()
+    masked = np.array(page.evaluate("""() => {
+        const c = document.querySelector('#mask-canvas');
+        return Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data)
+            .filter((_, i) => i % 4 === 3); }""")).reshape(64, 64) > 0
+    assert masked.any() and not masked.all()
+    page.screenshot(path=str(shots(tmp_path) / "inpaint-mask.png"), full_page=True)
+    page.get_by_role("button", name="Generate").click()
+    image = page.locator("#results img").first
+    expect(image).to_be_visible(timeout=120_000)
+    result = np.asarray(Image.open(io.BytesIO(httpx.get(image.get_attribute("src") or "")
+                                              .content)).convert("RGB")).astype(int)
+    original = np.asarray(picture()).astype(int)
+    assert np.array_equal(result[~masked], original[~masked])
+    assert (np.abs(result[masked] - original[masked]).sum(axis=1) > 0).any()
+
+
+def test_a_bad_value_shows_the_apis_error_next_to_its_field(
+        stack: RunningStack, browser: Browser) -> None:
+    page = signed_in(browser, stack, width=390, height=844)  # a phone's width
+    page.get_by_label("Prompt", exact=True).fill("x")
+    page.get_by_label("Model", exact=True).select_option("tiny-sd15")
+    page.get_by_label("Steps").fill("9999")
+    page.get_by_role("button", name="Generate").click()
+    error = page.locator('.error[data-field="steps"]')
+    expect(error).to_contain_text("500")
+    # keyboard only: Tab walks the labelled fields in order
+    page.locator("#prompt").focus()
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "negative_prompt"
