@@ -137,3 +137,52 @@ def test_a_bad_value_shows_the_apis_error_next_to_its_field(
     page.locator("#prompt").focus()
     page.keyboard.press("Tab")
     assert page.evaluate("document.activeElement.id") == "negative_prompt"
+
+
+def test_dataset_zip_caption_edit_training_chart_and_a_scene(
+        stack: RunningStack, browser: Browser, tmp_path: Path) -> None:
+    from tests.test_scenes_e2e import catalog
+    from tests.test_trainings_e2e import training_zip
+
+    folder = shots(tmp_path)
+    archive = tmp_path / "dogs.zip"
+    archive.write_bytes(training_zip())
+    page = signed_in(browser, stack)
+    page.get_by_role("link", name="Datasets").click()
+    expect(page.get_by_role("heading", name="Datasets")).to_be_visible()
+    page.get_by_label("Name").fill("console-dogs")
+    page.get_by_label("Training size (min side)").fill("64")
+    page.locator("#dataset-files").set_input_files(str(archive))
+    page.get_by_role("button", name="Upload").click()
+    expect(page.get_by_role("heading", name="Dataset console-dogs")).to_be_visible()
+    dataset_id = page.url.rsplit("/", 1)[-1]
+    caption = page.locator("[data-edit=caption]").first
+    caption.fill("a brown dog on grass")
+    caption.press("Tab")
+    expect(caption).to_have_attribute("data-saved", "yes")
+    page.screenshot(path=str(folder / "dataset.png"), full_page=True)
+    with stack.client() as client:
+        items = client.get(f"/v1/datasets/{dataset_id}/items").json()["items"]
+        assert "a brown dog on grass" in {item["caption"] for item in items}
+    # a tiny training from the form: the chart gets points, a sample appears
+    page.get_by_role("link", name="Training").click()
+    page.get_by_label("Dataset").select_option(dataset_id)
+    page.get_by_label("Base model").select_option("tiny-sd15")
+    for label, value in (("Resolution", "64"), ("Min bucket", "64"), ("Rank", "4"),
+                         ("Alpha", "4"), ("Learning rate", "0.005"), ("Steps", "4")):
+        page.get_by_label(label, exact=True).fill(value)
+    page.get_by_role("button", name="Train").click()
+    expect(page.locator("#job-status")).to_have_text("succeeded", timeout=180_000)
+    assert int(page.locator("#chart").get_attribute("data-points") or 0) == 4
+    expect(page.locator("#samples img").first).to_be_visible()
+    page.screenshot(path=str(folder / "training.png"), full_page=True)
+    # compose a scene from the catalog
+    with stack.client() as client:
+        ids = catalog(client, "-console")
+    page.get_by_role("link", name="Scenes").click()
+    page.get_by_label("Place").select_option(ids["place"])
+    page.get_by_label("Action", exact=True).select_option(ids["action"])
+    page.get_by_label("Steps").fill("3")
+    page.get_by_role("button", name="Compose").click()
+    expect(page.locator("#results img").first).to_be_visible(timeout=180_000)
+    page.screenshot(path=str(folder / "scenes.png"), full_page=True)

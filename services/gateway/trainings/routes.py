@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Response
+from pydantic import BaseModel, Field
+from sqlalchemy import select
 
+from services.gateway.db.models import Job
 from services.gateway.deps import SessionDep, StateDep, TenantDep
 from services.gateway.jobs.idempotency import IdempotencyKeyDep
 from services.gateway.jobs.schemas import JobOut
@@ -12,6 +15,9 @@ from services.gateway.problems import PROBLEM_RESPONSES
 from services.gateway.trainings.plan import plan_training, training_metrics
 from services.gateway.trainings.schemas import TrainingMetrics, TrainingPlan, TrainingRequest
 from services.gateway.trainings.service import submit_training
+from shared.errors import NotFound
+from shared.keys import training_prefix, training_state_step
+from shared.specs import JobKind
 
 router = APIRouter(prefix="/v1/trainings", tags=["trainings"], responses=PROBLEM_RESPONSES)
 
@@ -53,3 +59,38 @@ async def metrics(job_id: str, session: SessionDep, tenant: TenantDep,
     curve from; the finished job also has it as `metrics` (JSON) and `loss_curve` (PNG)
     artifacts."""
     return await training_metrics(session=session, state=state, tenant=tenant, job_id=job_id)
+
+
+class TrainingFile(BaseModel):
+    step: int = Field(description="The step it was made at.")
+    index: int | None = Field(default=None, description="A sample's prompt line, from 0.")
+    url: str = Field(description="Presigned download URL.")
+
+
+class TrainingFiles(BaseModel):
+    samples: list[TrainingFile] = Field(description="Sample images so far, by step.")
+    checkpoints: list[TrainingFile] = Field(description="The LoRA as it was at each saved step.")
+
+
+@router.get("/{job_id}/files", response_model=TrainingFiles,
+            summary="A training's sample images and checkpoints so far")
+async def files(job_id: str, session: SessionDep, tenant: TenantDep,
+                state: StateDep) -> TrainingFiles:
+    """Download links for what a run has made while it runs (`sample` events name the same
+    images by storage key): every sample and checkpoint, step by step."""
+    known = await session.scalar(select(Job.id).where(
+        Job.id == job_id, Job.tenant_id == tenant.id, Job.kind == JobKind.TRAINING.value))
+    if known is None:
+        raise NotFound(f"training job {job_id} not found", code="job_not_found")
+    prefix = training_prefix(tenant.id, job_id)
+    samples, checkpoints = [], []
+    for key in sorted(await state.store.list(prefix)):
+        name = key.rsplit("/", 1)[-1]
+        if key.startswith(f"{prefix}samples/") and name.startswith("step-"):
+            step, _, index = name.removeprefix("step-").removesuffix(".png").partition("-")
+            samples.append(TrainingFile(step=int(step), index=int(index or 0),
+                                        url=state.store.presign_get(key)))
+        elif key.startswith(f"{prefix}checkpoints/"):
+            checkpoints.append(TrainingFile(step=training_state_step(key),
+                                            url=state.store.presign_get(key)))
+    return TrainingFiles(samples=samples, checkpoints=checkpoints)

@@ -110,9 +110,10 @@ function signInView() {
 let models = null;
 let lastSeed = null;
 
-function field(name, label, input, { wide = false, hint = "" } = {}) {
+// A labelled input; ``name`` is the API's field (where its errors show), ``id`` the input's.
+function field(name, label, input, { wide = false, hint = "", id = null } = {}) {
   return `<div class="field${wide ? " wide" : ""}">
-    <label for="${name}">${label}</label>${input}
+    <label for="${id || name}">${label}</label>${input}
     ${hint ? `<span class="muted">${hint}</span>` : ""}
     <span class="error" data-field="${name}"></span></div>`;
 }
@@ -401,6 +402,392 @@ async function jobView(jobId) {
   });
 }
 
+
+// --- datasets ----------------------------------------------------------------------------
+
+async function datasetsView() {
+  signOut.hidden = false;
+  const page = await api("/v1/datasets");
+  view.innerHTML = `
+    <h1>Datasets</h1>
+    <form id="dataset-upload" class="grid" novalidate>
+      ${field("name", "Name", `<input id="name" name="name" required>`)}
+      ${field("min_side", "Training size (min side)", `<input id="min_side" name="min_side" type="number" value="512">`)}
+      <div class="field wide">
+        <label for="dataset-files">Images, caption files or a zip (kohya layout)</label>
+        <div id="drop" class="card" tabindex="0">Drop a folder or a zip here, or pick files:
+          <input id="dataset-files" type="file" multiple accept="image/*,.zip,.txt,.caption,.toml,.json">
+          <label><input id="as-folder" type="checkbox"> pick a folder</label></div>
+        <span class="error" data-field="files"></span><span class="error" data-field="zip"></span>
+      </div>
+      <div class="field"><button type="submit">Upload</button></div>
+    </form>
+    <table><thead><tr><th>Dataset</th><th>Images</th><th>Created</th></tr></thead><tbody>
+      ${page.items.map((d) => `<tr><td><a href="#/datasets/${esc(d.id)}">${esc(d.name)}</a></td>
+        <td>${esc(d.report.totals.images)}</td><td>${esc(d.created_at)}</td></tr>`).join("")}
+    </tbody></table>`;
+  const form = view.querySelector("form");
+  const input = view.querySelector("#dataset-files");
+  let dropped = [];
+  view.querySelector("#as-folder").addEventListener("change", (e) => {
+    input.webkitdirectory = e.target.checked;
+  });
+  const drop = view.querySelector("#drop");
+  drop.addEventListener("dragover", (e) => { e.preventDefault(); });
+  drop.addEventListener("drop", async (e) => {
+    e.preventDefault();
+    dropped = await droppedFiles(e.dataTransfer);
+    drop.firstChild.textContent = `${dropped.length} file(s) ready. `;
+  });
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const body = new FormData();
+    body.set("name", form.name.value);
+    body.set("min_side", form.min_side.value);
+    const files = dropped.length ? dropped : [...input.files].map((f) => [f.webkitRelativePath || f.name, f]);
+    for (const [path, file] of files) {
+      body.append(path.toLowerCase().endsWith(".zip") ? "zip" : "files", file, path);
+    }
+    try {
+      const dataset = await api("/v1/datasets", { method: "POST", body });
+      location.hash = `#/datasets/${dataset.id}`;
+    } catch (error) {
+      if (error instanceof ApiError) showProblem(error.problem, form); else throw error;
+    }
+  });
+}
+
+// A dropped folder's files with their paths inside it (kohya folder names carry meaning).
+async function droppedFiles(transfer) {
+  const out = [];
+  const walk = async (entry, prefix) => {
+    if (entry.isFile) {
+      const file = await new Promise((ok, bad) => entry.file(ok, bad));
+      out.push([prefix + file.name, file]);
+    } else if (entry.isDirectory) {
+      const reader = entry.createReader();
+      for (;;) {
+        const batch = await new Promise((ok, bad) => reader.readEntries(ok, bad));
+        if (!batch.length) break;
+        for (const child of batch) await walk(child, `${prefix}${entry.name}/`);
+      }
+    }
+  };
+  const entries = [...transfer.items].map((item) => item.webkitGetAsEntry && item.webkitGetAsEntry());
+  if (entries.every(Boolean)) for (const entry of entries) await walk(entry, "");
+  else for (const file of transfer.files) out.push([file.name, file]);
+  return out;
+}
+
+async function datasetView(datasetId) {
+  signOut.hidden = false;
+  const dataset = await api(`/v1/datasets/${datasetId}`);
+  const items = await api(`/v1/datasets/${datasetId}/items?limit=200`);
+  const report = dataset.report;
+  const top = Math.max(1, ...report.tags.map((t) => t.count));
+  view.innerHTML = `
+    <h1>Dataset ${esc(dataset.name)}</h1>
+    <p>${report.totals.images} images (${report.totals.train_images} training,
+      ${report.totals.reg_images} regularisation); captions ${report.captions.present} of
+      ${report.totals.images}; ${report.flagged} flagged.
+      <button type="button" class="secondary" id="export">Export (kohya zip)</button></p>
+    <h2>Subsets</h2><pre>${esc(JSON.stringify(report.subsets, null, 1))}</pre>
+    <h2>Aspect ratios</h2><p>${Object.entries(report.aspect_ratios).filter(([, n]) => n)
+      .map(([r, n]) => `${esc(r)}: ${n}`).join(" · ")}</p>
+    <h2>Tag frequency</h2>
+    <div aria-label="Tag frequency chart" id="tag-chart">${report.tags.map((t) =>
+      `<div class="row"><span style="width:10rem">${esc(t.tag)}</span>
+       <span style="background:var(--accent);height:.8rem;width:${Math.round(200 * t.count / top)}px"></span>
+       <span>${t.count}</span></div>`).join("") || "<p class='muted'>No tags yet.</p>"}</div>
+    <h2>Tag or caption the images</h2>
+    <form id="tagging" class="row">
+      <label><input type="checkbox" id="tag-caption" checked> captions</label>
+      <label><input type="checkbox" id="tag-tags" checked> tags</label>
+      <button type="submit">Start a tagging job</button><span id="tagging-status" class="muted"></span>
+    </form>
+    <h2>Images</h2>
+    <section class="results">${items.items.map((item) => `
+      <article class="card" data-item="${esc(item.id)}">
+        <img src="${esc(item.thumbnail_url)}" alt="${esc(item.path)}">
+        <p class="muted">${esc(item.path)} · ${item.width}×${item.height} ${esc(item.flags.join(" "))}</p>
+        <label for="caption-${esc(item.id)}">Caption</label>
+        <input id="caption-${esc(item.id)}" data-edit="caption" value="${esc(item.caption || "")}">
+        <label for="tags-${esc(item.id)}">Tags</label>
+        <input id="tags-${esc(item.id)}" data-edit="tags" value="${esc(item.tags.join(", "))}">
+        <span class="error" data-field="caption"></span><span class="error" data-field="tags"></span>
+      </article>`).join("")}</section>`;
+  for (const card of view.querySelectorAll("[data-item]")) {
+    for (const input of card.querySelectorAll("[data-edit]")) {
+      input.addEventListener("change", async () => {
+        const patch = input.dataset.edit === "caption" ? { caption: input.value }
+          : { tags: input.value.split(",").map((t) => t.trim()).filter(Boolean) };
+        try {
+          await api(`/v1/datasets/${datasetId}/items/${card.dataset.item}`, { method: "PATCH", json: patch });
+          input.dataset.saved = "yes";
+        } catch (error) {
+          if (error instanceof ApiError) showProblem(error.problem, card); else throw error;
+        }
+      });
+    }
+  }
+  view.querySelector("#tagging").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const status = view.querySelector("#tagging-status");
+    const job = await api("/v1/taggings", { method: "POST", json: {
+      dataset_id: datasetId, caption: view.querySelector("#tag-caption").checked ? {} : null,
+      tags: view.querySelector("#tag-tags").checked ? {} : null } });
+    status.textContent = `job ${job.id} queued`;
+    await followEvents(job.id, (e) => { status.textContent = `job ${job.id}: ${e.status}`; });
+    datasetView(datasetId);
+  });
+  view.querySelector("#export").addEventListener("click", async () => {
+    const response = await fetch(`/v1/datasets/${datasetId}/export`, { headers: { Authorization: `Bearer ${key()}` } });
+    const link = document.createElement("a");
+    link.href = URL.createObjectURL(await response.blob());
+    link.download = `${dataset.name}.zip`;
+    link.click();
+  });
+}
+
+// --- training ----------------------------------------------------------------------------
+
+async function trainingView() {
+  signOut.hidden = false;
+  const [datasets, loomisModels] = [await api("/v1/datasets"), models || await api("/v1/models")];
+  models = loomisModels;
+  view.innerHTML = `
+    <h1>Train a LoRA</h1>
+    <form id="training" class="grid" novalidate>
+      ${field("name", "LoRA name", `<input id="name" name="name" value="my-lora">`, { hint: "kohya: --output_name" })}
+      ${field("dataset_id", "Dataset", `<select id="dataset_id" name="dataset_id">${datasets.items.map((d) =>
+        `<option value="${esc(d.id)}">${esc(d.name)}</option>`).join("")}</select>`, { hint: "kohya: --train_data_dir" })}
+      ${field("base_model", "Base model", `<select id="base_model" name="base_model">${models.items
+        .filter((m) => m.family === "sd15").map((m) => `<option>${esc(m.name)}</option>`).join("")}</select>`,
+        { hint: "kohya: --pretrained_model_name_or_path" })}
+      ${field("data.resolution", "Resolution", `<input id="resolution" type="number" value="512">`, { hint: "kohya: --resolution" , id: "resolution" })}
+      ${field("data.min_bucket_reso", "Min bucket", `<input id="min_bucket_reso" type="number" value="256">`, { hint: "kohya: --min_bucket_reso" , id: "min_bucket_reso" })}
+      ${field("network.rank", "Rank", `<input id="rank" type="number" value="16">`, { hint: "kohya: --network_dim" , id: "rank" })}
+      ${field("network.alpha", "Alpha", `<input id="alpha" type="number" value="8">`, { hint: "kohya: --network_alpha" , id: "alpha" })}
+      ${field("optim.learning_rate", "Learning rate", `<input id="learning_rate" type="number" step="any" value="0.0001">`, { hint: "kohya: --learning_rate" , id: "learning_rate" })}
+      ${field("optim.max_train_steps", "Steps", `<input id="max_train_steps" type="number" value="1600">`, { hint: "kohya: --max_train_steps" , id: "max_train_steps" })}
+      ${field("samples.prompts", "Sample prompt", `<input id="sample_prompt" value="a photo of sks dog --w 64 --h 64 --s 2">`, { hint: "kohya: --sample_prompts" , id: "sample_prompt" })}
+      ${field("samples.every_n_steps", "Sample every", `<input id="sample_every" type="number" value="2">`, { hint: "kohya: --sample_every_n_steps" , id: "sample_every" })}
+      ${field("save.every_n_steps", "Checkpoint every", `<input id="save_every" type="number" value="2">`, { hint: "kohya: --save_every_n_steps" , id: "save_every" })}
+      <div class="field"><button type="submit">Train</button></div>
+    </form>`;
+  const form = view.querySelector("form");
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const n = (id) => Number(view.querySelector(`#${id}`).value);
+    const spec = {
+      name: form.name.value, dataset_id: form.dataset_id.value, base_model: form.base_model.value,
+      data: { resolution: n("resolution"), min_bucket_reso: n("min_bucket_reso"), batch_size: 1 },
+      network: { rank: n("rank"), alpha: n("alpha") },
+      optim: { learning_rate: n("learning_rate"), max_train_steps: n("max_train_steps") },
+      samples: { prompts: view.querySelector("#sample_prompt").value, every_n_steps: n("sample_every") },
+      save: { every_n_steps: n("save_every") },
+    };
+    try {
+      const job = await api("/v1/trainings", { method: "POST", json: spec });
+      location.hash = `#/trainings/${job.id}`;
+    } catch (error) {
+      if (error instanceof ApiError) showProblem(error.problem, form); else throw error;
+    }
+  });
+}
+
+// Loss and learning rate per step, drawn as two SVG polylines.
+function chart(steps) {
+  const width = 480, height = 160;
+  const line = (values, colour, label) => {
+    const finite = values.filter((v) => v !== null && Number.isFinite(v));
+    if (!finite.length) return "";
+    const lo = Math.min(...finite), hi = Math.max(...finite);
+    const points = steps.map((s, i) => {
+      const v = values[i];
+      if (v === null || !Number.isFinite(v)) return null;
+      const x = steps.length > 1 ? (i / (steps.length - 1)) * (width - 20) + 10 : width / 2;
+      const y = height - 10 - (hi > lo ? (v - lo) / (hi - lo) : 0.5) * (height - 20);
+      return `${x.toFixed(1)},${y.toFixed(1)}`;
+    }).filter(Boolean).join(" ");
+    return `<polyline fill="none" stroke="${colour}" stroke-width="2" points="${points}" data-series="${label}"/>`;
+  };
+  return `<svg id="chart" role="img" aria-label="Loss (blue) and learning rate (orange) per step"
+      viewBox="0 0 ${width} ${height}" width="100%" style="max-width:${width}px;background:#fff;border:1px solid var(--line)"
+      data-points="${steps.length}">
+      ${line(steps.map((s) => s.loss ?? s.avr_loss), "#2952cc", "loss")}
+      ${line(steps.map((s) => s.lr), "#d9822b", "lr")}</svg>`;
+}
+
+async function trainingJobView(jobId) {
+  signOut.hidden = false;
+  view.innerHTML = `<h1>Training ${esc(jobId.slice(0, 8))}</h1>
+    <p><strong id="job-status">…</strong> <span id="step" class="muted"></span></p>
+    <div class="row"><button type="button" id="cancel" hidden>Cancel</button>
+      <button type="button" class="secondary" id="resume" hidden>Resume</button></div>
+    <h2>Loss and learning rate</h2><div id="chart-box"></div>
+    <h2>Samples</h2><section class="results" id="samples"></section>
+    <h2>Checkpoints</h2><ul id="checkpoints"></ul>`;
+  const refresh = async () => {
+    const [job, metrics, made] = [await api(`/v1/jobs/${jobId}`),
+      await api(`/v1/trainings/${jobId}/metrics`), await api(`/v1/trainings/${jobId}/files`)];
+    view.querySelector("#job-status").textContent = job.status;
+    view.querySelector("#step").textContent = `step ${metrics.steps.length} of ${metrics.total_steps ?? "?"}`;
+    view.querySelector("#chart-box").innerHTML = chart(metrics.steps);
+    view.querySelector("#samples").innerHTML = made.samples.map((f) => `<article class="card">
+      <img src="${esc(f.url)}" alt="Sample ${f.index} at step ${f.step}"><p class="muted">step ${f.step}</p></article>`).join("");
+    view.querySelector("#checkpoints").innerHTML = made.checkpoints.map((f) =>
+      `<li><a href="${esc(f.url)}" download>step ${f.step}</a></li>`).join("");
+    view.querySelector("#cancel").hidden = !["queued", "running"].includes(job.status);
+    view.querySelector("#resume").hidden = job.status !== "canceled" && job.status !== "failed";
+    return job;
+  };
+  view.querySelector("#cancel").addEventListener("click", () => api(`/v1/jobs/${jobId}/cancel`, { method: "POST" }));
+  view.querySelector("#resume").addEventListener("click", async () => {
+    const job = await api(`/v1/jobs/${jobId}`);
+    const spec = { ...job.spec, resume_from: jobId };
+    for (const extra of ["images", "lora_id"]) delete spec[extra];
+    const resumed = await api("/v1/trainings", { method: "POST", json: spec });
+    location.hash = `#/trainings/${resumed.id}`;
+  });
+  for (;;) {
+    const job = await refresh();
+    if (!["queued", "running"].includes(job.status) || !location.hash.endsWith(jobId)) break;
+    await new Promise((ok) => setTimeout(ok, 1000));
+  }
+}
+
+// --- scenes ------------------------------------------------------------------------------
+
+async function scenesView() {
+  signOut.hidden = false;
+  const [places, actions, loras] = [await api("/v1/places"), await api("/v1/actions"), await api("/v1/loras")];
+  view.innerHTML = `
+    <h1>Scenes</h1>
+    <h2>Catalog</h2>
+    <section class="results">${places.items.map((p) => `<article class="card"><strong>${esc(p.name)}</strong>
+      <p class="muted">${esc(p.description)}</p></article>`).join("") || "<p class='muted'>No places yet (loomis scenes demo-catalog).</p>"}</section>
+    <p class="muted">Actions: ${actions.items.map((a) => `${esc(a.name)} (${Object.keys(a.shots).map(esc).join(", ")})`).join(" · ")}</p>
+    <h2>Compose</h2>
+    <form id="scene" class="grid" novalidate>
+      ${field("place", "Place", `<select id="place">${places.items.map((p) => `<option value="${esc(p.id)}">${esc(p.name)}</option>`).join("")}</select>`)}
+      ${field("image", "Background", `<select id="image"></select>`)}
+      ${field("action", "Action", `<select id="action"><option value="">describe it instead</option>${actions.items.map((a) =>
+        `<option value="${esc(a.id)}">${esc(a.name)}</option>`).join("")}</select>`)}
+      ${field("action_text", "Describe the action", `<input id="action_text" placeholder="greeting a friend">`)}
+      ${field("shot", "Shot", `<select id="shot"><option>close</option><option selected>medium</option><option>far</option></select>`)}
+      ${field("subject.gender", "Gender", `<select id="gender"><option>woman</option><option>man</option></select>`, { id: "gender" })}
+      ${field("subject.details", "Details", `<input id="details" placeholder="a red coat">`, { id: "details" })}
+      ${field("lora.id", "Face LoRA", `<select id="lora"><option value="">none</option>${loras.items.map((l) =>
+        `<option value="${esc(l.id)}">${esc(l.name)}</option>`).join("")}</select>`, { id: "lora" })}
+      ${field("model", "Model", `<input id="scene-model" value="tiny-sd15">`, { id: "scene-model" })}
+      ${field("steps", "Steps", `<input id="scene-steps" type="number" value="4">`, { id: "scene-steps" })}
+      <div class="field wide"><button type="submit">Compose</button>
+        <progress id="progress" max="1" value="0" aria-label="Progress"></progress>
+        <span id="status" class="muted" aria-live="polite"></span></div>
+    </form>
+    <section class="results" id="results" aria-label="Results"></section>`;
+  const form = view.querySelector("form");
+  const fillImages = async () => {
+    if (!form.place.value) return;
+    const images = await api(`/v1/places/${form.place.value}/images`);
+    form.image.innerHTML = images.items.map((i) => `<option value="${esc(i.id)}">${esc(i.name)}</option>`).join("");
+  };
+  form.place.addEventListener("change", fillImages);
+  await fillImages();
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    showBanner("");
+    form.querySelectorAll(".error").forEach((el) => { el.textContent = ""; });
+    const spec = { place: form.place.value, image: form.image.value, shot: form.shot.value,
+      subject: { gender: form.gender.value, details: form.details.value },
+      model: view.querySelector("#scene-model").value, steps: Number(view.querySelector("#scene-steps").value) };
+    if (form.action.value) spec.action = form.action.value; else spec.action_text = form.action_text.value;
+    if (form.lora.value) spec.lora = { id: form.lora.value };
+    let job;
+    try { job = await api("/v1/scenes", { method: "POST", json: spec }); } catch (error) {
+      if (error instanceof ApiError) { showProblem(error.problem, form); return; }
+      throw error;
+    }
+    const progress = view.querySelector("#progress");
+    await followEvents(job.id, (e) => {
+      if (e.data && typeof e.data.progress === "number") progress.value = e.data.progress;
+      view.querySelector("#status").textContent = `job ${job.id}: ${e.status}`;
+    });
+    const done = await api(`/v1/jobs/${job.id}`);
+    if (done.status !== "succeeded") { showBanner(`job ${done.id} ${done.status}`); return; }
+    view.querySelector("#results").innerHTML = done.artifacts.filter((a) => a.kind === "image")
+      .map((a) => `<article class="card"><img src="${esc(a.url)}" alt="Scene ${a.index}">
+        <p class="muted">${esc(done.result.prompt || "")}</p></article>`).join("");
+  });
+}
+
+// --- LoRAs and subjects ------------------------------------------------------------------
+
+async function lorasView() {
+  signOut.hidden = false;
+  const loras = await api("/v1/loras");
+  view.innerHTML = `<h1>LoRAs</h1>
+    <table><thead><tr><th>Name</th><th>Family</th><th>Rank</th><th>Source</th><th></th></tr></thead><tbody>
+    ${loras.items.map((l) => `<tr><td>${esc(l.name)}</td><td>${esc(l.family)}</td><td>${l.rank}</td>
+      <td>${esc(l.source)}</td><td><button type="button" class="secondary" data-delete="${esc(l.id)}">Delete</button></td></tr>`).join("")}
+    </tbody></table>`;
+  for (const button of view.querySelectorAll("[data-delete]")) {
+    button.addEventListener("click", async () => {
+      if (!confirm("Delete this LoRA? Workers drop it from their caches.")) return;
+      try { await api(`/v1/loras/${button.dataset.delete}`, { method: "DELETE" }); } catch (error) {
+        if (error instanceof ApiError) showBanner(error.problem.detail); else throw error;
+      }
+      lorasView();
+    });
+  }
+}
+
+async function subjectsView() {
+  signOut.hidden = false;
+  const subjects = await api("/v1/subjects");
+  view.innerHTML = `<h1>Subjects</h1>
+    <form id="subject" class="grid" novalidate>
+      ${field("name", "Name", `<input id="name" name="name">`)}
+      ${field("class_word", "Class word", `<input id="class_word" name="class_word" value="person">`)}
+      ${field("preset", "Preset", `<select id="preset" name="preset"><option>standard</option><option>quick</option></select>`)}
+      ${field("consent", "Consent", `<input id="consent" name="consent" placeholder="who consented, for what">`, { wide: true })}
+      ${field("photos", "Photos (3 to 50)", `<input id="photos" name="photos" type="file" multiple accept="image/*">`, { wide: true })}
+      <div class="field"><label><input type="checkbox" id="caption"> caption first</label>
+        <label><input type="checkbox" id="retain_photos"> keep the photos</label></div>
+      <div class="field"><button type="submit">Create</button></div>
+    </form>
+    <table><thead><tr><th>Subject</th><th>Status</th><th>Trigger</th><th></th></tr></thead><tbody>
+    ${subjects.items.map((s) => `<tr><td>${esc(s.name)}</td><td>${esc(s.status)}
+      ${s.stage ? `<progress max="1" value="${s.progress}" aria-label="${esc(s.stage.name)}"></progress>` : ""}</td>
+      <td>${esc(s.trigger_words.join(", "))}</td>
+      <td><button type="button" class="secondary" data-delete="${esc(s.id)}">Delete</button></td></tr>`).join("")}
+    </tbody></table>`;
+  const form = view.querySelector("form");
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const body = new FormData();
+    for (const name of ["name", "class_word", "preset", "consent"]) body.set(name, form[name].value);
+    body.set("caption", String(view.querySelector("#caption").checked));
+    body.set("retain_photos", String(view.querySelector("#retain_photos").checked));
+    for (const file of form.photos.files) body.append("photos", file, file.name);
+    try { await api("/v1/subjects", { method: "POST", body }); subjectsView(); } catch (error) {
+      if (error instanceof ApiError) showProblem(error.problem, form); else throw error;
+    }
+  });
+  for (const button of view.querySelectorAll("[data-delete]")) {
+    button.addEventListener("click", async () => {
+      const subject = await api(`/v1/subjects/${button.dataset.delete}`);
+      const lineage = subject.lineage;
+      const what = [`its photos and dataset`, `${lineage.jobs.length} tagging/training job(s)`,
+        `${lineage.loras.length} LoRA version(s)`, `${lineage.outputs_total} output(s) made with it`];
+      if (!confirm(`Delete ${subject.name}? This removes ${what.join(", ")}, everywhere.`)) return;
+      await api(`/v1/subjects/${subject.id}?outputs=true`, { method: "DELETE" });
+      subjectsView();
+    });
+  }
+}
+
 // --- routing -----------------------------------------------------------------------------
 
 signOut.addEventListener("click", () => {
@@ -416,6 +803,13 @@ async function route() {
     if (hash === "#/sign-in") signInView();
     else if (hash === "#/jobs") await jobsView();
     else if (hash.startsWith("#/jobs/")) await jobView(hash.slice("#/jobs/".length));
+    else if (hash === "#/datasets") await datasetsView();
+    else if (hash.startsWith("#/datasets/")) await datasetView(hash.slice("#/datasets/".length));
+    else if (hash === "#/training") await trainingView();
+    else if (hash.startsWith("#/trainings/")) await trainingJobView(hash.slice("#/trainings/".length));
+    else if (hash === "#/scenes") await scenesView();
+    else if (hash === "#/loras") await lorasView();
+    else if (hash === "#/subjects") await subjectsView();
     else await generateView();
   } catch (error) {
     showBanner(error instanceof ApiError ? (error.problem.detail || "request failed") : String(error));
