@@ -186,3 +186,64 @@ def test_dataset_zip_caption_edit_training_chart_and_a_scene(
     page.get_by_role("button", name="Compose").click()
     expect(page.locator("#results img").first).to_be_visible(timeout=180_000)
     page.screenshot(path=str(folder / "scenes.png"), full_page=True)
+
+
+def test_controlnet_preview_lora_picker_outpaint_and_a_sweep(
+        stack: RunningStack, browser: Browser, tmp_path: Path, model_cache: Path) -> None:
+    from tests.lora_files import make_lora
+
+    folder = shots(tmp_path)
+    with stack.client() as client:
+        upload = client.post("/v1/loras", data={"base_model": "tiny-sd15", "name": "console-style"},
+                             files={"file": ("c.safetensors", make_lora("sd15", cache_dir=model_cache,
+                                                                         seed=44),
+                                             "application/octet-stream")})
+        assert upload.status_code == 201, upload.text
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(png(picture()))
+    page = signed_in(browser, stack)
+    page.get_by_label("Prompt", exact=True).fill("a house")
+    page.get_by_label("Model", exact=True).select_option("tiny-sd15")
+    page.get_by_label("Width").fill("64")
+    page.get_by_label("Height").fill("64")
+    page.get_by_label("Steps").fill("3")
+    page.get_by_role("button", name="Add a unit").click()
+    page.get_by_label("Type").select_option("canny")
+    page.get_by_label("Image", exact=True).set_input_files(str(photo))
+    page.get_by_role("button", name="Preview").click()
+    expect(page.get_by_alt_text("Control image preview")).to_be_visible(timeout=60_000)
+    page.get_by_role("button", name="Add a LoRA").click()
+    page.get_by_label("LoRA", exact=True).select_option(label="console-style (sd15)")
+    page.get_by_label("Weight").fill("0.7")
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("#results img").first).to_be_visible(timeout=120_000)
+    page.screenshot(path=str(folder / "generate-controls.png"), full_page=True)
+    with stack.client() as client:
+        job = client.get("/v1/jobs", params={"kind": "generation", "limit": 1}).json()["items"][0]
+        assert job["spec"]["controls"][0]["type"] == "canny"
+        assert job["spec"]["loras"] == [{"id": upload.json()["id"], "weight": 0.7}]
+    # outpaint: the canvas grows by what is added
+    page.reload()
+    page.get_by_label("Prompt", exact=True).fill("more sky")
+    page.get_by_label("Model", exact=True).select_option("tiny-sd15")
+    page.get_by_label("Mode", exact=True).select_option("outpaint")
+    page.get_by_label("Init image", exact=True).set_input_files(str(photo))
+    page.wait_for_function("document.querySelector('#init-canvas').width === 64")
+    page.get_by_label("left").fill("16")
+    page.get_by_label("Steps").fill("3")
+    page.get_by_role("button", name="Generate").click()
+    result = page.locator("#results img").first
+    expect(result).to_be_visible(timeout=120_000)
+    page.wait_for_function("document.querySelector('#results img').naturalWidth === 80")
+    # a sweep over guidance: the contact sheet and its cells
+    page.get_by_role("link", name="Sweeps").click()
+    expect(page.get_by_role("heading", name="Sweep")).to_be_visible()
+    page.get_by_label("Prompt").fill("a boat")
+    page.get_by_label("Model").select_option("tiny-sd15")
+    page.get_by_label("Steps").fill("2")
+    page.get_by_label("Axis 1", exact=True).select_option("guidance_scale")
+    page.get_by_label("Axis 1 values (comma-separated)").fill("2, 7")
+    page.get_by_role("button", name="Sweep").click()
+    expect(page.get_by_alt_text("Contact sheet")).to_be_visible(timeout=120_000)
+    assert page.locator("[data-cell]").count() == 2
+    page.screenshot(path=str(folder / "sweep.png"), full_page=True)

@@ -130,7 +130,7 @@ async function generateView(prefill = {}) {
       ${field("model", "Model", `<select id="model" name="model">${options}</select>`)}
       ${field("mode", "Mode", `<select id="mode" name="mode">
           <option value="txt2img">txt2img</option><option value="img2img">img2img</option>
-          <option value="inpaint">inpaint</option></select>`)}
+          <option value="inpaint">inpaint</option><option value="outpaint">outpaint</option></select>`)}
       ${field("width", "Width", `<input id="width" name="width" type="number" step="8">`)}
       ${field("height", "Height", `<input id="height" name="height" type="number" step="8">`)}
       ${field("steps", "Steps", `<input id="steps" name="steps" type="number" min="1">`)}
@@ -156,6 +156,20 @@ async function generateView(prefill = {}) {
         </div>
         <span class="error" data-field="mask"></span>
       </div>
+      <div class="field wide" id="outpaint-block" hidden>
+        <span class="row">Add pixels (multiples of 8):
+          ${["left", "right", "top", "bottom"].map((side) => `<label for="pad-${side}">${side}</label>
+            <input id="pad-${side}" type="number" min="0" step="8" value="0" style="width:6rem">`).join("")}</span>
+        <span class="error" data-field="outpaint"></span>
+      </div>
+      <fieldset class="field wide"><legend>ControlNet units</legend>
+        <div id="units"></div>
+        <button type="button" class="secondary" id="add-unit">Add a unit</button>
+      </fieldset>
+      <fieldset class="field wide"><legend>LoRAs</legend>
+        <div id="lora-rows"></div>
+        <button type="button" class="secondary" id="add-lora">Add a LoRA</button>
+      </fieldset>
       <div class="field wide"><button type="submit" id="submit">Generate</button>
         <progress id="progress" max="1" value="0" aria-label="Progress"></progress>
         <span id="status" class="muted" aria-live="polite"></span></div>
@@ -182,6 +196,7 @@ async function generateView(prefill = {}) {
   const maskTools = view.querySelector("#mask-tools");
   const maskCanvas = view.querySelector("#mask-canvas");
   const syncMode = () => {
+    view.querySelector("#outpaint-block").hidden = form.mode.value !== "outpaint";
     initBlock.hidden = form.mode.value === "txt2img";
     maskTools.hidden = form.mode.value !== "inpaint";
     maskCanvas.hidden = form.mode.value !== "inpaint";
@@ -190,9 +205,91 @@ async function generateView(prefill = {}) {
   syncMode();
   setupCanvas(form);
   if (prefill.initUrl) loadInit(prefill.initUrl);
+  const model = () => models.items.find((m) => m.name === form.model.value) || models.items[0];
+  view.querySelector("#add-unit").addEventListener("click", () => addUnit(model()));
+  const loras = await api("/v1/loras");
+  view.querySelector("#add-lora").addEventListener("click", () => addLora(loras.items));
   view.querySelector("#seed-random").addEventListener("click", () => { form.seed.value = ""; });
   view.querySelector("#seed-reuse").addEventListener("click", () => { if (lastSeed !== null) form.seed.value = lastSeed; });
   form.addEventListener("submit", (event) => { event.preventDefault(); submitGeneration(form); });
+}
+
+
+let unitCount = 0;
+
+// A ControlNet unit: its type, image, strength and span; "Preview" shows the control image
+// the preprocessor makes (POST /v1/control/preprocess) before anything is generated.
+function addUnit(model) {
+  const n = unitCount++;
+  const index = view.querySelectorAll("[data-unit]").length;
+  const row = document.createElement("div");
+  row.className = "row card";
+  row.dataset.unit = String(n);
+  row.innerHTML = `
+    <label for="unit-type-${n}">Type</label><select id="unit-type-${n}">${model.controlnets
+      .map((c) => `<option>${esc(c)}</option>`).join("") || "<option disabled>none for this model</option>"}</select>
+    <label for="unit-image-${n}">Image</label><input id="unit-image-${n}" type="file" accept="image/*">
+    <label><input type="checkbox" id="unit-pre-${n}" checked> preprocess</label>
+    <label for="unit-scale-${n}">Scale</label><input id="unit-scale-${n}" type="number" step="0.1" value="1" style="width:5rem">
+    <label for="unit-start-${n}">Start</label><input id="unit-start-${n}" type="number" step="0.1" value="0" style="width:5rem">
+    <label for="unit-end-${n}">End</label><input id="unit-end-${n}" type="number" step="0.1" value="1" style="width:5rem">
+    <button type="button" class="secondary" data-preview>Preview</button>
+    <button type="button" class="secondary" data-remove>Remove</button>
+    <img alt="Control image preview" data-preview-image hidden style="max-width:160px">
+    <span class="error" data-field="controls.${index}.image"></span>
+    <span class="error" data-field="controls.${index}.type"></span>`;
+  row.querySelector("[data-remove]").addEventListener("click", () => row.remove());
+  row.querySelector("[data-preview]").addEventListener("click", async () => {
+    const image = await fileDataUrl(row.querySelector(`#unit-image-${n}`));
+    if (!image) return;
+    const response = await fetch("/v1/control/preprocess", { method: "POST",
+      headers: { Authorization: `Bearer ${key()}`, "Content-Type": "application/json" },
+      body: JSON.stringify({ type: row.querySelector(`#unit-type-${n}`).value, image }) });
+    if (!response.ok) { showProblem(await response.json(), row); return; }
+    const preview = row.querySelector("[data-preview-image]");
+    preview.src = URL.createObjectURL(await response.blob());
+    preview.hidden = false;
+  });
+  view.querySelector("#units").append(row);
+}
+
+async function fileDataUrl(input) {
+  const file = input.files[0];
+  if (!file) return null;
+  return await new Promise((ok) => {
+    const reader = new FileReader();
+    reader.onload = () => ok(reader.result);
+    reader.readAsDataURL(file);
+  });
+}
+
+async function unitSpecs() {
+  const out = [];
+  for (const row of view.querySelectorAll("[data-unit]")) {
+    const n = row.dataset.unit;
+    out.push({ type: row.querySelector(`#unit-type-${n}`).value,
+      image: await fileDataUrl(row.querySelector(`#unit-image-${n}`)),
+      preprocess: row.querySelector(`#unit-pre-${n}`).checked,
+      scale: Number(row.querySelector(`#unit-scale-${n}`).value),
+      start: Number(row.querySelector(`#unit-start-${n}`).value),
+      end: Number(row.querySelector(`#unit-end-${n}`).value) });
+  }
+  return out;
+}
+
+function addLora(library) {
+  const n = unitCount++;
+  const index = view.querySelectorAll("[data-lora]").length;
+  const row = document.createElement("div");
+  row.className = "row";
+  row.dataset.lora = String(n);
+  row.innerHTML = `<label for="lora-${n}">LoRA</label><select id="lora-${n}">${library.map((l) =>
+      `<option value="${esc(l.id)}">${esc(l.name)} (${esc(l.family)})</option>`).join("")}</select>
+    <label for="lora-weight-${n}">Weight</label><input id="lora-weight-${n}" type="number" step="0.1" value="1" style="width:5rem">
+    <button type="button" class="secondary" data-remove>Remove</button>
+    <span class="error" data-field="loras.${index}.id"></span>`;
+  row.querySelector("[data-remove]").addEventListener("click", () => row.remove());
+  view.querySelector("#lora-rows").append(row);
 }
 
 let hasInit = false;
@@ -280,6 +377,15 @@ async function submitGeneration(form) {
   if (spec.mode === "inpaint") {
     spec.mask = { image: maskDataUrl(), feather: Number(view.querySelector("#feather").value) || 0 };
   }
+  if (spec.mode === "outpaint") {
+    spec.outpaint = Object.fromEntries(["left", "right", "top", "bottom"].map((side) =>
+      [side, Number(view.querySelector(`#pad-${side}`).value) || 0]));
+    delete spec.width;  // the canvas is the image plus the added pixels
+    delete spec.height;
+  }
+  spec.controls = await unitSpecs();
+  spec.loras = [...view.querySelectorAll("[data-lora]")].map((row) => ({
+    id: row.querySelector("select").value, weight: Number(row.querySelector("input").value) }));
   for (const name of Object.keys(spec)) if (spec[name] === null) delete spec[name];
   const progress = view.querySelector("#progress");
   const status = view.querySelector("#status");
@@ -392,9 +498,21 @@ async function jobView(jobId) {
     <section class="results">${job.artifacts.filter((a) => a.kind === "image").map((a) =>
       `<article class="card"><img src="${esc(a.url)}" alt="Image ${a.index}"></article>`).join("")}</section>
     <h2>Spec</h2><pre>${esc(JSON.stringify(job.spec, null, 2))}</pre>
+    <h2>Webhook deliveries</h2><ul id="deliveries"></ul>
     <h2>Events</h2><ol>${events.map((e) =>
       `<li>${esc(e.at)} — ${esc(e.type)}${e.data && typeof e.data.progress === "number"
         ? ` (${Math.round(e.data.progress * 100)}%)` : ""}</li>`).join("")}</ol>`;
+  const deliveries = await api(`/v1/jobs/${jobId}/deliveries`);
+  view.querySelector("#deliveries").innerHTML = deliveries.items.map((d) =>
+    `<li>${esc(d.event_type)} → ${esc(d.url)}: ${esc(d.status)} (${d.attempts.length} attempt(s))
+      <button type="button" class="secondary" data-redeliver="${esc(d.id)}">Redeliver</button></li>`).join("")
+    || "<li class='muted'>none</li>";
+  for (const button of view.querySelectorAll("[data-redeliver]")) {
+    button.addEventListener("click", async () => {
+      await api(`/v1/jobs/${jobId}/deliveries/${button.dataset.redeliver}/redeliver`, { method: "POST" });
+      jobView(jobId);
+    });
+  }
   const cancel = view.querySelector("#cancel");
   if (cancel) cancel.addEventListener("click", async () => {
     await api(`/v1/jobs/${jobId}/cancel`, { method: "POST" });
@@ -674,7 +792,9 @@ async function scenesView() {
       ${field("image", "Background", `<select id="image"></select>`)}
       ${field("action", "Action", `<select id="action"><option value="">describe it instead</option>${actions.items.map((a) =>
         `<option value="${esc(a.id)}">${esc(a.name)}</option>`).join("")}</select>`)}
-      ${field("action_text", "Describe the action", `<input id="action_text" placeholder="greeting a friend">`)}
+      ${field("action_text", "Describe the action", `<div class="row"><input id="action_text" placeholder="greeting a friend">
+        <button type="button" class="secondary" id="rank">Rank actions</button></div>`)}
+      <ol id="ranking" class="field wide" aria-label="Actions by meaning"></ol>
       ${field("shot", "Shot", `<select id="shot"><option>close</option><option selected>medium</option><option>far</option></select>`)}
       ${field("subject.gender", "Gender", `<select id="gender"><option>woman</option><option>man</option></select>`, { id: "gender" })}
       ${field("subject.details", "Details", `<input id="details" placeholder="a red coat">`, { id: "details" })}
@@ -693,6 +813,16 @@ async function scenesView() {
     const images = await api(`/v1/places/${form.place.value}/images`);
     form.image.innerHTML = images.items.map((i) => `<option value="${esc(i.id)}">${esc(i.name)}</option>`).join("");
   };
+  view.querySelector("#rank").addEventListener("click", async () => {
+    try {
+      const match = await api("/v1/actions/match", { method: "POST", json: {
+        text: form.action_text.value, shot: form.shot.value } });
+      view.querySelector("#ranking").innerHTML = match.scores.map((a) =>
+        `<li>${esc(a.name)}: ${a.score.toFixed(3)}</li>`).join("");
+    } catch (error) {
+      if (error instanceof ApiError) showProblem(error.problem, form); else throw error;
+    }
+  });
   form.place.addEventListener("change", fillImages);
   await fillImages();
   form.addEventListener("submit", async (event) => {
@@ -775,6 +905,9 @@ async function subjectsView() {
       if (error instanceof ApiError) showProblem(error.problem, form); else throw error;
     }
   });
+  if (subjects.items.some((s) => s.stage) && location.hash === "#/subjects") {
+    setTimeout(() => { if (location.hash === "#/subjects") subjectsView(); }, 2000);
+  }
   for (const button of view.querySelectorAll("[data-delete]")) {
     button.addEventListener("click", async () => {
       const subject = await api(`/v1/subjects/${button.dataset.delete}`);
@@ -786,6 +919,62 @@ async function subjectsView() {
       subjectsView();
     });
   }
+}
+
+// --- sweeps ------------------------------------------------------------------------------
+
+async function sweepsView() {
+  signOut.hidden = false;
+  models = models || await api("/v1/models");
+  const params = ["guidance_scale", "steps", "seed", "scheduler", "strength", "prompt", "negative_prompt"];
+  const axis = (n) => `
+    ${field(`axes.${n}.param`, `Axis ${n + 1}`, `<select id="axis-${n}">${n ? "<option value=''>none</option>" : ""}${params
+      .map((p) => `<option>${p}</option>`).join("")}</select>`, { id: `axis-${n}` })}
+    ${field(`axes.${n}.values`, `Axis ${n + 1} values (comma-separated)`, `<input id="values-${n}">`, { id: `values-${n}` })}`;
+  view.innerHTML = `
+    <h1>Sweep</h1>
+    <form id="sweep" class="grid" novalidate>
+      ${field("base.prompt", "Prompt", `<textarea id="sweep-prompt" rows="2"></textarea>`, { wide: true, id: "sweep-prompt" })}
+      ${field("base.model", "Model", `<select id="sweep-model">${models.items.map((m) =>
+        `<option>${esc(m.name)}</option>`).join("")}</select>`, { id: "sweep-model" })}
+      ${field("base.steps", "Steps", `<input id="sweep-steps" type="number" value="4">`, { id: "sweep-steps" })}
+      ${field("base.seed", "Seed", `<input id="sweep-seed" type="number" value="1">`, { id: "sweep-seed" })}
+      ${axis(0)}${axis(1)}
+      <div class="field wide"><button type="submit">Sweep</button>
+        <progress id="progress" max="1" value="0" aria-label="Progress"></progress></div>
+    </form>
+    <section id="sheet"></section>`;
+  const form = view.querySelector("form");
+  form["sweep-model"].value = models.default_model;
+  const parse = (param, text) => text.split(",").map((v) => v.trim()).filter(Boolean)
+    .map((v) => ["scheduler", "prompt", "negative_prompt"].includes(param) ? v : Number(v));
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    showBanner("");
+    const axes = [0, 1].map((n) => ({ param: view.querySelector(`#axis-${n}`).value,
+      values: parse(view.querySelector(`#axis-${n}`).value, view.querySelector(`#values-${n}`).value) }))
+      .filter((a) => a.param);
+    const spec = { base: { prompt: view.querySelector("#sweep-prompt").value,
+      model: view.querySelector("#sweep-model").value, steps: Number(view.querySelector("#sweep-steps").value),
+      seed: Number(view.querySelector("#sweep-seed").value) }, axes };
+    let job;
+    try { job = await api("/v1/sweeps", { method: "POST", json: spec }); } catch (error) {
+      if (error instanceof ApiError) { showProblem(error.problem, form); return; }
+      throw error;
+    }
+    await followEvents(job.id, (e) => {
+      if (e.data && typeof e.data.progress === "number") view.querySelector("#progress").value = e.data.progress;
+    });
+    const done = await api(`/v1/jobs/${job.id}`);
+    if (done.status !== "succeeded") { showBanner(`job ${done.id} ${done.status}`); return; }
+    const sheet = done.artifacts.find((a) => a.kind === "contact_sheet");
+    const cells = done.artifacts.filter((a) => a.kind === "image");
+    view.querySelector("#sheet").innerHTML = `
+      ${sheet ? `<img src="${esc(sheet.url)}" alt="Contact sheet" style="max-width:100%">` : ""}
+      <h2>Cells</h2><div class="results">${cells.map((c) => `<a class="card" href="${esc(c.url)}"
+        target="_blank" rel="noopener" data-cell="${c.index}"><img src="${esc(c.url)}" alt="Cell ${c.index}">
+        <span class="muted">cell ${c.index} · seed ${c.seed}</span></a>`).join("")}</div>`;
+  });
 }
 
 // --- routing -----------------------------------------------------------------------------
@@ -808,6 +997,7 @@ async function route() {
     else if (hash === "#/training") await trainingView();
     else if (hash.startsWith("#/trainings/")) await trainingJobView(hash.slice("#/trainings/".length));
     else if (hash === "#/scenes") await scenesView();
+    else if (hash === "#/sweeps") await sweepsView();
     else if (hash === "#/loras") await lorasView();
     else if (hash === "#/subjects") await subjectsView();
     else await generateView();
