@@ -57,6 +57,7 @@ from services.gateway.problems import ERROR_SHAPES
 from shared.errors import Conflict, Unauthorized, ValidationFailed
 from shared.models import ControlType, ModelFamily, ModelPreset
 from shared.specs import ControlSpec, GenerationMode, GenerationSpec, LoraUse, MaskSpec
+from shared.text import MULTILINE, RequestModel
 
 
 class A1111Error(BaseModel):
@@ -197,14 +198,14 @@ def _describe(schema: dict[str, Any]) -> None:
         prop.setdefault("description", _DOCS.get(name, "As in webui."))
 
 
-class _Request(BaseModel):
+class _Request(RequestModel):
     """webui's request fields Loomis reads or checks; unknown fields are webui's own extras,
     and the legacy ones webui itself ignores."""
 
-    model_config = ConfigDict(extra="allow", json_schema_extra=_describe)
+    model_config = ConfigDict(extra="allow", json_schema_extra=_describe, allow_inf_nan=False)
 
-    prompt: str = ""
-    negative_prompt: str = ""
+    prompt: Annotated[str, MULTILINE] = ""
+    negative_prompt: Annotated[str, MULTILINE] = ""
     styles: list[str] | None = None
     seed: int = -1
     subseed: int = -1
@@ -774,7 +775,7 @@ async def skip(session: SessionDep, state: StateDep, who: CallerDep) -> None:
     await _cancel(session, state, who, all_jobs=False)
 
 
-class PngInfoRequest(BaseModel):
+class PngInfoRequest(RequestModel):
     image: str = Field(description="A PNG as base64 or a data URL.")
 
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import base64
 import io
+import random
 import re
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 
 from services.gateway.images import decode_data_url, decode_image
@@ -136,24 +136,28 @@ def webui_mask(image: Image.Image, *, invert: bool) -> Image.Image:
 
 def prefill(image: Image.Image, mask: Image.Image, fill: int, *, seed: int) -> Image.Image:
     """webui's "masked content" before denoising: 1 original (as it is), 0 fill (the hole
-    painted from its surroundings), 2 latent noise (noise), 3 latent nothing (flat grey)."""
+    painted from its surroundings by webui's own blur-and-composite), 2 latent noise (random
+    pixels), 3 latent nothing (flat grey). Done on the pixels, with Pillow alone."""
     if fill == 1:
         return image
-    pixels = np.asarray(image.convert("RGB")).copy()
-    hole = np.asarray(mask) > 127
-    if fill == 0:
-        import cv2
-
-        filled = cv2.inpaint(pixels, hole.astype(np.uint8) * 255, 8, cv2.INPAINT_TELEA)
-        return Image.fromarray(filled)
+    rgb = image.convert("RGB")
+    if fill == 0:  # webui's modules/masking.py fill(), step for step
+        result = Image.new("RGBA", rgb.size)
+        kept = Image.new("RGBa", rgb.size)
+        kept.paste(rgb.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(mask.convert("L")))
+        for radius, repeats in ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1)):
+            blurred = kept.filter(ImageFilter.GaussianBlur(radius)).convert("RGBA")
+            for _ in range(repeats):
+                result.alpha_composite(blurred)
+        return result.convert("RGB")
     if fill == 2:
-        noise = np.random.default_rng(seed).integers(0, 256, pixels.shape, dtype=np.uint8)
-        pixels[hole] = noise[hole]
-    elif fill == 3:
-        pixels[hole] = 127
-    else:
-        raise invalid("inpainting_fill", "0 fill, 1 original, 2 latent noise or 3 latent nothing")
-    return Image.fromarray(pixels)
+        noise = Image.frombytes("RGB", rgb.size,
+                                random.Random(seed).randbytes(rgb.width * rgb.height * 3))
+        return Image.composite(noise, rgb, mask.convert("L"))
+    if fill == 3:
+        return Image.composite(Image.new("RGB", rgb.size, (127, 127, 127)), rgb,
+                               mask.convert("L"))
+    raise invalid("inpainting_fill", "0 fill, 1 original, 2 latent noise or 3 latent nothing")
 
 
 def b64_png(image: Image.Image) -> str:
