@@ -182,6 +182,7 @@ def test_dataset_zip_caption_edit_training_chart_and_a_scene(
     page.get_by_role("link", name="Scenes").click()
     page.get_by_label("Place").select_option(ids["place"])
     page.get_by_label("Action", exact=True).select_option(ids["action"])
+    expect(page.get_by_role("img", name="standing-console medium pose")).to_be_visible()
     page.get_by_label("Steps").fill("3")
     page.get_by_role("button", name="Compose").click()
     expect(page.locator("#results img").first).to_be_visible(timeout=180_000)
@@ -193,15 +194,21 @@ def test_controlnet_preview_lora_picker_outpaint_and_a_sweep(
     from tests.lora_files import make_lora
 
     folder = shots(tmp_path)
-    with stack.client() as client:
-        upload = client.post("/v1/loras", data={"base_model": "tiny-sd15", "name": "console-style"},
-                             files={"file": ("c.safetensors", make_lora("sd15", cache_dir=model_cache,
-                                                                         seed=44),
-                                             "application/octet-stream")})
-        assert upload.status_code == 201, upload.text
+    lora_file = tmp_path / "console-style.safetensors"
+    lora_file.write_bytes(make_lora("sd15", cache_dir=model_cache, seed=44))
     photo = tmp_path / "photo.png"
     photo.write_bytes(png(picture()))
     page = signed_in(browser, stack)
+    page.get_by_role("link", name="LoRAs").click()  # uploaded from the console's LoRA page
+    page.get_by_label("LoRA file (.safetensors)").set_input_files(str(lora_file))
+    page.get_by_label("Base model").select_option("tiny-sd15")
+    page.get_by_role("button", name="Upload").click()
+    expect(page.get_by_role("cell", name="console-style")).to_be_visible()
+    with stack.client() as client:
+        lora_id = next(item["id"] for item in client.get("/v1/loras").json()["items"]
+                       if item["name"] == "console-style")
+    page.get_by_role("link", name="Generate").click()
+    expect(page.get_by_role("heading", name="Generate")).to_be_visible()
     page.get_by_label("Prompt", exact=True).fill("a house")
     page.get_by_label("Model", exact=True).select_option("tiny-sd15")
     page.get_by_label("Width").fill("64")
@@ -221,7 +228,7 @@ def test_controlnet_preview_lora_picker_outpaint_and_a_sweep(
     with stack.client() as client:
         job = client.get("/v1/jobs", params={"kind": "generation", "limit": 1}).json()["items"][0]
         assert job["spec"]["controls"][0]["type"] == "canny"
-        assert job["spec"]["loras"] == [{"id": upload.json()["id"], "weight": 0.7}]
+        assert job["spec"]["loras"] == [{"id": lora_id, "weight": 0.7}]
     # outpaint: the canvas grows by what is added
     page.reload()
     page.get_by_label("Prompt", exact=True).fill("more sky")

@@ -498,10 +498,17 @@ async function jobView(jobId) {
     <section class="results">${job.artifacts.filter((a) => a.kind === "image").map((a) =>
       `<article class="card"><img src="${esc(a.url)}" alt="Image ${a.index}"></article>`).join("")}</section>
     <h2>Spec</h2><pre>${esc(JSON.stringify(job.spec, null, 2))}</pre>
+    <h2>Manifest</h2><pre id="manifest">${job.artifacts.some((a) => a.kind === "manifest") ? "…" : "none"}</pre>
     <h2>Webhook deliveries</h2><ul id="deliveries"></ul>
     <h2>Events</h2><ol>${events.map((e) =>
       `<li>${esc(e.at)} — ${esc(e.type)}${e.data && typeof e.data.progress === "number"
         ? ` (${Math.round(e.data.progress * 100)}%)` : ""}</li>`).join("")}</ol>`;
+  const manifest = job.artifacts.find((a) => a.kind === "manifest");
+  if (manifest) {
+    const response = await fetch(manifest.url);
+    view.querySelector("#manifest").textContent = response.ok
+      ? JSON.stringify(await response.json(), null, 2) : `could not load it (${response.status})`;
+  }
   const deliveries = await api(`/v1/jobs/${jobId}/deliveries`);
   view.querySelector("#deliveries").innerHTML = deliveries.items.map((d) =>
     `<li>${esc(d.event_type)} → ${esc(d.url)}: ${esc(d.status)} (${d.attempts.length} attempt(s))
@@ -610,6 +617,9 @@ async function datasetView(datasetId) {
       ${report.totals.images}; ${report.flagged} flagged.
       <button type="button" class="secondary" id="export">Export (kohya zip)</button></p>
     <h2>Subsets</h2><pre>${esc(JSON.stringify(report.subsets, null, 1))}</pre>
+    <h2>Sizes</h2><p>${report.size ? `width ${report.size.width.min}–${report.size.width.max}
+      (median ${report.size.width.median}), height ${report.size.height.min}–${report.size.height.max}
+      (median ${report.size.height.median})` : "none"}</p>
     <h2>Aspect ratios</h2><p>${Object.entries(report.aspect_ratios).filter(([, n]) => n)
       .map(([r, n]) => `${esc(r)}: ${n}`).join(" · ")}</p>
     <h2>Tag frequency</h2>
@@ -620,8 +630,14 @@ async function datasetView(datasetId) {
     <h2>Tag or caption the images</h2>
     <form id="tagging" class="row">
       <label><input type="checkbox" id="tag-caption" checked> captions</label>
+      <label for="num-beams">beams</label><input id="num-beams" type="number" min="1" value="1" style="width:4rem">
+      <label for="max-length">max length</label><input id="max-length" type="number" min="5" value="40" style="width:5rem">
       <label><input type="checkbox" id="tag-tags" checked> tags</label>
+      <label for="threshold">threshold</label><input id="threshold" type="number" step="0.05" value="0.35" style="width:5rem">
+      <label><input type="checkbox" id="prefix-trigger" checked> trigger first</label>
+      <label><input type="checkbox" id="caption-files"> write caption files</label>
       <button type="submit">Start a tagging job</button><span id="tagging-status" class="muted"></span>
+      <span class="error" data-field="caption.num_beams"></span><span class="error" data-field="tags.general_threshold"></span>
     </form>
     <h2>Images</h2>
     <section class="results">${items.items.map((item) => `
@@ -651,9 +667,20 @@ async function datasetView(datasetId) {
   view.querySelector("#tagging").addEventListener("submit", async (event) => {
     event.preventDefault();
     const status = view.querySelector("#tagging-status");
-    const job = await api("/v1/taggings", { method: "POST", json: {
-      dataset_id: datasetId, caption: view.querySelector("#tag-caption").checked ? {} : null,
-      tags: view.querySelector("#tag-tags").checked ? {} : null } });
+    const value = (id) => Number(view.querySelector(`#${id}`).value);
+    let job;
+    try {
+      job = await api("/v1/taggings", { method: "POST", json: {
+        dataset_id: datasetId,
+        caption: view.querySelector("#tag-caption").checked
+          ? { num_beams: value("num-beams"), max_length: value("max-length") } : null,
+        tags: view.querySelector("#tag-tags").checked ? { general_threshold: value("threshold") } : null,
+        prefix_trigger: view.querySelector("#prefix-trigger").checked,
+        write_caption_files: view.querySelector("#caption-files").checked } });
+    } catch (error) {
+      if (error instanceof ApiError) { showProblem(error.problem, view.querySelector("#tagging")); return; }
+      throw error;
+    }
     status.textContent = `job ${job.id} queued`;
     await followEvents(job.id, (e) => { status.textContent = `job ${job.id}: ${e.status}`; });
     datasetView(datasetId);
@@ -783,9 +810,19 @@ async function scenesView() {
   view.innerHTML = `
     <h1>Scenes</h1>
     <h2>Catalog</h2>
-    <section class="results">${places.items.map((p) => `<article class="card"><strong>${esc(p.name)}</strong>
-      <p class="muted">${esc(p.description)}</p></article>`).join("") || "<p class='muted'>No places yet (loomis scenes demo-catalog).</p>"}</section>
-    <p class="muted">Actions: ${actions.items.map((a) => `${esc(a.name)} (${Object.keys(a.shots).map(esc).join(", ")})`).join(" · ")}</p>
+    <section class="results" id="places">${places.items.map((p) => `<article class="card" data-place="${esc(p.id)}">
+      <strong>${esc(p.name)}</strong><p class="muted">${esc(p.description)}</p><div class="row" data-thumbs></div></article>`).join("")
+      || "<p class='muted'>No places yet (loomis scenes demo-catalog).</p>"}</section>
+    <h3>Actions, with each shot's pose and masks</h3>
+    <section class="results">${actions.items.map((a) => `<article class="card"><strong>${esc(a.name)}</strong>
+      <p class="muted">${esc(a.description)}</p>${Object.entries(a.shots).map(([shot, s]) => `<div>
+        <span class="muted">${esc(shot)}</span><div class="row">
+        ${s.pose_image_url ? `<img src="${esc(s.pose_image_url)}" alt="${esc(a.name)} ${esc(shot)} pose" style="width:64px">`
+          : `<canvas width="64" height="64" data-keypoints="${esc(JSON.stringify(s.keypoints || {}))}"
+              data-canvas="${esc(JSON.stringify(s.canvas))}" role="img" aria-label="${esc(a.name)} ${esc(shot)} pose"></canvas>`}
+        ${s.body_mask_url ? `<img src="${esc(s.body_mask_url)}" alt="${esc(a.name)} ${esc(shot)} body mask" style="width:64px">` : ""}
+        ${s.face_mask_url ? `<img src="${esc(s.face_mask_url)}" alt="${esc(a.name)} ${esc(shot)} face mask" style="width:64px">` : ""}
+        </div></div>`).join("")}</article>`).join("")}</section>
     <h2>Compose</h2>
     <form id="scene" class="grid" novalidate>
       ${field("place", "Place", `<select id="place">${places.items.map((p) => `<option value="${esc(p.id)}">${esc(p.name)}</option>`).join("")}</select>`)}
@@ -807,6 +844,12 @@ async function scenesView() {
         <span id="status" class="muted" aria-live="polite"></span></div>
     </form>
     <section class="results" id="results" aria-label="Results"></section>`;
+  for (const card of view.querySelectorAll("[data-place]")) {
+    const images = await api(`/v1/places/${card.dataset.place}/images`);
+    card.querySelector("[data-thumbs]").innerHTML = images.items.map((i) =>
+      `<img src="${esc(i.thumbnail_url)}" alt="${esc(i.name)}: ${esc(i.description)}" style="width:64px">`).join("");
+  }
+  for (const canvas of view.querySelectorAll("canvas[data-keypoints]")) drawPose(canvas);
   const form = view.querySelector("form");
   const fillImages = async () => {
     if (!form.place.value) return;
@@ -852,16 +895,56 @@ async function scenesView() {
   });
 }
 
+// OpenPose keypoints (COCO 18, x y confidence) as dots and limbs, scaled to the canvas.
+function drawPose(canvas) {
+  const people = (JSON.parse(canvas.dataset.keypoints).people || []);
+  const [width, height] = JSON.parse(canvas.dataset.canvas || "[512, 512]");
+  const ctx = canvas.getContext("2d");
+  ctx.fillStyle = "#222";
+  ctx.fillRect(0, 0, canvas.width, canvas.height);
+  const limbs = [[1, 2], [1, 5], [2, 3], [3, 4], [5, 6], [6, 7], [1, 8], [8, 9], [9, 10], [1, 11],
+    [11, 12], [12, 13], [1, 0], [0, 14], [14, 16], [0, 15], [15, 17]];
+  for (const person of people) {
+    const k = person.pose_keypoints_2d || [];
+    const at = (i) => (k[i * 3 + 2] > 0 ? [k[i * 3] * canvas.width / width, k[i * 3 + 1] * canvas.height / height] : null);
+    ctx.strokeStyle = "#3af";
+    for (const [a, b] of limbs) {
+      const p = at(a), q = at(b);
+      if (p && q) { ctx.beginPath(); ctx.moveTo(...p); ctx.lineTo(...q); ctx.stroke(); }
+    }
+  }
+}
+
 // --- LoRAs and subjects ------------------------------------------------------------------
 
 async function lorasView() {
   signOut.hidden = false;
   const loras = await api("/v1/loras");
+  models = models || await api("/v1/models");
   view.innerHTML = `<h1>LoRAs</h1>
+    <form id="lora-upload" class="grid" novalidate>
+      ${field("file", "LoRA file (.safetensors)", `<input id="file" name="file" type="file" accept=".safetensors">`)}
+      ${field("name", "Name", `<input id="name" name="name" placeholder="from the file name">`)}
+      ${field("base_model", "Base model", `<select id="base_model" name="base_model">${models.items.map((m) =>
+        `<option>${esc(m.name)}</option>`).join("")}</select>`)}
+      <div class="field"><button type="submit">Upload</button></div>
+    </form>
     <table><thead><tr><th>Name</th><th>Family</th><th>Rank</th><th>Source</th><th></th></tr></thead><tbody>
     ${loras.items.map((l) => `<tr><td>${esc(l.name)}</td><td>${esc(l.family)}</td><td>${l.rank}</td>
       <td>${esc(l.source)}</td><td><button type="button" class="secondary" data-delete="${esc(l.id)}">Delete</button></td></tr>`).join("")}
     </tbody></table>`;
+  const upload = view.querySelector("#lora-upload");
+  upload.base_model.value = models.default_model;
+  upload.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const body = new FormData();
+    if (upload.file.files[0]) body.set("file", upload.file.files[0], upload.file.files[0].name);
+    if (upload.name.value) body.set("name", upload.name.value);
+    body.set("base_model", upload.base_model.value);
+    try { await api("/v1/loras", { method: "POST", body }); lorasView(); } catch (error) {
+      if (error instanceof ApiError) showProblem(error.problem, upload); else throw error;
+    }
+  });
   for (const button of view.querySelectorAll("[data-delete]")) {
     button.addEventListener("click", async () => {
       if (!confirm("Delete this LoRA? Workers drop it from their caches.")) return;
