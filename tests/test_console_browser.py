@@ -251,6 +251,7 @@ def test_controlnet_preview_lora_picker_outpaint_and_a_sweep(
     page.get_by_label("Axis 1", exact=True).select_option("guidance_scale")
     page.get_by_label("Axis 1 values (comma-separated)").fill("2, 7")
     page.get_by_role("button", name="Sweep").click()
-    expect(page.get_by_alt_text("Contact sheet")).to_be_visible(timeout=120_000)
+    expect(page.get_by_role("table", name="Contact sheet")).to_be_visible(timeout=120_000)
     assert page.locator("[data-cell]").count() == 2
+    expect(page.get_by_role("columnheader", name="7")).to_be_visible()
     page.screenshot(path=str(folder / "sweep.png"), full_page=True)

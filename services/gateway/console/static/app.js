@@ -1051,12 +1051,21 @@ async function sweepsView() {
     const done = await api(`/v1/jobs/${job.id}`);
     if (done.status !== "succeeded") { showBanner(`job ${done.id} ${done.status}`); return; }
     const sheet = done.artifacts.find((a) => a.kind === "contact_sheet");
-    const cells = done.artifacts.filter((a) => a.kind === "image");
+    const cells = new Map(done.artifacts.filter((a) => a.kind === "image").map((a) => [a.index, a]));
+    // the contact sheet as a grid of its cells, each one clickable (index = row x columns + column)
+    const [cols, rows] = [done.spec.axes[0], done.spec.axes[1]];
+    const rowValues = rows ? rows.values : [""];
     view.querySelector("#sheet").innerHTML = `
-      ${sheet ? `<img src="${esc(sheet.url)}" alt="Contact sheet" style="max-width:100%">` : ""}
-      <h2>Cells</h2><div class="results">${cells.map((c) => `<a class="card" href="${esc(c.url)}"
-        target="_blank" rel="noopener" data-cell="${c.index}"><img src="${esc(c.url)}" alt="Cell ${c.index}">
-        <span class="muted">cell ${c.index} · seed ${c.seed}</span></a>`).join("")}</div>`;
+      <h2>Contact sheet</h2>
+      <table aria-label="Contact sheet"><thead><tr><th>${rows ? esc(rows.param) : ""} \ ${esc(cols.param)}</th>
+        ${cols.values.map((v) => `<th>${esc(v)}</th>`).join("")}</tr></thead><tbody>
+        ${rowValues.map((rv, r) => `<tr><th>${esc(rv)}</th>${cols.values.map((_, c) => {
+          const cell = cells.get(r * cols.values.length + c);
+          return `<td>${cell ? `<a href="${esc(cell.url)}" target="_blank" rel="noopener" data-cell="${cell.index}">
+            <img src="${esc(cell.url)}" alt="Cell ${cell.index}" style="width:96px;image-rendering:pixelated"></a>`
+            : "withheld"}</td>`; }).join("")}</tr>`).join("")}
+      </tbody></table>
+      ${sheet ? `<p><a href="${esc(sheet.url)}" download>The contact sheet as one PNG</a></p>` : ""}`;
   });
 }
 
