@@ -171,14 +171,24 @@ def training_prefix(tenant_id: str, job_id: str) -> str:
     return f"training/{tenant_id}/{job_id}/"
 
 
+def training_samples_prefix(prefix: str) -> str:
+    """A training's sample images only, listed while it runs."""
+    return f"{prefix}samples/"
+
+
 def training_sample_key(prefix: str, step: int, index: int) -> str:
     """Sample image ``index`` at ``step``; zero-padded so a listing sorts by step."""
-    return f"{prefix}samples/step-{step:06d}-{index}.png"
+    return f"{training_samples_prefix(prefix)}step-{step:06d}-{index}.png"
+
+
+def training_checkpoints_prefix(prefix: str) -> str:
+    """A training's checkpoints only."""
+    return f"{prefix}checkpoints/"
 
 
 def training_checkpoint_key(prefix: str, step: int) -> str:
     """The LoRA as it was at ``step``."""
-    return f"{prefix}checkpoints/step-{step:06d}.safetensors"
+    return f"{training_checkpoints_prefix(prefix)}step-{step:06d}.safetensors"
 
 
 def training_state_prefix(prefix: str) -> str:

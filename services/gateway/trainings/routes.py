@@ -16,7 +16,12 @@ from services.gateway.trainings.plan import plan_training, training_metrics
 from services.gateway.trainings.schemas import TrainingMetrics, TrainingPlan, TrainingRequest
 from services.gateway.trainings.service import submit_training
 from shared.errors import NotFound
-from shared.keys import training_prefix, training_state_step
+from shared.keys import (
+    training_checkpoints_prefix,
+    training_prefix,
+    training_samples_prefix,
+    training_state_step,
+)
 from shared.specs import JobKind
 
 router = APIRouter(prefix="/v1/trainings", tags=["trainings"], responses=PROBLEM_RESPONSES)
@@ -84,13 +89,13 @@ async def files(job_id: str, session: SessionDep, tenant: TenantDep,
         raise NotFound(f"training job {job_id} not found", code="job_not_found")
     prefix = training_prefix(tenant.id, job_id)
     samples, checkpoints = [], []
-    for key in sorted(await state.store.list(prefix)):
+    for key in sorted(await state.store.list(training_samples_prefix(prefix))):
         name = key.rsplit("/", 1)[-1]
-        if key.startswith(f"{prefix}samples/") and name.startswith("step-"):
+        if name.startswith("step-"):
             step, _, index = name.removeprefix("step-").removesuffix(".png").partition("-")
             samples.append(TrainingFile(step=int(step), index=int(index or 0),
                                         url=state.store.presign_get(key)))
-        elif key.startswith(f"{prefix}checkpoints/"):
-            checkpoints.append(TrainingFile(step=training_state_step(key),
-                                            url=state.store.presign_get(key)))
+    for key in sorted(await state.store.list(training_checkpoints_prefix(prefix))):
+        checkpoints.append(TrainingFile(step=training_state_step(key),
+                                        url=state.store.presign_get(key)))
     return TrainingFiles(samples=samples, checkpoints=checkpoints)
