@@ -255,3 +255,40 @@ def test_controlnet_preview_lora_picker_outpaint_and_a_sweep(
     assert page.locator("[data-cell]").count() == 2
     expect(page.get_by_role("columnheader", name="7")).to_be_visible()
     page.screenshot(path=str(folder / "sweep.png"), full_page=True)
+
+
+def test_a_subject_from_photos_to_ready_live_then_deleted_with_what_goes_listed(
+        stack: RunningStack, browser: Browser, tmp_path: Path) -> None:
+    from tests.subject_support import photos
+
+    files = []
+    for index, data in enumerate(photos(3, seed=91)):
+        path = tmp_path / f"p{index}.png"
+        path.write_bytes(data)
+        files.append(str(path))
+    page = signed_in(browser, stack)
+    page.get_by_role("link", name="Subjects").click()
+    expect(page.get_by_role("heading", name="Subjects")).to_be_visible()
+    page.get_by_label("Name").fill("Console Person")
+    page.get_by_label("Class word").fill("woman")
+    page.get_by_label("Preset").select_option("quick")
+    page.get_by_label("Consent").fill("the person pictured, for this test")
+    page.get_by_label("Photos (3 to 50)").set_input_files(files)
+    page.get_by_role("button", name="Create").click()
+    expect(page.locator("#subject-status")).to_have_text("ready", timeout=180_000)
+    expect(page.get_by_role("list", name="Stages")).to_contain_text("training")
+    expect(page.get_by_role("list", name="Stages")).to_contain_text("photos_deleted", timeout=60_000)
+    page.screenshot(path=str(shots(tmp_path) / "subject.png"), full_page=True)
+    subject_id = page.url.rsplit("/", 1)[-1]
+    messages: list[str] = []
+
+    def accept(dialog) -> None:  # type: ignore[no-untyped-def]
+        messages.append(dialog.message)
+        dialog.accept()
+
+    page.on("dialog", accept)
+    page.get_by_role("button", name="Delete everything").click()
+    expect(page.get_by_role("heading", name="Subjects")).to_be_visible(timeout=60_000)
+    assert "LoRA version" in messages[0] and "photos" in messages[0]
+    with stack.client() as client:
+        assert client.get(f"/v1/subjects/{subject_id}").status_code == 404

@@ -50,8 +50,8 @@ async function api(path, options = {}) {
 }
 
 // Server-Sent Events with the Bearer header (EventSource cannot send one): fetch + a reader.
-async function followEvents(jobId, onEvent) {
-  const response = await fetch(`/v1/jobs/${jobId}/events`, {
+async function followEvents(jobId, onEvent, path = `/v1/jobs/${jobId}/events`) {
+  const response = await fetch(path, {
     headers: { Authorization: `Bearer ${key()}`, Accept: "text/event-stream" } });
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
@@ -971,7 +971,7 @@ async function subjectsView() {
       <div class="field"><button type="submit">Create</button></div>
     </form>
     <table><thead><tr><th>Subject</th><th>Status</th><th>Trigger</th><th></th></tr></thead><tbody>
-    ${subjects.items.map((s) => `<tr><td>${esc(s.name)}</td><td>${esc(s.status)}
+    ${subjects.items.map((s) => `<tr><td><a href="#/subjects/${esc(s.id)}">${esc(s.name)}</a></td><td>${esc(s.status)}
       ${s.stage ? `<progress max="1" value="${s.progress}" aria-label="${esc(s.stage.name)}"></progress>` : ""}</td>
       <td>${esc(s.trigger_words.join(", "))}</td>
       <td><button type="button" class="secondary" data-delete="${esc(s.id)}">Delete</button></td></tr>`).join("")}
@@ -984,24 +984,59 @@ async function subjectsView() {
     body.set("caption", String(view.querySelector("#caption").checked));
     body.set("retain_photos", String(view.querySelector("#retain_photos").checked));
     for (const file of form.photos.files) body.append("photos", file, file.name);
-    try { await api("/v1/subjects", { method: "POST", body }); subjectsView(); } catch (error) {
+    try {
+      const made = await api("/v1/subjects", { method: "POST", body });
+      location.hash = `#/subjects/${made.id}`;
+    } catch (error) {
       if (error instanceof ApiError) showProblem(error.problem, form); else throw error;
     }
   });
-  if (subjects.items.some((s) => s.stage) && location.hash === "#/subjects") {
-    setTimeout(() => { if (location.hash === "#/subjects") subjectsView(); }, 2000);
-  }
   for (const button of view.querySelectorAll("[data-delete]")) {
     button.addEventListener("click", async () => {
-      const subject = await api(`/v1/subjects/${button.dataset.delete}`);
-      const lineage = subject.lineage;
-      const what = [`its photos and dataset`, `${lineage.jobs.length} tagging/training job(s)`,
-        `${lineage.loras.length} LoRA version(s)`, `${lineage.outputs_total} output(s) made with it`];
-      if (!confirm(`Delete ${subject.name}? This removes ${what.join(", ")}, everywhere.`)) return;
-      await api(`/v1/subjects/${subject.id}?outputs=true`, { method: "DELETE" });
-      subjectsView();
+      if (await forgetSubject(button.dataset.delete)) subjectsView();
     });
   }
+}
+
+// Delete after a confirmation that lists what goes (from the subject's lineage).
+async function forgetSubject(subjectId) {
+  const subject = await api(`/v1/subjects/${subjectId}`);
+  const lineage = subject.lineage;
+  const what = [`its photos and dataset`, `${lineage.jobs.length} tagging/training job(s)`,
+    `${lineage.loras.length} LoRA version(s)`, `${lineage.outputs_total} output(s) made with it`];
+  if (!confirm(`Delete ${subject.name}? This removes ${what.join(", ")}, everywhere.`)) return false;
+  await api(`/v1/subjects/${subject.id}?outputs=true`, { method: "DELETE" });
+  return true;
+}
+
+// One subject, following its stages live (GET /v1/subjects/{id}/events).
+async function subjectView(subjectId) {
+  signOut.hidden = false;
+  const subject = await api(`/v1/subjects/${subjectId}`);
+  view.innerHTML = `<h1>Subject ${esc(subject.name)}</h1>
+    <p>Trigger: <code>${esc(subject.trigger_words.join(", "))}</code> · consent: ${esc(subject.consent)}</p>
+    <p><strong id="subject-status">${esc(subject.status)}</strong>
+      <progress id="progress" max="1" value="${subject.progress}" aria-label="Stage progress"></progress></p>
+    <ol id="stages" aria-label="Stages"></ol>
+    <div class="row"><button type="button" class="secondary" id="cancel">Cancel</button>
+      <button type="button" id="delete">Delete everything</button></div>`;
+  view.querySelector("#cancel").addEventListener("click", () =>
+    api(`/v1/subjects/${subjectId}/cancel`, { method: "POST" }).catch((e) => showBanner(e.message)));
+  view.querySelector("#delete").addEventListener("click", async () => {
+    if (await forgetSubject(subjectId)) location.hash = "#/subjects";
+  });
+  const stages = view.querySelector("#stages");
+  await followEvents(subjectId, (event) => {
+    if (!location.hash.endsWith(subjectId)) return;
+    if (event.type === "progress") {
+      view.querySelector("#progress").value = event.data.progress;
+      return;
+    }
+    const item = document.createElement("li");
+    item.textContent = `${event.at} — ${event.type}`;
+    stages.append(item);
+    if (event.type !== "photos_deleted") view.querySelector("#subject-status").textContent = event.type;
+  }, `/v1/subjects/${subjectId}/events`).catch(() => {});
 }
 
 // --- sweeps ------------------------------------------------------------------------------
@@ -1092,6 +1127,7 @@ async function route() {
     else if (hash === "#/sweeps") await sweepsView();
     else if (hash === "#/loras") await lorasView();
     else if (hash === "#/subjects") await subjectsView();
+    else if (hash.startsWith("#/subjects/")) await subjectView(hash.slice("#/subjects/".length));
     else await generateView();
   } catch (error) {
     showBanner(error instanceof ApiError ? (error.problem.detail || "request failed") : String(error));
