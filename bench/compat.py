@@ -38,13 +38,11 @@ round, the polling and webuiapi images equal native SSE's pixel for pixel.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
 import io
 import json
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -58,7 +56,7 @@ from urllib.parse import urlparse
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from services.devstack import Child, Stack, free_port, start_redis, stop_child, wait_port  # noqa: E402
+from bench.benchstack import bench_stack  # noqa: E402
 
 MODEL = "tiny-sd15"
 SIZE = 64
@@ -278,33 +276,13 @@ def same_work(samples: list[Sample], jobs: dict[int, dict[str, Any]]) -> list[st
 
 
 def bench(args: argparse.Namespace, workdir: Path) -> int:
-    from services.gateway.auth.service import provision_api_key
     from shared.settings import CompatSettings
 
-    database_url = f"sqlite+aiosqlite:///{workdir / 'loomis.db'}"
-    key = asyncio.run(provision_api_key(database_url=database_url, tenant_name="bench"))
-    moto_port = free_port()
-    moto = Child("moto", subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(moto_port)],
-        stdout=(workdir / "moto.log").open("wb"), stderr=subprocess.STDOUT), workdir / "moto.log")
-    redis_child, redis_url = start_redis(workdir / "redis")
-    env = {
-        "LOOMIS_ENV": "test",
-        "LOOMIS_LOG_LEVEL": "WARNING",
-        "LOOMIS_DB__URL": database_url,
-        "LOOMIS_MODELS__CACHE_DIR": str((args.model_cache or workdir / "models").resolve()),
-        "LOOMIS_STORAGE__BACKEND": "s3",
-        "LOOMIS_STORAGE__ENDPOINT_URL": f"http://127.0.0.1:{moto_port}",
-        "LOOMIS_STORAGE__BUCKET": f"bench-{uuid.uuid4().hex[:8]}",
-        "LOOMIS_STORAGE__ACCESS_KEY_ID": "test",
-        "LOOMIS_STORAGE__SECRET_ACCESS_KEY": "test",
-    }
-    stack = Stack(data_dir=workdir / "stack", port=free_port(), redis_url=redis_url, env=env)
     rng = random.Random(args.runs)
     samples: list[Sample] = []
-    try:
-        wait_port(moto_port)
-        stack.start(own_redis=False, worker=True)
+    model_cache = (args.model_cache or workdir / "models").resolve()
+    with bench_stack(workdir, model_cache=model_cache, worker=True) as running:
+        stack, key = running.stack, running.key
         print(f"{MODEL}, {SIZE}x{SIZE}, {STEPS} steps, the preset's guidance and scheduler; "
               f"{args.warmup} warm-up round(s), then {args.runs} rounds of the four in a shuffled "
               f"order; SQLite, S3 on moto; {os.cpu_count()} CPUs, load average "
@@ -323,14 +301,6 @@ def bench(args: argparse.Namespace, workdir: Path) -> int:
             jobs = attach_jobs(clients, samples)
         finally:
             clients.close()
-    except Exception:
-        for child in stack.children:
-            print(f"last lines of {child.name}'s log:\n{child.tail(40)}", file=sys.stderr)
-        raise
-    finally:
-        stack.stop()
-        stop_child(redis_child)
-        stop_child(moto)
 
     p50s, outside = report(samples, jobs)
     print("  submit: client start to the job's row (created_at); job: created_at to finished_at "

@@ -38,7 +38,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -274,42 +273,22 @@ def worker_loads(log: Path) -> tuple[list[str], list[str]]:
 
 
 def bench(args: argparse.Namespace, workdir: Path) -> int:
-    import asyncio
 
     import httpx
     import numpy as np
     from PIL import Image
 
-    from services.devstack import Child, Stack, free_port, start_redis, stop_child, wait_port
-    from services.gateway.auth.service import provision_api_key
+    from bench.benchstack import bench_stack
     from services.models.device import pick_device
     from services.models.tiny.diffusion import ensure_tiny_model
 
     model_cache = (args.model_cache or workdir / "models").resolve()
-    database_url = f"sqlite+aiosqlite:///{workdir / 'loomis.db'}"
-    key = asyncio.run(provision_api_key(database_url=database_url, tenant_name="bench"))
-    moto_port = free_port()
-    moto = Child("moto", subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(moto_port)],
-        stdout=(workdir / "moto.log").open("wb"), stderr=subprocess.STDOUT), workdir / "moto.log")
-    redis_child, redis_url = start_redis(workdir / "redis")
-    env = {
-        "LOOMIS_ENV": "test",
-        "LOOMIS_LOG_LEVEL": "INFO",  # the worker's "loaded model" lines are the load check
-        "LOOMIS_DB__URL": database_url,
-        "LOOMIS_MODELS__CACHE_DIR": str(model_cache),
-        "LOOMIS_STORAGE__BACKEND": "s3",
-        "LOOMIS_STORAGE__ENDPOINT_URL": f"http://127.0.0.1:{moto_port}",
-        "LOOMIS_STORAGE__BUCKET": f"bench-{uuid.uuid4().hex[:8]}",
-        "LOOMIS_STORAGE__ACCESS_KEY_ID": "test",
-        "LOOMIS_STORAGE__SECRET_ACCESS_KEY": "test",
-    }
-    stack = Stack(data_dir=workdir / "stack", port=free_port(), redis_url=redis_url, env=env)
     background = gradient_png(*BACKGROUND_SIZE)
     seeds = iter(range(1000, 2000))
-    try:
-        wait_port(moto_port)
-        stack.start(own_redis=False, worker=True)
+    # INFO: the worker's "loaded model" lines are the load check
+    with bench_stack(workdir, model_cache=model_cache, log_level="INFO",
+                     worker=True) as running:
+        stack, key = running.stack, running.key
         worker_log = next(c.log for c in stack.children if c.name == "generator")
         with httpx.Client(base_url=stack.url, timeout=60,
                           headers={"Authorization": f"Bearer {key}"}) as client:
@@ -366,15 +345,6 @@ def bench(args: argparse.Namespace, workdir: Path) -> int:
             service_png = download(client, artifact_of(reference, "image"), inputs / "service.png")
             service_stage1 = download(client, artifact_of(reference, "stage_image"),
                                       inputs / "service-stage1.png")
-    except Exception:
-        for child in stack.children:
-            if child.name == "generator":
-                print(f"last lines of the worker's log:\n{child.tail(60)}", file=sys.stderr)
-        raise
-    finally:
-        stack.stop()
-        stop_child(redis_child)
-        stop_child(moto)
 
     # Measured with the stack stopped, so the worker's idle polling takes no CPU from it.
     print(f"\nold way: a fresh process per request loading both pipelines "

@@ -37,17 +37,14 @@ subject is deleted (``DELETE /v1/subjects/{id}?outputs=true``), each timed once.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import math
 import os
 import statistics
 import struct
-import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -252,39 +249,19 @@ def print_stages(label: str, runs: list[dict[str, Any]], total_key: str) -> floa
 def bench(args: argparse.Namespace, workdir: Path) -> int:
     import httpx
 
-    from services.devstack import Child, Stack, free_port, start_redis, stop_child, wait_port
-    from services.gateway.auth.service import provision_api_key
+    from bench.benchstack import bench_stack
     from services.gateway.subjects.presets import STANDARD_REPEATS
     from services.models.tiny.diffusion import ensure_tiny_model
     from tests.subject_support import photos
 
     model_cache = (args.model_cache or workdir / "models").resolve()
-    database_url = f"sqlite+aiosqlite:///{workdir / 'loomis.db'}"
-    key = asyncio.run(provision_api_key(database_url=database_url, tenant_name="bench"))
-    moto_port = free_port()
-    moto = Child("moto", subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(moto_port)],
-        stdout=(workdir / "moto.log").open("wb"), stderr=subprocess.STDOUT), workdir / "moto.log")
-    redis_child, redis_url = start_redis(workdir / "redis")
-    env = {
-        "LOOMIS_ENV": "test",
-        "LOOMIS_LOG_LEVEL": "WARNING",
-        "LOOMIS_DB__URL": database_url,
-        "LOOMIS_MODELS__CACHE_DIR": str(model_cache),
-        "LOOMIS_STORAGE__BACKEND": "s3",
-        "LOOMIS_STORAGE__ENDPOINT_URL": f"http://127.0.0.1:{moto_port}",
-        "LOOMIS_STORAGE__BUCKET": f"bench-{uuid.uuid4().hex[:8]}",
-        "LOOMIS_STORAGE__ACCESS_KEY_ID": "test",
-        "LOOMIS_STORAGE__SECRET_ACCESS_KEY": "test",
-    }
-    stack = Stack(data_dir=workdir / "stack", port=free_port(), redis_url=redis_url, env=env)
     images = photos(PHOTOS)
     subjects: list[dict[str, Any]] = []
     hands: list[dict[str, Any]] = []
-    try:
-        wait_port(moto_port)
-        started = time.perf_counter()
-        stack.start(own_redis=False, worker=True, tagger=True, trainer=True)
+    started = time.perf_counter()
+    with bench_stack(workdir, model_cache=model_cache, worker=True, tagger=True,
+                     trainer=True) as running:
+        stack, key = running.stack, running.key
         print(f"stack up in {time.perf_counter() - started:.1f} s (gateway, generator, tagger, "
               f"trainer; SQLite, moto S3); {os.cpu_count()} CPUs, load average "
               f"{os.getloadavg()[0]:.2f}", flush=True)
@@ -386,14 +363,6 @@ def bench(args: argparse.Namespace, workdir: Path) -> int:
                   f"with {trigger!r}: {'yes' if uses else 'NO'}); DELETE /v1/subjects/{{id}}"
                   f"?outputs=true answered {deleted.status_code} in {delete_s * 1000:.0f} ms; "
                   f"subject and its generation gone: {'yes' if gone else 'NO'}")
-    except Exception:
-        for child in stack.children:
-            print(f"last lines of {child.name}'s log:\n{child.tail(40)}", file=sys.stderr)
-        raise
-    finally:
-        stack.stop()
-        stop_child(redis_child)
-        stop_child(moto)
 
     ok = uses and gone and deleted.status_code == 204
     print(f"\nsummary: photos -> ready in one call {ready_one:.2f} s vs {ready_hand:.2f} s by hand "

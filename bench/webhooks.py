@@ -53,7 +53,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from services.devstack import Child, Stack, free_port, start_redis, stop_child, wait_port  # noqa: E402
+from services.devstack import Child, Stack, free_port, stop_child, wait_port  # noqa: E402
 
 SPEC = {"prompt": "a webhook fox", "model": "tiny-sd15", "steps": 1, "width": 64, "height": 64}
 TERMINAL = ("succeeded", "failed", "canceled")
@@ -444,83 +444,62 @@ def print_latency(label: str, known: list[Known]) -> None:
 def bench(args: argparse.Namespace, workdir: Path) -> int:
     import httpx
 
-    from services.gateway.auth.service import provision_api_key
+    from bench.benchstack import bench_stack
     from shared.settings import WebhookSettings
 
     interval = args.dispatch_interval or WebhookSettings().dispatch_interval_s
-    database_url = f"sqlite+aiosqlite:///{workdir / 'loomis.db'}"
-    key = asyncio.run(provision_api_key(database_url=database_url, tenant_name="bench"))
-    moto_port = free_port()
-    moto = Child("moto", subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(moto_port)],
-        stdout=(workdir / "moto.log").open("wb"), stderr=subprocess.STDOUT), workdir / "moto.log")
-    redis_child, redis_url = start_redis(workdir / "redis")
-    env = {
-        "LOOMIS_ENV": "test",
-        "LOOMIS_LOG_LEVEL": "WARNING",
-        "LOOMIS_DB__URL": database_url,
-        "LOOMIS_MODELS__CACHE_DIR": str((args.model_cache or workdir / "models").resolve()),
-        "LOOMIS_STORAGE__BACKEND": "s3",
-        "LOOMIS_STORAGE__ENDPOINT_URL": f"http://127.0.0.1:{moto_port}",
-        "LOOMIS_STORAGE__BUCKET": f"bench-{uuid.uuid4().hex[:8]}",
-        "LOOMIS_STORAGE__ACCESS_KEY_ID": "test",
-        "LOOMIS_STORAGE__SECRET_ACCESS_KEY": "test",
-        # the receiver is http on loopback
-        "LOOMIS_WEBHOOKS__ALLOW_HTTP": "true",
-        "LOOMIS_WEBHOOKS__ALLOW_PRIVATE_NETWORKS": "true",
-        "LOOMIS_WEBHOOKS__DISPATCH_INTERVAL_S": str(interval),
-    }
-    stack = Stack(data_dir=workdir / "stack", port=free_port(), redis_url=redis_url, env=env)
     receiver = Receiver().start()
     seeds = iter(range(1000, 100_000))
     throughput: dict[str, dict[str, Any]] = {}
     known: dict[str, list[Known]] = {}
     second: Child | None = None
-    try:
-        wait_port(moto_port)
-        stack.start(own_redis=False, worker=True)
-        print(f"dispatch interval {interval:g} s (LOOMIS_WEBHOOKS__DISPATCH_INTERVAL_S; default "
-              f"{WebhookSettings().dispatch_interval_s:g}); SQLite; {os.cpu_count()} CPUs, "
-              f"load average {os.getloadavg()[0]:.2f}", flush=True)
-        with httpx.Client(base_url=stack.url, timeout=60,
-                          headers={"Authorization": f"Bearer {key}"}) as client:
-            receiver.secrets.append(check(client.get("/v1/webhooks/job-secret"), 200)["secret"])
-            for replicas in (1, 2):
-                label = f"{replicas} gateway" + ("s" if replicas > 1 else "")
-                if replicas == 2:
-                    second, _ = spawn_gateway(stack, "gateway-2")
-                pids = [c.popen.pid for c in [*stack.children, *([second] if second else [])]
-                        if c.name.startswith("gateway")]
-                known[label] = latency(client, receiver, jobs=args.jobs, seeds=seeds,
-                                       interval_s=interval)
-                print_latency(label, known[label])
-                throughput[label] = drain(client=client, receiver=receiver,
-                                          database_url=database_url, count=args.pings,
-                                          interval_s=interval, gateway_pids=pids)
-                t = throughput[label]
-                print(f"  {label}: {args.pings} pings drained at {t['per_s']:6.0f} deliveries/s "
-                      f"({t['span_s']:.2f} s first to last), gateway CPU {t['cpu_ms']:.1f} "
-                      f"ms/delivery; missing {t['missing']}, duplicated {t['duplicated']}; "
-                      f"log: {dict(t['states'])}", flush=True)
-                if replicas == 2:
-                    after = f"{label}, after the drain"
-                    known[after] = latency(client, receiver, jobs=args.jobs, seeds=seeds,
+    model_cache = (args.model_cache or workdir / "models").resolve()
+    with bench_stack(workdir, model_cache=model_cache, worker=True, env={
+            # the receiver is http on loopback
+            "LOOMIS_WEBHOOKS__ALLOW_HTTP": "true",
+            "LOOMIS_WEBHOOKS__ALLOW_PRIVATE_NETWORKS": "true",
+            "LOOMIS_WEBHOOKS__DISPATCH_INTERVAL_S": str(interval)}) as running:
+        stack, key, database_url = running.stack, running.key, running.database_url
+        try:
+            print(f"dispatch interval {interval:g} s (LOOMIS_WEBHOOKS__DISPATCH_INTERVAL_S; default "
+                  f"{WebhookSettings().dispatch_interval_s:g}); SQLite; {os.cpu_count()} CPUs, "
+                  f"load average {os.getloadavg()[0]:.2f}", flush=True)
+            with httpx.Client(base_url=stack.url, timeout=60,
+                              headers={"Authorization": f"Bearer {key}"}) as client:
+                receiver.secrets.append(check(client.get("/v1/webhooks/job-secret"), 200)["secret"])
+                for replicas in (1, 2):
+                    label = f"{replicas} gateway" + ("s" if replicas > 1 else "")
+                    if replicas == 2:
+                        second, _ = spawn_gateway(stack, "gateway-2")
+                    pids = [c.popen.pid for c in [*stack.children, *([second] if second else [])]
+                            if c.name.startswith("gateway")]
+                    known[label] = latency(client, receiver, jobs=args.jobs, seeds=seeds,
                                            interval_s=interval)
-                    print_latency(after, known[after])
-        throughput["bare sender"] = bare_sender(receiver, args.pings)
-    except Exception:
-        for child in [*stack.children, *([second] if second else [])]:
-            print(f"last lines of {child.name}'s log:\n{child.tail(40)}", file=sys.stderr)
-        raise
-    finally:
-        if second is not None:
-            stop_child(second)
-        logs = [c.log for c in stack.children if c.name == "gateway"] + (
-            [second.log] if second else [])
-        stack.stop()
-        receiver.stop()
-        stop_child(redis_child)
-        stop_child(moto)
+                    print_latency(label, known[label])
+                    throughput[label] = drain(client=client, receiver=receiver,
+                                              database_url=database_url, count=args.pings,
+                                              interval_s=interval, gateway_pids=pids)
+                    t = throughput[label]
+                    print(f"  {label}: {args.pings} pings drained at {t['per_s']:6.0f} deliveries/s "
+                          f"({t['span_s']:.2f} s first to last), gateway CPU {t['cpu_ms']:.1f} "
+                          f"ms/delivery; missing {t['missing']}, duplicated {t['duplicated']}; "
+                          f"log: {dict(t['states'])}", flush=True)
+                    if replicas == 2:
+                        after = f"{label}, after the drain"
+                        known[after] = latency(client, receiver, jobs=args.jobs, seeds=seeds,
+                                               interval_s=interval)
+                        print_latency(after, known[after])
+            throughput["bare sender"] = bare_sender(receiver, args.pings)
+        except Exception:
+            if second is not None:
+                print(f"last lines of {second.name}'s log:\n{second.tail(40)}", file=sys.stderr)
+            raise
+        finally:
+            if second is not None:
+                stop_child(second)
+            logs = [c.log for c in stack.children if c.name == "gateway"] + (
+                [second.log] if second else [])
+            receiver.stop()
 
     bare = throughput["bare sender"]
     print(f"\ndeliveries/s to the receiver ({args.pings} each, first to last arrival)")
