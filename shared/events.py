@@ -98,13 +98,18 @@ class JobEvents:
 
     async def create(self, job_id: str, *, tenant_id: str) -> None:
         """Make the job known as ``queued``; called once, before it is enqueued."""
-        key = state_key(job_id)
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hsetnx(key, "state", JobStatus.QUEUED.value)
-            pipe.hsetnx(key, "seq", "0")
-            pipe.hsetnx(key, "tenant", tenant_id)
-            pipe.expire(key, self.ttl_s)
+            self.create_into(pipe, job_id, tenant_id=tenant_id)
             await pipe.execute()
+
+    def create_into(self, pipe: Any, job_id: str, *, tenant_id: str) -> None:
+        """:meth:`create`'s commands, added to a caller's pipeline (a submission sends them
+        with its own in one round trip). Harmless to repeat: every field is set if absent."""
+        key = state_key(job_id)
+        pipe.hsetnx(key, "state", JobStatus.QUEUED.value)
+        pipe.hsetnx(key, "seq", "0")
+        pipe.hsetnx(key, "tenant", tenant_id)
+        pipe.expire(key, self.ttl_s)
 
     async def emit(
         self,

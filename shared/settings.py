@@ -92,6 +92,10 @@ class GatewaySettings(BaseModel):
     subjects_sweep_interval_s: float = Field(
         default=5.0, gt=0, description="How often unfinished subjects, photo deletions and "
         "deletions under way are looked at again (what finishes them after a crash).")
+    queue_recovery_interval_s: float = Field(
+        default=15.0, gt=0, description="How often jobs that are queued in the database are "
+        "checked against the queue: one a stopped gateway committed but never queued is "
+        "queued then (or failed with not_queued when Redis lost it too).")
 
 
 class ModelSettings(BaseModel):

@@ -161,6 +161,8 @@ def launch_stack(
         "LOOMIS_MODELS__CACHE_DIR": str(model_cache),
         "LOOMIS_GATEWAY__CONSUMER_CLAIM_IDLE_MS": "2000",
         "LOOMIS_GATEWAY__CONSUMER_MAX_ATTEMPTS": "3",
+        # a job a killed gateway committed but never queued is queued again within 2 s
+        "LOOMIS_GATEWAY__QUEUE_RECOVERY_INTERVAL_S": "2",
         # webhook receivers in tests listen on loopback over http; a test of the SSRF rules
         # turns these off in its own stack (extra_env)
         "LOOMIS_WEBHOOKS__ALLOW_HTTP": "true",

@@ -75,7 +75,8 @@ def test_readyz_reports_a_stopped_redis(
         assert body["checks"]["database"] == "ok" and body["checks"]["storage"] == "ok"
         assert httpx.get(f"{running.url}/healthz").status_code == 200
 
-        # Submitting while Redis is down is a clear 503 and leaves no job behind as queued.
+        # Submitting while Redis is down is a clear 503 and leaves no job behind: the task is
+        # held in Redis before the row is written, so the refusal comes first.
         with running.client() as client:
             response = client.post("/v1/generations", json={"prompt": "x", "steps": 1})
             assert response.status_code == 503
@@ -87,9 +88,7 @@ def test_readyz_reports_a_stopped_redis(
             assert time.monotonic() < deadline, "gateway did not recover after Redis restart"
             time.sleep(0.2)
         with running.client() as client:
-            jobs = client.get("/v1/jobs").json()["items"]
-        assert [j["status"] for j in jobs] == ["failed"]
-        assert jobs[0]["error"]["code"] == "queue_unavailable"
+            assert client.get("/v1/jobs").json()["items"] == []
 
         # Many clients following a job (SSE) must not hold database connections: with no
         # worker the job stays queued and every stream stays open.

@@ -27,6 +27,7 @@ from services.gateway.files.stores import S3Store, build_store
 from services.gateway.generations.routes import router as generations_router
 from services.gateway.health.routes import router as health_router
 from services.gateway.jobs.inserts import JobInserts
+from services.gateway.jobs.recovery import QueueRecovery
 from services.gateway.jobs.routes import document_event_stream
 from services.gateway.jobs.routes import router as jobs_router
 from services.gateway.jobs.schemas import document_results
@@ -109,10 +110,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             webhook_progress_interval_s=settings.webhooks.progress_interval_s,
             on_deliveries=dispatcher.wake, on_subjects=chain.wake,
         )
+        recovery = QueueRecovery(app.state.loomis,
+                                 interval_s=settings.gateway.queue_recovery_interval_s)
         stop = asyncio.Event()
         tasks = [asyncio.create_task(consumer.run(stop), name="event-consumer"),
                  asyncio.create_task(dispatcher.run(stop), name="webhook-dispatcher"),
-                 asyncio.create_task(chain.run(stop), name="subject-chain")]
+                 asyncio.create_task(chain.run(stop), name="subject-chain"),
+                 asyncio.create_task(recovery.run(stop), name="queue-recovery")]
         logger.info("gateway ready (consumer %s)", consumer.name)
         try:
             yield

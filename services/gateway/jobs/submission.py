@@ -1,14 +1,18 @@
 """Job submission for every kind: hash the request, replay an idempotent retry, record the
 job, then enqueue it.
 
-The order is the point: the row is committed before the task exists, so a worker never runs a
-job the database does not know, and a queue that cannot take the task ends the job in
-``failed`` at once instead of leaving it ``queued`` for ever. Each domain (generations, sweeps,
-taggings, trainings) validates its own request and hands the result here.
+The order is the point: the task is written to Redis *beside* the queue first (the job's
+pending entry), the row is committed next, and only then is the task queued. A worker never runs
+a job the database does not know; a queue that cannot take the task ends the job in ``failed``
+at once; and a gateway killed between the commit and the enqueue leaves the pending entry from
+which :mod:`services.gateway.jobs.recovery` queues the job later, instead of it staying
+``queued`` for ever. Each domain (generations, sweeps, taggings, trainings) validates its own
+request and hands the result here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -28,6 +32,7 @@ from services.gateway.db.models import Job, Tenant, new_id, utcnow
 from services.gateway.deps import GatewayState
 from services.gateway.webhooks.service import CheckedWebhook
 from shared.errors import Conflict, ServiceUnavailable
+from shared.events import state_key
 from shared.queue import GENERATOR_QUEUE
 from shared.specs import JobKind, JobStatus, LoraRef, WebhookTarget
 
@@ -38,7 +43,9 @@ logger = logging.getLogger(__name__)
 # and then runs MULTI/EXEC, three round trips that were a sixth of a submission's CPU. The
 # same keys, the same serialised job (arq's own serialize_job) and the same no-op for an id
 # already queued or finished; tests/test_hot_path.py holds it to what enqueue_job writes.
+# It also drops the job's pending entry (KEYS[4]): once queued, nothing is left to recover.
 _ENQUEUE = """
+redis.call('del', KEYS[4])
 if redis.call('exists', KEYS[1], KEYS[2]) > 0 then return 0 end
 redis.call('psetex', KEYS[1], ARGV[1], ARGV[2])
 redis.call('zadd', KEYS[3], ARGV[3], ARGV[4])
@@ -46,15 +53,31 @@ return 1
 """
 
 
+def pending_key(job_id: str) -> str:
+    """The task of a job whose row may be committed but which is not queued yet."""
+    return f"loomis:job:{job_id}:pending"
+
+
+def serialize_task(redis: Any, *, task: str, payload: dict[str, Any]) -> tuple[bytes, int]:
+    """The task as arq stores it, and its enqueue time (the queue's score)."""
+    now = timestamp_ms()
+    return serialize_job(task, (payload,), {}, None, now, serializer=redis.job_serializer), now
+
+
+async def enqueue_serialized(redis: Any, *, queue: str, job_id: str, job: bytes,
+                             score: int) -> bool:
+    # EVAL, not EVALSHA: Redis keeps the compiled script by its hash either way
+    added = await redis.eval(_ENQUEUE, 4, job_key_prefix + job_id, result_key_prefix + job_id,
+                             queue, pending_key(job_id), redis.expires_extra_ms, job, score,
+                             job_id)
+    return bool(added)
+
+
 async def enqueue(redis: Any, *, queue: str, task: str, job_id: str, payload: dict[str, Any]) -> bool:
     """Enqueue under the job's own id so a repeated enqueue of the same job is a no-op
     (False)."""
-    now = timestamp_ms()
-    job = serialize_job(task, (payload,), {}, None, now, serializer=redis.job_serializer)
-    # EVAL, not EVALSHA: Redis keeps the compiled script by its hash either way
-    added = await redis.eval(_ENQUEUE, 3, job_key_prefix + job_id, result_key_prefix + job_id,
-                             queue, redis.expires_extra_ms, job, now, job_id)
-    return bool(added)
+    job, now = serialize_task(redis, task=task, payload=payload)
+    return await enqueue_serialized(redis, queue=queue, job_id=job_id, job=job, score=now)
 
 
 def request_hash(spec: BaseModel) -> str:
@@ -89,7 +112,8 @@ async def create_and_enqueue(
     payload: Callable[[str], dict[str, Any]], queue: str = GENERATOR_QUEUE,
     webhook: CheckedWebhook | None = None, loras: Sequence[LoraRef] = (),
 ) -> tuple[Job, bool]:
-    """Commit the job row, then enqueue it; a queue failure ends the job in ``failed``.
+    """Hold the task in Redis, commit the job row, then enqueue it; a queue failure ends the
+    job in ``failed`` (or, before the row exists, refuses the request with a 503).
 
     ``webhook`` (the spec's, as ``check_job_webhook`` passed it) goes on the row, beside the
     spec the worker gets, never into it. ``loras`` (those the job will apply) are recorded as
@@ -97,8 +121,23 @@ async def create_and_enqueue(
     if session.new or session.dirty or session.deleted:
         raise RuntimeError("a submission commits its job row alone; commit other changes first")
     now = utcnow()
+    job_id = new_id()
+    task, score = serialize_task(state.redis, task=task_name, payload=payload(job_id))
+    try:
+        # The live state and the pending task in one round trip, before the row: a gateway
+        # killed after the commit leaves what recovery needs to queue the job.
+        async with state.redis.pipeline(transaction=True) as pipe:
+            state.events.create_into(pipe, job_id, tenant_id=tenant.id)
+            pipe.hset(pending_key(job_id), mapping={"queue": queue, "job": task,
+                                                    "score": score})
+            pipe.expire(pending_key(job_id), state.settings.redis.job_ttl_s)
+            await pipe.execute()
+    except Exception as exc:
+        logger.exception("the job could not be held for queueing", extra={"job_id": job_id})
+        raise ServiceUnavailable("the job queue is unavailable; try again",
+                                 code="queue_unavailable") from exc
     row: dict[str, Any] = {
-        "id": new_id(), "tenant_id": tenant.id, "kind": kind.value,
+        "id": job_id, "tenant_id": tenant.id, "kind": kind.value,
         "status": JobStatus.QUEUED.value, "spec": spec, "idempotency_key": idempotency_key,
         "request_hash": digest, "result": {}, "progress": 0.0, "last_seq": 0, "attempts": 0,
         "cancel_requested": False, "error_code": None, "error_message": None,
@@ -112,6 +151,8 @@ async def create_and_enqueue(
             for lora in {lora.id: lora for lora in loras}.values()])
     except IntegrityError:
         # A concurrent request with the same key won the race: answer as its replay.
+        with contextlib.suppress(Exception):
+            await state.redis.delete(pending_key(job_id), state_key(job_id))
         if idempotency_key and (
             existing := await find_replay(session=session, tenant=tenant, key=idempotency_key,
                                           digest=digest)
@@ -121,13 +162,13 @@ async def create_and_enqueue(
     job = Job(**row)  # what was committed, for the response; the session never saw it
     set_committed_value(job, "artifacts", [])
     try:
-        await state.events.create(job.id, tenant_id=tenant.id)
         await state.events.emit(job.id, "queued", allowed_from=(JobStatus.QUEUED,),
                                 data={"queue": queue})
-        await enqueue(state.redis, queue=queue, task=task_name, job_id=job.id,
-                      payload=payload(job.id))
+        await enqueue_serialized(state.redis, queue=queue, job_id=job.id, job=task, score=score)
     except Exception as exc:
         logger.exception("enqueue failed", extra={"job_id": job.id})
+        with contextlib.suppress(Exception):  # the job ends failed: nothing to recover
+            await state.redis.delete(pending_key(job.id))
         async with state.write_lock:
             await session.execute(update(Job).where(Job.id == job.id).values(
                 status=JobStatus.FAILED.value, error_code="queue_unavailable",

@@ -1,0 +1,117 @@
+"""Jobs that are ``queued`` in the database but not in the queue.
+
+A submission holds its task in Redis (the job's pending entry), commits the row and then
+queues the task; a gateway killed between the commit and the enqueue leaves a row that no
+worker will ever see. Every gateway looks for such rows at start-up and every
+``queue_recovery_interval_s``: a job whose task is still pending is queued from it (the enqueue
+is a no-op for a job already queued or done, so two gateways doing this is harmless); one whose
+task is gone too (Redis restarted empty) fails with ``not_queued``, through the live state, so
+its client, its webhook and a subject waiting on it all hear of it instead of waiting for ever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from datetime import timedelta
+from typing import Any
+
+from arq.constants import job_key_prefix, result_key_prefix
+from sqlalchemy import select
+
+from services.gateway.db.models import Job, utcnow
+from services.gateway.jobs.submission import enqueue_serialized, pending_key
+from shared.events import state_key
+from shared.specs import JobStatus
+
+logger = logging.getLogger(__name__)
+
+# A row this young may belong to a submission still between its commit and its enqueue.
+GRACE_S = 5.0
+_PAGE = 500
+NOT_QUEUED = {"code": "not_queued", "message": "the job was recorded but its task was lost "
+              "before it reached the queue (Redis restarted empty); submit it again"}
+
+
+class QueueRecovery:
+    def __init__(self, state: Any, *, interval_s: float) -> None:
+        self.state = state
+        self.interval_s = interval_s
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self.sweep()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - a database or Redis outage: the next pass retries
+                logger.warning("queue recovery pass failed; retrying", exc_info=True)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.interval_s)
+
+    async def sweep(self) -> dict[str, int]:
+        """Look at every queued row older than the grace; how many were queued and failed."""
+        cutoff = utcnow() - timedelta(seconds=GRACE_S)
+        counts = {"queued": 0, "failed": 0}
+        after: tuple[Any, str] | None = None
+        while True:
+            query = (select(Job.id, Job.tenant_id, Job.created_at)
+                     .where(Job.status == JobStatus.QUEUED.value, Job.created_at < cutoff)
+                     .order_by(Job.created_at, Job.id).limit(_PAGE))
+            if after is not None:
+                query = query.where((Job.created_at > after[0])
+                                    | ((Job.created_at == after[0]) & (Job.id > after[1])))
+            async with self.state.sessionmaker() as session:
+                rows = (await session.execute(query)).all()
+            if not rows:
+                return counts
+            for outcome in await self._recover_page([(r.id, r.tenant_id) for r in rows]):
+                if outcome:
+                    counts[outcome] += 1
+            after = (rows[-1].created_at, rows[-1].id)
+
+    async def _recover_page(self, jobs: list[tuple[str, str]]) -> list[str | None]:
+        redis = self.state.redis
+        async with redis.pipeline(transaction=False) as pipe:
+            for job_id, _ in jobs:
+                pipe.exists(job_key_prefix + job_id, result_key_prefix + job_id)
+                pipe.hmget(state_key(job_id), "state", "seq")
+                pipe.hgetall(pending_key(job_id))
+            replies = await pipe.execute()
+        outcomes: list[str | None] = []
+        for index, (job_id, tenant_id) in enumerate(jobs):
+            in_queue, (live, seq), pending = replies[3 * index: 3 * index + 3]
+            if in_queue or (live is not None and _text(live) != JobStatus.QUEUED.value):
+                # queued, running or done as far as Redis knows; the event consumer brings
+                # the row up to date
+                outcomes.append(None)
+                continue
+            outcomes.append(await self._recover(job_id, tenant_id, pending,
+                                                emitted=seq is not None and _text(seq) != "0"))
+        return outcomes
+
+    async def _recover(self, job_id: str, tenant_id: str, pending: dict[bytes, bytes],
+                       *, emitted: bool) -> str | None:
+        events = self.state.events
+        await events.create(job_id, tenant_id=tenant_id)
+        if pending:
+            queue = _text(pending[b"queue"])
+            if not emitted:
+                await events.emit(job_id, "queued", allowed_from=(JobStatus.QUEUED,),
+                                  data={"queue": queue, "recovered": True})
+            await enqueue_serialized(redis=self.state.redis, queue=queue, job_id=job_id,
+                                     job=pending[b"job"], score=int(pending[b"score"]))
+            logger.warning("job %s was committed but never queued; queued it now", job_id)
+            return "queued"
+        transition = await events.emit(job_id, "failed", allowed_from=(JobStatus.QUEUED,),
+                                       to=JobStatus.FAILED, data={"error": NOT_QUEUED})
+        if transition.event is None:
+            return None
+        logger.warning("job %s was queued in the database but its task is lost; failed it",
+                       job_id)
+        return "failed"
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
