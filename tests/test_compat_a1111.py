@@ -41,12 +41,14 @@ def test_txt2img_batch_equals_the_native_generation(stack: RunningStack) -> None
     assert result.info["seed"] == 1234 and result.info["all_seeds"] == [1234, 1235]
     assert result.info["sampler_name"] == "DDIM" and result.info["steps"] == 3
     assert "Steps: 3" in result.images[0].info["parameters"]
+    assert "Eta DDIM: 1.0" in result.images[0].info["parameters"]
+    assert result.info["extra_generation_params"]["Eta DDIM"] == 1.0
     assert len(result.info["infotexts"]) == 2
     with stack.client() as client:
         native = client.post("/v1/generations", json={
             "prompt": "a red fox", "negative_prompt": "blurry", "seed": 1234, "steps": 3,
             "guidance_scale": 6.5, "width": 64, "height": 64, "num_images": 2,
-            "scheduler": "DDIM", "model": "tiny-sd15"})
+            "scheduler": "DDIM", "eta": 1.0, "model": "tiny-sd15"})  # webuiapi sends eta 1
         job = wait_terminal(client, native.json()["id"], timeout=120)
         images = sorted((a for a in job["artifacts"] if a["kind"] == "image"),
                         key=lambda a: a["index"])
@@ -224,6 +226,13 @@ def test_every_honoured_option_changes_the_result(stack: RunningStack) -> None:
     assert not np.array_equal(arr(api.txt2img(**txt, sampler_name="DPM++ 2M").image),
                               arr(api.txt2img(**txt, sampler_name="DPM++ 2M",
                                               scheduler="karras").image))
+    # eta is DDIM's η (webuiapi sends 1 unless told); Euler never reads it, in webui as here
+    assert not np.array_equal(arr(api.txt2img(**txt, sampler_name="DDIM", eta=0).image),
+                              arr(api.txt2img(**txt, sampler_name="DDIM", eta=1).image))
+    assert np.array_equal(arr(api.txt2img(**txt, sampler_name="Euler", eta=0).image),
+                          arr(api.txt2img(**txt, sampler_name="Euler", eta=1).image))
+    with pytest.raises(RuntimeError, match="eta"):
+        api.txt2img(**txt, sampler_name="Euler a", eta=0.5)
     other = api.txt2img(**txt, override_settings={"sd_model_checkpoint": "tiny-sdxl"})
     assert other.info["sd_model_name"] == "tiny-sdxl"
 

@@ -209,6 +209,9 @@ def test_list_jobs_pages_and_filters(stack: RunningStack) -> None:
         ({**SMALL, "steps": 10_000}, "steps"),
         ({**SMALL, "model": "no-such-model"}, "model"),
         ({**SMALL, "scheduler": "Warp Drive"}, "scheduler"),
+        ({**SMALL, "eta": 0.5}, "eta"),  # the model's own scheduler (Euler) has no eta
+        ({**SMALL, "scheduler": "Euler a", "eta": 0.5}, "eta"),
+        ({**SMALL, "scheduler": "DDIM", "eta": 1.5}, "eta"),
         ({**SMALL, "prompt": ""}, "prompt"),
         ({**SMALL, "prompt": "   "}, "prompt"),
         ({**SMALL, "prompt": "x" * 2001}, "prompt"),
@@ -288,3 +291,28 @@ def test_the_scheduler_that_ran_is_recorded_in_the_spec(stack: RunningStack) -> 
         chosen = wait_terminal(client, client.post(
             "/v1/generations", json={**SMALL, "scheduler": "ddim"}).json()["id"])
         assert chosen["spec"]["scheduler"] == "DDIM"
+
+
+def test_ddim_eta_changes_the_image_and_is_recorded(stack: RunningStack) -> None:
+    """eta is DDIM's η: 0 and 1 make different pictures from one seed, and the spec, the PNG's
+    parameters (webui's ``Eta DDIM``) and a sweep over it all carry it."""
+    ddim = {**SMALL, "scheduler": "DDIM", "steps": 3, "seed": 4}
+    with stack.client() as client:
+        jobs = [wait_terminal(client, client.post("/v1/generations", json={
+            **ddim, "eta": eta}).json()["id"]) for eta in (0.0, 1.0)]
+        assert [j["status"] for j in jobs] == ["succeeded", "succeeded"], jobs
+        images = [_pixels(next(a["url"] for a in j["artifacts"] if a["kind"] == "image"))
+                  for j in jobs]
+        assert not np.array_equal(images[0][0], images[1][0])
+        assert [j["spec"]["eta"] for j in jobs] == [0.0, 1.0]
+        assert "Eta DDIM: 1.0" in images[1][1].text["parameters"]
+        assert "Eta DDIM" not in images[0][1].text["parameters"]  # 0 is webui's default
+        sweep = wait_terminal(client, client.post("/v1/sweeps", json={
+            "base": ddim, "axes": [{"param": "eta", "values": [0, 1]}]}).json()["id"])
+        assert sweep["status"] == "succeeded", sweep
+        cells = [_pixels(a["url"])[0] for a in sweep["artifacts"] if a["kind"] == "image"]
+        assert len(cells) == 2 and np.array_equal(cells[0], images[0][0])
+        assert np.array_equal(cells[1], images[1][0])
+        refused = client.post("/v1/sweeps", json={
+            "base": SMALL, "axes": [{"param": "eta", "values": [0, 1]}]})
+        assert refused.status_code == 422 and "eta" in refused.text

@@ -30,8 +30,9 @@ FORBIDDEN = ("torch", "fastapi", "starlette", "sqlalchemy", "alembic", "diffuser
 # (shared/evictions.py), to 3,875 for subjects: a scene subject named by id, the LoRA's subject
 # on LoraRef (manifests name it), blinded eviction digests and the chain's sweep setting; to
 # 3,900 for the compatibility adapters' settings (LOOMIS_COMPAT__*) and an img2img prompt that
-# may be empty
-MAX_SHARED_LINES = 3_900
+# may be empty; to 3,925 for the queue recovery's setting (and JobEvents.create's commands in a
+# caller's pipeline, which a submission sends with its pending task) and DDIM's eta
+MAX_SHARED_LINES = 3_925
 
 # shared modules allowed a single consumer, each with the reason; empty while none needs it.
 SINGLE_CONSUMER_ALLOWED: dict[str, str] = {}

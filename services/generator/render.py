@@ -115,7 +115,7 @@ def prepare_inputs(
 def batch_key(spec: GenerationSpec, loras: list[LoraRef]) -> tuple[Any, ...]:
     """Specs with equal keys can share one pipeline call (the worker's batching)."""
     return (spec.model, spec.mode, spec.width, spec.height, spec.steps, spec.guidance_scale,
-            spec.scheduler, spec.strength, tuple((lora.sha256, lora.weight) for lora in loras))
+            spec.scheduler, spec.eta, spec.strength, tuple((lora.sha256, lora.weight) for lora in loras))
 
 
 def _call_parameters(pipe: Any) -> set[str]:
@@ -184,6 +184,8 @@ def render(
                       generator=[torch.Generator("cpu").manual_seed(s) for s in seeds])
         if "width" in params:
             kwargs.update(width=first.width, height=first.height)
+        if first.eta is not None and "eta" in params:
+            kwargs["eta"] = first.eta  # read by DDIMScheduler.step (the gateway requires DDIM)
         if mode != "txt2img":
             kwargs["image"] = repeat([p.init for p in prepared])
             kwargs["strength"] = first.strength
@@ -247,6 +249,8 @@ def a1111_parameters(spec: GenerationSpec, *, seed: int, scheduler: str, model: 
         f"Seed: {seed}", f"Size: {spec.width}x{spec.height}",
         f"Model hash: {model.sha256[:10]}", f"Model: {model.preset.name}",
     ]
+    if spec.eta:
+        fields.append(f"Eta DDIM: {spec.eta}")  # webui writes it when not its default, 0
     if spec.strength is not None:
         fields.append(f"Denoising strength: {spec.strength}")
     if spec.mode != GenerationMode.TXT2IMG:

@@ -296,6 +296,11 @@ class GenerationSpec(RequestModel):
     scheduler: str | None = Field(
         default=None, description="e.g. 'Euler a', 'DPM++ 2M Karras', 'DDIM'. Default: model's."
     )
+    eta: float | None = Field(
+        default=None, ge=0, le=1,
+        description="DDIM's η: 0 (the default) is deterministic DDIM, 1 adds as much fresh "
+        "noise each step as DDPM. Only with scheduler 'DDIM' (the other schedulers have no "
+        "such knob), so any other scheduler is a 422 naming eta.")
     init_image: ImageRef | None = Field(default=None, description="img2img/inpaint/outpaint: the image to "
                                         "start from.")
     strength: float | None = Field(

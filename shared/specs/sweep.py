@@ -26,7 +26,7 @@ MAX_SWEEP_CELLS = 64
 class SweepAxis(RequestModel):
     model_config = ConfigDict(extra="forbid")
 
-    param: Literal["guidance_scale", "steps", "seed", "scheduler", "strength", "prompt",
+    param: Literal["guidance_scale", "steps", "seed", "scheduler", "eta", "strength", "prompt",
                    "negative_prompt"] = Field(description="The spec field this axis varies.")
     # Strict: a JSON true is not the number 1 (nor a seed of 1) and was accepted as one.
     values: Annotated[list[StrictInt | StrictFloat | StrictStr], MULTILINE] = Field(

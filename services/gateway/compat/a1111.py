@@ -169,7 +169,8 @@ _DOCS = {
     "n_iter": "Batches.", "steps": "Denoising steps.", "cfg_scale": "Guidance scale.",
     "width": "Pixels, a multiple of the model's.", "height": "Pixels, a multiple of the model's.",
     "restore_faces": "Refused when true.", "tiling": "Refused when true.",
-    "eta": "0 or 1 (webuiapi's default) only; not applied.",
+    "eta": "DDIM: applied (0-1). Euler a, DPM2 a: 1 only. Other samplers do not use it, "
+           "as in webui.",
     "s_churn": "Refused unless 0.", "s_tmax": "Refused unless 0.", "s_tmin": "Refused unless 0.",
     "s_noise": "Refused unless 1.",
     "override_settings": "Only sd_model_checkpoint (and CLIP_stop_at_last_layers 1).",
@@ -297,8 +298,6 @@ def _refuse_unhonoured(body: _Request) -> None:
         value = getattr(body, name)
         if value is not None and value != default:
             refuse(name, "sampler noise settings are not supported")
-    if body.eta not in (None, 0, 1):  # 1 is what webuiapi always sends
-        refuse("eta", "only the scheduler's own eta is supported")
     for key, value in (body.override_settings or {}).items():
         if key == "sd_model_checkpoint":
             continue
@@ -524,6 +523,12 @@ async def _generate(request: Request, body: _Request, *, img2img: bool, session:
         "width": body.width, "height": body.height, "steps": body.steps,
         "guidance_scale": body.cfg_scale, "seed": None if body.seed < 0 else body.seed,
         "scheduler": scheduler, "loras": loras, "controls": _control_units(body, size)}
+    # webui reads eta in DDIM (η) and in the ancestral samplers (their noise, 1 = as they are
+    # built here); the other samplers never read it, in webui as here. webuiapi sends 1.
+    if body.eta is not None and scheduler == "DDIM":
+        fields["eta"] = body.eta
+    elif body.eta not in (None, 1) and scheduler in ("Euler a", "DPM2 a"):
+        raise invalid("eta", f"{sampler} runs with eta 1 only (its full ancestral noise)")
     crop = None
     init = None
     if img2img:
@@ -607,7 +612,8 @@ def _answer(body: _Request, outcome: jobs.Outcome, *, preset: ModelPreset,
         "sd_model_name": preset.name, "sd_model_hash": None, "sd_vae_name": None,
         "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
         "denoising_strength": spec.get("strength"),
-        "extra_generation_params": {"Schedule type": schedule},
+        "extra_generation_params": {"Schedule type": schedule, **(
+            {"Eta DDIM": spec["eta"]} if spec.get("eta") else {})},
         "index_of_first_image": 0, "infotexts": infotexts, "styles": [],
         "job_timestamp": datetime.now(UTC).strftime("%Y%m%d%H%M%S"), "clip_skip": 1,
         "is_using_inpainting_conditioning": False, "version": "loomis",

@@ -78,6 +78,9 @@ def resolve_generation(
             errors.append({"field": "scheduler", "message": f"{scheduler!r} is not available "
                            f"for {preset.family}; choose one of: {', '.join(limits.schedulers)}"})
         scheduler = canonical
+    if spec.eta is not None and scheduler != "DDIM":
+        errors.append({"field": "eta", "message": "eta applies to the DDIM scheduler only; set "
+                       "scheduler to 'DDIM' or leave eta out"})
     for index, control in enumerate(spec.controls):
         if control.type not in preset.controlnets:
             have = ", ".join(sorted(preset.controlnets)) or "none"
