@@ -92,6 +92,9 @@ class GatewaySettings(BaseModel):
     subjects_sweep_interval_s: float = Field(
         default=5.0, gt=0, description="How often unfinished subjects, photo deletions and "
         "deletions under way are looked at again (what finishes them after a crash).")
+    max_body_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=1024, description="The largest body read whole (JSON, "
+        "with webui's base64 images); larger is a 413. Multipart uploads have their own limits.")
     queue_recovery_interval_s: float = Field(
         default=15.0, gt=0, description="How often jobs that are queued in the database are "
         "checked against the queue: one a stopped gateway committed but never queued is "

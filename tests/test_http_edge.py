@@ -245,3 +245,45 @@ def test_json_the_parser_cannot_read_is_a_400_malformed_json(
                                headers={"content-type": "application/json"})
     problem = _problem(response, 400, "malformed_json")
     assert [e["field"] for e in problem["errors"]] == ["body"]
+
+
+def test_a_body_over_the_limit_is_a_413_naming_body_before_it_is_read(
+        stack: RunningStack) -> None:
+    """JSON bodies are read whole: one far over LOOMIS_GATEWAY__MAX_BODY_BYTES (64 MiB) is
+    refused as it arrives, in the shape of the API it was sent to, and nothing is queued."""
+    import socket
+    from urllib.parse import urlparse
+
+    key = stack.keys["alice"]
+    url = urlparse(stack.url)
+    with socket.create_connection((url.hostname, url.port), timeout=10) as raw:
+        raw.sendall(f"POST /v1/generations HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}"
+                    "\r\nContent-Type: application/json\r\nContent-Length: 999999999\r\n\r\n{"
+                    .encode())
+        head = b""  # answered, and closed, without the 1 GB it claims to send
+        while chunk := raw.recv(65536):
+            head += chunk
+    head = head.decode()
+    assert head.startswith("HTTP/1.1 413"), head
+    assert '"field":"body"' in head and "999999999 bytes" in head
+
+    def streamed() -> object:  # chunked, no Content-Length: counted as it streams
+        yield b'{"prompt": "'
+        for _ in range(65):
+            yield b"a" * (1024 * 1024)
+        yield b'"}'
+
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    with stack.client() as client:
+        before = client.get("/v1/jobs").json()["items"]
+        problem = _problem(httpx.post(f"{stack.url}/v1/generations", content=streamed(),
+                                      headers=headers), 413, "payload_too_large")
+        assert problem["errors"][0]["field"] == "body"
+        webui = httpx.post(f"{stack.url}/sdapi/v1/txt2img", content=streamed(), headers=headers)
+        assert webui.status_code == 413 and "body" in webui.json()["detail"]
+        openai = httpx.post(f"{stack.url}/v1/images/generations", content=streamed(),
+                            headers=headers)
+        # OpenAI answers every invalid request with a 400
+        assert openai.status_code == 400 and openai.json()["error"]["param"] == "body"
+        assert client.get("/v1/jobs").json()["items"] == before
+        assert client.post("/v1/generations", json=SMALL).status_code == 202  # still serving

@@ -13,6 +13,7 @@ from arq.connections import RedisSettings as ArqRedisSettings
 from fastapi import Depends, FastAPI
 
 from services.gateway.auth.service import ApiKeyLookups
+from services.gateway.bodylimit import BodyLimit
 from services.gateway.compat import a1111, openai_api
 from services.gateway.console import routes as console
 from services.gateway.control.routes import router as control_router
@@ -145,6 +146,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                    "logs": settings.gateway.telemetry},
     )
     install_problem_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.gateway.max_body_bytes)
     install_docs(app)
     for router in (generations_router, sweeps_router, uploads_router, control_router,
                    loras_router, datasets_router, taggings_router, trainings_router, jobs_router,

@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import Scope
 
+from services.gateway.bodylimit import BodyTooLarge
 from shared.errors import LoomisError
 
 logger = logging.getLogger(__name__)
@@ -143,6 +144,16 @@ def _allowed_methods(app: Any, scope: Scope) -> list[str]:
     return allowed
 
 
+def _body_too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
+    said = f"the body is {exc.declared} bytes" if exc.declared else "the body is larger"
+    message = f"{said}; the limit is {exc.limit} (LOOMIS_GATEWAY__MAX_BODY_BYTES)"
+    return problem_response(
+        request, status=413, code="payload_too_large", title="Payload too large",
+        detail=message, errors=[{"field": "body", "message": message,
+                                 "type": "payload_too_large"}],
+        headers={"Connection": "close"})
+
+
 def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(LoomisError)
     async def _loomis(request: Request, exc: LoomisError) -> JSONResponse:
@@ -186,9 +197,15 @@ def install_problem_handlers(app: FastAPI) -> None:
             detail=f"Invalid value for: {fields}", errors=errors,
         )
 
+    @app.exception_handler(BodyTooLarge)
+    async def _too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
+        return _body_too_large(request, exc)
+
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         cause = exc.__cause__
+        if isinstance(cause, BodyTooLarge):  # FastAPI wraps what its body read raised
+            return _body_too_large(request, cause)
         if exc.status_code == 400 and isinstance(cause, ValueError | RecursionError) \
                 and _takes_json(request):
             # What json.loads raises besides JSONDecodeError: bytes that are not UTF-8,
