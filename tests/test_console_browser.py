@@ -133,6 +133,12 @@ def test_a_bad_value_shows_the_apis_error_next_to_its_field(
     page.get_by_role("button", name="Generate").click()
     error = page.locator('.error[data-field="steps"]')
     expect(error).to_contain_text("500")
+    # a rule the gateway checks (eta needs DDIM) lands next to its field too
+    page.get_by_label("Steps").fill("2")
+    page.get_by_label("Eta (DDIM only)").fill("0.5")
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator('.error[data-field="eta"]')).to_contain_text("DDIM")
+    expect(error).to_be_empty()
     # keyboard only: Tab walks the labelled fields in order
     page.locator("#prompt").focus()
     page.keyboard.press("Tab")

@@ -136,6 +136,7 @@ async function generateView(prefill = {}) {
       ${field("steps", "Steps", `<input id="steps" name="steps" type="number" min="1">`)}
       ${field("guidance_scale", "Guidance", `<input id="guidance_scale" name="guidance_scale" type="number" step="0.5">`)}
       ${field("scheduler", "Scheduler", `<select id="scheduler" name="scheduler"></select>`)}
+      ${field("eta", "Eta (DDIM only)", `<input id="eta" name="eta" type="number" min="0" max="1" step="0.1" placeholder="0">`)}
       ${field("num_images", "Images", `<input id="num_images" name="num_images" type="number" min="1" max="8" value="1">`)}
       ${field("seed", "Seed", `<div class="row"><input id="seed" name="seed" type="number" min="0" placeholder="random">
           <button type="button" class="secondary" id="seed-random">Random</button>
@@ -365,7 +366,7 @@ async function submitGeneration(form) {
     width: numberOrNull(form.width.value), height: numberOrNull(form.height.value),
     steps: numberOrNull(form.steps.value), guidance_scale: numberOrNull(form.guidance_scale.value),
     seed: numberOrNull(form.seed.value), num_images: numberOrNull(form.num_images.value) || 1,
-    scheduler: form.scheduler.value || null,
+    scheduler: form.scheduler.value || null, eta: numberOrNull(form.eta.value),
   };
   if (spec.mode !== "txt2img") {
     if (!hasInit) {
@@ -1044,7 +1045,7 @@ async function subjectView(subjectId) {
 async function sweepsView() {
   signOut.hidden = false;
   models = models || await api("/v1/models");
-  const params = ["guidance_scale", "steps", "seed", "scheduler", "strength", "prompt", "negative_prompt"];
+  const params = ["guidance_scale", "steps", "seed", "scheduler", "eta", "strength", "prompt", "negative_prompt"];
   const axis = (n) => `
     ${field(`axes.${n}.param`, `Axis ${n + 1}`, `<select id="axis-${n}">${n ? "<option value=''>none</option>" : ""}${params
       .map((p) => `<option>${p}</option>`).join("")}</select>`, { id: `axis-${n}` })}
