@@ -71,6 +71,12 @@ def cancel_key(job_id: str) -> str:
     return f"loomis:job:{job_id}:cancel"
 
 
+def pending_key(job_id: str) -> str:
+    """The task of a job whose row may be committed but which is not queued yet (see
+    services/gateway/jobs/submission.py); it holds the task's payload."""
+    return f"loomis:job:{job_id}:pending"
+
+
 def decode_event(fields: dict[bytes, bytes] | dict[str, str]) -> JobEvent:
     """Rebuild an event from a stream entry; ``seq`` is assigned by Redis, not the body."""
     norm = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)

@@ -21,8 +21,8 @@ from arq.constants import job_key_prefix, result_key_prefix
 from sqlalchemy import select
 
 from services.gateway.db.models import Job, utcnow
-from services.gateway.jobs.submission import enqueue_serialized, pending_key
-from shared.events import state_key
+from services.gateway.jobs.submission import _ENQUEUE
+from shared.events import pending_key, state_key
 from shared.specs import JobStatus
 
 logger = logging.getLogger(__name__)
@@ -32,6 +32,15 @@ GRACE_S = 5.0
 _PAGE = 500
 NOT_QUEUED = {"code": "not_queued", "message": "the job was recorded but its task was lost "
               "before it reached the queue (Redis restarted empty); submit it again"}
+
+# The submission's enqueue, only while the job's live state is still ``queued``: a job canceled
+# (or forgotten, its state scrubbed) since the snapshot is not queued, and its task is dropped.
+_ENQUEUE_IF_QUEUED = """
+if redis.call('hget', KEYS[5], 'state') ~= 'queued' then
+  redis.call('del', KEYS[4])
+  return -1
+end
+""" + _ENQUEUE
 
 
 class QueueRecovery:
@@ -73,15 +82,20 @@ class QueueRecovery:
 
     async def _recover_page(self, jobs: list[tuple[str, str]]) -> list[str | None]:
         redis = self.state.redis
-        async with redis.pipeline(transaction=False) as pipe:
+        # One MULTI/EXEC: a consistent snapshot. Without it Redis may run another client's
+        # commands between two of the pipeline's, and an enqueue (another gateway's recovery, a
+        # slow submission) landing between a job's EXISTS and its HGETALL read as "no task and
+        # no pending entry", failing a job that had just been queued. The pending entry is read
+        # first too, as the enqueue deletes it and writes the job key in one script.
+        async with redis.pipeline(transaction=True) as pipe:
             for job_id, _ in jobs:
-                pipe.exists(job_key_prefix + job_id, result_key_prefix + job_id)
-                pipe.hmget(state_key(job_id), "state", "seq")
                 pipe.hgetall(pending_key(job_id))
+                pipe.hmget(state_key(job_id), "state", "seq")
+                pipe.exists(job_key_prefix + job_id, result_key_prefix + job_id)
             replies = await pipe.execute()
         outcomes: list[str | None] = []
         for index, (job_id, tenant_id) in enumerate(jobs):
-            in_queue, (live, seq), pending = replies[3 * index: 3 * index + 3]
+            pending, (live, seq), in_queue = replies[3 * index: 3 * index + 3]
             if in_queue or (live is not None and _text(live) != JobStatus.QUEUED.value):
                 # queued, running or done as far as Redis knows; the event consumer brings
                 # the row up to date
@@ -94,16 +108,23 @@ class QueueRecovery:
     async def _recover(self, job_id: str, tenant_id: str, pending: dict[bytes, bytes],
                        *, emitted: bool) -> str | None:
         events = self.state.events
-        await events.create(job_id, tenant_id=tenant_id)
+        redis = self.state.redis
         if pending:
+            # The live state was written with the pending entry: never re-created here, so a
+            # job whose state is gone (forgotten, scrubbed since the snapshot) is not queued.
             queue = _text(pending[b"queue"])
             if not emitted:
                 await events.emit(job_id, "queued", allowed_from=(JobStatus.QUEUED,),
                                   data={"queue": queue, "recovered": True})
-            await enqueue_serialized(redis=self.state.redis, queue=queue, job_id=job_id,
-                                     job=pending[b"job"], score=int(pending[b"score"]))
+            added = await redis.eval(
+                _ENQUEUE_IF_QUEUED, 5, job_key_prefix + job_id, result_key_prefix + job_id,
+                queue, pending_key(job_id), state_key(job_id), redis.expires_extra_ms,
+                pending[b"job"], int(pending[b"score"]), job_id)
+            if int(added) != 1:
+                return None
             logger.warning("job %s was committed but never queued; queued it now", job_id)
             return "queued"
+        await events.create(job_id, tenant_id=tenant_id)
         transition = await events.emit(job_id, "failed", allowed_from=(JobStatus.QUEUED,),
                                        to=JobStatus.FAILED, data={"error": NOT_QUEUED})
         if transition.event is None:

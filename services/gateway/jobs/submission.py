@@ -32,7 +32,7 @@ from services.gateway.db.models import Job, Tenant, new_id, utcnow
 from services.gateway.deps import GatewayState
 from services.gateway.webhooks.service import CheckedWebhook
 from shared.errors import Conflict, ServiceUnavailable
-from shared.events import state_key
+from shared.events import pending_key, state_key
 from shared.queue import GENERATOR_QUEUE
 from shared.specs import JobKind, JobStatus, LoraRef, WebhookTarget
 
@@ -51,11 +51,6 @@ redis.call('psetex', KEYS[1], ARGV[1], ARGV[2])
 redis.call('zadd', KEYS[3], ARGV[3], ARGV[4])
 return 1
 """
-
-
-def pending_key(job_id: str) -> str:
-    """The task of a job whose row may be committed but which is not queued yet."""
-    return f"loomis:job:{job_id}:pending"
 
 
 def serialize_task(redis: Any, *, task: str, payload: dict[str, Any]) -> tuple[bytes, int]:
@@ -158,6 +153,13 @@ async def create_and_enqueue(
                                           digest=digest)
         ):
             return existing, False
+        raise
+    except Exception:
+        # No row (or one whose commit the client is told failed: recovery then finds no task
+        # and fails it): the task must not sit in Redis for job_ttl_s. A cancelled submission
+        # (BaseException) keeps it, as the batch it joined may still commit its row.
+        with contextlib.suppress(Exception):
+            await state.redis.delete(pending_key(job_id), state_key(job_id))
         raise
     job = Job(**row)  # what was committed, for the response; the session never saw it
     set_committed_value(job, "artifacts", [])

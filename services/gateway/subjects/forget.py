@@ -31,7 +31,7 @@ from services.gateway.db.models import (
     WebhookDelivery,
     utcnow,
 )
-from shared.events import cancel_key, job_stream_key, state_key
+from shared.events import cancel_key, job_stream_key, pending_key, state_key
 from shared.evictions import record_lora_eviction
 from shared.keys import (
     dataset_prefix,
@@ -65,7 +65,8 @@ async def scrub_redis(redis: Any, *, stream: str, dead_letter: str, job_ids: set
         return 0
     keys = [f"{prefix}{job_id}" for job_id in job_ids for prefix in _ARQ_KEYS]
     keys += [key for job_id in job_ids
-             for key in (state_key(job_id), job_stream_key(job_id), cancel_key(job_id))]
+             for key in (state_key(job_id), job_stream_key(job_id), cancel_key(job_id),
+                         pending_key(job_id))]
     removed = int(await redis.delete(*keys))
     for name in (stream, dead_letter):
         last = "-"
