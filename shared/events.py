@@ -71,6 +71,11 @@ def cancel_key(job_id: str) -> str:
     return f"loomis:job:{job_id}:cancel"
 
 
+# Ids of jobs whose task is held in a pending entry, scored by submission time (ms): what the
+# gateway's queue recovery looks at instead of every queued row.
+PENDING_JOBS = "loomis:jobs:pending"
+
+
 def pending_key(job_id: str) -> str:
     """The task of a job whose row may be committed but which is not queued yet (see
     services/gateway/jobs/submission.py); it holds the task's payload."""

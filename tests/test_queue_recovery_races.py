@@ -13,6 +13,7 @@ import pytest
 from arq import create_pool
 from arq.connections import RedisSettings
 from arq.constants import job_key_prefix
+from arq.utils import timestamp_ms
 from sqlalchemy import select
 
 from services.gateway.db.models import Job, Tenant
@@ -20,7 +21,7 @@ from services.gateway.db.session import WriteLock, make_engine, make_sessionmake
 from services.gateway.jobs import recovery, submission
 from services.gateway.jobs.inserts import JobInserts
 from services.gateway.subjects.forget import scrub_redis
-from shared.events import JobEvents, pending_key, state_key
+from shared.events import PENDING_JOBS, JobEvents, pending_key, state_key
 from shared.settings import Settings
 from shared.specs import JobKind, JobStatus
 from tests.conftest import redis_server
@@ -183,6 +184,7 @@ async def test_a_submission_whose_row_is_refused_leaves_no_task_in_redis(
                 spec={"prompt": "x"}, digest="d", idempotency_key=None, task_name="generate",
                 queue="q", payload=lambda job_id: {"job_id": job_id})
     assert await state.redis.keys("loomis:job:*") == []
+    assert await state.redis.zcard(PENDING_JOBS) == 0
 
 
 async def test_forgetting_a_job_scrubs_its_pending_task(
@@ -193,3 +195,44 @@ async def test_forgetting_a_job_scrubs_its_pending_task(
     await scrub_redis(state.redis, stream="loomis:events", dead_letter="loomis:dead",
                       job_ids={job_id})
     assert await state.redis.keys("loomis:job:*") == []
+    assert await state.redis.zscore(PENDING_JOBS, job_id) is None
+
+
+async def test_after_its_first_pass_recovery_reads_the_index_not_every_queued_row(
+        env: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backlog of queued jobs is not read every pass: only the index of held tasks is, and
+    the rows whole on this Redis's first pass and every FULL_EVERY passes. Ids whose row never
+    came (a request that died before its insert) leave the index once they are old."""
+    state = env
+    monkeypatch.setattr(recovery, "GRACE_S", 0.0)
+    for index in range(30):
+        async with state.sessionmaker() as session:
+            await submission.create_and_enqueue(
+                session=session, state=state, tenant=state.tenant, kind=JobKind.GENERATION,
+                spec={"prompt": f"backlog {index}"}, digest="d", idempotency_key=None,
+                task_name="generate", queue="q", payload=lambda job_id: {"job_id": job_id})
+    assert await state.redis.zcard(PENDING_JOBS) == 0  # each left the index as it was queued
+    sweeper = recovery.QueueRecovery(state, interval_s=1)
+    assert await sweeper.sweep() == {"queued": 0, "failed": 0}  # the first pass: rows whole
+    whole: list[int] = []
+    real_rows = recovery.QueueRecovery._sweep_rows
+
+    async def spy(self: Any) -> dict[str, int]:
+        whole.append(1)
+        return await real_rows(self)
+    monkeypatch.setattr(recovery.QueueRecovery, "_sweep_rows", spy)
+
+    job_id = await killed_submission(state, monkeypatch, "in the gap")
+    assert await state.redis.zscore(PENDING_JOBS, job_id) is not None
+    now = timestamp_ms()
+    await state.redis.zadd(PENDING_JOBS, {"died-long-ago": now - 120_000,
+                                          "maybe-committing": now - 10_000})
+    assert await sweeper.sweep() == {"queued": 1, "failed": 0}
+    assert whole == []  # the index, not the 30 queued rows
+    assert await state.redis.zrange(PENDING_JOBS, 0, -1) == [b"maybe-committing"]
+    assert job_id.encode() in await state.redis.zrange("q", 0, -1)
+    for _ in range(recovery.FULL_EVERY - 3):
+        await sweeper.sweep()
+    assert whole == []
+    assert await sweeper.sweep() == {"queued": 0, "failed": 0}
+    assert whole == [1]  # the FULL_EVERY-th pass reads the rows whole

@@ -77,7 +77,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                              max_overflow=settings.db.max_overflow)
         if settings.db.auto_migrate:
             await migrate(engine)
-        redis = await create_pool(ArqRedisSettings.from_dsn(settings.redis.url))
+        # a task waits in the queue as long as its job's live state lives (arq's default is a
+        # day, after which a worker drops it unrun: a trainer backlog can be longer)
+        redis = await create_pool(ArqRedisSettings.from_dsn(settings.redis.url),
+                                  expires_extra_ms=settings.redis.job_ttl_s * 1000)
         store = build_store(settings)
         if isinstance(store, S3Store):
             await store.ensure_bucket()

@@ -7,6 +7,8 @@ worker will ever see. Every gateway looks for such rows at start-up and every
 is a no-op for a job already queued or done, so two gateways doing this is harmless); one whose
 task is gone too (Redis restarted empty) fails with ``not_queued``, through the live state, so
 its client, its webhook and a subject waiting on it all hear of it instead of waiting for ever.
+Held tasks are indexed by submission time (``PENDING_JOBS``), so a pass reads a few ids rather
+than every queued row of a backlog.
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ from datetime import timedelta
 from typing import Any
 
 from arq.constants import job_key_prefix, result_key_prefix
+from arq.utils import timestamp_ms
 from sqlalchemy import select
 
 from services.gateway.db.models import Job, utcnow
-from services.gateway.jobs.submission import _ENQUEUE
-from shared.events import pending_key, state_key
+from services.gateway.jobs.submission import _ENQUEUE, drop_pending
+from shared.events import PENDING_JOBS, pending_key, state_key
 from shared.specs import JobStatus
 
 logger = logging.getLogger(__name__)
@@ -30,23 +33,34 @@ logger = logging.getLogger(__name__)
 # A row this young may belong to a submission still between its commit and its enqueue.
 GRACE_S = 5.0
 _PAGE = 500
-NOT_QUEUED = {"code": "not_queued", "message": "the job was recorded but its task was lost "
-              "before it reached the queue (Redis restarted empty); submit it again"}
+NOT_QUEUED = {"code": "not_queued", "message": "the job was recorded but the queue no longer "
+              "holds its task (Redis restarted empty, or it waited longer than "
+              "LOOMIS_REDIS__JOB_TTL_S); submit it again"}
 
 # The submission's enqueue, only while the job's live state is still ``queued``: a job canceled
 # (or forgotten, its state scrubbed) since the snapshot is not queued, and its task is dropped.
 _ENQUEUE_IF_QUEUED = """
-if redis.call('hget', KEYS[5], 'state') ~= 'queued' then
+if redis.call('hget', KEYS[6], 'state') ~= 'queued' then
   redis.call('del', KEYS[4])
+  redis.call('zrem', KEYS[5], ARGV[4])
   return -1
 end
 """ + _ENQUEUE
+# Present while Redis still holds what submissions wrote: when it is missing (first pass on
+# this Redis, or Redis restarted empty) every queued row is checked, not only the index.
+_KNOWN = "loomis:recovery:known"
+# Every this many passes the rows are checked whole anyway, for whatever the index missed.
+FULL_EVERY = 20
+# An indexed id with no row this long after its submission is a request that died before
+# its row was written (a younger one may still be committing).
+ORPHAN_AFTER_S = 60.0
 
 
 class QueueRecovery:
     def __init__(self, state: Any, *, interval_s: float) -> None:
         self.state = state
         self.interval_s = interval_s
+        self.passes = 0
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -60,7 +74,46 @@ class QueueRecovery:
                 await asyncio.wait_for(stop.wait(), self.interval_s)
 
     async def sweep(self) -> dict[str, int]:
-        """Look at every queued row older than the grace; how many were queued and failed."""
+        """One pass; how many jobs were queued and failed.
+
+        A pass reads the index of held tasks (a few ids: the jobs between their commit and
+        their enqueue, and any a killed gateway left), not every queued row, which costs
+        seconds of the gateway's CPU under a backlog of tens of thousands. The rows are read
+        whole on this Redis's first pass, after it restarted empty, and every FULL_EVERY."""
+        redis = self.state.redis
+        self.passes += 1
+        if self.passes % FULL_EVERY and await redis.exists(_KNOWN):
+            return await self._sweep_index()
+        counts = await self._sweep_rows()
+        await redis.set(_KNOWN, "1")
+        return counts
+
+    async def _sweep_index(self) -> dict[str, int]:
+        redis = self.state.redis
+        now = timestamp_ms()
+        counts = {"queued": 0, "failed": 0}
+        offset = 0
+        while True:
+            page = await redis.zrangebyscore(PENDING_JOBS, "-inf", now - GRACE_S * 1000,
+                                             start=offset, num=_PAGE, withscores=True)
+            if not page:
+                return counts
+            held = {_text(job_id): score for job_id, score in page}
+            async with self.state.sessionmaker() as session:
+                rows = {row.id: row for row in (await session.execute(
+                    select(Job.id, Job.tenant_id, Job.status).where(Job.id.in_(held)))).all()}
+            queued = [(job_id, rows[job_id].tenant_id) for job_id in held
+                      if job_id in rows and rows[job_id].status == JobStatus.QUEUED.value]
+            for outcome in await self._recover_page(queued):
+                if outcome:
+                    counts[outcome] += 1
+            young = {job_id for job_id, score in held.items() if job_id not in rows
+                     and score > now - ORPHAN_AFTER_S * 1000}
+            # what is left of the rest is spent: queued now, ended, refused, or never a row
+            await drop_pending(redis, [job_id for job_id in held if job_id not in young])
+            offset += len(young)
+
+    async def _sweep_rows(self) -> dict[str, int]:
         cutoff = utcnow() - timedelta(seconds=GRACE_S)
         counts = {"queued": 0, "failed": 0}
         after: tuple[Any, str] | None = None
@@ -117,8 +170,9 @@ class QueueRecovery:
                 await events.emit(job_id, "queued", allowed_from=(JobStatus.QUEUED,),
                                   data={"queue": queue, "recovered": True})
             added = await redis.eval(
-                _ENQUEUE_IF_QUEUED, 5, job_key_prefix + job_id, result_key_prefix + job_id,
-                queue, pending_key(job_id), state_key(job_id), redis.expires_extra_ms,
+                _ENQUEUE_IF_QUEUED, 6, job_key_prefix + job_id, result_key_prefix + job_id,
+                queue, pending_key(job_id), PENDING_JOBS, state_key(job_id),
+                redis.expires_extra_ms,
                 pending[b"job"], int(pending[b"score"]), job_id)
             if int(added) != 1:
                 return None

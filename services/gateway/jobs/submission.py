@@ -32,7 +32,7 @@ from services.gateway.db.models import Job, Tenant, new_id, utcnow
 from services.gateway.deps import GatewayState
 from services.gateway.webhooks.service import CheckedWebhook
 from shared.errors import Conflict, ServiceUnavailable
-from shared.events import pending_key, state_key
+from shared.events import PENDING_JOBS, pending_key, state_key
 from shared.queue import GENERATOR_QUEUE
 from shared.specs import JobKind, JobStatus, LoraRef, WebhookTarget
 
@@ -43,14 +43,29 @@ logger = logging.getLogger(__name__)
 # and then runs MULTI/EXEC, three round trips that were a sixth of a submission's CPU. The
 # same keys, the same serialised job (arq's own serialize_job) and the same no-op for an id
 # already queued or finished; tests/test_hot_path.py holds it to what enqueue_job writes.
-# It also drops the job's pending entry (KEYS[4]): once queued, nothing is left to recover.
+# It also drops the job's pending entry (KEYS[4]) and its id from the pending index (KEYS[5]):
+# once queued, nothing is left to recover.
 _ENQUEUE = """
 redis.call('del', KEYS[4])
+redis.call('zrem', KEYS[5], ARGV[4])
 if redis.call('exists', KEYS[1], KEYS[2]) > 0 then return 0 end
 redis.call('psetex', KEYS[1], ARGV[1], ARGV[2])
 redis.call('zadd', KEYS[3], ARGV[3], ARGV[4])
 return 1
 """
+
+
+async def drop_pending(redis: Any, job_ids: Sequence[str], *, live_state: bool = False) -> None:
+    """Forget held tasks (and, with ``live_state``, the jobs' live state): their rows were
+    refused, ended without them, or are being forgotten."""
+    if not job_ids:
+        return
+    keys = [pending_key(i) for i in job_ids] + ([state_key(i) for i in job_ids]
+                                                if live_state else [])
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.delete(*keys)
+        pipe.zrem(PENDING_JOBS, *job_ids)
+        await pipe.execute()
 
 
 def serialize_task(redis: Any, *, task: str, payload: dict[str, Any]) -> tuple[bytes, int]:
@@ -62,8 +77,9 @@ def serialize_task(redis: Any, *, task: str, payload: dict[str, Any]) -> tuple[b
 async def enqueue_serialized(redis: Any, *, queue: str, job_id: str, job: bytes,
                              score: int) -> bool:
     # EVAL, not EVALSHA: Redis keeps the compiled script by its hash either way
-    added = await redis.eval(_ENQUEUE, 4, job_key_prefix + job_id, result_key_prefix + job_id,
-                             queue, pending_key(job_id), redis.expires_extra_ms, job, score,
+    added = await redis.eval(_ENQUEUE, 5, job_key_prefix + job_id, result_key_prefix + job_id,
+                             queue, pending_key(job_id), PENDING_JOBS, redis.expires_extra_ms,
+                             job, score,
                              job_id)
     return bool(added)
 
@@ -126,6 +142,7 @@ async def create_and_enqueue(
             pipe.hset(pending_key(job_id), mapping={"queue": queue, "job": task,
                                                     "score": score})
             pipe.expire(pending_key(job_id), state.settings.redis.job_ttl_s)
+            pipe.zadd(PENDING_JOBS, {job_id: score})
             await pipe.execute()
     except Exception as exc:
         logger.exception("the job could not be held for queueing", extra={"job_id": job_id})
@@ -147,7 +164,7 @@ async def create_and_enqueue(
     except IntegrityError:
         # A concurrent request with the same key won the race: answer as its replay.
         with contextlib.suppress(Exception):
-            await state.redis.delete(pending_key(job_id), state_key(job_id))
+            await drop_pending(state.redis, [job_id], live_state=True)
         if idempotency_key and (
             existing := await find_replay(session=session, tenant=tenant, key=idempotency_key,
                                           digest=digest)
@@ -159,7 +176,7 @@ async def create_and_enqueue(
         # and fails it): the task must not sit in Redis for job_ttl_s. A cancelled submission
         # (BaseException) keeps it, as the batch it joined may still commit its row.
         with contextlib.suppress(Exception):
-            await state.redis.delete(pending_key(job_id), state_key(job_id))
+            await drop_pending(state.redis, [job_id], live_state=True)
         raise
     job = Job(**row)  # what was committed, for the response; the session never saw it
     set_committed_value(job, "artifacts", [])
@@ -170,7 +187,7 @@ async def create_and_enqueue(
     except Exception as exc:
         logger.exception("enqueue failed", extra={"job_id": job.id})
         with contextlib.suppress(Exception):  # the job ends failed: nothing to recover
-            await state.redis.delete(pending_key(job.id))
+            await drop_pending(state.redis, [job.id])
         async with state.write_lock:
             await session.execute(update(Job).where(Job.id == job.id).values(
                 status=JobStatus.FAILED.value, error_code="queue_unavailable",

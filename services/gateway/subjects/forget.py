@@ -31,7 +31,7 @@ from services.gateway.db.models import (
     WebhookDelivery,
     utcnow,
 )
-from shared.events import cancel_key, job_stream_key, pending_key, state_key
+from shared.events import PENDING_JOBS, cancel_key, job_stream_key, pending_key, state_key
 from shared.evictions import record_lora_eviction
 from shared.keys import (
     dataset_prefix,
@@ -68,6 +68,7 @@ async def scrub_redis(redis: Any, *, stream: str, dead_letter: str, job_ids: set
              for key in (state_key(job_id), job_stream_key(job_id), cancel_key(job_id),
                          pending_key(job_id))]
     removed = int(await redis.delete(*keys))
+    await redis.zrem(PENDING_JOBS, *job_ids)  # ids in the queue recovery's index
     for name in (stream, dead_letter):
         last = "-"
         while True:
