@@ -320,6 +320,27 @@ def test_hostile_requests_are_400s_naming_the_field(stack: RunningStack,
         "controlnet_module": "canny", "controlnet_input_images": [shapes],
         "controlnet_threshold_a": 999})
     assert detect.status_code == 400 and "controlnet_threshold_a" in detect.text
+    # sizes are checked before an image is fitted to them: 0 or less was a 500 (Pillow), a
+    # huge one was allocated in the gateway before the spec refused it
+    for change, field in (({"width": 0}, "width"), ({"height": -64}, "height"),
+                          ({"width": 100_000}, "width")):
+        for path, images in (("img2img", {"init_images": [shapes]}),
+                             ("txt2img", {"alwayson_scripts": {"controlnet": {"args": [unit]}}})):
+            answer = post(path, **images, **change)
+            assert answer.status_code == 400, (path, change, answer.text)
+            assert field in {e["field"] for e in answer.json()["fields"]}, answer.text
+    # processor_res sets the short side: a thin image's long side grows as much, refused
+    # before the map is made (an 8x2048 image at 4096 would be gigabytes)
+    thin = base64.b64encode(png(Image.new("RGB", (8, 2048)))).decode()
+    detect = httpx.post(f"{stack.url}/controlnet/detect", auth=auth, json={
+        "controlnet_module": "canny", "controlnet_input_images": [thin],
+        "controlnet_processor_res": 512})
+    assert detect.status_code == 400, detect.text
+    assert detect.json()["fields"][0]["field"] == "controlnet_processor_res"
+    tall = post("txt2img", width=64, height=1024, alwayson_scripts={"controlnet": {"args": [
+        {**unit, "processor_res": 2048}]}})
+    assert tall.status_code == 400, tall.text
+    assert tall.json()["fields"][0]["field"] == "alwayson_scripts.ControlNet.args.0.processor_res"
     odd = httpx.get(f"{stack.url}/sdapi/v1/sd-models",
                     headers={"Authorization": b"Basic \xe9\xe9=="})
     assert odd.status_code == 401

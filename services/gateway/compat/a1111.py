@@ -52,6 +52,7 @@ from services.gateway.compat.a1111_params import (
 )
 from services.gateway.db.models import CompatOption, Job, JobEventRow, Lora, Tenant
 from services.gateway.deps import GatewayState, SessionDep, StateDep, bearer_auth
+from services.gateway.images import MAX_INPUT_PIXELS
 from services.gateway.jobs.service import cancel_job
 from services.gateway.problems import ERROR_SHAPES
 from shared.errors import Conflict, Unauthorized, ValidationFailed
@@ -438,6 +439,21 @@ def _resize_mode(value: Any, field: str) -> str:
     return mode
 
 
+def _processor_size(image: Image.Image, res: int, field: str, *,
+                    multiple: int = 1) -> tuple[int, int]:
+    """The image's size with its short side at ``res``, as webui's preprocessors run. A thin
+    image's long side grows by the same factor: the size is checked before any pixel is made
+    (a 8x2048 image at 4096 would be a 4096x1048576 map, gigabytes in the gateway)."""
+    scale = res / min(image.size)
+    size = (max(8, round(image.width * scale)) // multiple * multiple,
+            max(8, round(image.height * scale)) // multiple * multiple)
+    if size[0] * size[1] > MAX_INPUT_PIXELS:
+        raise invalid(field, f"{res} px on the short side makes the {image.width}x"
+                      f"{image.height} image {size[0]}x{size[1]}; at most {MAX_INPUT_PIXELS} "
+                      "pixels (lower processor_res, or send a less elongated image)")
+    return size
+
+
 def _control(unit: dict[str, Any], field: str, size: tuple[int, int]) -> ControlSpec:
     module = str(unit.get("module") or "none").lower()
     if module not in MODULES:
@@ -478,9 +494,8 @@ def _control(unit: dict[str, Any], field: str, size: tuple[int, int]) -> Control
     pixel_perfect = _flag(unit.get("pixel_perfect"), f"{field}.pixel_perfect", False)
     if kind is not None and not pixel_perfect and res > 0:
         # the preprocessor runs at processor_res (its short side), as webui's does
-        scale = res / min(image.size)
-        image = image.resize((max(8, round(image.width * scale)),
-                              max(8, round(image.height * scale))), Image.Resampling.LANCZOS)
+        image = image.resize(_processor_size(image, res, f"{field}.processor_res"),
+                             Image.Resampling.LANCZOS)
     low, high = 100, 200
     if control_type is ControlType.CANNY and kind is not None:
         a, b = _number(unit, "threshold_a", -1, field), _number(unit, "threshold_b", -1, field)
@@ -506,6 +521,17 @@ async def _generate(request: Request, body: _Request, *, img2img: bool, session:
                     state: GatewayState, who: Caller) -> GenerationAnswer:
     _refuse_unhonoured(body)
     preset = await _model(state, session, who, body)
+    # before any image is fitted to width x height: a size of 0 or less made Pillow raise (a
+    # 500), and a huge one was allocated before the spec refused it
+    limits = preset.limits
+    bad = [{"field": name, "message": f"{preset.name} supports {limits.min_size}-"
+            f"{limits.max_size} px"} for name, value in (("width", body.width),
+                                                          ("height", body.height))
+           if not limits.min_size <= value <= limits.max_size]
+    if bad:
+        error = ValidationFailed(bad)
+        error.status = 400
+        raise error
     prompt, tags = lora_tags(body.prompt)
     if _flag((body.model_extra or {}).get("disable_extra_networks"), "disable_extra_networks",
              False):
@@ -873,9 +899,8 @@ async def controlnet_detect(body: Annotated[dict[str, Any], Body()], session: Se
     for index, source in enumerate(sources):
         image = image_of(source, field=f"controlnet_input_images.{index}")
         if res > 0:
-            scale = res / min(image.size)
-            image = image.resize((max(8, round(image.width * scale)) // 8 * 8,
-                                  max(8, round(image.height * scale)) // 8 * 8))
+            image = image.resize(_processor_size(image, res, "controlnet_processor_res",
+                                                 multiple=8))
         try:
             spec = PreprocessSpec(
                 type=kind, image=data_url(image),
