@@ -144,6 +144,9 @@ def test_bad_subject_requests_are_problems_naming_the_field_and_store_nothing(
             (create(client, images, webhook={"url": "http://127.0.0.1:9/h", "events": ["bogus"]}),
              "webhook.events.0"),
             (create(client, images, consent="   "), "consent"),
+            # found by hostile testing: a JSON field that is not JSON was a 400 blaming the body
+            (create(client, images, overrides="{not json"), "overrides"),
+            (create(client, images, webhook='{"url": '), "webhook"),
         ]
         for response, field in cases:
             assert 400 <= response.status_code < 500, (field, response.text)

@@ -131,6 +131,14 @@ def _unsupported_media_type(request: Request, raw: Sequence[Any]) -> bool:
     return content_type is not None or not body_missing
 
 
+def _body_not_json(error: Any) -> bool:
+    """The body itself failed to parse (FastAPI's ``("body", <position>)``). A JSON-valued
+    form field that is not JSON (a subject's ``overrides``) is that field's error, located
+    ``("body", "overrides")``: calling it a malformed body would blame the wrong thing."""
+    loc = tuple(error.get("loc", ()))
+    return error.get("type") == "json_invalid" and not any(isinstance(p, str) for p in loc[1:])
+
+
 def _allowed_methods(app: Any, scope: Scope) -> list[str]:
     """Every method some route serves on this path: Starlette's 405 names only the first
     route that matched the path (``GET /v1/jobs/{id}`` hides ``DELETE``'s sibling routes)."""
@@ -180,7 +188,7 @@ def install_problem_handlers(app: FastAPI) -> None:
                          "type": "unsupported_media_type"}],
                 headers={f"Accept-{request.method.title()}": "application/json"},
             )
-        if any(err.get("type") == "json_invalid" for err in raw):
+        if any(_body_not_json(err) for err in raw):
             return problem_response(
                 request, status=400, code="malformed_json", title="Malformed JSON",
                 detail="The request body is not valid JSON.",
