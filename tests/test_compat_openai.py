@@ -93,6 +93,21 @@ def test_variations_and_errors(stack: RunningStack) -> None:
     with pytest.raises(openai.BadRequestError) as transparent:
         client.images.generate(model="tiny-sd15", prompt="x", background="transparent")
     assert transparent.value.body["param"] == "background"  # type: ignore[index]
+    # found by hostile testing: a second mask, a repeated field and a stray file were
+    # accepted and never read
+    image = ("a.png", png(picture()), "image/png")
+    hole = ("m.png", png(Image.new("RGBA", (64, 64))), "image/png")
+    with stack.client() as http:
+        for data, files, param in (
+                ({"prompt": "x"}, [("image", image), ("mask", hole), ("mask", hole)], "mask"),
+                ({"prompt": "x", "n": ["1", "3"]}, [("image", image)], "n"),
+                ({"prompt": "x"}, [("image", image), ("prompt", ("p.txt", b"y", "text/plain"))],
+                 "prompt"),
+                ({"prompt": "x"}, [("image", image), ("reference", image)], "reference")):
+            answer = http.post("/v1/images/edits", data={"model": "tiny-sd15", **data},
+                               files=files)
+            assert answer.status_code == 400, (param, answer.text)
+            assert answer.json()["error"]["param"] == param, answer.text
     wrong = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="lmk_wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         wrong.images.generate(model="tiny-sd15", prompt="x")

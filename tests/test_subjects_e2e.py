@@ -121,6 +121,7 @@ def test_bad_subject_requests_are_problems_naming_the_field_and_store_nothing(
         before = stack.s3_keys("datasets/")
         count = len(client.get("/v1/subjects").json()["items"])
         not_image = [images[0], images[1], b"this is not an image at all"]
+        files = [("photos", (f"{i}.png", img, "image/png")) for i, img in enumerate(images)]
         cases: list[tuple[httpx.Response, str]] = [
             (create(client, []), "photos"),
             (create(client, photos(51, seed=1, side=16)), "photos"),
@@ -144,9 +145,21 @@ def test_bad_subject_requests_are_problems_naming_the_field_and_store_nothing(
             (create(client, images, webhook={"url": "http://127.0.0.1:9/h", "events": ["bogus"]}),
              "webhook.events.0"),
             (create(client, images, consent="   "), "consent"),
-            # found by hostile testing: a JSON field that is not JSON was a 400 blaming the body
+            # found by hostile testing: a 400 blaming the body, a 202 that failed at its
+            # training stage, and options sent but never read
             (create(client, images, overrides="{not json"), "overrides"),
             (create(client, images, webhook='{"url": '), "webhook"),
+            (client.post("/v1/subjects", data={"name": "x", "class_word": "woman",
+                                               "consent": "yes", "preset": "quick"},
+                         files=[*files, ("overrides", ("o.json", b'{"optim": {}}',
+                                                       "application/json"))]), "overrides"),
+            (client.post("/v1/subjects", data={"name": ["x", "y"], "class_word": "woman",
+                                               "consent": "yes", "preset": "quick"},
+                         files=files), "name"),
+            (client.post("/v1/subjects", data={"name": "x", "class_word": "woman",
+                                               "consent": "yes", "preset": "quick"},
+                         files=[*files, ("selfie", ("s.png", images[0], "image/png"))]),
+             "selfie"),
         ]
         for response, field in cases:
             assert 400 <= response.status_code < 500, (field, response.text)

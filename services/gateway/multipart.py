@@ -61,17 +61,36 @@ def binary(description: str) -> dict[str, Any]:
 
 
 def parse_fields(model: type[ModelT], form: MultipartForm, *,
-                 files: tuple[str, ...] = ()) -> ModelT:
+                 files: tuple[str, ...] = (), file_fields: tuple[str, ...] | None = None
+                 ) -> ModelT:
     """Validate the text fields with ``model`` and check the file fields named in ``files``
-    are present; errors read as FastAPI's own for form parameters (``errors[].field``)."""
+    are present; errors read as FastAPI's own for form parameters (``errors[].field``).
+
+    Nothing sent is dropped unread: a text field sent twice, or as a file (``curl -F
+    overrides=@options.json``), is an error naming it, where the first value alone (or none)
+    would have been used; with ``file_fields``, so is a file under any other name."""
+    as_files = [name for name in form.files if name in model.model_fields]
     errors: list[dict[str, Any]] = []
     try:
         fields = model.model_validate(form.values())
     except PydanticValidationError as exc:
         errors = [{**error, "loc": ("body", *error["loc"])}
-                  for error in exc.errors(include_url=False, include_context=False)]
+                  for error in exc.errors(include_url=False, include_context=False)
+                  if not (error["type"] == "missing" and error["loc"][0] in as_files)]
     errors += [{"type": "missing", "loc": ("body", name), "msg": "Field required"}
                for name in files if not form.files_of(name)]
+    errors += [{"type": "text_expected", "loc": ("body", name),
+                "msg": "sent as a file; send it as a text field (curl -F 'name=value', or "
+                       "-F 'name=<file' for a file's contents)"} for name in as_files]
+    errors += [{"type": "repeated", "loc": ("body", name),
+                "msg": f"sent {len(values)} times; send it once"}
+               for name, values in form.fields.items()
+               if name in model.model_fields and len(values) > 1]
+    if file_fields is not None:
+        errors += [{"type": "unexpected_file", "loc": ("body", name),
+                    "msg": f"not a file field here; files go in {' or '.join(file_fields)}"}
+                   for name in form.files if name not in file_fields
+                   and name not in model.model_fields]
     if errors:
         raise RequestValidationError(errors)
     return fields

@@ -312,6 +312,7 @@ async def _read_image(part: Any, field: str) -> Image.Image:
         return decode_image(file.read(), field=field, mode="RGBA").image
 
 
+
 @router.post("/images/edits", response_model=ImagesResponse,
              summary="Edit an image (OpenAI Images API)",
              openapi_extra={"requestBody": {"content": {"multipart/form-data": {"schema": {
@@ -326,12 +327,14 @@ async def edit_image(request: Request, session: SessionDep, tenant: TenantDep,
     at `LOOMIS_COMPAT__EDIT_STRENGTH` (0.75)."""
     async with read_multipart(request, max_bytes=40 * 1024 * 1024, file_field="image",
                               max_files=18, max_fields=24) as form:
-        fields = parse_fields(EditFields, form)
+        fields = parse_fields(EditFields, form, file_fields=("image", "image[]", "mask"))
         images = form.files_of("image") + form.files_of("image[]")
         if not images:
             raise _invalid("image", "send the image to edit as `image`")
         image = await _read_image(images[0], "image")
         masks = form.files_of("mask")
+        if len(masks) > 1:
+            raise _invalid("mask", f"send one mask (got {len(masks)})")
         mask = await _read_image(masks[0], "mask") if masks else None
     preset = _preset(state, fields.model)
     if mask is not None and mask.size != image.size:
@@ -365,7 +368,7 @@ async def image_variations(request: Request, session: SessionDep, tenant: Tenant
     `LOOMIS_COMPAT__VARIATION_PROMPT` (empty: the image alone guides)."""
     async with read_multipart(request, max_bytes=40 * 1024 * 1024, file_field="image",
                               max_files=1, max_fields=16) as form:
-        fields = parse_fields(VariationFields, form)
+        fields = parse_fields(VariationFields, form, file_fields=("image",))
         parts = form.files_of("image")
         if not parts:
             raise _invalid("image", "send the image as `image`")

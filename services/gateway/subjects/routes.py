@@ -65,7 +65,7 @@ async def create_subject(request: Request, session: SessionDep, tenant: TenantDe
                                  f"{MAX_PHOTOS} photos as multipart/form-data files (got none)"}])
     async with read_multipart(request, max_bytes=_BODY_LIMIT, file_field="photos",
                               max_files=MAX_PHOTOS + 10) as form:
-        fields = parse_fields(SubjectFields, form)
+        fields = parse_fields(SubjectFields, form, file_fields=("photos",))
         with contextlib.ExitStack() as opened:
             photos = [(part.filename, opened.enter_context(part.open()))
                       for part in form.files_of("photos")]
