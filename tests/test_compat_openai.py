@@ -93,8 +93,13 @@ def test_variations_and_errors(stack: RunningStack) -> None:
     with pytest.raises(openai.BadRequestError) as transparent:
         client.images.generate(model="tiny-sd15", prompt="x", background="transparent")
     assert transparent.value.body["param"] == "background"  # type: ignore[index]
-    # found by hostile testing: a second mask, a repeated field and a stray file were
-    # accepted and never read
+    # found by hostile testing: a mask without alpha was refused as "no transparent pixels";
+    # a second mask, a repeated field and a stray file were accepted and never read
+    with pytest.raises(openai.BadRequestError) as opaque:
+        client.images.edit(model="tiny-sd15", prompt="x", image=("a.png", png(picture()),
+                                                                   "image/png"),
+                           mask=("m.png", png(Image.new("RGB", (64, 64))), "image/png"))
+    assert opaque.value.body["param"] == "mask" and "alpha" in str(opaque.value)  # type: ignore[index]
     image = ("a.png", png(picture()), "image/png")
     hole = ("m.png", png(Image.new("RGBA", (64, 64))), "image/png")
     with stack.client() as http:

@@ -312,6 +312,19 @@ async def _read_image(part: Any, field: str) -> Image.Image:
         return decode_image(file.read(), field=field, mode="RGBA").image
 
 
+async def _read_mask(part: Any) -> Image.Image:
+    """The mask, which must carry alpha (its transparent pixels are the edit): decoded as
+    RGBA, one without alpha became fully opaque and was refused as having "no transparent
+    pixels", which is not what is wrong with it."""
+    with part.open() as file:
+        data = file.read()
+    mask = decode_image(data, field="mask", mode="RGBA").image
+    with Image.open(io.BytesIO(data)) as probe:  # checked above; the header alone is read
+        if "A" not in probe.getbands() and "transparency" not in probe.info:
+            raise _invalid("mask", f"the mask ({probe.format} {probe.mode}) has no alpha "
+                           "channel: send a PNG whose transparent pixels mark the area to edit")
+    return mask
+
 
 @router.post("/images/edits", response_model=ImagesResponse,
              summary="Edit an image (OpenAI Images API)",
@@ -335,7 +348,7 @@ async def edit_image(request: Request, session: SessionDep, tenant: TenantDep,
         masks = form.files_of("mask")
         if len(masks) > 1:
             raise _invalid("mask", f"send one mask (got {len(masks)})")
-        mask = await _read_image(masks[0], "mask") if masks else None
+        mask = await _read_mask(masks[0]) if masks else None
     preset = _preset(state, fields.model)
     if mask is not None and mask.size != image.size:
         raise _invalid("mask", f"the mask is {mask.width}x{mask.height}; the image is "
