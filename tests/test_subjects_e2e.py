@@ -149,6 +149,10 @@ def test_bad_subject_requests_are_problems_naming_the_field_and_store_nothing(
             # training stage, and options sent but never read
             (create(client, images, overrides="{not json"), "overrides"),
             (create(client, images, webhook='{"url": '), "webhook"),
+            (create(client, images, overrides={"base_model": "no-such-model"}),
+             "overrides.base_model"),
+            (create(client, images, overrides={"base_model": "tiny-sdxl"}),
+             "overrides.base_model"),
             (client.post("/v1/subjects", data={"name": "x", "class_word": "woman",
                                                "consent": "yes", "preset": "quick"},
                          files=[*files, ("overrides", ("o.json", b'{"optim": {}}',

@@ -50,6 +50,7 @@ from shared.errors import Conflict, NotFound, ValidationFailed
 from shared.events import JobEvent
 from shared.outcomes import Succeeded, TrainingSucceeded
 from shared.specs import JobKind, JobStatus
+from shared.training import TrainingSpec
 
 # session.info key: subjects whose chain must move once the transaction commits
 ADVANCE = "loomis.subjects_to_advance"
@@ -96,6 +97,27 @@ def _as_photos_field(exc: ValidationFailed) -> ValidationFailed:
     return exc
 
 
+def _check_trainable(state: Any, fields: SubjectFields, options: dict[str, Any]) -> None:
+    """What the training's submission refuses before reading a photo (a base model that is
+    not here or not SD1.5, an optimizer the trainers lack), refused now: otherwise the
+    subject was a 202, its photos stored, and it failed at its training stage. Named
+    ``overrides.<field>`` when an override chose it, else ``preset``."""
+    from services.gateway.trainings.service import check_trainable
+
+    try:
+        check_trainable(state=state, spec=TrainingSpec.model_validate(
+            {**options, "name": "subject", "dataset_id": "subject"}))
+    except ValidationFailed as exc:
+        errors = []
+        for error in exc.errors:
+            value: Any = fields.overrides or {}
+            for key in str(error["field"]).split("."):
+                value = value.get(key) if isinstance(value, dict) else None
+            named = f"overrides.{error['field']}" if value is not None else "preset"
+            errors.append({**error, "field": named})
+        raise ValidationFailed(errors) from exc
+
+
 async def create_subject(
     *, session: AsyncSession, state: Any, tenant: Tenant, fields: SubjectFields,
     photos: Sequence[tuple[str | None, Upload]],
@@ -105,6 +127,7 @@ async def create_subject(
     if not MIN_PHOTOS <= len(photos) <= MAX_PHOTOS:
         raise _invalid("photos", f"send {MIN_PHOTOS} to {MAX_PHOTOS} photos (got {len(photos)})")
     options = training_options(fields.preset, fields.overrides or {})
+    _check_trainable(state, fields, options)
     if fields.token is not None and fields.token.lower() in fields.class_word.lower().split():
         raise _invalid("token", "the token must differ from the class word")
     webhook = None
