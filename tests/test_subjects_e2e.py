@@ -168,6 +168,8 @@ def test_bad_subject_requests_are_problems_naming_the_field_and_store_nothing(
         for response, field in cases:
             assert 400 <= response.status_code < 500, (field, response.text)
             assert field in _problem_field(response), (field, response.text)
+        # the detail names the field errors[] names (it said files[2])
+        assert "photos[2]" in create(client, not_image).json()["detail"]
         assert stack.s3_keys("datasets/") == before
         assert len(client.get("/v1/subjects").json()["items"]) == count
 

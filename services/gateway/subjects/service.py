@@ -89,12 +89,16 @@ def _photo_name(index: int, filename: str | None, folder: str) -> str:
 
 
 def _as_photos_field(exc: ValidationFailed) -> ValidationFailed:
-    """Dataset checks name ``files[i]``; here the field is ``photos``."""
+    """Dataset checks name ``files[i]``; here the field is ``photos``, in ``errors`` and in
+    the detail (which named ``files[i]`` beside errors naming ``photos[i]``)."""
+    errors = []
     for error in exc.errors:
         field = str(error.get("field", ""))
-        if field.startswith("files"):
-            error["field"] = "photos" + field.removeprefix("files")
-    return exc
+        errors.append({**error, "field": "photos" + field.removeprefix("files")}
+                      if field.startswith("files") else error)
+    renamed = ValidationFailed(errors)
+    renamed.status, renamed.code, renamed.title = exc.status, exc.code, exc.title
+    return renamed
 
 
 def _check_trainable(state: Any, fields: SubjectFields, options: dict[str, Any]) -> None:
