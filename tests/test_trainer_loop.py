@@ -281,3 +281,28 @@ def test_text_encoder_lora_and_other_optimizers(model_dir: Path, tmp_path: Path)
     sgd = _train(model_dir, tmp_path, _config(max_train_steps=2, optimizer="SGDNesterov",
                                               lr_scheduler="cosine", lr_warmup_steps=1))
     assert sgd.steps == 2 and math.isfinite(sgd.final_loss)
+
+
+def test_a_photo_is_trained_the_way_up_its_exif_orientation_says() -> None:
+    """Found by hostile testing: the gateway buckets a photo by its EXIF-oriented size (a
+    phone's portrait photo: landscape pixels and Orientation 6), the trainer read the raw
+    pixels, so the photo trained on its side, cropped to the portrait bucket."""
+    import io
+
+    from services.gateway.datasets.ingest import ingest
+    from services.trainer.worker import upright
+
+    pixels = Image.new("RGB", (128, 64), (10, 200, 30))
+    pixels.paste((200, 10, 10), (0, 0, 16, 64))  # a red stripe on the left: the top, upright
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to view
+    buffer = io.BytesIO()
+    pixels.save(buffer, format="JPEG", exif=exif)
+    data = buffer.getvalue()
+    checked = ingest(files=[("1_x/p.jpg", io.BytesIO(data))], zips=[],
+                     caption_extensions=(".caption",))
+    item = checked.items[0]
+    image = upright(data)
+    assert image.size == (item.width, item.height) == (64, 128)
+    red, green = image.getpixel((32, 4)), image.getpixel((32, 120))
+    assert red[0] > 150 > red[1] and green[1] > 150 > green[0]  # type: ignore[index]

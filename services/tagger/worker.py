@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from arq.worker import Worker, func
-from PIL import Image
+from PIL import Image, ImageOps
 
 from services.jobrunner import RUNNING, common_startup, make_worker, run_job, run_worker
 from services.models.device import pick_device
@@ -90,7 +90,9 @@ async def _load(store: ObjectStore, item: TaggingItem) -> Image.Image | Exceptio
         data = await store.get(item.key)
         image = Image.open(io.BytesIO(data))
         image.load()
-        return image
+        # as the trainer reads it (services/trainer/worker.py upright): turned by its EXIF
+        # orientation, or a phone's portrait photo is captioned on its side
+        return ImageOps.exif_transpose(image) or image
     except NotFound as exc:
         return exc
     except Exception as exc:  # a corrupt file fails its own image only

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from arq.worker import Worker, func
-from PIL import Image
+from PIL import Image, ImageOps
 
 from services.jobrunner import RUNNING, common_startup, make_worker, run_job, run_worker
 from services.models.device import pick_device
@@ -62,6 +62,16 @@ logger = logging.getLogger(__name__)
 class TrainerContext(WorkerContext):
     registry: ModelRegistry = field(kw_only=True)
     sources: ModelSources = field(kw_only=True)
+
+
+def upright(data: bytes) -> Image.Image:
+    """A stored photo as its owner sees it. The gateway keeps a photo's original bytes and
+    sizes its bucket after EXIF orientation (a phone's portrait photo is landscape pixels
+    and an Orientation tag); unturned, it trained on its side, cropped to fit the portrait
+    bucket. The tagger reads photos the same way."""
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return ImageOps.exif_transpose(image) or image
 
 
 async def startup(ctx: dict[str, Any]) -> None:
@@ -117,8 +127,7 @@ async def _run(ctx: dict[str, Any], task: TrainingTask, *, queued_s: float) -> d
             data = await store.get(example.key)
         except NotFound as exc:
             raise JobFailure(f"training image {example.key} is gone", code="input_missing") from exc
-        image = Image.open(io.BytesIO(data))
-        image.load()
+        image = upright(data)
         examples.append(TrainExample(image=image.convert("RGB"), caption=example.caption,
                                      repeats=example.repeats, is_reg=example.is_reg,
                                      bucket=example.bucket, dataset_dir=example.subset,
