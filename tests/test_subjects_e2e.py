@@ -164,6 +164,7 @@ def test_bad_subject_requests_are_problems_naming_the_field_and_store_nothing(
                                                "consent": "yes", "preset": "quick"},
                          files=[*files, ("selfie", ("s.png", images[0], "image/png"))]),
              "selfie"),
+            (client.post("/v1/subjects", json={"name": "x"}), "header.Content-Type"),
         ]
         for response, field in cases:
             assert 400 <= response.status_code < 500, (field, response.text)

@@ -295,8 +295,12 @@ async def read_multipart(
     """
     content_type, options = parse_options_header(request.headers.get("content-type"))
     if content_type != b"multipart/form-data" or b"boundary" not in options:
+        # named as a JSON operation's 415 names it: every error body names its field
         error = BadRequest("This operation takes a multipart/form-data body (curl -F).",
-                           code="unsupported_media_type")
+                           code="unsupported_media_type", errors=[{
+                               "field": "header.Content-Type", "type": "unsupported_media_type",
+                               "message": "send the body as multipart/form-data with its "
+                                          "boundary (curl -F)"}])
         error.status, error.title = 415, "Unsupported media type"
         raise error
     declared = _declared_length(request)
