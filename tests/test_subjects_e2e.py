@@ -165,6 +165,8 @@ def test_bad_subject_requests_are_problems_naming_the_field_and_store_nothing(
                          files=[*files, ("selfie", ("s.png", images[0], "image/png"))]),
              "selfie"),
             (client.post("/v1/subjects", json={"name": "x"}), "header.Content-Type"),
+            # a 1x1 (or any under 64 px) photo cannot show a face
+            (create(client, [images[0], photos(1, seed=9, side=1)[0], images[2]]), "photos[1]"),
         ]
         for response, field in cases:
             assert 400 <= response.status_code < 500, (field, response.text)
@@ -173,6 +175,15 @@ def test_bad_subject_requests_are_problems_naming_the_field_and_store_nothing(
         assert "photos[2]" in create(client, not_image).json()["detail"]
         assert stack.s3_keys("datasets/") == before
         assert len(client.get("/v1/subjects").json()["items"]) == count
+        # photos under the training resolution are kept and reported, by index
+        small = create(client, images, overrides={"data": {"resolution": 128}})
+        assert small.status_code == 202, small.text
+        assert small.json()["small_photos"] == [
+            {"photo": i, "width": 64, "height": 64} for i in range(3)]
+        fitting = create(client, photos(3, seed=6))
+        assert fitting.json()["small_photos"] == []
+        for made in (small, fitting):  # not left training beside the other tests
+            assert client.delete(f"/v1/subjects/{made.json()['id']}").status_code == 204
 
 
 @SQLITE

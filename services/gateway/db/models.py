@@ -441,6 +441,8 @@ class Subject(Base):
     cancel_requested: Mapped[bool] = mapped_column(default=False)
     photos: Mapped[int] = mapped_column(Integer, default=0)
     duplicates: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    # photos under the training resolution ({photo, width, height}): upscaled, they teach less
+    small_photos: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
     dataset_id: Mapped[str | None] = mapped_column(String(36), default=None)
     tagging_job_id: Mapped[str | None] = mapped_column(String(36), default=None, index=True)
     training_job_id: Mapped[str | None] = mapped_column(String(36), default=None, index=True)

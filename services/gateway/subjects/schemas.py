@@ -15,6 +15,8 @@ SubjectStatus = Literal["preparing", "captioning", "training", "ready", "failed"
 ACTIVE_STATUSES = ("preparing", "captioning", "training")
 FINISHED_STATUSES = ("ready", "failed", "canceled")
 MIN_PHOTOS, MAX_PHOTOS = 3, 50
+# below this a photo cannot show a face; below the training resolution it is only reported
+MIN_PHOTO_SIDE = 64
 
 
 SubjectWebhookEvent = Literal["preparing", "captioning", "training", "ready", "failed",
@@ -95,6 +97,12 @@ class SubjectStage(BaseModel):
     progress: float = Field(description="The job's progress, 0-1.")
 
 
+class SmallPhoto(BaseModel):
+    photo: int = Field(description="Its index among the photos sent (0-based).")
+    width: int = Field(description="Pixels, as the photo is seen (EXIF orientation applied).")
+    height: int = Field(description="Pixels.")
+
+
 class SubjectOut(BaseModel):
     id: str = Field(description="The subject's id: use it as `subject` in generations and "
                     "scenes.")
@@ -113,6 +121,9 @@ class SubjectOut(BaseModel):
     consent: str = Field(description="The consent statement given at creation.")
     photos: int = Field(description="Distinct photos accepted.")
     duplicates: list[dict[str, Any]] = Field(description="Photos dropped as copies of another.")
+    small_photos: list[SmallPhoto] = Field(default_factory=list, description="Photos smaller "
+                                           "than the training resolution: kept, but upscaled "
+                                           "they teach less; send larger ones for a better LoRA.")
     stage: SubjectStage | None = Field(description="The stage under way; null when finished.")
     progress: float = Field(description="Progress of the current stage, 0-1.")
     dataset_id: str | None = Field(description="The dataset its photos were stored as.")

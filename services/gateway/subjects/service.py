@@ -39,7 +39,9 @@ from services.gateway.subjects.presets import REPEATS, training_options
 from services.gateway.subjects.schemas import (
     ACTIVE_STATUSES,
     MAX_PHOTOS,
+    MIN_PHOTO_SIDE,
     MIN_PHOTOS,
+    SmallPhoto,
     SubjectFields,
     SubjectOut,
     SubjectPage,
@@ -86,6 +88,11 @@ def _photo_name(index: int, filename: str | None, folder: str) -> str:
     image's (the content decides the format either way)."""
     suffix = ("." + filename.rsplit(".", 1)[-1].lower()) if filename and "." in filename else ""
     return f"{folder}/photo-{index:02d}{suffix if suffix in IMAGE_EXTENSIONS else '.png'}"
+
+
+def _photo_index(path: str) -> int:
+    """The photo's index in the request, from the name :func:`_photo_name` gave it."""
+    return int(path.rsplit("/photo-", 1)[-1].split(".", 1)[0])
 
 
 def _as_photos_field(exc: ValidationFailed) -> ValidationFailed:
@@ -150,6 +157,12 @@ async def create_subject(
                                           caption_extensions=(".caption",), limits=limits)
     except ValidationFailed as exc:
         raise _as_photos_field(exc) from exc
+    tiny = [{"field": f"photos[{_photo_index(item.path)}]", "message": f"the photo is "
+             f"{item.width}x{item.height}; a photo needs at least {MIN_PHOTO_SIDE} px on its "
+             "short side to show a face"}
+            for item in checked.items if min(item.width, item.height) < MIN_PHOTO_SIDE]
+    if tiny:
+        raise ValidationFailed(tiny)
     if len(checked.items) < MIN_PHOTOS:
         raise _invalid("photos", f"only {len(checked.items)} distinct photo(s): "
                        f"{len(checked.duplicates)} are copies of another; send at least "
@@ -162,6 +175,8 @@ async def create_subject(
         photos=len(checked.items),
         duplicates=[{"kept": kept.rsplit("/", 1)[-1], "dropped": dropped.rsplit("/", 1)[-1]}
                     for kept, dropped in checked.duplicates],
+        small_photos=[{"photo": _photo_index(item.path), "width": item.width,
+                       "height": item.height} for item in checked.items if "small" in item.flags],
         trigger_words=[f"{token} {fields.class_word}"], last_seq=0, created_at=utcnow(),
         updated_at=utcnow())
     subject.dataset_id = new_id()
@@ -245,6 +260,7 @@ async def subject_out(session: AsyncSession, subject: Subject) -> SubjectOut:
         trigger_words=list(subject.trigger_words), preset=subject.preset,
         training=subject.training, caption=subject.caption, retain_photos=subject.retain_photos,
         consent=subject.consent, photos=subject.photos, duplicates=list(subject.duplicates),
+        small_photos=[SmallPhoto(**photo) for photo in subject.small_photos or []],
         stage=stage, progress=progress, dataset_id=subject.dataset_id,
         tagging_job_id=subject.tagging_job_id, training_job_id=subject.training_job_id,
         lora_id=subject.lora_id,
