@@ -122,3 +122,73 @@ def test_a_training_that_ends_during_a_deletion_is_added_to_it(tmp_path: Path) -
 def test_the_lora_is_named_by_its_trigger_not_the_person() -> None:
     subject = Subject(name="Maria Rossi", token="zovek", class_word="young woman")
     assert lora_name(subject) == "zovek-young-woman"
+
+
+def test_a_page_of_subjects_costs_the_same_few_queries_as_one(tmp_path: Path) -> None:
+    """Lineage for a page is read in one go (it was five queries per subject): each subject
+    gets its own LoRAs, jobs, newest outputs up to the limit and the true total."""
+    from datetime import timedelta
+
+    from sqlalchemy import event
+
+    from services.gateway.db.models import JobLora
+    from services.gateway.subjects.service import subjects_out
+
+    async def run() -> None:
+        engine = make_engine(f"sqlite+aiosqlite:///{tmp_path / 'page.sqlite'}")
+        await migrate(engine)
+        sessions = make_sessionmaker(engine)
+        start = datetime.now(UTC)
+        async with sessions() as session:
+            tenant = Tenant(name="t")
+            session.add(tenant)
+            await session.flush()
+            subjects = []
+            for index, (status, outputs) in enumerate([("ready", 5), ("training", 0),
+                                                       ("captioning", 2)]):
+                subject = Subject(tenant_id=tenant.id, name=f"s{index}", class_word="man",
+                                  token=f"tok{index}", preset="quick", training={},
+                                  overrides={}, consent="yes", status=status, photos=3,
+                                  duplicates=[], trigger_words=[])
+                session.add(subject)
+                await session.flush()
+                stage_job = Job(tenant_id=tenant.id, kind="training", status="running",
+                                spec={}, progress=0.25 * (index + 1))
+                session.add(stage_job)
+                await session.flush()
+                subject.training_job_id = stage_job.id
+                if status == "captioning":
+                    subject.tagging_job_id = stage_job.id
+                lora = Lora(tenant_id=tenant.id, name=f"l{index}", family="sd15",
+                            base_model="tiny-sd15", key="k", sha256=f"{index}" * 64, size=1,
+                            format="kohya", rank=4, subject_id=subject.id)
+                session.add(lora)
+                await session.flush()
+                for n in range(outputs):
+                    made = Job(tenant_id=tenant.id, kind="scene", status="succeeded",
+                               spec={}, created_at=start + timedelta(seconds=n))
+                    session.add(made)
+                    await session.flush()
+                    session.add(JobLora(job_id=made.id, lora_id=lora.id, tenant_id=tenant.id,
+                                        subject_id=subject.id, sha256=lora.sha256))
+                subjects.append(subject)
+            await session.commit()
+            ids = [s.id for s in subjects]
+        statements: list[str] = []
+        event.listen(engine.sync_engine, "before_cursor_execute",
+                     lambda *args: statements.append(args[2]))
+        async with sessions() as session:
+            rows = [await session.get(Subject, subject_id) for subject_id in ids]
+            statements.clear()
+            out = await subjects_out(session, [r for r in rows if r], outputs_limit=3)
+        assert len(statements) == 4  # loras, stage jobs, ranked outputs, totals
+        assert [o.lineage["outputs_total"] for o in out] == [5, 0, 2]
+        newest = [o["created_at"] for o in out[0].lineage["outputs"]]
+        assert len(newest) == 3 and newest == sorted(newest, reverse=True)
+        assert [[lora["name"] for lora in o.lineage["loras"]] for o in out] == [
+            ["l0"], ["l1"], ["l2"]]
+        assert [o.progress for o in out] == [1.0, 0.5, 0.75]  # ready, then each stage's job
+        assert out[2].stage is not None and out[2].stage.name == "captioning"
+        await engine.dispose()
+
+    asyncio.run(run())

@@ -217,42 +217,62 @@ def current_job_id(subject: Subject) -> str | None:
             "training": subject.training_job_id}.get(subject.status)
 
 
-async def _stage_progress(session: AsyncSession, subject: Subject) -> float:
-    job_id = current_job_id(subject)
-    if subject.status in ("ready",):
-        return 1.0
-    if job_id is None:
-        return 0.0
-    return float(await session.scalar(select(Job.progress).where(Job.id == job_id)) or 0.0)
-
-
-async def lineage(session: AsyncSession, subject: Subject, *, limit: int = 100) -> dict[str, Any]:
-    """What was derived from the subject; outputs newest first, at most ``limit`` listed."""
-    loras = list(await session.scalars(select(Lora).where(Lora.subject_id == subject.id)))
-    own_jobs = [job_id for job_id in (subject.tagging_job_id, subject.training_job_id) if job_id]
+async def subjects_out(session: AsyncSession, subjects: Sequence[Subject], *,
+                       outputs_limit: int = 100) -> list[SubjectOut]:
+    """The subjects as the API shows them, lineage included, in five queries whatever their
+    number (a page of 100 subjects took five per subject); outputs newest first, at most
+    ``outputs_limit`` listed per subject."""
+    ids = [subject.id for subject in subjects]
+    if not ids:
+        return []
+    loras: dict[str, list[Lora]] = {subject_id: [] for subject_id in ids}
+    for lora in await session.scalars(select(Lora).where(Lora.subject_id.in_(ids))
+                                      .order_by(Lora.created_at, Lora.id)):
+        loras[str(lora.subject_id)].append(lora)
+    own = {job_id for subject in subjects
+           for job_id in (subject.tagging_job_id, subject.training_job_id) if job_id}
     jobs = {row.id: row for row in (await session.execute(
-        select(Job.id, Job.kind, Job.status).where(Job.id.in_(own_jobs)))).all()}
-    made = (select(Job.id, Job.kind, Job.status, Job.created_at)
-            .join(JobLora, JobLora.job_id == Job.id).where(JobLora.subject_id == subject.id))
-    outputs = (await session.execute(made.order_by(Job.created_at.desc()).limit(limit))).all()
-    total = await session.scalar(select(func.count()).select_from(JobLora)
-                                 .where(JobLora.subject_id == subject.id))
-    return {
+        select(Job.id, Job.kind, Job.status, Job.progress).where(Job.id.in_(own)))).all()}
+    ranked = (select(JobLora.subject_id, Job.id, Job.kind, Job.status, Job.created_at,
+                     func.row_number().over(partition_by=JobLora.subject_id,
+                                            order_by=(Job.created_at.desc(), Job.id.desc()))
+                     .label("rank"))
+              .join(JobLora, JobLora.job_id == Job.id).where(JobLora.subject_id.in_(ids))
+              .subquery())
+    outputs: dict[str, list[Any]] = {subject_id: [] for subject_id in ids}
+    for row in (await session.execute(select(ranked).where(ranked.c.rank <= outputs_limit)
+                                      .order_by(ranked.c.rank))).all():
+        outputs[row.subject_id].append(row)
+    totals = dict((await session.execute(
+        select(JobLora.subject_id, func.count()).where(JobLora.subject_id.in_(ids))
+        .group_by(JobLora.subject_id))).tuples().all())
+    return [_subject_out(subject, loras=loras[subject.id], jobs=jobs,
+                         outputs=outputs[subject.id], outputs_total=int(totals.get(subject.id, 0)))
+            for subject in subjects]
+
+
+async def subject_out(session: AsyncSession, subject: Subject) -> SubjectOut:
+    return (await subjects_out(session, [subject]))[0]
+
+
+def _subject_out(subject: Subject, *, loras: list[Lora], jobs: dict[str, Any],
+                 outputs: list[Any], outputs_total: int) -> SubjectOut:
+    job_id = current_job_id(subject)
+    progress = (1.0 if subject.status == "ready" else
+                float(jobs[job_id].progress or 0.0) if job_id in jobs else 0.0)
+    stage = (SubjectStage(name=subject.status, job_id=job_id, progress=progress)
+             if subject.status in ACTIVE_STATUSES else None)
+    own = [job_id for job_id in (subject.tagging_job_id, subject.training_job_id) if job_id]
+    lineage = {
         "dataset_id": subject.dataset_id if subject.purged is None else None,
         "jobs": [{"id": job_id, "kind": jobs[job_id].kind, "status": jobs[job_id].status}
-                 for job_id in own_jobs if job_id in jobs],
+                 for job_id in own if job_id in jobs],
         "loras": [{"id": lora.id, "name": lora.name, "version": 1, "sha256": lora.sha256,
                    "created_at": lora.created_at.isoformat()} for lora in loras],
         "outputs": [{"job_id": row.id, "kind": row.kind, "status": row.status,
                      "created_at": row.created_at.isoformat()} for row in outputs],
-        "outputs_total": int(total or 0),
+        "outputs_total": outputs_total,
     }
-
-
-async def subject_out(session: AsyncSession, subject: Subject) -> SubjectOut:
-    progress = await _stage_progress(session, subject)
-    stage = (SubjectStage(name=subject.status, job_id=current_job_id(subject), progress=progress)
-             if subject.status in ACTIVE_STATUSES else None)
     base = f"/v1/subjects/{subject.id}"
     return SubjectOut(
         id=subject.id, name=subject.name, status=subject.status,
@@ -266,7 +286,7 @@ async def subject_out(session: AsyncSession, subject: Subject) -> SubjectOut:
         lora_id=subject.lora_id,
         error=({"code": subject.error_code, "message": subject.error_message or ""}
                if subject.error_code else None),
-        purged=subject.purged, lineage=await lineage(session, subject),
+        purged=subject.purged, lineage=lineage,
         created_at=subject.created_at, finished_at=subject.finished_at,
         links={"self": base, "events": f"{base}/events", "cancel": f"{base}/cancel"})
 
@@ -278,7 +298,7 @@ async def page_subjects(*, session: AsyncSession, tenant: Tenant, limit: int,
     rows = list(await session.scalars(query))
     more = len(rows) > limit
     rows = rows[:limit]
-    return SubjectPage(items=[await subject_out(session, row) for row in rows],
+    return SubjectPage(items=await subjects_out(session, rows),
                        next_cursor=encode_cursor(rows[-1].created_at, rows[-1].id)
                        if more and rows else None)
 
