@@ -124,7 +124,9 @@ def test_the_lora_is_named_by_its_trigger_not_the_person() -> None:
     assert lora_name(subject) == "zovek-young-woman"
 
 
-def test_a_page_of_subjects_costs_the_same_few_queries_as_one(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_a_page_of_subjects_costs_the_same_few_queries_as_one(
+        tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> None:
     """Lineage for a page is read in one go (it was five queries per subject): each subject
     gets its own LoRAs, jobs, newest outputs up to the limit and the true total."""
     from datetime import timedelta
@@ -134,8 +136,11 @@ def test_a_page_of_subjects_costs_the_same_few_queries_as_one(tmp_path: Path) ->
     from services.gateway.db.models import JobLora
     from services.gateway.subjects.service import subjects_out
 
+    url = (f"sqlite+aiosqlite:///{tmp_path / 'page.sqlite'}" if backend == "sqlite"
+           else request.getfixturevalue("pg_database"))
+
     async def run() -> None:
-        engine = make_engine(f"sqlite+aiosqlite:///{tmp_path / 'page.sqlite'}")
+        engine = make_engine(url)
         await migrate(engine)
         sessions = make_sessionmaker(engine)
         start = datetime.now(UTC)
