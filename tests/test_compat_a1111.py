@@ -369,3 +369,32 @@ def test_hostile_requests_are_400s_naming_the_field(stack: RunningStack,
     assert masked.status_code == 200, masked.text
     out = Image.open(io.BytesIO(base64.b64decode(masked.json()["images"][0])))
     assert out.size == (128, 64)
+
+
+def test_base64_in_mime_lines_is_read_as_webui_reads_it(stack: RunningStack) -> None:
+    """``base64.encodebytes`` (76-character lines) is what some clients send; webui's decoder
+    skips the line breaks, so the image is the same as from one unbroken line."""
+    import httpx
+
+    from tests.test_compat_openai import png
+
+    raw = png(picture())
+    auth = ("loomis", stack.keys["alice"])
+    body = {"prompt": "a door", "seed": 3, "steps": 2, "width": 64, "height": 64,
+            "denoising_strength": 0.5}
+    lines = base64.encodebytes(raw).decode()
+    assert "\n" in lines
+    answers = [httpx.post(f"{stack.url}/sdapi/v1/img2img", auth=auth, timeout=120,
+                          json={**body, "init_images": [encoded]})
+               for encoded in (lines, base64.b64encode(raw).decode())]
+    assert [a.status_code for a in answers] == [200, 200], answers[0].text
+    first, second = (arr(Image.open(io.BytesIO(base64.b64decode(a.json()["images"][0]))))
+                     for a in answers)
+    assert np.array_equal(first, second)
+    info = httpx.post(f"{stack.url}/sdapi/v1/png-info", auth=auth, json={
+        "image": base64.encodebytes(base64.b64decode(answers[0].json()["images"][0])).decode()})
+    assert info.status_code == 200 and "Steps: 2" in info.json()["info"]
+    # other control characters are still refused, naming the field
+    bad = httpx.post(f"{stack.url}/sdapi/v1/img2img", auth=auth, timeout=60,
+                     json={**body, "init_images": [lines.replace("\n", "\x00", 1)]})
+    assert bad.status_code == 422 and "init_images" in bad.text  # as webui validates

@@ -234,7 +234,8 @@ class _Request(RequestModel):
     script_name: str | None = None
     script_args: list[Any] | None = None
     send_images: bool = True
-    alwayson_scripts: dict[str, Any] | None = None
+    # base64 images may come in MIME lines (base64.encodebytes), as webui accepts them
+    alwayson_scripts: Annotated[dict[str, Any] | None, MULTILINE] = None
     denoising_strength: float | None = None
 
 
@@ -245,9 +246,9 @@ class Txt2ImgRequest(_Request):
 
 
 class Img2ImgRequest(_Request):
-    init_images: list[str] | None = None
+    init_images: Annotated[list[str] | None, MULTILINE] = None
     resize_mode: int = 0
-    mask: str | None = None
+    mask: Annotated[str | None, MULTILINE] = None
     mask_blur: int | None = Field(default=4, ge=0, le=256)
     inpainting_fill: int = 0
     inpaint_full_res: bool | int = True
@@ -808,7 +809,7 @@ async def skip(session: SessionDep, state: StateDep, who: CallerDep) -> None:
 
 
 class PngInfoRequest(RequestModel):
-    image: str = Field(description="A PNG as base64 or a data URL.")
+    image: Annotated[str, MULTILINE] = Field(description="A PNG as base64 or a data URL.")
 
 
 @router.post("/png-info", summary="Read a PNG's generation parameters (AUTOMATIC1111 API)")

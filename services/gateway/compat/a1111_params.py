@@ -104,6 +104,8 @@ def image_of(value: Any, *, field: str, mode: str = "RGB") -> Image.Image:
     """A webui image field: raw base64 or a data URL."""
     if not isinstance(value, str) or not value:
         raise invalid(field, "expected a base64 image")
+    if "\n" in value or "\r" in value:
+        value = "".join(value.split())  # MIME base64 lines, which webui's decoder skips
     return decode_image(decode_data_url(value, field=field), field=field, mode=mode).image
 
 
