@@ -82,6 +82,7 @@ bench: install redis-server wrk
 	$(PY) bench/webhooks.py
 	$(PY) bench/compat.py
 	$(PY) bench/subject.py
+	$(PY) bench/recovery.py
 	$(PY) bench/lora_swap.py
 	$(PY) bench/batching.py
 	$(PY) bench/pipeline_cache.py
